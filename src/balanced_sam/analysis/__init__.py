@@ -1,0 +1,1 @@
+"""Sharpness analysis: Hessian spectra per label region and loss landscapes."""
