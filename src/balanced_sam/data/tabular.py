@@ -1,0 +1,577 @@
+"""Any table -> a deep-imbalanced-regression (DIR) benchmark.
+
+The split follows the recipe of AgeDB-DIR (Yang et al., 2021): bin the target; in every bin shuffle
+the rows with a fixed seed and put ``min(n // 3, C)`` of them into validation and as many into
+test; the rest is training data. Validation and test are then (nearly) balanced over the bins while
+training keeps the real long tail. Optionally a fixed random fraction of the remaining training rows
+is kept (:func:`subsample`), which thins the tail further so that few-shot bins appear.
+
+Features go through :class:`TablePreprocessor`: numeric columns are standardised with training
+statistics, categorical columns are one-hot encoded with 0/1 values (never standardised, so that a
+category unseen in training becomes all zeros instead of a huge input).
+
+:func:`load_table` ties everything together and returns a
+:class:`~balanced_sam.data.base.BenchData` for ``bsam bench --csv FILE --target COL``. pandas is
+needed here (``pip install balanced-sam[cli]``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from balanced_sam.bins import LabelBins
+from balanced_sam.data.base import BenchData
+
+__all__ = [
+    "TABULAR_DEFAULTS",
+    "TablePreprocessor",
+    "bin_range",
+    "default_bin_width",
+    "dir_split",
+    "load_table",
+    "make_mlp",
+    "subsample",
+]
+
+#: The training recipe of tabular benchmarks (MLP 256-256). One place, so that tuning it once
+#: changes every table; loaders copy it into ``BenchData.defaults``.
+TABULAR_DEFAULTS: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "batch_size": 256,
+    "epochs": 30,
+    "rho": 0.05,
+    "schedule": "cosine",
+}
+
+#: Hidden layer widths of the tabular regressor.
+MLP_HIDDEN: tuple[int, ...] = (256, 256)
+
+_NICE_STEPS = (1.0, 2.0, 2.5, 5.0, 10.0)
+
+
+# ---------------------------------------------------------------------------------- binning
+def default_bin_width(targets: Any, max_bins: int = 100) -> float:
+    """The bin width used when none is given: the smallest "nice" number (1, 2, 2.5 or 5 times a
+    power of ten) that is at least ``(max - min) / max_bins``.
+
+    So a target spans at most about ``max_bins`` bins (plus one for the rounding of the lower
+    edge), like the ~100 one-year bins of AgeDB-DIR; ages 0-100 get width 1, diamond prices
+    ($326-$18,823) get $200. A fixed bin count rather than a data-driven rule such as
+    Freedman-Diaconis keeps the number of bins, and hence the size of the balanced validation
+    and test sets, independent of the number of rows.
+    """
+    y = np.asarray(targets, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        raise ValueError("targets is empty: cannot choose a bin width")
+    if not np.isfinite(y).all():
+        raise ValueError("targets holds NaN/inf values: cannot choose a bin width")
+    if not (isinstance(max_bins, int) and max_bins >= 1):
+        raise ValueError(f"max_bins must be a positive integer, got {max_bins!r}")
+    span = float(y.max() - y.min())
+    if span <= 0:
+        raise ValueError(f"the target is constant ({y[0]:g}): there is nothing to bin")
+    raw = span / max_bins
+    power = 10.0 ** math.floor(math.log10(raw))
+    for step in _NICE_STEPS:
+        if step * power >= raw * (1 - 1e-12):
+            return float(step * power)
+    return float(10.0 * power)  # pragma: no cover - _NICE_STEPS ends at 10
+
+
+def bin_range(targets: Any, bin_width: float, lower: float | None = None) -> tuple[float, float]:
+    """``(lower, upper)`` of equal-width bins that hold every target.
+
+    Without ``lower`` the range starts at ``floor(min / bin_width) * bin_width`` (as
+    :meth:`LabelBins.from_labels` does); it ends at the first bin edge above the largest target.
+    """
+    y = np.asarray(targets, dtype=np.float64).reshape(-1)
+    _check_bin_width(bin_width)
+    lo = float(lower) if lower is not None else math.floor(float(y.min()) / bin_width) * bin_width
+    if float(y.min()) < lo:
+        raise ValueError(f"lower ({lo:g}) is above the smallest target ({float(y.min()):g})")
+    hi = lo + (math.floor((float(y.max()) - lo) / bin_width) + 1) * bin_width
+    return lo, hi
+
+
+def _check_bin_width(bin_width: Any) -> None:
+    if isinstance(bin_width, bool) or not isinstance(bin_width, (int, float)) or not (
+        math.isfinite(bin_width) and bin_width > 0
+    ):
+        raise ValueError(f"bin_width must be a positive number, got {bin_width!r}")
+
+
+def _bin_of(
+    targets: np.ndarray,
+    bin_width: float | None,
+    edges: Any,
+    lower: float | None,
+) -> np.ndarray:
+    """Bin index of every target, computed by :class:`LabelBins` so that the split's bins are
+    exactly the ones the training loop rebuilds from ``BenchData.bins``."""
+    if edges is not None:
+        if bin_width is not None or lower is not None:
+            raise ValueError("give either edges or bin_width/lower, not both")
+        bins = LabelBins.from_labels(targets, edges=edges)
+    else:
+        if bin_width is None:
+            bin_width = default_bin_width(targets)
+        lo, hi = bin_range(targets, bin_width, lower)
+        bins = LabelBins.from_labels(targets, bin_width=bin_width, lower=lo, upper=hi)
+    return bins.bin_index(targets).numpy()
+
+
+# ---------------------------------------------------------------------------------- the split
+def dir_split(
+    targets: Any,
+    bin_width: float | None = None,
+    edges: Sequence[float] | np.ndarray | None = None,
+    lower: float | None = None,
+    cap: int = 50,
+    seed: int = 0,
+    min_per_bin: int = 3,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DIR-style split: per bin ``min(n // 3, cap)`` rows for validation, as many for test.
+
+    Args:
+        targets: one numeric label per row (finite).
+        bin_width: width of equal bins starting at ``lower`` (default: ``floor(min / width) *
+            width``); without ``bin_width`` and ``edges``, :func:`default_bin_width`.
+        edges: explicit increasing bin edges covering every target (instead of ``bin_width``).
+        lower: the first edge of equal-width bins.
+        cap: ``C``, the most rows one bin gives to validation (and to test). AgeDB-DIR used 30,
+            IMDB-WIKI-DIR 150.
+        seed: seed of the shuffle inside each bin; the same seed gives the same split.
+        min_per_bin: bins with fewer rows give nothing to validation and test (all their rows go to
+            training). At least 3, the smallest ``n`` for which ``n // 3 > 0``.
+
+    Returns:
+        ``(train_idx, val_idx, test_idx)``: sorted int64 row indices, disjoint, covering every row.
+
+    The shuffle is vectorised: every row draws a random key, rows are sorted by (bin, key) and a
+    row's rank inside its bin decides where it goes.
+    """
+    y = np.asarray(targets, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        raise ValueError("targets is empty: a split needs at least one row")
+    if not np.isfinite(y).all():
+        n_bad = int((~np.isfinite(y)).sum())
+        raise ValueError(f"targets holds {n_bad} NaN/inf value(s); drop or fix those rows first")
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1:
+        raise ValueError(f"cap must be a positive integer (the C of the DIR split), got {cap!r}")
+    if (isinstance(min_per_bin, bool) or not isinstance(min_per_bin, (int, np.integer))
+            or min_per_bin < 3):
+        raise ValueError(f"min_per_bin must be an integer >= 3, got {min_per_bin!r}")
+    if bin_width is not None:
+        _check_bin_width(bin_width)
+
+    b = _bin_of(y, bin_width, edges, lower)
+    counts = np.bincount(b)
+    take = np.minimum(counts // 3, int(cap))
+    take[counts < min_per_bin] = 0
+
+    keys = np.random.default_rng(seed).random(y.size)
+    order = np.lexsort((keys, b))  # by bin, random inside a bin
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    b_sorted = b[order]
+    rank = np.arange(y.size) - starts[b_sorted]
+    k = take[b_sorted]
+    val = np.sort(order[rank < k])
+    test = np.sort(order[(rank >= k) & (rank < 2 * k)])
+    train = np.sort(order[rank >= 2 * k])
+    return train.astype(np.int64), val.astype(np.int64), test.astype(np.int64)
+
+
+def subsample(indices: Any, fraction: float, seed: int = 0) -> np.ndarray:
+    """A fixed random ``fraction`` of ``indices`` (sorted): exactly ``round(fraction * n)`` of them.
+
+    Used after :func:`dir_split` to keep part of the training rows (the diamonds benchmark keeps
+    20%), which leaves the long tail with few-shot bins. ``fraction=1`` returns every index.
+    """
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+        0 < fraction <= 1
+    ):
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1:
+        return np.sort(idx)
+    n_keep = int(round(fraction * idx.size))
+    chosen = np.random.default_rng(seed).permutation(idx.size)[:n_keep]
+    return np.sort(idx[chosen])
+
+
+# ---------------------------------------------------------------------------------- features
+def _is_categorical_dtype(s: pd.Series) -> bool:
+    """Bool, object, string and category columns are categorical; numbers are numeric."""
+    dt = s.dtype
+    if pd.api.types.is_bool_dtype(dt):
+        return True
+    return not pd.api.types.is_numeric_dtype(dt)
+
+
+class TablePreprocessor:
+    """Standardise numeric columns and one-hot encode categorical ones (fit on training rows only).
+
+    * Numeric columns: ``(x - mean) / std`` with the training mean and (population) standard
+      deviation; a constant column gets ``std = 1``. Missing values raise a ``ValueError`` naming
+      the column, unless ``impute="median"``, which fills them with the training median.
+    * Categorical columns (bool, object, string or category dtype, plus any named in
+      ``categorical``): one 0/1 indicator per category seen in training, in sorted order. These are
+      not standardised. A category unseen in training, or a missing value, gives all zeros.
+      Columns with more than ``max_categories`` categories are refused (likely an ID or free text).
+
+    Args:
+        categorical: columns to treat as categorical even if numeric (e.g. integer codes).
+        impute: ``None`` (missing numeric values are an error) or ``"median"``.
+        max_categories: the most categories one column may have.
+    """
+
+    def __init__(
+        self,
+        categorical: Sequence[str] | None = None,
+        impute: str | None = None,
+        max_categories: int = 200,
+    ) -> None:
+        if impute not in (None, "median"):
+            raise ValueError(f"impute must be None or 'median', got {impute!r}")
+        if isinstance(categorical, str):
+            categorical = [categorical]
+        self.categorical_names: list[str] = list(categorical or [])
+        self.impute = impute
+        self.max_categories = int(max_categories)
+        self.columns_: list[Any] = []
+        self.numeric_: list[Any] = []
+        self.categorical_: list[Any] = []
+        self.mean_: dict[Any, float] = {}
+        self.std_: dict[Any, float] = {}
+        self.median_: dict[Any, float] = {}
+        self.categories_: dict[Any, list[Any]] = {}
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.columns_)
+
+    def fit(self, frame: pd.DataFrame) -> TablePreprocessor:
+        """Learn column kinds, means, standard deviations and categories from training rows."""
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(f"fit expects a pandas DataFrame, got {type(frame).__name__}")
+        if frame.shape[1] == 0:
+            raise ValueError("no feature columns: the table holds only the target")
+        if len(frame) == 0:
+            raise ValueError("cannot fit on an empty table (no training rows)")
+        unknown = [c for c in self.categorical_names if c not in frame.columns]
+        if unknown:
+            raise ValueError(f"categorical names column(s) {unknown} that are not features; "
+                             f"features are {list(frame.columns)}")
+        self.columns_ = list(frame.columns)
+        self.numeric_, self.categorical_ = [], []
+        self.mean_, self.std_, self.median_, self.categories_ = {}, {}, {}, {}
+        for col in frame.columns:
+            s = frame[col]
+            if col in self.categorical_names or _is_categorical_dtype(s):
+                if pd.api.types.is_datetime64_any_dtype(s.dtype):
+                    raise ValueError(f"feature column {col!r} holds dates; convert it to numbers "
+                                     "(e.g. days since a reference date) or leave it out")
+                cats = sorted(pd.unique(s.dropna()).tolist(), key=lambda v: (str(type(v)), v))
+                if len(cats) > self.max_categories:
+                    raise ValueError(
+                        f"categorical column {col!r} has {len(cats)} distinct values (more than "
+                        f"max_categories={self.max_categories}); it looks like an ID or free text: "
+                        "leave it out with features=[...] or raise max_categories")
+                self.categorical_.append(col)
+                self.categories_[col] = cats
+            else:
+                x = s.to_numpy(dtype=np.float64, na_value=np.nan)
+                missing = ~np.isfinite(x)
+                if missing.any():
+                    if self.impute is None:
+                        raise ValueError(
+                            f"numeric column {col!r} has {int(missing.sum())} missing/inf "
+                            "value(s) in the training rows; drop those rows, leave the column "
+                            "out, or pass impute='median'")
+                    if missing.all():
+                        raise ValueError(f"numeric column {col!r} has no training value to "
+                                         "impute from")
+                med = float(np.median(x[~missing]))
+                x = np.where(missing, med, x)
+                std = float(x.std())
+                self.numeric_.append(col)
+                self.mean_[col] = float(x.mean())
+                self.std_[col] = std if std > 0 and math.isfinite(std) else 1.0
+                self.median_[col] = med
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the output columns: numeric columns, then ``column=category`` indicators."""
+        names = list(self.numeric_)
+        for col in self.categorical_:
+            names += [f"{col}={c}" for c in self.categories_[col]]
+        return names
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+    def transform(self, frame: pd.DataFrame) -> torch.Tensor:
+        """Encode rows with the fitted statistics: a float32 tensor ``(rows, num_features)``."""
+        if not self.fitted:
+            raise RuntimeError("TablePreprocessor.transform called before fit")
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(f"transform expects a pandas DataFrame, got {type(frame).__name__}")
+        missing_cols = [c for c in self.columns_ if c not in frame.columns]
+        if missing_cols:
+            raise ValueError(f"columns {missing_cols} seen in fit are missing; "
+                             f"got {list(frame.columns)}")
+        n = len(frame)
+        out = np.zeros((n, self.num_features), dtype=np.float32)
+        j = 0
+        for col in self.numeric_:
+            x = frame[col].to_numpy(dtype=np.float64, na_value=np.nan)
+            missing = ~np.isfinite(x)
+            if missing.any():
+                if self.impute is None:
+                    raise ValueError(f"numeric column {col!r} has {int(missing.sum())} "
+                                     "missing/inf value(s); pass impute='median' to fill them "
+                                     "with the training median")
+                x = np.where(missing, self.median_[col], x)
+            out[:, j] = (x - self.mean_[col]) / self.std_[col]
+            j += 1
+        for col in self.categorical_:
+            cats = self.categories_[col]
+            # -1 marks a category unseen in training, or a missing value
+            codes = pd.Index(cats, dtype=object).get_indexer(frame[col].to_numpy(dtype=object))
+            rows = np.flatnonzero(codes >= 0)
+            out[rows, j + codes[rows]] = 1.0
+            j += len(cats)
+        return torch.from_numpy(out)
+
+    def fit_transform(self, frame: pd.DataFrame) -> torch.Tensor:
+        return self.fit(frame).transform(frame)
+
+
+# ---------------------------------------------------------------------------------- load_table
+def make_mlp(in_features: int) -> torch.nn.Module:
+    """The tabular regressor: ``MLP(in_features, (256, 256))``, freshly initialised."""
+    from balanced_sam.models import MLP
+
+    return MLP(in_features, MLP_HIDDEN)
+
+
+def _read_frame(source: Any) -> tuple[pd.DataFrame, str]:
+    if isinstance(source, pd.DataFrame):
+        return source, "dataframe"
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"csv_path_or_dataframe: no such file: {path!r}")
+        try:
+            frame = pd.read_csv(path)
+        except pd.errors.EmptyDataError as exc:
+            raise ValueError(f"csv_path_or_dataframe: {path!r} is empty") from exc
+        return frame, path
+    raise TypeError("csv_path_or_dataframe must be a CSV path or a pandas DataFrame, got "
+                    f"{type(source).__name__}")
+
+
+def _numeric_target(frame: pd.DataFrame, target: str, dropna: bool) -> tuple[pd.DataFrame, int]:
+    """The rows with a usable target, and how many were dropped for a missing one."""
+    raw = frame[target]
+    if pd.api.types.is_bool_dtype(raw.dtype):
+        raise ValueError(f"target column {target!r} is boolean; a regression target must be a "
+                         "number")
+    y = pd.to_numeric(raw, errors="coerce")
+    unparsable = y.isna() & raw.notna()
+    if unparsable.any():
+        bad = pd.unique(raw[unparsable])[:5].tolist()
+        raise ValueError(f"target column {target!r} must be numeric: {int(unparsable.sum())} "
+                         f"value(s) cannot be parsed as numbers, e.g. {bad}")
+    y = y.astype(np.float64)
+    inf = np.isinf(y.to_numpy())
+    if inf.any():
+        raise ValueError(f"target column {target!r} holds {int(inf.sum())} infinite value(s)")
+    nan = y.isna().to_numpy()
+    if nan.any():
+        if not dropna:
+            raise ValueError(f"target column {target!r} has {int(nan.sum())} missing (NaN) "
+                             f"value(s) out of {len(y)}; pass dropna=True to drop those rows")
+        frame = frame.loc[~nan]
+        y = y.loc[~nan]
+    frame = frame.copy()
+    frame[target] = y
+    return frame.reset_index(drop=True), int(nan.sum())
+
+
+def load_table(
+    csv_path_or_dataframe: str | os.PathLike | pd.DataFrame,
+    target: str,
+    bin_width: float | None = None,
+    cap: int = 50,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+    features: Sequence[str] | None = None,
+    categorical: Sequence[str] | None = None,
+    name: str | None = None,
+    *,
+    dropna: bool = False,
+    impute: str | None = None,
+    lower: float | None = None,
+    min_per_bin: int = 3,
+    target_unit: str = "",
+    defaults: dict[str, Any] | None = None,
+) -> BenchData:
+    """Read a table and build a DIR benchmark from it (``bsam bench --csv FILE --target COL``).
+
+    Args:
+        csv_path_or_dataframe: path of a CSV file, or a pandas DataFrame.
+        target: the numeric column to predict.
+        bin_width: width of the target bins (default: :func:`default_bin_width`, at most ~100 bins).
+        cap: ``C`` of the split (:func:`dir_split`).
+        train_fraction: fraction of the remaining training rows to keep, in ``(0, 1]``.
+        seed: the split seed (rows for validation/test and the kept training fraction). It is not
+            a training seed: every training seed should see the same split.
+        features: the feature columns (default: every column but the target).
+        categorical: columns to one-hot encode even if numeric; bool/object/string/category
+            columns are categorical anyway.
+        name: dataset name recorded in results (default: the file's stem, or ``"table"``).
+        dropna: drop rows whose target is missing instead of raising.
+        impute: ``"median"`` to fill missing numeric features with the training median.
+        lower: first bin edge (default ``floor(min / bin_width) * bin_width``).
+        min_per_bin: see :func:`dir_split`.
+        target_unit: unit of the target for tables and plots (e.g. ``"$"``).
+        defaults: overrides of :data:`TABULAR_DEFAULTS` for this dataset.
+
+    The returned ``BenchData.bins`` is ``{"bin_width", "lower", "upper"}`` covering every row, so
+    ``LabelBins.from_labels(y_train, **bins)`` gives exactly the split's bins, and validation /
+    test labels always fall inside them. Targets stay in their units (float32); the training loop
+    standardises them (``standardize_target=True``).
+    """
+    frame, source = _read_frame(csv_path_or_dataframe)
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a column name (str), got {type(target).__name__}")
+    columns = [str(c) for c in frame.columns]
+    if target not in frame.columns:
+        raise ValueError(f"target column {target!r} not found; the table has columns {columns}")
+    if features is None:
+        feats = [c for c in frame.columns if c != target]
+    else:
+        if isinstance(features, str):
+            features = [features]
+        feats = list(features)
+        unknown = [c for c in feats if c not in frame.columns]
+        if unknown:
+            raise ValueError(f"features names column(s) {unknown} that are not in the table; "
+                             f"columns are {columns}")
+        if target in feats:
+            raise ValueError(f"features must not include the target column {target!r}")
+    if not feats:
+        raise ValueError(f"no feature columns: the table has only the target {target!r}; "
+                         "a regressor needs at least one feature column")
+    if categorical is not None:
+        if isinstance(categorical, str):
+            categorical = [categorical]
+        not_feat = [c for c in categorical if c not in feats]
+        if not_feat:
+            raise ValueError(f"categorical names column(s) {not_feat} that are not feature "
+                             f"columns; features are {[str(c) for c in feats]}")
+    if len(frame) == 0:
+        raise ValueError("csv_path_or_dataframe holds no rows")
+
+    frame, n_dropped = _numeric_target(frame, target, dropna)
+    if len(frame) == 0:
+        raise ValueError(f"no rows left: every value of target column {target!r} is missing")
+    # Bin the float32 targets the model and the training loop will see, so that the bins the
+    # loop rebuilds from y_train put every row in the same bin as the split did.
+    y32 = frame[target].to_numpy(dtype=np.float32)
+    y = y32.astype(np.float64)
+    if bin_width is None:
+        bin_width = default_bin_width(y)
+    else:
+        _check_bin_width(bin_width)
+    lo, hi = bin_range(y, bin_width, lower)
+
+    train_all, val, test = dir_split(y, bin_width=bin_width, lower=lo, cap=cap, seed=seed,
+                                     min_per_bin=min_per_bin)
+    if val.size == 0:
+        largest = int(np.bincount(_bin_of(y, bin_width, None, lo)).max())
+        raise ValueError(
+            f"too few rows for a DIR split: every bin of width {bin_width:g} holds fewer than "
+            f"{min_per_bin} rows (largest bin: {largest} of {len(y)} rows), so validation and "
+            "test would be empty; use a wider bin_width or more rows")
+    train = subsample(train_all, train_fraction, seed=seed)
+    if train.size == 0:
+        raise ValueError(
+            f"too few rows for a DIR split: the training set is empty ({train_all.size} rows "
+            f"left after validation/test, train_fraction={train_fraction}); use more rows, a "
+            "larger train_fraction or a smaller cap")
+
+    x_frame = frame[feats]
+    pre = TablePreprocessor(categorical=categorical, impute=impute)
+    pre.fit(x_frame.iloc[train])
+
+    def take(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return pre.transform(x_frame.iloc[rows]), torch.from_numpy(y32[rows].copy())
+
+    x_tr, y_tr = take(train)
+    x_va, y_va = take(val)
+    x_te, y_te = take(test)
+
+    bins = {"bin_width": float(bin_width), "lower": float(lo), "upper": float(hi)}
+    num_bins = LabelBins.from_labels(y_tr, **bins).num_bins
+    if name is None:
+        name = (os.path.splitext(os.path.basename(source))[0] if source != "dataframe"
+                else "table")
+    recipe = dict(TABULAR_DEFAULTS)
+    recipe.update(defaults or {})
+    info = {
+        "source": source,
+        "target": target,
+        "split": "dir",
+        "C": int(cap),
+        "train_fraction": float(train_fraction),
+        "split_seed": int(seed),
+        "bin_width": float(bin_width),
+        "lower": float(lo),
+        "upper": float(hi),
+        "num_bins": num_bins,
+        "min_per_bin": int(min_per_bin),
+        "sizes": {
+            "rows": int(len(frame) + n_dropped),
+            "dropped_nan_target": n_dropped,
+            "train_before_fraction": int(train_all.size),
+            "train": int(train.size),
+            "val": int(val.size),
+            "test": int(test.size),
+        },
+        "features": {
+            "numeric": [str(c) for c in pre.numeric_],
+            "categorical": [str(c) for c in pre.categorical_],
+            "encoded": pre.num_features,
+        },
+        "model": f"MLP({pre.num_features}, {list(MLP_HIDDEN)})",
+    }
+    return BenchData(
+        name=name,
+        x_train=x_tr,
+        y_train=y_tr,
+        x_val=x_va,
+        y_val=y_va,
+        x_test=x_te,
+        y_test=y_te,
+        bins=bins,
+        make_model=functools.partial(make_mlp, pre.num_features),
+        defaults=recipe,
+        info=info,
+        standardize_target=True,
+        target_unit=target_unit,
+    )
