@@ -101,6 +101,8 @@ def bin_range(targets: Any, bin_width: float, lower: float | None = None) -> tup
     if float(y.min()) < lo:
         raise ValueError(f"lower ({lo:g}) is above the smallest target ({float(y.min()):g})")
     hi = lo + (math.floor((float(y.max()) - lo) / bin_width) + 1) * bin_width
+    while hi <= float(y.max()):  # guard against rounding in the division above
+        hi += bin_width
     return lo, hi
 
 
@@ -206,7 +208,8 @@ def subsample(indices: Any, fraction: float, seed: int = 0) -> np.ndarray:
     if fraction == 1:
         return np.sort(idx)
     n_keep = int(round(fraction * idx.size))
-    chosen = np.random.default_rng(seed).permutation(idx.size)[:n_keep]
+    # (seed, 1): a stream independent of dir_split's, which uses the plain seed
+    chosen = np.random.default_rng([seed, 1]).permutation(idx.size)[:n_keep]
     return np.sort(idx[chosen])
 
 
