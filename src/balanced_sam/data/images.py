@@ -1,0 +1,324 @@
+"""Shared pieces of the image benchmarks: clear errors, CSV and file checks, image decoding, the
+age-estimation transforms and an optional cache of decoded, resized images.
+
+Errors (all carry the offending path in their message):
+
+* :class:`DatasetNotFoundError` (a ``FileNotFoundError``): the root, a split file or listed images
+  are missing; :class:`MissingImagesError` names the first few missing images and their count.
+* :class:`CSVFormatError` (a ``ValueError``): a split CSV without the expected columns (the message
+  lists the columns expected and found) or with bad values.
+* :class:`CorruptImageError` (a ``ValueError``): an image that does not decode.
+
+The cache (:class:`ArrayCache`) keeps one fixed-shape record per sample (e.g. an RGB ``uint8``
+array after the deterministic resize) in memory-mapped ``.npy`` files next to a ``filled`` flag per
+sample. Records are written the first time a sample is read, so the first epoch decodes JPEGs and
+later epochs read arrays; DataLoader workers share the files (each opens its own memory map).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DatasetNotFoundError",
+    "MissingImagesError",
+    "CSVFormatError",
+    "CorruptImageError",
+    "require_root",
+    "read_split_csv",
+    "check_files_exist",
+    "check_images_decode",
+    "open_rgb",
+    "open_depth_png",
+    "age_train_transform",
+    "age_test_transform",
+    "ArrayCache",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_SHOW = 5  # how many missing / bad files an error message names
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A benchmark root, split file or listed file is missing."""
+
+
+class MissingImagesError(DatasetNotFoundError):
+    """Files listed in a split CSV are absent from the root (the message names the first few)."""
+
+    def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+
+
+class CSVFormatError(ValueError):
+    """A split CSV lacks the expected columns or holds values that cannot be used."""
+
+
+class CorruptImageError(ValueError):
+    """An image file exists but does not decode."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str = "") -> None:
+        self.path = str(path)
+        msg = f"cannot decode image {self.path}"
+        super().__init__(f"{msg}: {reason}" if reason else msg)
+
+
+# --------------------------------------------------------------------------- files and CSVs
+def require_root(root: str | os.PathLike[str] | None, what: str, hint: str = "") -> Path:
+    """``root`` as a ``Path``; raises :class:`DatasetNotFoundError` naming it when it is not an
+    existing directory (``what`` names the benchmark, ``hint`` says how to get the data)."""
+    if root is None:
+        raise DatasetNotFoundError(f"{what}: no data root given" + (f"; {hint}" if hint else ""))
+    p = Path(root).expanduser()
+    if not p.is_dir():
+        state = "is not a directory" if p.exists() else "does not exist"
+        raise DatasetNotFoundError(f"{what} root {str(p)!r} {state}"
+                                   + (f"; {hint}" if hint else ""))
+    return p
+
+
+def read_split_csv(
+    path: str | os.PathLike[str],
+    columns: Sequence[str],
+    *,
+    header: bool = True,
+    what: str = "split CSV",
+    hint: str = "",
+) -> Any:
+    """Read a split CSV into a pandas DataFrame and check its columns.
+
+    With ``header=True`` the file must have (at least) ``columns``; with ``header=False`` it must
+    have exactly ``len(columns)`` columns, which are then given those names. Raises
+    :class:`DatasetNotFoundError` for a missing file and :class:`CSVFormatError` naming the
+    columns expected and found otherwise.
+    """
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetNotFoundError(f"{what} not found: {p}" + (f"; {hint}" if hint else ""))
+    try:
+        if header:
+            df = pd.read_csv(p, dtype={"path": str, "split": str})
+        else:
+            df = pd.read_csv(p, header=None, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CSVFormatError(f"{what} {p} cannot be parsed as CSV: {exc}") from exc
+    if header:
+        found = [str(c) for c in df.columns]
+        lacking = [c for c in columns if c not in found]
+        if lacking:
+            raise CSVFormatError(
+                f"{what} {p} lacks column(s) {lacking}: expected columns {list(columns)}, "
+                f"found {found}"
+            )
+    else:
+        if df.shape[1] != len(columns):
+            raise CSVFormatError(
+                f"{what} {p} must have {len(columns)} columns without a header "
+                f"({', '.join(columns)}), found {df.shape[1]}"
+            )
+        df.columns = list(columns)
+    if len(df) == 0:
+        raise CSVFormatError(f"{what} {p} holds no rows")
+    return df
+
+
+def check_files_exist(root: Path, relpaths: Iterable[str], what: str = "images",
+                      hint: str = "") -> None:
+    """Raise :class:`MissingImagesError` when any ``root / relpath`` is not a file, naming the
+    first few and the count."""
+    missing = [r for r in relpaths if not (root / r).is_file()]
+    if missing:
+        shown = ", ".join(str(root / m) for m in missing[:_SHOW])
+        more = f" (and {len(missing) - _SHOW} more)" if len(missing) > _SHOW else ""
+        raise MissingImagesError(
+            f"{len(missing)} {what} listed in the split are missing under {root}: {shown}{more}"
+            + (f"; {hint}" if hint else ""),
+            missing,
+        )
+
+
+def check_images_decode(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Fully decode every image (slow: one pass over the data); raise
+    :class:`CorruptImageError` naming the first file that fails."""
+    from PIL import Image
+
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.load()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
+            raise CorruptImageError(p, str(exc)) from exc
+
+
+def open_rgb(path: str | os.PathLike[str]) -> Any:
+    """Decode an image as an RGB ``PIL.Image``; :class:`CorruptImageError` names a bad file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as exc:
+        raise DatasetNotFoundError(f"image not found: {path}") from exc
+    except Exception as exc:
+        raise CorruptImageError(path, str(exc)) from exc
+
+
+def open_depth_png(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
+    """Decode a NYUD2-DIR depth PNG into ``(raw_codes, metres_per_code)``.
+
+    The DIR data (from Hu et al. 2019) stores *training* depth as 8-bit PNGs scaled to [0, 10] m
+    (``metres = code / 255 * 10``) and *test* depth as 16-bit PNGs in millimetres
+    (``metres = code / 1000``); the reference ``ToTensor`` applies ``* 10`` to the 8-bit train
+    maps and ``/ 1000`` to the 16-bit test maps. We decide by the PNG's bit depth, which gives the
+    same numbers on that data. Other modes raise :class:`CorruptImageError`.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            arr = np.asarray(im)
+    except FileNotFoundError as exc:
+        raise DatasetNotFoundError(f"depth map not found: {path}") from exc
+    except Exception as exc:
+        raise CorruptImageError(path, str(exc)) from exc
+    if mode == "L":
+        return arr.astype(np.uint16), 10.0 / 255.0
+    if mode.startswith("I;16") or mode == "I":
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+            raise CorruptImageError(path, "16-bit depth values out of range")
+        return arr.astype(np.uint16), 1.0 / 1000.0
+    raise CorruptImageError(path, f"a depth PNG must be 8-bit or 16-bit single-channel, "
+                                  f"got PIL mode {mode!r}")
+
+
+# --------------------------------------------------------------------------- transforms
+def age_test_transform(img_size: int = 224) -> Callable[[Any], Any]:
+    """Evaluation transform of the age recipe (RnC / BSAM code): ``Resize(img_size * 256 / 224)``
+    of the shorter side, ``CenterCrop(img_size)``, ``ToTensor``, ``Normalize(0.5, 0.5)``."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(round(img_size * 256 / 224)),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    ])
+
+
+def age_train_transform(img_size: int = 224) -> Callable[[Any], Any]:
+    """Training transform of the age recipe: ``RandomResizedCrop(img_size, scale=(0.2, 1))``,
+    horizontal flip, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with probability 0.8,
+    ``RandomGrayscale(0.2)``, ``ToTensor``, ``Normalize(0.5, 0.5)``."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.2, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.ToTensor(),
+        T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    ])
+
+
+# --------------------------------------------------------------------------- cache
+def list_digest(items: Iterable[str], *extra: Any) -> str:
+    """Short hex digest of a list of strings (and extra values): names a cache for one split."""
+    h = hashlib.sha1()
+    for it in items:
+        h.update(str(it).encode())
+        h.update(b"\0")
+    for e in extra:
+        h.update(repr(e).encode())
+    return h.hexdigest()[:12]
+
+
+class ArrayCache:
+    """Fixed-shape records per sample in memory-mapped ``.npy`` files, filled on first read.
+
+    ``fields`` maps a field name to ``(shape, dtype)`` of one record; the files are
+    ``{prefix}.{field}.npy`` of shape ``(n, *shape)`` plus ``{prefix}.filled.npy`` (one ``uint8``
+    flag per sample). Files are created by the constructor (in the main process) and reused when
+    they exist with the same shapes, so a cache built once serves every later run; a different
+    split or image size gets a different ``prefix`` (see :func:`list_digest`). Pickling drops the
+    open maps, so the object travels to DataLoader workers and each reopens the files.
+    """
+
+    def __init__(self, prefix: str | os.PathLike[str], n: int,
+                 fields: dict[str, tuple[tuple[int, ...], Any]]) -> None:
+        self.prefix = Path(prefix)
+        self.n = int(n)
+        self.fields = {k: (tuple(int(s) for s in shape), np.dtype(dt))
+                       for k, (shape, dt) in fields.items()}
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self._maps: dict[str, np.ndarray] | None = None
+        for name, (shape, dt) in [*self.fields.items(), ("filled", ((), np.dtype(np.uint8)))]:
+            path = self._path(name)
+            if path.is_file():
+                try:
+                    mm = np.load(path, mmap_mode="r")
+                    ok = mm.shape == (self.n, *shape) and mm.dtype == dt
+                    del mm
+                except (OSError, ValueError):
+                    ok = False
+                if ok:
+                    continue
+                raise ValueError(f"cache file {path} does not match this dataset "
+                                 f"(expected shape {(self.n, *shape)}, dtype {dt}); delete it "
+                                 "or choose another cache_dir")
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=(self.n, *shape))
+            del mm
+            os.replace(tmp, path)
+
+    def _path(self, name: str) -> Path:
+        return self.prefix.with_name(f"{self.prefix.name}.{name}.npy")
+
+    def _open(self) -> dict[str, np.ndarray]:
+        if self._maps is None:
+            self._maps = {name: np.load(self._path(name), mmap_mode="r+")
+                          for name in [*self.fields, "filled"]}
+        return self._maps
+
+    def get(self, i: int) -> dict[str, np.ndarray] | None:
+        """The record of sample ``i`` (copies), or ``None`` when it was never stored."""
+        maps = self._open()
+        if not maps["filled"][i]:
+            return None
+        return {k: np.array(maps[k][i]) for k in self.fields}
+
+    def put(self, i: int, record: dict[str, Any]) -> bool:
+        """Store the record of sample ``i``; returns ``False`` (stores nothing) when a field's shape
+        differs from the cache's."""
+        maps = self._open()
+        for k, (shape, _) in self.fields.items():
+            if np.shape(record[k]) != shape:
+                return False
+        for k in self.fields:
+            maps[k][i] = record[k]
+        maps["filled"][i] = 1
+        return True
+
+    @property
+    def num_filled(self) -> int:
+        return int(self._open()["filled"].sum())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = None
+        return state
