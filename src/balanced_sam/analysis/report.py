@@ -1,0 +1,268 @@
+r"""One call per checkpoint: sharpness per label region and loss landscapes, as JSON-ready dicts.
+
+:func:`analyze_model` measures, for every requested region (``"all"``, ``"many"``,
+``"medium"``, ``"few"``), the top Hessian eigenvalue :math:`\lambda_{\max}` and the trace
+:math:`\mathrm{Tr}(H)` of the region's mean loss (:mod:`balanced_sam.analysis.hessian`), and one
+loss landscape along random filter-normalised directions shared by all regions
+(:mod:`balanced_sam.analysis.landscape`).
+:func:`format_sharpness_table` renders the results of several checkpoints as the paper's Table 8
+(rows: methods; columns: :math:`\lambda_{\max}` and :math:`\mathrm{Tr}(H)` per region).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from balanced_sam.analysis._common import ALL_REGIONS, LossFn, resolve_loss
+from balanced_sam.analysis.hessian import hessian_top_eigenvalue, hessian_trace
+from balanced_sam.analysis.landscape import loss_landscape
+from balanced_sam.bins import LabelBins
+
+__all__ = ["analyze_model", "format_sharpness_table"]
+
+
+def _f(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def analyze_model(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    bins: LabelBins | None,
+    loss_fn: LossFn | str | None = None,
+    regions: Sequence[str] = ("all", "few"),
+    hessian: bool = True,
+    landscape: bool = True,
+    out_dir: str | Path | None = None,
+    *,
+    iters: int = 20,
+    tol: float = 1e-3,
+    method: str = "power",
+    probes: int = 20,
+    trace_tol: float | None = None,
+    grid: int | Sequence[float] = 21,
+    span: float = 1.0,
+    landscape_dim: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+    many: int = 100,
+    few: int = 20,
+    name: str | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    r"""Sharpness per region and a loss landscape for one model.
+
+    Args:
+        model: the trained network (left unchanged; eval mode during the analysis).
+        inputs, targets: evaluation samples (tensors; targets in the original label units), or
+            an iterable of ``(x, y)`` batches with ``targets=None``.
+        bins: the training-label bins that define the regions (``None`` allows only ``"all"``).
+        loss_fn: per-sample loss or loss name (default L1).
+        regions: regions to analyse.
+        hessian: compute :math:`\lambda_{\max}` (``iters``, ``tol``, ``method``) and the
+            Hutchinson trace (``probes``, ``trace_tol``) per region.
+        landscape: compute a ``landscape_dim``-D landscape over ``grid`` (points per axis over
+            ``[-span, span]``, or the explicit alphas) for all regions at once.
+        out_dir: when given, write ``<name>_landscape.npz`` / ``.json``, the PNG plots (with
+            ``plots``) and ``<name>_analysis.json`` there.
+        seed: seeds the eigenvalue start vector, the probes and the directions.
+        batch_size: samples per forward / double-backward pass.
+        progress: tqdm progress bars.
+        many, few: region thresholds on the training count per bin.
+        name: method / checkpoint name (file prefix, plot labels).
+
+    Returns:
+        A JSON-serialisable dict::
+
+            {"name", "loss", "num_parameters", "num_samples",
+             "regions": {region: {"count", "loss", "mae",               # at the trained weights
+                                  "lambda_max", "lambda_max_iterations",
+                                  "lambda_max_converged", "lambda_max_residual",
+                                  "trace", "trace_std_error", "trace_probes"}},
+             "landscape": None | {"dim", "npz", "json", "plots", "minimum": {region: {...}},
+                                  "data": <Landscape.to_dict()> (only without out_dir)},
+             "settings": {...}, "seconds": {"lambda_max", "trace", "landscape", "total"},
+             "files": {"analysis_json": path or None}}
+
+        A region without samples has ``count`` 0 and ``None`` for every estimate.
+    """
+    t_start = time.perf_counter()
+    regions = list(dict.fromkeys(regions))
+    for r in regions:
+        if r not in ALL_REGIONS:
+            raise ValueError(f"regions must be among {ALL_REGIONS}, got {r!r}")
+        if r != "all" and bins is None:
+            raise ValueError(f"region {r!r} needs bins (a LabelBins of the training labels)")
+    loss, loss_name = resolve_loss(loss_fn)
+    label = name or "model"
+    out = Path(out_dir) if out_dir is not None else None
+    prefix = _slug(label)
+    seconds: dict[str, float] = {"lambda_max": 0.0, "trace": 0.0, "landscape": 0.0}
+    n_params = int(sum(p.numel() for p in model.parameters()))
+    n_train_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+    # Landscape first: its origin gives every region's count, loss and MAE in one pass (without
+    # a landscape, a one-point "landscape" at the origin does just that).
+    grid_kw: dict[str, Any]
+    if not landscape:
+        grid_kw = {"dim": 1, "alphas": [0.0]}
+    elif isinstance(grid, int):
+        grid_kw = {"dim": landscape_dim, "steps": grid, "span": span}
+    else:
+        g = [float(a) for a in grid]
+        grid_kw = {"dim": landscape_dim, "alphas": g, "betas": g if landscape_dim == 2 else None}
+    t0 = time.perf_counter()
+    ls = loss_landscape(model, inputs, targets, bins, regions, loss, seed=seed, many=many,
+                        few=few, batch_size=batch_size, progress=progress and landscape,
+                        label=label, **grid_kw)
+    ls.meta["loss"] = loss_name
+    if landscape:
+        seconds["landscape"] = time.perf_counter() - t0
+
+    per_region: dict[str, dict[str, Any]] = {}
+    for r in regions:
+        count = int(ls.counts[r])
+        entry: dict[str, Any] = {"count": count, "loss": _f(ls.origin[r]["loss"]),
+                                 "mae": _f(ls.origin[r]["mae"])}
+        if hessian:
+            sub = {"bins": bins, "region": r, "many": many, "few": few,
+                   "batch_size": batch_size, "seed": seed, "progress": progress}
+            t0 = time.perf_counter()
+            eig = hessian_top_eigenvalue(model, loss, inputs, targets, iters=iters, tol=tol,
+                                         method=method, **sub)  # type: ignore[arg-type]
+            seconds["lambda_max"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            tr = hessian_trace(model, loss, inputs, targets, probes=probes, tol=trace_tol,
+                               **sub)  # type: ignore[arg-type]
+            seconds["trace"] += time.perf_counter() - t0
+            entry.update({
+                "lambda_max": _f(eig.eigenvalue),
+                "lambda_max_iterations": eig.iterations,
+                "lambda_max_converged": eig.converged,
+                "lambda_max_residual": _f(eig.residual),
+                "trace": _f(tr.trace),
+                "trace_std_error": _f(tr.std_error),
+                "trace_probes": tr.probes,
+            })
+        per_region[r] = entry
+
+    land: dict[str, Any] | None = None
+    if landscape:
+        land = {"dim": ls.dim, "npz": None, "json": None, "plots": [],
+                "minimum": {r: _jsonable(ls.minimum(r)) for r in regions}}
+        if out is not None:
+            land["npz"] = str(ls.save_npz(out / f"{prefix}_landscape.npz"))
+            land["json"] = str(ls.save_json(out / f"{prefix}_landscape.json"))
+            if plots:
+                from balanced_sam.analysis.plots import save_landscape_plots
+
+                written = save_landscape_plots(ls, out, f"{prefix}_landscape", regions)
+                land["plots"] = [str(p) for p in written]
+        else:
+            land["data"] = ls.to_dict()
+
+    seconds["total"] = time.perf_counter() - t_start
+    result: dict[str, Any] = {
+        "name": label,
+        "loss": loss_name,
+        "num_parameters": n_params,
+        "num_trainable_parameters": n_train_params,
+        "num_samples": int(ls.counts["all"]) if "all" in ls.counts else None,
+        "regions": per_region,
+        "landscape": land,
+        "settings": {"iters": iters, "tol": tol, "method": method, "probes": probes,
+                     "trace_tol": trace_tol, "grid": grid if isinstance(grid, int) else
+                     [float(a) for a in grid], "span": span,
+                     "landscape_dim": landscape_dim, "seed": seed, "batch_size": batch_size,
+                     "many": many, "few": few, "hessian": hessian, "landscape": landscape,
+                     "bn": "eval mode (running statistics)"},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "files": {"analysis_json": None},
+    }
+    if out is not None:
+        path = out / f"{prefix}_analysis.json"
+        result["files"]["analysis_json"] = str(path)
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, (float, np.floating)):
+            out[k] = _f(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _fmt(x: Any, digits: int) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{float(x):.{digits}g}"
+
+
+def format_sharpness_table(
+    results: Mapping[str, Mapping[str, Any]],
+    regions: Sequence[str] | None = None,
+    digits: int = 4,
+    std_error: bool = True,
+) -> str:
+    r"""Markdown table like the paper's Table 8: one row per method, :math:`\lambda_{\max}` and
+    :math:`\mathrm{Tr}(H)` (with ``± standard error``) per region.
+
+    Args:
+        results: method name -> the dict :func:`analyze_model` returned (only ``"regions"`` is
+            read; a bare ``{region: {...}}`` mapping works too).
+        regions: the column groups (default: every region seen, in order of appearance).
+        digits: significant digits.
+        std_error: append the trace's standard error.
+
+    Missing or empty regions print ``n/a``; the header carries each region's sample count when
+    all methods agree on it.
+    """
+    if not results:
+        raise ValueError("results is empty")
+    per: dict[str, Mapping[str, Any]] = {
+        m: (r["regions"] if "regions" in r else r) for m, r in results.items()
+    }
+    if regions is None:
+        regions = list(dict.fromkeys(reg for d in per.values() for reg in d))
+    header = ["method"]
+    for reg in regions:
+        counts = {d.get(reg, {}).get("count") for d in per.values()}
+        tag = f"{reg}, n={counts.pop()}" if len(counts) == 1 and None not in counts else reg
+        header += [f"λ_max ({tag})", f"Tr(H) ({tag})"]
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    for method, d in per.items():
+        row = [str(method)]
+        for reg in regions:
+            e = d.get(reg, {})
+            row.append(_fmt(e.get("lambda_max"), digits))
+            tr = _fmt(e.get("trace"), digits)
+            se = e.get("trace_std_error")
+            if std_error and tr != "n/a" and se is not None and math.isfinite(float(se)):
+                tr += f" ± {float(se):.2g}"
+            row.append(tr)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
