@@ -1,0 +1,315 @@
+"""The ``bsam`` command.
+
+    bsam bench [--quick] [--dataset NAME | --csv FILE --target COL] [--methods ...] [--rho ...]
+    bsam train --config FILE.yaml [section.key=value ...] [--resume]
+    bsam eval --checkpoint PATH [--split test]
+    bsam analyze --checkpoint PATH [PATH ...] --regions all,few --hessian --landscape
+    bsam data prepare {agedb,imdb-wiki,nyud2} --root DIR
+    bsam list
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _csv_list(kind: type = str):  # noqa: ANN202
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(t) for t in items]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"bad list {text!r}: {exc}") from None
+
+    return parse
+
+
+def _seeds(text: str) -> list[int]:
+    """``3`` means seeds 0, 1, 2; ``0,5,7`` means those seeds."""
+    if "," not in text:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--seeds takes a count or a list, got {text!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError("--seeds must be >= 1")
+        return list(range(n))
+    return _csv_list(int)(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from balanced_sam import __version__
+    from balanced_sam.methods import DEFAULT_METHODS
+
+    p = argparse.ArgumentParser(
+        prog="bsam",
+        description="Balanced Sharpness-Aware Minimization (BSAM) for deep imbalanced "
+                    "regression: benchmarks, training, evaluation and sharpness analysis.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `bsam COMMAND --help` for the options of a command.")
+    p.add_argument("--version", action="version", version=f"balanced-sam {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    # ---------------------------------------------------------------- bench
+    b = sub.add_parser(
+        "bench", help="run the methods over seeds on built-in data; print a paper-style table",
+        description="Train every method over several seeds on a benchmark table (default: the "
+                    "diamonds prices bundled with plotnine, no download) and print the paper's "
+                    "Table-1-style results: MAE and GM for All / Many / Medium / Few, plus "
+                    "bMAE, as mean ± std over seeds. Writes results.json, results.csv and "
+                    "plots into --out. Re-running with the same --out reuses finished runs.")
+    b.add_argument("--dataset", default=None,
+                   help="built-in benchmark: diamonds (default), rotated-mnist, "
+                        "rotated-fashion-mnist (see `bsam list`)")
+    b.add_argument("--csv", dest="csv_path", metavar="FILE",
+                   help="any CSV table instead of a built-in dataset (needs --target); numeric "
+                        "and categorical features, DIR-style split built from it")
+    b.add_argument("--target", metavar="COL", help="target column of --csv")
+    b.add_argument("--dropna", action="store_true",
+                   help="drop --csv rows whose target is missing (default: error)")
+    b.add_argument("--methods", type=_csv_list(), default=list(DEFAULT_METHODS),
+                   help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})")
+    b.add_argument("--seeds", type=_seeds, default=None,
+                   help="a count (3 = seeds 0,1,2; the default) or a comma-separated list")
+    b.add_argument("--epochs", type=int, help="epochs per run (default: the dataset's recipe)")
+    b.add_argument("--rho", type=_csv_list(float),
+                   help="SAM radius; a comma-separated list runs the rho sweep (Figure 2) and "
+                        "plots it")
+    b.add_argument("--bin-width", type=float, help="label bin width (default: the dataset's)")
+    b.add_argument("--train-fraction", type=float,
+                   help="fraction of the rows left after the val/test split kept for training "
+                        "(diamonds default 0.2, so that the tail has few-shot bins)")
+    b.add_argument("--cap", type=int, help="C: at most this many rows per bin in val and test")
+    b.add_argument("--data-root", help="folder with local data files (e.g. MNIST IDX files)")
+    b.add_argument("--select-by", choices=["mae", "bmae"], default="mae",
+                   help="validation metric that picks the best epoch (default mae, as the "
+                        "paper's code)")
+    b.add_argument("--lr", type=float, help="learning rate (default: the dataset's recipe)")
+    b.add_argument("--batch-size", type=int, help="batch size (default: the dataset's recipe)")
+    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
+    b.add_argument("--out", help="output folder (default runs/bench-<timestamp>)")
+    b.add_argument("--quick", action="store_true",
+                   help="1 seed and 12 epochs: a look at the table in about a minute")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.add_argument("--progress", action="store_true", help="progress bar per epoch")
+
+    # ---------------------------------------------------------------- train
+    t = sub.add_parser(
+        "train", help="train one model from a YAML config",
+        description="Train one model from a YAML config (sections data, model, bins, train, "
+                    "out; see configs/). Overrides: section.key=value, e.g. train.epochs=2 "
+                    "data.root=/data/agedb (a bare key goes to train). Writes last.pt every "
+                    "epoch, best.pt, log.csv and result.json into the output folder.")
+    t.add_argument("--config", required=True, help="YAML config file")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    t.add_argument("--out", help="output folder (default: the config's out, else "
+                                 "runs/<config name>)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in the output folder from its last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a finished or broken run in the output folder")
+
+    # ---------------------------------------------------------------- eval
+    e = sub.add_parser(
+        "eval", help="evaluate a checkpoint on its test (or val) split",
+        description="Rebuild model and data from a checkpoint written by bsam train or bsam "
+                    "bench and print its metrics per region.")
+    e.add_argument("--checkpoint", required=True, help="best.pt or last.pt")
+    e.add_argument("--split", choices=["test", "val", "train"], default="test")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="spec overrides, e.g. data.root=/elsewhere")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", help="also write the report to this JSON file")
+
+    # ---------------------------------------------------------------- analyze
+    a = sub.add_parser(
+        "analyze", help="sharpness per label region: Hessian spectrum and loss landscapes",
+        description="Hessian top eigenvalue and trace per label region (Table 8) and loss "
+                    "landscapes along filter-normalised directions (Figure 1) of one or more "
+                    "checkpoints.")
+    a.add_argument("--checkpoint", nargs="+", required=True,
+                   help="one or more checkpoints; NAME=PATH sets the row name")
+    a.add_argument("--regions", type=_csv_list(), default=["all", "few"],
+                   help="comma-separated regions: all, many, medium, few (default all,few)")
+    a.add_argument("--split", choices=["train", "val", "test"], default="train",
+                   help="which samples define the loss (default train: the minimum the "
+                        "optimizer found)")
+    a.add_argument("--samples", type=int, default=1000,
+                   help="at most this many samples per region (default 1000)")
+    a.add_argument("--hessian", action="store_true", help="top eigenvalue and trace")
+    a.add_argument("--landscape", action="store_true", help="1-D and 2-D loss landscapes")
+    a.add_argument("--iters", type=int, default=50, help="power iterations (default 50)")
+    a.add_argument("--probes", type=int, default=50, help="Hutchinson probes (default 50)")
+    a.add_argument("--tol", type=float, default=1e-3, help="relative tolerance")
+    a.add_argument("--grid", type=int, default=21, help="landscape points per axis")
+    a.add_argument("--span", type=float, default=1.0, help="landscape range [-span, span]")
+    a.add_argument("--no-2d", action="store_true", help="1-D landscapes only")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--out", help="output folder (default: beside the first checkpoint)")
+    a.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="spec overrides, e.g. data.root=/elsewhere")
+
+    # ---------------------------------------------------------------- data
+    d = sub.add_parser("data", help="prepare the paper's benchmark data",
+                       description="Data tools for the paper's benchmarks.")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dp = dsub.add_parser(
+        "prepare", help="check / fetch / build a benchmark's files under --root",
+        description="Check what is under --root, fetch what is public (split CSVs, IMDB-WIKI "
+                    "tars, NYUD2-DIR data.zip) when online, verify checksums, build the "
+                    "IMDB-WIKI split or the NYUD2 balanced test mask when absent, and print "
+                    "exactly what is still missing and where to get it. Never deletes or "
+                    "overwrites your files.")
+    dp.add_argument("name", choices=["agedb", "imdb-wiki", "nyud2"])
+    dp.add_argument("--root", required=True, help="folder for this benchmark's files")
+    dp.add_argument("--no-download", action="store_true", help="only check and build")
+    dp.add_argument("--seed", type=int, default=0, help="seed of built splits / masks")
+
+    sub.add_parser("list", help="list methods and datasets",
+                   description="List the methods and datasets bsam knows.")
+    return p
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from balanced_sam.bench import run_bench
+
+    overrides = {}
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    rho = args.rho if args.rho is None or len(args.rho) > 1 else args.rho[0]
+    run_bench(args.dataset, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
+              rho=rho, bin_width=args.bin_width, device=args.device, out=args.out,
+              csv_path=args.csv_path, target=args.target, train_fraction=args.train_fraction,
+              cap=args.cap, data_root=args.data_root, dropna=args.dropna,
+              select_by=args.select_by,
+              quick=args.quick, overrides=overrides, progress=args.progress,
+              plots=not args.no_plots)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from balanced_sam.bench import write_json
+    from balanced_sam.experiment import apply_overrides, build_experiment, load_config
+    from balanced_sam.metrics import format_table
+    from balanced_sam.train import fit, seed_everything
+
+    spec = apply_overrides(load_config(args.config), args.overrides)
+    out = Path(args.out or spec.get("out") or Path("runs") / Path(args.config).stem)
+    seed_everything(int((spec.get("train") or {}).get("seed", 0)))
+    exp = build_experiment(spec)
+    print(f"{exp.cfg.method} on {spec['data']['name']}: {exp.bins}")
+    res = fit(exp.model, exp.train, exp.val, exp.bins, exp.cfg, test_data=exp.test,
+              out_dir=out, resume=args.resume, overwrite=args.overwrite,
+              target_stats=exp.target_stats, depth=exp.depth, meta={"spec": spec})
+    write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
+                "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
+                "config": exp.cfg.to_dict()}, out / "result.json")
+    if res.test is not None:
+        metrics = ("rmse", "delta1") if exp.depth else ("mae", "gm")
+        print(f"\ntest set, best epoch {res.best_epoch}:")
+        print(format_table({exp.cfg.method: res.test}, metrics=metrics,
+                           extra=() if exp.depth else ("bmae",)))
+    print(f"wrote {out}/best.pt, last.pt, log.csv, result.json")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from balanced_sam.bench import write_json
+    from balanced_sam.experiment import model_from_checkpoint
+    from balanced_sam.metrics import format_table
+    from balanced_sam.train import evaluate, load_checkpoint, resolve_device
+
+    device = resolve_device(args.device)
+    ck = load_checkpoint(args.checkpoint, map_location="cpu")
+    exp = model_from_checkpoint(ck, args.overrides, device)
+    data = {"train": exp.train, "val": exp.val, "test": exp.test}[args.split]
+    if data is None:
+        raise ValueError(f"this benchmark has no {args.split} split")
+    cfg = ck.get("config", {})
+    rep = evaluate(exp.model, data, exp.bins, device=device, target_stats=exp.target_stats,
+                   many=cfg.get("many", 100), few=cfg.get("few", 20), depth=exp.depth,
+                   balance=cfg.get("balance", "label"))
+    metrics = ("rmse", "delta1") if exp.depth else ("mae", "gm")
+    name = f"{cfg.get('method', '?')} (epoch {int(ck.get('epoch', -1)) + 1})"
+    print(f"{args.split} set of {args.checkpoint}:")
+    print(format_table({name: rep}, metrics=metrics, extra=() if exp.depth else ("bmae",)))
+    if args.json:
+        write_json(rep, Path(args.json))
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from balanced_sam.analysis.cli import run_analyze
+
+    return run_analyze(args)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command != "prepare":
+        print("usage: bsam data prepare {agedb,imdb-wiki,nyud2} --root DIR", file=sys.stderr)
+        return 2
+    from balanced_sam.data.prepare import prepare_dataset
+
+    rep = prepare_dataset(args.name, args.root, download=not args.no_download, seed=args.seed)
+    return 0 if rep.get("ok") else 1
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from balanced_sam.data.base import DATASETS, _load_builtin
+    from balanced_sam.experiment import DIR_BENCHMARKS
+    from balanced_sam.methods import METHODS
+
+    print("methods:")
+    for m in METHODS.values():
+        print(f"  {m.name:<14} {m.description}  [{m.paper}]")
+    _load_builtin()
+    print("\nbuilt-in benchmarks (bsam bench --dataset NAME):")
+    for name in sorted(DATASETS):
+        print(f"  {name}")
+    print("\npaper benchmarks (bsam train --config configs/...):")
+    for name in DIR_BENCHMARKS:
+        print(f"  {name}")
+    return 0
+
+
+COMMANDS = {"bench": _cmd_bench, "train": _cmd_train, "eval": _cmd_eval,
+            "analyze": _cmd_analyze, "data": _cmd_data, "list": _cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError,
+            ModuleNotFoundError) as exc:
+        # bad input: a clear one-line message, no traceback (set BSAM_DEBUG=1 for one)
+        import os
+
+        if os.environ.get("BSAM_DEBUG"):
+            raise
+        print(f"bsam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command with --resume (train) or the same --out "
+              "(bench) to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
