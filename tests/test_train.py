@@ -266,8 +266,8 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     write_csv(csv)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
-        "data: {name: csv, path: %s, target: target, bin_width: 10, cap: 20}\n"
-        "train: {method: bsam, epochs: 2, batch_size: 64, progress: false}\n" % csv)
+        f"data: {{name: csv, path: {csv}, target: target, bin_width: 10, cap: 20}}\n"
+        "train: {method: bsam, epochs: 2, batch_size: 64, progress: false}\n")
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(out), "train.rho=0.1"]) == 0
     text = capsys.readouterr().out
