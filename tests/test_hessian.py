@@ -284,3 +284,24 @@ def test_bad_arguments() -> None:
         hessian_trace(model, sq, x, y[:5])
     with pytest.raises(ValueError, match="per-sample"):
         hessian_trace(model, lambda p, t: ((p - t) ** 2).mean(), x, y, probes=1)
+
+
+def test_cached_graph_gives_the_same_products() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.randn(50, 4, dtype=torch.float64)
+    y = torch.randn(50, dtype=torch.float64)
+    kw = {"batch_size": 16, "seed": 1}
+    a = hessian_top_eigenvalue(model, sq, x, y, iters=10, tol=0.0, **kw)
+    b = hessian_top_eigenvalue(model, sq, x, y, iters=10, tol=0.0, cache_graph=True, **kw)
+    assert b.history == pytest.approx(a.history, rel=1e-12)
+    t1 = hessian_trace(model, sq, x, y, probes=6, probe_chunk=2, **kw)
+    t2 = hessian_trace(model, sq, x, y, probes=6, probe_chunk=2, cache_graph=True, **kw)
+    assert t2.samples == pytest.approx(t1.samples, rel=1e-12)
+    op = HessianOperator(model, sq, x, y, cache_graph=True)
+    v = torch.randn(op.numel, dtype=torch.float64)
+    first = op.matvec(v)
+    assert op._cache is not None
+    torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
+    op.clear_cache()
+    assert op._cache is None

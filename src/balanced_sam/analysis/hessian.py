@@ -32,7 +32,7 @@ reproducible and does not depend on the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -157,6 +157,10 @@ class HessianOperator:
         params: the parameters to differentiate against (default: every parameter of the model
             that requires grad), all on one device with one dtype.
         progress: show a tqdm bar over the mini-batches of each pass.
+        cache_graph: keep every mini-batch's first-order graph after the first pass, so later
+            products cost only the double backward (about 2-3x faster for ResNets) at the price
+            of holding the autograd graph of the whole subset in memory (about the memory of a
+            training step on the whole subset at once); :meth:`clear_cache` frees it.
     """
 
     def __init__(
@@ -175,6 +179,7 @@ class HessianOperator:
         batch_size: int = 256,
         params: Iterable[torch.Tensor] | None = None,
         progress: bool = False,
+        cache_graph: bool = False,
     ) -> None:
         if inputs is None:
             raise TypeError("inputs is required")
@@ -191,6 +196,8 @@ class HessianOperator:
         self.numels = [p.numel() for p in self.params]
         self.numel = int(sum(self.numels))
         self.progress = progress
+        self.cache_graph = bool(cache_graph)
+        self._cache: list[tuple[list[torch.Tensor], list[int]]] | None = None
         self._indices: torch.Tensor | None = None
         self._subset: Subset | None = None
         self.num_samples: int | None
@@ -249,6 +256,27 @@ class HessianOperator:
         keep = [i for i, g in enumerate(grads) if g.requires_grad]
         return [grads[i] for i in keep], keep
 
+    def _graphs(self) -> Iterator[tuple[list[torch.Tensor], list[int]]]:
+        """The first-order gradient pieces (with graph) of every mini-batch of the subset,
+        rebuilt on each pass or, with ``cache_graph``, built once and kept."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        cache: list[tuple[list[torch.Tensor], list[int]]] = []
+        for x, y in self._batches():
+            grads, keep = self._first_order(x, y)
+            if not grads:
+                continue
+            if self.cache_graph:
+                cache.append((grads, keep))
+            yield grads, keep
+        if self.cache_graph:
+            self._cache = cache
+
+    def clear_cache(self) -> None:
+        """Free the cached graphs (``cache_graph=True``)."""
+        self._cache = None
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """:math:`H_S v` for a flat vector ``v`` (zeros for an empty subset)."""
         if v.shape != (self.numel,):
@@ -259,13 +287,11 @@ class HessianOperator:
         out = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
         out_views = self.views(out)
         with eval_mode(self.model), torch.enable_grad():
-            for x, y in self._batches():
-                grads, keep = self._first_order(x, y)
-                if not grads:
-                    continue
+            for grads, keep in self._graphs():
                 hv = torch.autograd.grad(grads, self.params,
                                          grad_outputs=[v_views[i] for i in keep],
-                                         allow_unused=True, materialize_grads=True)
+                                         retain_graph=self.cache_graph, allow_unused=True,
+                                         materialize_grads=True)
                 torch._foreach_add_(out_views, [h.detach() for h in hv])
         if self.num_samples:
             out.div_(self.num_samples)
@@ -285,17 +311,14 @@ class HessianOperator:
         buf = torch.empty(self.numel, device=self.device, dtype=self.dtype)
         buf_views = self.views(buf)
         with eval_mode(self.model), torch.enable_grad():
-            for x, y in self._batches():
-                grads, keep = self._first_order(x, y)
-                if not grads:
-                    continue
+            for grads, keep in self._graphs():
                 for j in range(k):
                     z = probes[j].to(self.device, self.dtype)
                     z_views = self.views(z)
                     hv = torch.autograd.grad(grads, self.params,
                                              grad_outputs=[z_views[i] for i in keep],
-                                             retain_graph=j < k - 1, allow_unused=True,
-                                             materialize_grads=True)
+                                             retain_graph=self.cache_graph or j < k - 1,
+                                             allow_unused=True, materialize_grads=True)
                     torch._foreach_copy_(buf_views, [h.detach() for h in hv])
                     acc[j] += torch.dot(buf, z).to(torch.float64)
         if self.num_samples:
@@ -333,6 +356,7 @@ def hessian_top_eigenvalue(
     method: Literal["power", "lanczos"] = "power",
     return_eigenvector: bool = False,
     progress: bool = False,
+    cache_graph: bool = False,
 ) -> EigenResult:
     r"""Top eigenvalue of the Hessian of the subset-mean loss, :math:`\lambda_{\max}(H_S)`.
 
@@ -354,7 +378,7 @@ def hessian_top_eigenvalue(
 
     Args:
         model, loss_fn, inputs, targets, mask, bins, region, bin_ids, many, few, batch_size,
-            params: as in :class:`HessianOperator`.
+            params, cache_graph: as in :class:`HessianOperator`.
         iters: maximum number of HVPs (iterations).
         tol: relative tolerance of the stopping test (see above).
         seed: seed of the starting vector.
@@ -373,7 +397,7 @@ def hessian_top_eigenvalue(
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     op = HessianOperator(model, loss_fn, inputs, targets, mask, bins=bins, region=region,
                          bin_ids=bin_ids, many=many, few=few, batch_size=batch_size,
-                         params=params, progress=progress)
+                         params=params, progress=progress, cache_graph=cache_graph)
     if op.ensure_count() == 0:
         return EigenResult(math.nan, 0, False, math.nan, 0, method)
     gen = torch.Generator().manual_seed(seed)
@@ -487,6 +511,7 @@ def hessian_trace(
     batch_size: int = 256,
     params: Iterable[torch.Tensor] | None = None,
     progress: bool = False,
+    cache_graph: bool = False,
 ) -> TraceResult:
     r"""Hutchinson estimate of :math:`\mathrm{Tr}(H_S)` with Rademacher probes.
 
@@ -505,7 +530,8 @@ def hessian_trace(
 
     Args:
         model, loss_fn, inputs, targets, mask, bins, region, bin_ids, many, few, batch_size,
-            params: as in :class:`HessianOperator`.
+            params, cache_graph: as in :class:`HessianOperator` (for the trace the cache only
+            helps when ``probes > probe_chunk``).
         probes: maximum number of probes.
         tol: relative standard error at which to stop early (``None``: use all probes).
         min_probes: fewest probes before the early-stopping test applies.
@@ -524,7 +550,7 @@ def hessian_trace(
         raise ValueError(f"probe_chunk must be a positive integer, got {probe_chunk!r}")
     op = HessianOperator(model, loss_fn, inputs, targets, mask, bins=bins, region=region,
                          bin_ids=bin_ids, many=many, few=few, batch_size=batch_size,
-                         params=params, progress=progress)
+                         params=params, progress=progress, cache_graph=cache_graph)
     if op.ensure_count() == 0:
         return TraceResult(math.nan, math.nan, 0, False, 0)
     gen = torch.Generator().manual_seed(seed)

@@ -148,7 +148,9 @@ def _draw_contour(fig: Figure, ax: Axes, ls: Landscape, region: str, metric: str
     cs = ax.contourf(a, b, z, levels=lv, cmap="viridis", extend="both")
     ax.contour(a, b, z, levels=lv[::3], colors="white", linewidths=0.4, alpha=0.6)
     if colorbar:
-        cb = fig.colorbar(cs, ax=ax)
+        from matplotlib.ticker import MaxNLocator
+
+        cb = fig.colorbar(cs, ax=ax, ticks=MaxNLocator(7))
         cb.set_label(_metric_label(ls, metric))
     m = ls.minimum(region, metric)
     ax.plot([m["alpha"]], [m["beta"]], marker="*", color="red", markeredgecolor="black",
