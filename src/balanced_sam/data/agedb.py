@@ -78,7 +78,7 @@ class AgeImageDataset(Dataset):
     ) -> None:
         self.root = Path(root)
         self.paths = [str(p) for p in paths]
-        self.ages = torch.as_tensor(np.asarray(ages, dtype=np.float32))
+        self.ages = torch.tensor(np.array(ages, dtype=np.float32))
         if self.ages.shape != (len(self.paths),):
             raise ValueError(f"got {len(self.paths)} paths but {tuple(self.ages.shape)} ages")
         self.transform = transform
@@ -211,4 +211,4 @@ def train_labels(root: str | os.PathLike[str], **options: Any) -> torch.Tensor:
     r = require_root(root, "AgeDB-DIR", HINT)
     csv = options.get("csv")
     df = read_age_csv(Path(csv) if csv is not None else r / CSV_NAME, "AgeDB-DIR split CSV")
-    return torch.as_tensor(df.loc[df["split"] == "train", "age"].to_numpy(np.float32))
+    return torch.from_numpy(df.loc[df["split"] == "train", "age"].to_numpy(np.float32, copy=True))

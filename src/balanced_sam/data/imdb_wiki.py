@@ -64,7 +64,7 @@ def train_labels(root: str | os.PathLike[str], **options: Any) -> torch.Tensor:
     r = require_root(root, "IMDB-WIKI-DIR", HINT)
     csv = options.get("csv")
     df = read_age_csv(Path(csv) if csv is not None else r / CSV_NAME, "IMDB-WIKI-DIR split CSV")
-    return torch.as_tensor(df.loc[df["split"] == "train", "age"].to_numpy(np.float32))
+    return torch.from_numpy(df.loc[df["split"] == "train", "age"].to_numpy(np.float32, copy=True))
 
 
 def matlab_age(dob: np.ndarray, photo_taken: np.ndarray) -> np.ndarray:

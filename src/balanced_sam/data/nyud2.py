@@ -221,7 +221,7 @@ class NYUDepthDataset(Dataset):
                     f"{self.root / depth_rel} is {code.shape[1]}x{code.shape[0]}")
             from PIL import Image
 
-            rec["rgb"] = np.asarray(img.resize((ow, oh), Image.BILINEAR), dtype=np.uint8)
+            rec["rgb"] = np.array(img.resize((ow, oh), Image.BILINEAR), dtype=np.uint8)
             if self.cache is not None:
                 self.cache.put(i, rec)
         return rec
@@ -259,7 +259,7 @@ class NYUDepthDataset(Dataset):
                 img = img + (_PCA_EIGVEC * (alpha * _PCA_EIGVAL)).sum(1).view(3, 1, 1)
                 img = _jitter(img)
         elif self.mask is not None:
-            mask = torch.as_tensor(np.asarray(self.mask[i]), dtype=torch.bool)[None]
+            mask = torch.from_numpy(np.array(self.mask[i], dtype=bool))[None]
         else:
             mask = depth > 0
         img = (img - self.mean) / self.std

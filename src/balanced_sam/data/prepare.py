@@ -302,7 +302,7 @@ def _paths_of(csv: Path, db: str) -> list[str]:
     return paths[paths.str.startswith(f"{db}_crop/")].tolist()
 
 
-def _prepare_nyud2(root: Path, download: bool, rep: _Report, seed: int) -> None:
+def _prepare_nyud2(root: Path, download: bool, rep: _Report, seed: int, img_size: int) -> None:
     train_csv, test_csv = root / nyud2.TRAIN_CSV, root / nyud2.TEST_CSV
     if not (train_csv.is_file() and test_csv.is_file()):
         archive = root / "data.zip"
@@ -340,7 +340,7 @@ def _prepare_nyud2(root: Path, download: bool, rep: _Report, seed: int) -> None:
     if mask_path.is_file():
         rep.add("present", str(mask_path))
     elif ok:
-        depth = nyud2.load_test_depths(root)
+        depth = nyud2.load_test_depths(root, img_size)
         mask = nyud2.make_balanced_mask(depth, seed=seed)
         tmp = mask_path.with_name(f".{mask_path.stem}.tmp{os.getpid()}.npy")
         np.save(tmp, mask)
@@ -358,6 +358,7 @@ def prepare_dataset(
     echo: Callable[[str], Any] = print,
     *,
     seed: int = 0,
+    img_size: int = 240,
 ) -> dict[str, Any]:
     """Check, fetch and build benchmark ``name`` (``"agedb"``, ``"imdb-wiki"``, ``"nyud2"``) under
     ``root`` (created when absent).
@@ -365,7 +366,9 @@ def prepare_dataset(
     Returns a report: ``{"name", "root", "present", "fetched", "built", "missing", "notes",
     "ok"}`` (lists of human-readable lines; ``echo`` prints each as it happens). With
     ``download=False`` nothing is fetched. Builds the IMDB-WIKI-DIR split from the ``.mat``
-    metadata when no CSV can be had, and the NYUD2-DIR balanced test mask (``seed``) when absent.
+    metadata when no CSV can be had, and the NYUD2-DIR balanced test mask when absent (pixels
+    drawn with ``seed``, at the test depth resolution of ``img_size``: 228 x 304 for the paper's
+    240; the mask must be built with the ``img_size`` used for training).
 
     Raises :class:`DatasetNotReadyError` (a ``FileNotFoundError``) listing what is missing and where
     to get it when the benchmark cannot be completed, ``ValueError`` for an unknown ``name``.
@@ -383,5 +386,5 @@ def prepare_dataset(
     elif key == "imdb-wiki":
         _prepare_imdb_wiki(r, download, rep)
     else:
-        _prepare_nyud2(r, download, rep, seed)
+        _prepare_nyud2(r, download, rep, seed, img_size)
     return rep.finish()
