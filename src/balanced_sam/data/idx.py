@@ -87,10 +87,13 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> Path:
 
 def find_idx_file(folder: str | os.PathLike[str], stem: str) -> Path | None:
     """The file ``stem`` in ``folder`` (or its ``raw/`` sub-folder, as torchvision lays it out),
-    raw or ``.gz``; also accepts the ``stem`` with its last ``-`` turned into ``.`` (e.g.
+    raw or ``.gz``; also accepts the name with a dot before ``idx`` (e.g.
     ``train-images.idx3-ubyte``, as some mirrors name them). ``None`` when absent."""
     base = Path(folder)
-    names = [stem, stem[::-1].replace("-", ".", 1)[::-1]]
+    names = [stem]
+    parts = stem.rsplit("-", 2)
+    if len(parts) == 3:
+        names.append(f"{parts[0]}.{parts[1]}-{parts[2]}")
     for d in (base, base / "raw"):
         for name in names:
             for suffix in ("", ".gz"):
