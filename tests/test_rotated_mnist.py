@@ -109,6 +109,12 @@ def test_registered_and_class_filter(mini: Path) -> None:
                     n_train=40, val_per_bin=1, test_per_bin=1, bin_width=20.0)
     assert d.name == "rotated-fashion-mnist" and d.info["classes"] == [1, 2, 3]
     assert d.x_test.shape[0] == 9
+    # what `bsam bench` passes: split_seed fixes the data, cap sets the per-bin val/test counts
+    a = get_dataset("rotated-mnist", seed=5, split_seed=1, cap=2, data_root=mini, n_train=40,
+                    bin_width=20.0)
+    b = rotated_mnist.load(seed=1, data_root=mini, n_train=40, bin_width=20.0, val_per_bin=2,
+                           test_per_bin=2)
+    assert torch.equal(a.y_train, b.y_train) and a.x_test.shape[0] == 18
     with pytest.raises(ValueError, match="usable training images"):
         rotated_mnist.load(data_root=mini, n_train=195)
     with pytest.raises(ValueError, match="divide 180"):

@@ -237,10 +237,13 @@ def _prepare_agedb(root: Path, download: bool, rep: _Report) -> None:
     df = read_split_csv(root / agedb.CSV_NAME, ("age", "path", "split"), what="AgeDB-DIR CSV")
     missing = _missing_images(root, df["path"].tolist())
     if missing:
-        rep.add("missing", f"AgeDB images: {_describe_missing(missing, root)}; request the "
-                           "password from the AgeDB authors at "
-                           "https://ibug.doc.ic.ac.uk/resources/agedb/ and unpack the images so "
-                           f"that {root / 'AgeDB'}/<id>_<name>_<age>_<gender>.jpg exist")
+        archive = root / "AgeDB.zip"
+        how = (f"unpack {archive} with the password the AgeDB authors sent "
+               f"(`unzip {archive} -d {root}`)" if archive.is_file() else
+               "request the password from the AgeDB authors at "
+               "https://ibug.doc.ic.ac.uk/resources/agedb/ and unpack the images")
+        rep.add("missing", f"AgeDB images: {_describe_missing(missing, root)}; {how} so that "
+                           f"{root / 'AgeDB'}/<id>_<name>_<age>_<gender>.jpg exist")
     else:
         rep.add("present", f"{len(df)} AgeDB images under {root / 'AgeDB'}")
 

@@ -26,6 +26,7 @@ under 15 minutes on 2 CPU cores (measured numbers in ``info["timing_note"]``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -48,7 +49,7 @@ ANGLE_RANGE = 180.0
 #: training recipe of the benchmark (copied into ``BenchData.defaults``)
 RECIPE: dict[str, Any] = {
     "optimizer": "sgd",
-    "lr": 0.05,
+    "lr": 0.02,
     "momentum": 0.9,
     "weight_decay": 1e-4,
     "batch_size": 128,
@@ -186,6 +187,7 @@ def load_rotated(
     tau: float = 30.0,
     classes: list[int] | tuple[int, ...] | None = None,
     download: bool = True,
+    model_channels: tuple[int, ...] = (8, 16),
 ) -> BenchData:
     """Build the rotated benchmark (see the module docstring).
 
@@ -199,6 +201,7 @@ def load_rotated(
         tau: decay of the training angle density, degrees.
         classes: keep only these class labels (default: all).
         download: allow torchvision's downloader.
+        model_channels: convolution widths of the :class:`~balanced_sam.models.SmallCNN`.
     """
     from balanced_sam.bins import LabelBins
     from balanced_sam.models import SmallCNN
@@ -262,7 +265,7 @@ def load_rotated(
         "empty_train_bins": int((lb.counts == 0).sum()),
         "pixel_mean": mean,
         "pixel_std": std,
-        "model": "SmallCNN(channels=(16, 32), hidden=64)",
+        "model": f"SmallCNN(channels={tuple(model_channels)}, hidden=64)",
         "seed": int(seed),
     }
     name = "rotated-mnist" if kind == "mnist" else "rotated-fashion-mnist"
@@ -272,7 +275,7 @@ def load_rotated(
         x_val=x_va.contiguous(), y_val=a_va,
         x_test=x_te.contiguous(), y_test=a_te,
         bins=bins,
-        make_model=SmallCNN,
+        make_model=functools.partial(SmallCNN, channels=tuple(model_channels), hidden=64),
         defaults=dict(RECIPE),
         info=info,
         standardize_target=True,
@@ -283,20 +286,32 @@ def load_rotated(
 @register_dataset("rotated-mnist")
 def load(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
          **options: Any) -> BenchData:
-    """Rotated MNIST digits (``bsam bench --dataset rotated-mnist``); see :func:`load_rotated`
-    for the options (unknown options are ignored)."""
-    return load_rotated("mnist", seed, data_root, **_known(options))
+    """Rotated MNIST digits (``bsam bench --dataset rotated-mnist``).
+
+    Options are those of :func:`load_rotated`; ``split_seed`` (what ``bsam bench`` passes, fixed
+    across training seeds) replaces ``seed`` for the data when given; ``cap`` sets both
+    ``val_per_bin`` and ``test_per_bin``; other options are ignored."""
+    seed, opts = _known(seed, options)
+    return load_rotated("mnist", seed, data_root, **opts)
 
 
 @register_dataset("rotated-fashion-mnist")
 def load_fashion(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
                  **options: Any) -> BenchData:
-    """Rotated Fashion-MNIST clothes (``bsam bench --dataset rotated-fashion-mnist``)."""
-    return load_rotated("fashion-mnist", seed, data_root, **_known(options))
+    """Rotated Fashion-MNIST clothes (``bsam bench --dataset rotated-fashion-mnist``); options
+    as :func:`load`."""
+    seed, opts = _known(seed, options)
+    return load_rotated("fashion-mnist", seed, data_root, **opts)
 
 
-_OPTIONS = ("n_train", "val_per_bin", "test_per_bin", "bin_width", "tau", "classes", "download")
+_OPTIONS = ("n_train", "val_per_bin", "test_per_bin", "bin_width", "tau", "classes", "download",
+            "model_channels")
 
 
-def _known(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k in _OPTIONS}
+def _known(seed: int, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    opts = {k: v for k, v in options.items() if k in _OPTIONS}
+    if options.get("cap") is not None:
+        opts.setdefault("val_per_bin", int(options["cap"]))
+        opts.setdefault("test_per_bin", int(options["cap"]))
+    split_seed = options.get("split_seed")
+    return (int(split_seed) if split_seed is not None else int(seed)), opts
