@@ -10,8 +10,8 @@ On disk (what the DIR ``data.zip`` unpacks to), relative to ``root``:
   ``metres = code / 1000`` (the DIR/Hu ``ToTensor``; see :func:`~balanced_sam.data.images.
   open_depth_png`). RGB is 640 x 480.
 * ``data/test_balanced_mask.npy``: ``uint8`` of shape ``(654, 228, 304)``: for each depth bin
-  7..99 of 0.1 m the same number of test pixels (9,357 in the released file), at the resolution
-  of the test depth after the test pipeline below.
+  7..99 of 0.1 m the same number of test pixels (9,357 per the design note; not checked here),
+  at the resolution of the test depth after the test pipeline below.
 
 Pipeline (DIR ``loaddata.py`` / ``nyu_transform.py``, from Hu et al.), for ``img_size = s``
 (240 in the paper): resize so that the shorter side is ``s`` (RGB bilinear, depth nearest); train
