@@ -67,6 +67,7 @@ def analyze_model(
     few: int = 20,
     name: str | None = None,
     plots: bool = True,
+    cache_graph: bool = False,
 ) -> dict[str, Any]:
     r"""Sharpness per region and a loss landscape for one model.
 
@@ -88,6 +89,10 @@ def analyze_model(
         progress: tqdm progress bars.
         many, few: region thresholds on the training count per bin.
         name: method / checkpoint name (file prefix, plot labels).
+        plots: write the PNG plots (with ``out_dir``).
+        cache_graph: keep each region's first-order graphs between Hessian-vector products
+            (faster, memory of a training step on the whole region; see
+            :class:`~balanced_sam.analysis.HessianOperator`).
 
     Returns:
         A JSON-serialisable dict::
@@ -144,7 +149,8 @@ def analyze_model(
                                  "mae": _f(ls.origin[r]["mae"])}
         if hessian:
             sub = {"bins": bins, "region": r, "many": many, "few": few,
-                   "batch_size": batch_size, "seed": seed, "progress": progress}
+                   "batch_size": batch_size, "seed": seed, "progress": progress,
+                   "cache_graph": cache_graph}
             t0 = time.perf_counter()
             eig = hessian_top_eigenvalue(model, loss, inputs, targets, iters=iters, tol=tol,
                                          method=method, **sub)  # type: ignore[arg-type]
@@ -193,6 +199,7 @@ def analyze_model(
                      [float(a) for a in grid], "span": span,
                      "landscape_dim": landscape_dim, "seed": seed, "batch_size": batch_size,
                      "many": many, "few": few, "hessian": hessian, "landscape": landscape,
+                     "cache_graph": cache_graph,
                      "bn": "eval mode (running statistics)"},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "files": {"analysis_json": None},
