@@ -147,13 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many samples per region (default 1000)")
     a.add_argument("--hessian", action="store_true", help="top eigenvalue and trace")
     a.add_argument("--landscape", action="store_true", help="1-D and 2-D loss landscapes")
-    a.add_argument("--iters", type=int, default=50, help="power iterations (default 50)")
-    a.add_argument("--probes", type=int, default=50, help="Hutchinson probes (default 50)")
+    a.add_argument("--iters", type=int, default=30,
+                   help="eigenvalue iterations (default 30; Lanczos keeps one parameter-sized "
+                        "vector per iteration)")
+    a.add_argument("--method", choices=["lanczos", "power"], default="lanczos",
+                   help="lanczos (default): the largest eigenvalue lambda_max; power: the "
+                        "eigenvalue of largest magnitude (PyHessian's; it can be negative for "
+                        "an L1 loss, whose Hessian is indefinite)")
+    a.add_argument("--probes", type=int, default=30, help="Hutchinson probes (default 30)")
     a.add_argument("--tol", type=float, default=1e-3, help="relative tolerance")
     a.add_argument("--grid", type=int, default=21, help="landscape points per axis")
     a.add_argument("--span", type=float, default=1.0, help="landscape range [-span, span]")
-    a.add_argument("--no-2d", action="store_true", help="1-D landscapes only")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--dim", type=int, choices=[1, 2], default=1,
+                   help="1-D curves (default) or 2-D surfaces (grid x grid forward passes)")
+    a.add_argument("--seed", type=int, default=0, help="sample draw and directions")
+    a.add_argument("--threads", type=int,
+                   help="torch threads (1 is often fastest for Hessian-vector products on a "
+                        "busy CPU)")
+    a.add_argument("--cache-graph", action="store_true",
+                   help="keep the first-order graph between HVPs (faster, more memory)")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", help="output folder (default: beside the first checkpoint)")
     a.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

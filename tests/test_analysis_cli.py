@@ -1,0 +1,52 @@
+"""`bsam analyze` end to end on checkpoints written by `bsam bench`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+
+from balanced_sam.cli import main
+
+
+def test_analyze_bench_checkpoints(tmp_path, capsys):
+    g = np.random.default_rng(0)
+    x = g.normal(size=(700, 4))
+    y = np.clip(np.exp(0.9 * x[:, 0]) * 10 + g.normal(scale=0.3, size=700), 0, 99)
+    pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "d": x[:, 3],
+                  "y": y.round(2)}).to_csv(tmp_path / "t.csv", index=False)
+    out = tmp_path / "bench"
+    assert main(["bench", "--csv", str(tmp_path / "t.csv"), "--target", "y", "--methods",
+                 "sqinv,bsam", "--seeds", "1", "--epochs", "2", "--bin-width", "10", "--cap",
+                 "15", "--out", str(out), "--no-plots"]) == 0
+    capsys.readouterr()
+    ana = tmp_path / "ana"
+    args = ["analyze", "--checkpoint", f"SQINV={out / 'runs/sqinv-seed0/best.pt'}",
+            str(out / "runs/bsam-rho0.05-seed0/best.pt"), "--samples", "120", "--iters", "8",
+            "--probes", "6", "--grid", "5", "--out", str(ana)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "| SQINV |" in text and "| bsam |" in text and "λ_max (few" in text
+    res = json.loads((ana / "analysis.json").read_text())
+    assert set(res) == {"SQINV", "bsam"}
+    for r in res.values():
+        assert set(r["regions"]) == {"all", "few"}
+        assert r["regions"]["all"]["count"] == 120
+        assert 0 < r["regions"]["few"]["count"] <= 120
+        assert np.isfinite(r["regions"]["all"]["lambda_max"])
+        assert r["regions"]["all"]["trace_std_error"] >= 0
+    assert (ana / "landscapes.png").stat().st_size > 1000
+    from balanced_sam.analysis import Landscape
+
+    land = Landscape.load(ana / "SQINV_landscape.npz")
+    assert set(land.values) == {"all", "few"} and land.dim == 1
+    # the landscape's centre is the trained model: its MAE is the checkpoint's MAE on that subset
+    mid = len(land.alphas) // 2
+    assert land.alphas[mid] == 0
+    assert np.isfinite(land.values["all"]["mae"][mid])
+    assert main(["analyze", "--checkpoint", str(out / "runs/bsam-rho0.05-seed0/best.pt"),
+                 "--regions", "all,tail"]) == 2
+    assert "tail" in capsys.readouterr().err
+    assert torch.get_num_threads() >= 1
