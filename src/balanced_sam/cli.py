@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "data.root=/data/agedb (a bare key goes to train). Writes last.pt every "
                     "epoch, best.pt, log.csv and result.json into the output folder.")
     t.add_argument("--config", required=True, help="YAML config file")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, anywhere on the line (e.g. train.epochs=2)")
     t.add_argument("--out", help="output folder (default: the config's out, else "
                                  "runs/<config name>)")
     t.add_argument("--resume", action="store_true",
@@ -168,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the first-order graph between HVPs (faster, more memory)")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", help="output folder (default: beside the first checkpoint)")
-    a.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="spec overrides, e.g. data.root=/elsewhere")
+    a.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="spec override, e.g. --set data.root=/elsewhere "
+                                             "(repeatable)")
 
     # ---------------------------------------------------------------- data
     d = sub.add_parser("data", help="prepare the paper's benchmark data",
@@ -302,7 +304,15 @@ COMMANDS = {"bench": _cmd_bench, "train": _cmd_train, "eval": _cmd_eval,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may stand anywhere after the options of train / eval
+    if args.command in ("train", "eval"):
+        bad = [t for t in extra if t.startswith("-") or "=" not in t]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
