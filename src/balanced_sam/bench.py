@@ -185,12 +185,21 @@ def run_bench(
     if overrides:
         base_cfg = replace(base_cfg, **overrides)
     base_cfg.validate()
-    rhos = rhos or [base_cfg.rho]
+    # rho: the user's list for every SAM-family method, else the dataset's choice per method
+    rho_by_method = {} if rhos else dict(data.defaults.get("rho_by_method", {}))
+    sweep = rhos or [base_cfg.rho]
+
+    def method_rhos(name: str) -> list[float | None]:
+        if not get_method(name).uses_rho:
+            return [None]
+        return [rho_by_method[name]] if name in rho_by_method else list(sweep)
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out) if out is not None else Path("runs") / f"bench-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"dataset": data.name, "methods": list(methods), "seeds": seeds, "rho": rhos,
+    config = {"dataset": data.name, "methods": list(methods), "seeds": seeds, "rho": sweep,
+              "rho_by_method": {m: method_rhos(m)[0] for m in methods
+                                if get_method(m).uses_rho},
               "train": base_cfg.to_dict(), "quick": quick, "data": data.info,
               "bins": data.bins, "target_unit": data.target_unit,
               "standardize_target": data.standardize_target,
@@ -223,16 +232,15 @@ def run_bench(
             "validation/test split, so that the tail has few-shot bins")
     log(f"recipe: {base_cfg.optimizer} lr {base_cfg.lr} wd {base_cfg.weight_decay}, batch "
         f"{base_cfg.batch_size}, {base_cfg.epochs} epochs, {base_cfg.schedule} schedule, "
-        f"rho {', '.join(f'{r:g}' for r in rhos)}; seeds {seeds}; best epoch by val "
+        f"rho {_rho_text(rho_by_method, sweep, methods)}; seeds {seeds}; best epoch by val "
         f"{base_cfg.select_by}" + (" [--quick: 1 seed, fewer epochs]" if quick else ""))
 
     results: dict[str, Any] = {"dataset": data.name, "config": config, "split": split,
                                "bins": bins.to_dict(), "methods": {}}
     csv_rows = []
     for name in methods:
-        method = get_method(name)
         runs = []
-        for r in (rhos if method.uses_rho else [None]):
+        for r in method_rhos(name):
             for seed in seeds:
                 run_dir = out_dir / "runs" / _run_name(name, r, seed)
                 res_path = run_dir / "result.json"
@@ -273,6 +281,13 @@ def run_bench(
     log(f"\nwrote {out_dir}/results.json, results.csv and plots "
         f"({results['total_seconds']:.0f}s in all)")
     return results
+
+
+def _rho_text(by_method: dict[str, float], sweep: list[float], methods: Sequence[str]) -> str:
+    shown = {m: by_method[m] for m in methods if m in by_method}
+    if shown:
+        return ", ".join(f"{m} {r:g}" for m, r in shown.items()) + " (chosen on validation)"
+    return ", ".join(f"{r:g}" for r in sweep)
 
 
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -342,5 +357,5 @@ def _plots(results: dict[str, Any], data: BenchData, bins: LabelBins, y_all: tor
                                many=cfg.many, few=cfg.few, unit=unit)
     plots.plot_per_bin_mae(results, bins, out_dir / "per_bin_mae.png", many=cfg.many,
                            few=cfg.few, unit=unit)
-    if len(results["config"]["rho"]) > 1:
+    if len(results["config"]["rho"]) > 1:  # a sweep
         plots.plot_rho_sweep(results, out_dir / "rho_sweep.png", unit=unit)

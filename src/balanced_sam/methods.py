@@ -12,7 +12,6 @@ function with one signature for all of them::
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,8 +155,7 @@ def build_stepper(
             w = None if scheme is None else bins.sample_weights(targets, scheme, cfg.normalize,
                                                                 **wkw)
             opt.zero_grad(set_to_none=True)
-            with contextlib.nullcontext():
-                loss = weighted_mean(SAM._check_losses(loss_fn(), targets), w, mask)
+            loss = weighted_mean(SAM._check_losses(loss_fn(), targets), w, mask)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(opt)
