@@ -302,7 +302,7 @@ def plot_region_comparison(
     fig.suptitle(title or f"Loss landscape ({_metric_label(items[0][1], metric)}): "
                           + " vs ".join(_REGION_NAMES.get(r, r) for r in regions))
     if kind != "surface":
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     return _finish(fig, path)
 
 
