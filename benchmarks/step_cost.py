@@ -103,17 +103,26 @@ def main() -> None:
     train_labels = (torch.distributions.Exponential(0.05).sample((20000,)).clamp(max=99)).floor()
     bins = LabelBins.from_labels(train_labels, bin_width=1, lower=0, upper=100)
 
+    tail_label = float(torch.nonzero(bins.counts < 20).reshape(-1)[0])
+
+    def batch_labels(n: int) -> torch.Tensor:
+        # labels of the training distribution, plus 4 tail labels so that ImbSAM does its
+        # full two-pass step (a batch without tail samples is a plain step for ImbSAM)
+        y = train_labels[torch.randint(0, 20000, (n,), generator=g)]
+        y[:4] = tail_label
+        return y
+
     res = {}
     batch = 16 if args.smoke else 64
     x = torch.randn(batch, 3, 32, 32, generator=g)
-    y = train_labels[torch.randint(0, 20000, (batch,), generator=g)]
+    y = batch_labels(batch)
     res["resnet18_32px"] = measure(
         f"ResNet-18{' (small)' if args.smoke else ''}, 32x32, batch {batch}",
         lambda: make_resnet(args.smoke), x, y, bins, args.steps, args.warmup)
 
     batch = 64 if args.smoke else 256
     x = torch.randn(batch, 30, generator=g)
-    y = train_labels[torch.randint(0, 20000, (batch,), generator=g)]
+    y = batch_labels(batch)
     res["mlp_256x256"] = measure(f"MLP 30-256-256-1, batch {batch}",
                                  lambda: MLP(30, (256, 256)), x, y, bins, args.steps,
                                  args.warmup)

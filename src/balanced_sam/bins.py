@@ -256,18 +256,19 @@ class LabelBins:
         ``[edges[0], edges[-1]]``.
         """
         t = _as_tensor(targets, _name)
-        _check_finite(t, _name)
         clamp = self.clamp if clamp is None else clamp
         tf = t.to(torch.float64)
-        if not clamp:
-            lo, hi = self.edges[0].item(), self.edges[-1].item()
-            out = (tf < lo) | (tf > hi)
-            if bool(out.any()):
-                bad = tf.reshape(-1)[out.reshape(-1)]
-                raise ValueError(
-                    f"{_name}: {int(out.sum())} value(s) outside the bin range [{lo:g}, {hi:g}] "
-                    f"(e.g. {bad[0].item():g}); widen the bins (lower/upper) or pass clamp=True"
-                )
+        lo, hi = float(self.edges[0]), float(self.edges[-1])
+        # one check (one host sync) covers NaN/inf and, unless clamping, the range
+        ok = torch.isfinite(tf) if clamp else (tf >= lo) & (tf <= hi)
+        if not bool(ok.all()):
+            _check_finite(t, _name)
+            out = ~ok
+            bad = tf.reshape(-1)[out.reshape(-1)]
+            raise ValueError(
+                f"{_name}: {int(out.sum())} value(s) outside the bin range [{lo:g}, {hi:g}] "
+                f"(e.g. {bad[0].item():g}); widen the bins (lower/upper) or pass clamp=True"
+            )
         inner = self._inner_edges(tf.device)
         return torch.bucketize(tf, inner, right=True)
 

@@ -233,6 +233,8 @@ class SAM(Optimizer):
         for group in self.param_groups:
             self._check_rho(group["rho"])
         self._backup: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+        # parameter -> its saved copy at theta: one parameter-sized buffer, reused every step
+        self._theta: dict[torch.Tensor, torch.Tensor] = {}
         self.last_step_perturbed: bool = False
 
     # ------------------------------------------------------------------ validation helpers
@@ -286,7 +288,16 @@ class SAM(Optimizer):
         all_params = [p for _, ps in groups for p in ps]
         self._backup = []
         self.last_step_perturbed = False
-        if all_params:
+        if all_params and self.p == 2 and not any(g["adaptive"] for g, ps in groups if ps):
+            # the common case in one fused pass per group: theta += rho / ||g|| * g
+            norm = float(_global_norm([p.grad for p in all_params], 2.0))  # one host sync
+            if math.isfinite(norm) and norm > 0:
+                for g, ps in groups:
+                    if ps and g["rho"] != 0:
+                        self._save(ps)
+                        torch._foreach_add_(ps, [p.grad for p in ps],
+                                            alpha=g["rho"] / (norm + _NORM_EPS))
+        elif all_params:
             scaled = []
             for g, ps in groups:
                 grads = [p.grad for p in ps]
@@ -306,12 +317,25 @@ class SAM(Optimizer):
                     torch._foreach_mul_(d, g["rho"])
                     if g["adaptive"]:
                         torch._foreach_mul_(d, torch._foreach_abs(ps))
-                    self._backup.append((ps, torch._foreach_mul(ps, 1.0)))  # exact copy
+                    self._save(ps)
                     torch._foreach_add_(ps, d)
-                self.last_step_perturbed = bool(self._backup)
+        self.last_step_perturbed = bool(self._backup)
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return self.last_step_perturbed
+
+    def _save(self, ps: list[torch.Tensor]) -> None:
+        """Copy ``ps`` into buffers kept between steps (no allocation after the first step)."""
+        saved = []
+        for p in ps:
+            buf = self._theta.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype \
+                    or buf.device != p.device:
+                buf = torch.empty_like(p)
+                self._theta[p] = buf
+            saved.append(buf)
+        torch._foreach_copy_(saved, ps)
+        self._backup.append((ps, saved))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -396,7 +420,8 @@ class SAM(Optimizer):
             return self._step_closure(loss_fn, first_pass_context)
         ctx = first_pass_context or contextlib.nullcontext
         w_pert = self.perturbation_weights(targets)
-        w_upd = self.update_weights(targets)
+        same = self.update_weighting == self.perturbation_weighting
+        w_upd = w_pert if same else self.update_weights(targets)
         self.zero_grad(set_to_none=True)
         with torch.enable_grad(), ctx():
             loss = weighted_mean(self._check_losses(loss_fn(), targets), w_pert, mask)
