@@ -341,3 +341,27 @@ def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path):
         assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.01
     finally:
         del DATASETS["tiny-test"]
+
+
+def test_torchrun_train_command(tmp_path):
+    """`torchrun --nproc_per_node 2 -m balanced_sam.cli train` joins a gloo group on the CPU,
+    trains with DDP and writes the results once (rank 0)."""
+    import subprocess
+
+    csv = tmp_path / "t.csv"
+    write_csv(csv)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {{name: csv, path: {csv}, target: target, bin_width: 10, cap: 20}}\n"
+                   "train: {method: bsam, epochs: 2, batch_size: 32, progress: false}\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "-m", "balanced_sam.cli", "train", "--config", str(cfg),
+                           "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("| bsam |") == 1  # only rank 0 prints the table
+    result = json.loads((out / "result.json").read_text())
+    assert result["best_epoch"] in (1, 2) and np.isfinite(result["test"]["all"]["mae"])
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3

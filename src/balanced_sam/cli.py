@@ -217,16 +217,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from balanced_sam.bench import write_json
     from balanced_sam.experiment import apply_overrides, build_experiment, load_config
     from balanced_sam.metrics import format_table
-    from balanced_sam.train import fit, seed_everything
+    from balanced_sam.train import fit, init_distributed, seed_everything
 
+    distributed = init_distributed()  # under torchrun
+    rank = torch_rank() if distributed else 0
     spec = apply_overrides(load_config(args.config), args.overrides)
     out = Path(args.out or spec.get("out") or Path("runs") / Path(args.config).stem)
     seed_everything(int((spec.get("train") or {}).get("seed", 0)))
     exp = build_experiment(spec)
-    print(f"{exp.cfg.method} on {spec['data']['name']}: {exp.bins}")
+    if rank == 0:
+        print(f"{exp.cfg.method} on {spec['data']['name']}: {exp.bins}")
     res = fit(exp.model, exp.train, exp.val, exp.bins, exp.cfg, test_data=exp.test,
               out_dir=out, resume=args.resume, overwrite=args.overwrite,
               target_stats=exp.target_stats, depth=exp.depth, meta={"spec": spec})
+    if rank != 0:
+        return 0
     write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
                 "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
                 "config": exp.cfg.to_dict()}, out / "result.json")
@@ -237,6 +242,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                            extra=() if exp.depth else ("bmae",)))
     print(f"wrote {out}/best.pt, last.pt, log.csv, result.json")
     return 0
+
+
+def torch_rank() -> int:
+    import torch
+
+    return torch.distributed.get_rank()
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

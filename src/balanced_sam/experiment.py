@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from balanced_sam.bins import LabelBins
-from balanced_sam.train import TrainConfig
+from balanced_sam.train import TrainConfig, seed_everything
 
 __all__ = ["Experiment", "build_experiment", "load_config", "apply_overrides", "DIR_BENCHMARKS"]
 
@@ -135,8 +135,9 @@ def build_experiment(spec: dict[str, Any], *, bins: LabelBins | None = None) -> 
         from balanced_sam.models import build_model
 
         mname = model_spec.pop("name")
-        model = build_model(mname, **model_spec)
         cfg = TrainConfig.from_dict(train_spec)
+        seed_everything(cfg.seed)
+        model = build_model(mname, **model_spec)
         return Experiment(model, splits["train"], splits.get("val"), splits["test"], bins, cfg,
                           None, dense, spec, "m" if dense else "years")
 
@@ -154,6 +155,9 @@ def build_experiment(spec: dict[str, Any], *, bins: LabelBins | None = None) -> 
         data = load_bench_data(name, **data_spec)
     if bins is None:
         bins = LabelBins.from_labels(data.y_train, **(bins_spec or data.bins))
+    d = {k: v for k, v in data.defaults.items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig.from_dict({**d, **train_spec})
+    seed_everything(cfg.seed)  # the initial weights of seed s are those bsam bench uses
     if "name" in model_spec:
         from balanced_sam.models import build_model
 
@@ -163,8 +167,6 @@ def build_experiment(spec: dict[str, Any], *, bins: LabelBins | None = None) -> 
         model = build_model(mname, **model_spec)
     else:
         model = data.make_model()
-    d = {k: v for k, v in data.defaults.items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig.from_dict({**d, **train_spec})
     stats = None
     if data.standardize_target:
         stats = (data.y_train.mean().item(), data.y_train.std().item())

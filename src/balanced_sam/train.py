@@ -41,7 +41,8 @@ from balanced_sam.methods import build_stepper, get_method
 from balanced_sam.metrics import RegressionMetrics
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "train_one_epoch", "batches",
-           "load_checkpoint", "seed_everything", "resolve_device", "RunExistsError"]
+           "load_checkpoint", "seed_everything", "resolve_device", "init_distributed",
+           "RunExistsError"]
 
 
 class RunExistsError(FileExistsError):
@@ -148,12 +149,28 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) or the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available; use cpu")
     return dev
+
+
+def init_distributed() -> bool:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the
+    environment): NCCL on GPUs, gloo on CPUs. Returns whether this is a multi-process run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return True
 
 
 def _dist() -> tuple[int, int]:
