@@ -233,6 +233,10 @@ def _prepare_agedb(root: Path, download: bool, rep: _Report) -> None:
     if not _split_csv(rep, root, agedb.CSV_NAME, download, SHA256["agedb.csv"]):
         rep.add("missing", f"{root / agedb.CSV_NAME}: the AgeDB-DIR split; get it from "
                            f"{URLS['agedb.csv']} (MIT licence)")
+        if not (root / "AgeDB").is_dir():
+            rep.add("missing", f"{root / 'AgeDB'}: the AgeDB images; request the password from "
+                               "the AgeDB authors at https://ibug.doc.ic.ac.uk/resources/agedb/ "
+                               f"and unpack the images into {root}")
         return
     df = read_split_csv(root / agedb.CSV_NAME, ("age", "path", "split"), what="AgeDB-DIR CSV")
     missing = _missing_images(root, df["path"].tolist())
