@@ -13,23 +13,9 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from balanced_sam.data.idx import write_idx
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run a test on one intra-op thread (import it into a test module to apply it there).
-
-    The tensors of these tests are tiny; with two OpenMP threads on a busy 2-core machine a
-    CNN step can be 15x slower than with one (spin-waiting threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (16, 16)) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _vision_fixtures import make_age_root, one_thread  # noqa: F401
+from _vision_fixtures import make_age_root
 
 from balanced_sam import LabelBins
 from balanced_sam.data import agedb, prepare

@@ -13,7 +13,6 @@ from _vision_fixtures import (  # noqa: F401
     _jpeg,
     make_age_root,
     matlab_datenum,
-    one_thread,
     write_imdb_mat,
 )
 

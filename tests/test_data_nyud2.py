@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _vision_fixtures import make_nyud2_root, one_thread  # noqa: F401
+from _vision_fixtures import make_nyud2_root
 from PIL import Image
 
 from balanced_sam.data import nyud2, prepare

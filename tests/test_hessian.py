@@ -30,15 +30,6 @@ from balanced_sam.analysis import (
 from balanced_sam.bins import LabelBins
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread avoids OpenMP spin contention on a busy 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def sq(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target) ** 2
 

@@ -20,14 +20,6 @@ from balanced_sam.analysis import Landscape, loss_landscape, random_direction, s
 from balanced_sam.bins import LabelBins
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _vision_fixtures import one_thread  # noqa: F401
 from torch import nn
 
 from balanced_sam.models import (

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from _vision_fixtures import make_age_root, make_nyud2_root, one_thread  # noqa: F401
+from _vision_fixtures import make_age_root, make_nyud2_root
 
 from balanced_sam.cli import main
 from balanced_sam.data import prepare
@@ -110,4 +109,3 @@ def test_missing_root_is_a_clear_error(tmp_path, capsys):
     spec["data"].pop("root")
     with pytest.raises(ValueError, match="data.root"):
         build_experiment(spec)
-    assert torch.get_num_threads() == 1  # the one_thread fixture applies here

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _vision_fixtures import make_mnist_folder, one_thread  # noqa: F401
+from _vision_fixtures import make_mnist_folder
 
 from balanced_sam import LabelBins
 from balanced_sam.data import get_dataset, rotated_mnist

@@ -235,7 +235,8 @@ def depth_report(preds: torch.Tensor, targets: torch.Tensor, bins: LabelBins,
     return regression_report(preds, targets, bins, many, few, mask=mask, depth=True, **kwargs)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for one value), NaN/None left out."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return math.nan, math.nan
@@ -256,7 +257,7 @@ def aggregate_reports(reports: Sequence[Report]) -> tuple[Report, Report]:
     for region, metrics in reports[0].items():
         mean[region], std[region] = {}, {}
         for metric in metrics:
-            m, s = _mean_std([r[region][metric] for r in reports])
+            m, s = mean_std([r[region][metric] for r in reports])
             mean[region][metric], std[region][metric] = m, s
     return mean, std
 

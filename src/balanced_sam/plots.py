@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from balanced_sam.bins import LabelBins
+from balanced_sam.metrics import mean_std as _mean_std
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -128,15 +129,6 @@ def group_runs(results: Mapping[str, Any]) -> dict[tuple[str, float | None], lis
 
 def _group_label(method: str, rho: float | None, several: bool) -> str:
     return f"{method} (rho={rho:g})" if several and rho is not None else method
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for one value) over seeds."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
 # ---------------------------------------------------------------------------------- figures

@@ -15,7 +15,6 @@ to the label units only for the MAE shown in the landscapes).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -88,6 +87,7 @@ def _subset(labels: torch.Tensor, bins: Any, region: str, n: int, seed: int, man
 
 def run_analyze(args: argparse.Namespace) -> int:
     from balanced_sam.analysis import Landscape, analyze_model, format_sharpness_table
+    from balanced_sam.analysis.report import _slug
     from balanced_sam.bench import write_json
     from balanced_sam.experiment import model_from_checkpoint
     from balanced_sam.train import load_checkpoint, resolve_device
@@ -195,12 +195,3 @@ def _merge(parts: list[Any], name: str) -> Any:
 
 def _fmt(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Read an ``analysis.json`` back."""
-    return json.loads(Path(path).read_text())
