@@ -21,11 +21,16 @@ from balanced_sam.models import (
 
 
 def test_factory_names_and_unknown() -> None:
-    assert MODEL_NAMES == ("mlp", "small-cnn", "resnet18", "resnet50", "depth-resnet50")
+    assert MODEL_NAMES == ("mlp", "small-cnn", "resnet18", "resnet34", "resnet50",
+                           "depth-resnet50")
     assert isinstance(build_model("mlp", in_features=3), MLP)
     assert isinstance(build_model("small-cnn"), SmallCNN)
     r50 = build_model("resnet50")
     assert isinstance(r50, ResNetRegressor) and r50.num_features == 2048
+    r34 = build_model("resnet34")
+    assert isinstance(r34, ResNetRegressor) and r34.arch == "resnet34"
+    assert len(r34.backbone.layer3) == 6  # 3-4-6-3 basic blocks: a ResNet-34, not an 18
+    assert r34.feature_dim == 512
     with pytest.raises(ValueError) as err:
         build_model("vgg16")
     assert "'vgg16'" in str(err.value)
@@ -133,3 +138,83 @@ def test_depth_model_structure_and_shapes() -> None:
     assert small.stem[0].weight.grad is not None
     with pytest.raises(ValueError, match="resnet18, resnet34, resnet50"):
         DepthResNet(encoder="resnet101")
+
+
+# ------------------------------------------------------------------ features (contract 3)
+def _head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the model's final layer receives, captured by a hook (independent of the code
+    under test)."""
+    seen: list[torch.Tensor] = []
+    handle = model.head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+FEATURE_CASES = [
+    ("mlp", lambda: MLP(5, hidden=(7, 3)), (4, 5), 3),
+    ("mlp-dropout-bn", lambda: MLP(5, hidden=(6,), dropout=0.5, batch_norm=True), (4, 5), 6),
+    ("small-cnn", lambda: SmallCNN(channels=(4,), hidden=9, dropout=0.3), (3, 1, 28, 28), 9),
+    ("resnet18", lambda: ResNetRegressor("resnet18", dropout=0.2), (2, 3, 32, 32), 512),
+]
+
+
+@pytest.mark.parametrize("name,make,shape,dim", FEATURE_CASES, ids=[c[0] for c in FEATURE_CASES])
+def test_return_features_regressors(name, make, shape, dim) -> None:
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(*shape)
+    assert model.feature_dim == dim
+    # eval: the features are exactly what the final linear layer sees
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+        pred, feats = model(x, return_features=True)
+        assert isinstance(plain, torch.Tensor) and plain.shape == (shape[0],)
+        assert feats.shape == (shape[0], dim)
+        assert torch.equal(pred, plain)
+        assert torch.equal(feats, _head_input(model, x))
+        assert torch.equal(model.forward_head(feats), plain)
+        assert torch.equal(model.forward_features(x), feats)
+    # train mode with dropout: same random stream -> same prediction as the plain call, and the
+    # features are the pre-dropout ones (the eval-mode head input for models without BatchNorm)
+    model.train()
+    torch.manual_seed(1)
+    plain = model(x)
+    torch.manual_seed(1)
+    pred, feats = model(x, return_features=True)
+    assert torch.equal(pred, plain)
+    assert feats.requires_grad
+    feats.square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_mlp_without_hidden_layers_features_are_the_input() -> None:
+    m = MLP(3, hidden=())
+    x = torch.randn(4, 3)
+    pred, feats = m(x, return_features=True)
+    assert torch.equal(feats, x) and torch.equal(pred, m(x)) and m.feature_dim == 3
+
+
+def test_small_cnn_state_dict_keys_unchanged_with_dropout() -> None:
+    """The dropout left ``hidden``; the parameter names (and so older checkpoints) did not move."""
+    keys = set(SmallCNN(dropout=0.5).state_dict())
+    assert {"hidden.1.weight", "hidden.1.bias", "head.weight", "head.bias"} <= keys
+
+
+def test_depth_model_return_features() -> None:
+    torch.manual_seed(0)
+    m = DepthResNet(encoder="resnet18").eval()
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        plain = m(x)
+        pred, feats = m(x, return_features=True)
+        assert torch.equal(pred, plain)
+        # decoder channels (512 // 2 // 16 = 16) + fused 4 x 16 = 80 for a ResNet-18 encoder
+        assert m.feature_dim == 80 and feats.shape == (2, 80, 12, 20)
+        assert torch.equal(feats, _head_input(m, x))
+        assert torch.equal(m.forward_head(feats), plain)
+    assert build_model("depth-resnet50").feature_dim == 128  # as the NYUD2-DIR reference's R

@@ -17,7 +17,10 @@ __all__ = ["MLP", "SmallCNN", "ResNetRegressor", "DepthResNet", "UpProjection", 
 class MLP(nn.Module):
     """Fully connected regressor: ``in_features -> hidden... -> out_features`` with ReLU.
 
-    The output is squeezed to shape ``(batch,)`` when ``out_features == 1``.
+    The output is squeezed to shape ``(batch,)`` when ``out_features == 1``. Features
+    (``forward(x, return_features=True)``) are the last hidden layer's activations ``(batch,
+    hidden[-1])`` before any dropout, i.e. what the final linear layer sees in eval mode; with no
+    hidden layer they are the input itself.
     """
 
     def __init__(
@@ -44,8 +47,33 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, out_features))
         self.net = nn.Sequential(*layers)
         self.out_features = out_features
+        self.feature_dim = width
+        # net[:_body] gives the features; net[_body:] is (dropout +) the final linear layer
+        self._body = len(layers) - (2 if dropout > 0 and hidden else 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def head(self) -> nn.Linear:
+        """The final linear layer."""
+        return self.net[-1]  # type: ignore[return-value]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate representation ``(batch, feature_dim)``."""
+        for layer in self.net[: self._body]:
+            x = layer(x)
+        return x
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """The prediction from (possibly calibrated) features: what follows
+        :meth:`forward_features` in :meth:`forward`."""
+        for layer in self.net[self._body:]:
+            features = layer(features)
+        return features.squeeze(-1) if self.out_features == 1 else features
+
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if return_features:
+            feats = self.forward_features(x)
+            return self.forward_head(feats), feats
         out = self.net(x)
         return out.squeeze(-1) if self.out_features == 1 else out
 
@@ -129,8 +157,9 @@ class ResNetRegressor(nn.Module):
     Kaiming-normal (fan-out) initialisation and BatchNorm weight 1 / bias 0, as in the reference
     ResNets. ``pretrained=True`` loads torchvision's ImageNet weights from its cache (never
     downloading unless ``allow_download``); a path loads a state-dict file. ``dropout`` is applied
-    to the pooled features before the head. :meth:`encode` gives the pooled features (for
-    feature-space methods such as RankSim, ConR or RnC).
+    to the pooled features before the head. ``forward(x, return_features=True)`` also returns the
+    pooled features ``(batch, num_features)`` before dropout (as the DIR / RankSim / ConR reference
+    ResNets do), for feature-space methods such as FDS, RankSim, ConR or RnC.
     """
 
     def __init__(
@@ -161,13 +190,24 @@ class ResNetRegressor(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(self.num_features, 1)
         self.arch = arch
+        self.feature_dim = self.num_features
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(batch, num_features)``."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.encode(x))).squeeze(-1)
+    encode = forward_features
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Dropout and the linear head: the prediction ``(batch,)`` from (possibly calibrated)
+        features."""
+        return self.head(self.dropout(features)).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        feats = self.backbone(x)
+        out = self.head(self.dropout(feats)).squeeze(-1)
+        return (out, feats) if return_features else out
 
 
 class SmallCNN(nn.Module):
@@ -176,7 +216,8 @@ class SmallCNN(nn.Module):
     linear(1)``; ``(batch, in_channels, S, S) -> (batch,)``.
 
     The flattened map keeps the spatial layout (no global pooling), since the target (an angle)
-    depends on where the strokes are.
+    depends on where the strokes are. Features (``forward(x, return_features=True)``) are the
+    hidden layer's activations ``(batch, hidden)`` before dropout.
     """
 
     def __init__(
@@ -200,20 +241,30 @@ class SmallCNN(nn.Module):
             raise ValueError(f"input_size {input_size} is too small for {len(channels)} poolings")
         self.features = nn.Sequential(*layers)
         self.num_features = c_in * size * size
-        head: list[nn.Module] = [nn.Flatten(), nn.Linear(self.num_features, hidden),
-                                 nn.ReLU(inplace=True)]
-        if dropout > 0:
-            head.append(nn.Dropout(dropout))
-        self.hidden = nn.Sequential(*head)
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(self.num_features, hidden),
+                                    nn.ReLU(inplace=True))
+        # no parameters: the state-dict keys are those of the earlier layout (dropout inside
+        # ``hidden``), so older checkpoints still load
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(hidden, 1)
+        self.feature_dim = hidden
         _kaiming_(self)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Features before the last linear layer ``(batch, hidden)``."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features before dropout and the last linear layer ``(batch, hidden)``."""
         return self.hidden(self.features(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encode(x)).squeeze(-1)
+    encode = forward_features
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Dropout and the linear head: the prediction ``(batch,)`` from features."""
+        return self.head(self.dropout(features)).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        feats = self.hidden(self.features(x))
+        out = self.head(self.dropout(feats)).squeeze(-1)
+        return (out, feats) if return_features else out
 
 
 class UpProjection(nn.Module):
@@ -261,6 +312,11 @@ class DepthResNet(nn.Module):
     (:func:`balanced_sam.data.nyud2.match_depth_size`). ``encoder`` may be ``"resnet18"`` /
     ``"resnet34"`` for small runs; ``pretrained`` as in :class:`ResNetRegressor` (the paper uses
     ImageNet weights; the default here is from scratch so that nothing is fetched).
+
+    Features (``forward(x, return_features=True)``): the refinement block's last feature map, the
+    input of its final 5x5 convolution, ``(batch, feature_dim, H // 2, W // 2)`` with
+    ``feature_dim`` = decoder channels + fused channels (128 on a ResNet-50). This is the map
+    the NYUD2-DIR reference code smooths with FDS and regularises with ConR.
     """
 
     def __init__(
@@ -303,6 +359,12 @@ class DepthResNet(nn.Module):
         for part in (self.bottleneck, self.decoder, self.fusion_up, self.fusion, self.refine):
             _kaiming_(part)
         self.encoder_name = encoder
+        self.feature_dim = r
+
+    @property
+    def head(self) -> nn.Conv2d:
+        """The final 5x5 convolution to one channel."""
+        return self.refine[-1]  # type: ignore[return-value]
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four encoder block outputs."""
@@ -313,7 +375,7 @@ class DepthResNet(nn.Module):
             feats.append(h)
         return feats
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _refine_input(self, x: torch.Tensor) -> torch.Tensor:
         out_size = (max(1, x.shape[-2] // 2), max(1, x.shape[-1] // 2))
         b1, b2, b3, b4 = self.encode(x)
         d = self.bottleneck(b4)
@@ -322,22 +384,46 @@ class DepthResNet(nn.Module):
             d = up(d, size)
         m = torch.cat([up(b, out_size) for up, b in zip(self.fusion_up, (b1, b2, b3, b4))], 1)
         m = self.fusion(m)
-        return self.refine(torch.cat([d, m], 1))
+        return torch.cat([d, m], 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the final convolution ``(batch, feature_dim, H // 2, W // 2)``."""
+        h = self._refine_input(x)
+        for layer in self.refine[:-1]:
+            h = layer(h)
+        return h
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """The final convolution: depth ``(batch, 1, H // 2, W // 2)`` from features."""
+        return self.refine[-1](features)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if return_features:
+            feats = self.forward_features(x)
+            return self.forward_head(feats), feats
+        return self.refine(self._refine_input(x))
 
 
-MODEL_NAMES = ("mlp", "small-cnn", "resnet18", "resnet50", "depth-resnet50")
+MODEL_NAMES = ("mlp", "small-cnn", "resnet18", "resnet34", "resnet50", "depth-resnet50")
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """A regressor by name: ``"mlp"`` (:class:`MLP`, needs ``in_features``), ``"small-cnn"``
-    (:class:`SmallCNN`), ``"resnet18"`` / ``"resnet50"`` (:class:`ResNetRegressor`) or
-    ``"depth-resnet50"`` (:class:`DepthResNet` on a ResNet-50). ``kwargs`` go to the class."""
+    (:class:`SmallCNN`), ``"resnet18"`` / ``"resnet34"`` / ``"resnet50"``
+    (:class:`ResNetRegressor`) or ``"depth-resnet50"`` (:class:`DepthResNet` on a ResNet-50).
+    ``kwargs`` go to the class.
+
+    Every model takes ``forward(x, return_features=False)``; with ``True`` it returns
+    ``(prediction, features)`` (see each class for what its features are), and exposes
+    ``forward_features(x)`` / ``forward_head(features)`` (their composition is ``forward``),
+    ``feature_dim`` and ``head`` (the final layer)."""
     key = name.lower().replace("_", "-")
     if key == "mlp":
         return MLP(**kwargs)
     if key == "small-cnn":
         return SmallCNN(**kwargs)
-    if key in ("resnet18", "resnet50"):
+    if key in ("resnet18", "resnet34", "resnet50"):
         return ResNetRegressor(arch=key, **kwargs)
     if key == "depth-resnet50":
         return DepthResNet(encoder="resnet50", **kwargs)
