@@ -1,0 +1,146 @@
+"""Rank-N-Contrast: the loss against a hand value and a naive loop, and the two-stage recipe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from balanced_sam import BalancedSAM, LabelBins
+from balanced_sam.baselines import RnCLoss, fit_linear_head, rnc_loss, rnc_pretrain
+from balanced_sam.models import MLP
+
+
+def _naive_rnc(v: list[list[float]], y: list[float], tau: float) -> float:
+    """The paper's L_RnC with explicit loops."""
+    n = len(y)
+
+    def s(i: int, j: int) -> float:
+        return -math.dist(v[i], v[j]) / tau
+
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if j == i:
+                continue
+            negs = [k for k in range(n) if k != i and abs(y[i] - y[k]) >= abs(y[i] - y[j])]
+            total += -math.log(math.exp(s(i, j)) / sum(math.exp(s(i, k)) for k in negs))
+    return total / (n * (n - 1))
+
+
+def test_rnc_hand_value() -> None:
+    v = torch.tensor([[0.0], [1.0], [3.0]], requires_grad=True)
+    y = torch.tensor([0.0, 1.0, 2.0])
+    loss = rnc_loss(v, y, temperature=1.0)
+    e = math.exp
+    logs = [
+        math.log(e(-1) / (e(-1) + e(-3))), 0.0,                     # anchor 0: j = 1, j = 2
+        math.log(e(-1) / (e(-1) + e(-2))), math.log(e(-2) / (e(-1) + e(-2))),  # anchor 1
+        0.0, math.log(e(-2) / (e(-3) + e(-2))),                     # anchor 2: j = 0, j = 1
+    ]
+    assert loss.item() == pytest.approx(-sum(logs) / 6, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+
+
+def test_rnc_two_views_match_the_naive_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        f1 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        f2 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=g).double()   # repeated labels: ties
+        got = rnc_loss(f1, y, f2, temperature=2.0)
+        want = _naive_rnc(torch.cat([f1, f2]).tolist(), y.tolist() * 2, 2.0)
+        assert got.item() == pytest.approx(want, rel=1e-10)
+    assert RnCLoss(0.5)(f1, y, f2).item() == pytest.approx(rnc_loss(f1, y, f2, 0.5).item())
+
+
+def test_rnc_identical_views_keep_a_finite_gradient() -> None:
+    f = torch.randn(3, 2, requires_grad=True)
+    loss = rnc_loss(f, torch.tensor([1.0, 2.0, 4.0]), f)  # zero distance between the views
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+
+
+def test_rnc_errors() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        rnc_loss(torch.randn(3, 2), torch.zeros(3), temperature=0.0)
+    with pytest.raises(ValueError, match="targets"):
+        rnc_loss(torch.randn(3, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match="features2"):
+        rnc_loss(torch.randn(3, 2), torch.zeros(3), torch.randn(2, 2))
+    with pytest.raises(ValueError, match="two samples"):
+        rnc_loss(torch.randn(1, 2), torch.zeros(1))
+
+
+def _toy(n: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g) * 4
+    y = x[:, 0] * 3 + x[:, 1]
+    return x, y, g
+
+
+def test_two_stage_recipe() -> None:
+    torch.manual_seed(0)
+    model = MLP(2, hidden=(16, 8), batch_norm=True)
+    x, y, g = _toy()
+    head_before = [p.detach().clone() for p in model.head.parameters()]
+
+    def views():
+        out = []
+        for i in range(0, 64, 16):
+            xb, yb = x[i:i + 16], y[i:i + 16]
+            out.append((xb + 0.05 * torch.randn(xb.shape, generator=g),
+                        xb + 0.05 * torch.randn(xb.shape, generator=g), yb))
+        return out
+
+    batches = views()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    hist = rnc_pretrain(model, batches, opt, epochs=15)
+    assert len(hist) == 15 and hist[-1] < hist[0]
+    # stage 1 never touches the head
+    assert all(torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
+
+    head_prefix = f"net.{len(model.net) - 1}."
+    encoder = {k: v.clone() for k, v in model.state_dict().items()
+               if not k.startswith(head_prefix)}
+    assert len(encoder) == len(model.state_dict()) - 2  # all but the head's weight and bias
+    pairs = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
+    hist = fit_linear_head(model, pairs, opt, epochs=30)
+    assert hist[-1] < 0.5 * hist[0]
+    # stage 2: the encoder (weights and BatchNorm statistics) is frozen
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in encoder.items())
+    model.eval()
+    with torch.no_grad():
+        mae = (model(x) - y).abs().mean().item()
+    assert mae == pytest.approx(hist[-1], rel=0.3)
+
+
+def test_fit_linear_head_with_weights_and_with_balanced_sam() -> None:
+    torch.manual_seed(0)
+    x, y, _ = _toy(32)
+    bins = LabelBins.from_labels(y, num_bins=8)
+    pairs = [(x, y)]
+    model = MLP(2, hidden=(8,))
+    calls = []
+
+    def weights_fn(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.shape)
+        return bins.sample_weights(t)
+
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.01)
+    fit_linear_head(model, pairs, opt, epochs=2, weights_fn=weights_fn)
+    assert calls == [(32,), (32,)]
+    head0 = model.head.weight.detach().clone()
+    bsam = BalancedSAM(model.head.parameters(), torch.optim.SGD, bins, rho=0.05, lr=0.01)
+    hist = fit_linear_head(model, pairs, bsam, epochs=2, reset_head=False)
+    assert len(hist) == 2 and not torch.equal(head0, model.head.weight)
+    with pytest.raises(ValueError, match="weights_fn"):
+        fit_linear_head(model, pairs, bsam, weights_fn=weights_fn)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        fit_linear_head(model, iter(pairs), opt, epochs=2)
+    with pytest.raises(ValueError, match="view1, view2, labels"):
+        rnc_pretrain(model, pairs, opt)
