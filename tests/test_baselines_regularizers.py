@@ -294,3 +294,31 @@ def test_ordinal_entropy_single_label_and_all_distinct() -> None:
     assert div.item() <= 0
     div.backward()
     assert torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ with a model
+@pytest.mark.parametrize("reg", ["ranksim", "conr", "ordinal-entropy"])
+def test_regulariser_gradient_reaches_the_encoder(reg: str) -> None:
+    from balanced_sam.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(3, hidden=(8, 4))
+    x = torch.randn(12, 3)
+    y = torch.tensor([0.0, 0.0, 1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 6.0, 8.0, 9.0, 9.0])
+    module = {"ranksim": RankSim(), "conr": ConR(omega=0.5, tau=0.5),
+              "ordinal-entropy": OrdinalEntropy()}[reg]
+    pred, feats = model(x, return_features=True)
+    base = (pred - y).abs().mean()
+    term = module(feats, y, pred) if reg == "conr" else module(feats, y)
+    assert term.dim() == 0 and torch.isfinite(term)
+    first = model.net[0].weight
+    (g_base,) = torch.autograd.grad(base, first, retain_graph=True)
+    (g_reg,) = torch.autograd.grad(term, first)
+    assert torch.isfinite(g_reg).all() and g_reg.abs().sum() > 0
+    assert not torch.allclose(g_base, g_base + g_reg)
+    # the regulariser never touches the head: its gradient there is exactly zero
+    pred, feats = model(x, return_features=True)
+    term = module(feats, y, pred) if reg == "conr" else module(feats, y)
+    (g_head,) = torch.autograd.grad(term, model.head.weight, allow_unused=True,
+                                    materialize_grads=True)
+    assert torch.equal(g_head, torch.zeros_like(g_head))

@@ -56,6 +56,15 @@ def test_rnc_two_views_match_the_naive_loop() -> None:
     assert RnCLoss(0.5)(f1, y, f2).item() == pytest.approx(rnc_loss(f1, y, f2, 0.5).item())
 
 
+def test_rnc_far_apart_features_stay_finite() -> None:
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(5, 3, generator=g) * 200  # logits down to about -500 / tau
+    y = torch.tensor([0.0, 1.0, 3.0, 4.0, 9.0])
+    got = rnc_loss(f, y, temperature=1.0)
+    assert got.item() == pytest.approx(_naive_rnc(f.double().tolist(), y.tolist(), 1.0),
+                                       rel=1e-4)
+
+
 def test_rnc_identical_views_keep_a_finite_gradient() -> None:
     f = torch.randn(3, 2, requires_grad=True)
     loss = rnc_loss(f, torch.tensor([1.0, 2.0, 4.0]), f)  # zero distance between the views

@@ -54,6 +54,16 @@ def _label_matrix(targets: torch.Tensor, n: int, name: str = "targets") -> torch
     return targets.reshape(n, -1)
 
 
+def _unique_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct rows of ``(n, k)`` labels: ``(values (m, k), inverse (n,), counts (m,))``;
+    scalar labels take the much faster one-dimensional path."""
+    if labels.shape[1] == 1:
+        values, inverse, counts = torch.unique(labels.reshape(-1), return_inverse=True,
+                                               return_counts=True)
+        return values[:, None], inverse, counts
+    return torch.unique(labels, dim=0, return_inverse=True, return_counts=True)
+
+
 def _l1_distances(labels: torch.Tensor) -> torch.Tensor:
     """``|y_i - y_j|`` summed over label dimensions, ``(n, n)``."""
     return (labels[:, None, :] - labels[None, :, :]).abs().sum(-1)
@@ -104,7 +114,7 @@ def unique_label_subset(targets: torch.Tensor,
     n = targets.shape[0]
     labels = targets.reshape(n, -1)
     perm = torch.randperm(n, device=targets.device, generator=generator)
-    values, inverse = torch.unique(labels[perm], dim=0, return_inverse=True)
+    values, inverse, _ = _unique_rows(labels[perm])
     first = torch.full((values.shape[0],), n, dtype=torch.long, device=targets.device)
     first.scatter_reduce_(0, inverse, torch.arange(n, device=targets.device), reduce="amin")
     return torch.sort(perm[first]).values
@@ -333,7 +343,7 @@ def ordinal_entropy(features: torch.Tensor, targets: torch.Tensor, lambda_d: flo
     y = _label_matrix(targets, n)
     if n == 0:
         raise ValueError("ordinal_entropy needs a non-empty batch")
-    values, inverse, counts = torch.unique(y, dim=0, return_inverse=True, return_counts=True)
+    values, inverse, counts = _unique_rows(y)
     m = values.shape[0]
     centres = torch.zeros(m, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, inverse, x)
     centres = F.normalize(centres / counts[:, None].to(x.dtype), dim=1)
@@ -341,8 +351,9 @@ def ordinal_entropy(features: torch.Tensor, targets: torch.Tensor, lambda_d: flo
     if m >= 2:
         iu = torch.triu_indices(m, m, 1, device=x.device)
         sq = centres.square().sum(1)
-        d2 = sq[iu[0]] + sq[iu[1]] - 2.0 * (centres[iu[0]] * centres[iu[1]]).sum(1)
-        dist = d2.clamp_min(1e-12).sqrt()
+        gram = centres @ centres.T
+        d2 = sq[iu[0]] + sq[iu[1]] - 2.0 * gram[iu[0], iu[1]]
+        dist = d2.clamp_min(1e-12).sqrt()  # as the reference: finite gradient at coincidence
         lw = (values[iu[0]] - values[iu[1]]).to(x.dtype).square().sum(1).sqrt()
         lw = (lw - lw.min()) / lw.max()
         diversity = (lw * dist).mean()
