@@ -150,6 +150,11 @@ def test_bni_module_builders() -> None:
     fixed = BNILoss.from_labels(labels, init_noise_sigma=2.0, learn_noise=False)
     assert not list(fixed.parameters()) and float(fixed.noise_var) == 4.0
     assert "noise_sigma" in fixed.state_dict()
+    # NYUD2-style sharing: the bins below index 2 take bin 2's count
+    shared = LabelBins([0.0, 0.1, 0.2, 0.3, 0.4], [0, 1, 6, 2], share_weight_below=2)
+    nyu = BNILoss.from_bins(shared)
+    assert nyu.centers.tolist() == pytest.approx([0.05, 0.15, 0.25, 0.35])
+    assert nyu.probs.tolist() == pytest.approx([6 / 20, 6 / 20, 6 / 20, 2 / 20])
     with pytest.raises(ValueError, match="init_noise_sigma"):
         BNILoss([1.0], [1.0], init_noise_sigma=0.0)
     with pytest.raises(ValueError, match="counts"):

@@ -244,11 +244,15 @@ class BNILoss(_NoiseModule):
         ``value`` is ``"center"`` (bin midpoints) or ``"lower"`` (left edges: for integer labels
         in unit bins ``[a, a + 1)`` this is the label ``a`` itself, as the reference uses). With
         ``lds`` the counts are first convolved with :func:`~balanced_sam.lds_kernel` (zero
-        beyond the range), as the Balanced MSE code does for "+LDS".
+        beyond the range), as the Balanced MSE code does for "+LDS". Bins below
+        ``bins.share_weight_below`` take that bin's count, as the NYUD2 code does for the depth
+        bins below 0.7 m (it gives them bin 7's count).
         """
         if not isinstance(bins, LabelBins):
             raise TypeError(f"bins must be a LabelBins, got {type(bins).__name__}")
-        counts = bins.counts.to(torch.float64).numpy()
+        counts = bins.counts.to(torch.float64).numpy().copy()
+        if bins.share_weight_below is not None:
+            counts[: bins.share_weight_below] = counts[bins.share_weight_below]
         if lds:
             counts = np.convolve(counts, lds_kernel(kernel, ks, sigma), mode="same")
         return cls(_bin_values(bins, value), counts, **kwargs)
