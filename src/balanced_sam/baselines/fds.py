@@ -65,8 +65,8 @@ class FDS(nn.Module):
         bins: the training :class:`~balanced_sam.LabelBins` (its edges define the FDS bins; the
             reference uses one bin per year of age and 0.1 m depth bins).
         kernel, ks, sigma: the smoothing window (:func:`~balanced_sam.lds_kernel`); defaults
-            ``gaussian``, 5, 2 are the values the DIR paper reports for FDS (its scripts default
-            to ``ks=9, sigma=1``).
+            ``gaussian``, 5, 2 are what the DIR README's commands use for its reported FDS
+            runs (its ``train.py`` defaults to ``ks=9, sigma=1``).
         momentum: :math:`m` of the running statistics (0.9); ``None`` keeps the cumulative mean
             over epochs instead (the reference's other option).
         start_update: first epoch whose features are collected (0).

@@ -158,8 +158,8 @@ def ranksim_loss(features: torch.Tensor, targets: torch.Tensor, lambda_val: floa
 
 class RankSim(nn.Module):
     r"""RankSim as a weighted regulariser: ``gamma * ranksim_loss(features, targets,
-    lambda_val)``. Defaults ``gamma=100``, ``lambda_val=2`` are the values the authors' README
-    gives (their AgeDB-DIR runs; the paper tunes :math:`\gamma` per dataset). ``generator``
+    lambda_val)``. Defaults ``gamma=100``, ``lambda_val=2`` are the values the authors' AgeDB-DIR
+    README gives (its ``train.py`` defaults differ: weight 0, i.e. off, and lambda 1). ``generator``
     makes the unique-label subsample reproducible (and the same in both passes of a SAM step
     if reseeded)."""
 
