@@ -183,6 +183,41 @@ def test_crop_resize_maps_boxes_of_stretched_pictures():
     torch.testing.assert_close(y * inside, expected * inside, atol=2e-5, rtol=0)
 
 
+def _textured(n: int, side: int, seed: int) -> torch.Tensor:
+    """uint8 pictures like the stand-in JPEGs: smooth colour fields plus pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    field = F.interpolate(torch.rand(n, 3, 5, 4, generator=g) * 255, size=(side, side),
+                          mode="bicubic", align_corners=False)
+    return (field + 6 * torch.randn(n, 3, side, side, generator=g)).clamp(0, 255).round().to(
+        torch.uint8)
+
+
+def test_resampling_against_pil_antialiasing():
+    """PIL's resize (the recipe's path) low-pass filters when it shrinks, grid_sample does not.
+    Enlarging, the two agree up to PIL's 8-bit rounding (0.25 level on average); shrinking by
+    the cache's largest factor (256 / 224; here 37 / 32) the difference stays under one level
+    even on pixel-level noise, the worst case; shrinking 3x, which the cache avoids (and which
+    BatchAugment warns about), it is several levels."""
+    from PIL import Image
+
+    def mean_levels(x8: torch.Tensor, boxes: torch.Tensor, out: int) -> float:
+        pics = [Image.fromarray(x8[i].permute(1, 2, 0).numpy()) for i in range(len(x8))]
+        ours = ga.crop_resize(x8, boxes, out) * 255
+        ref = torch.stack([TF.pil_to_tensor(TF.resized_crop(pics[i], *boxes[i].tolist(),
+                                                            [out, out]))
+                           for i in range(len(x8))]).float()
+        inside = _inside(boxes, out).expand_as(ours)  # away from the box edges (see above)
+        return float((ours - ref).abs()[inside].mean())
+
+    x8 = _textured(16, 37, seed=13)  # 37 = round(32 * 256 / 224): the cache for 32 px
+    for side in (30, 20, 12):  # enlarging 1.07x to 2.7x
+        top = (37 - side) // 2
+        assert mean_levels(x8, torch.tensor([[top, top, side, side]] * 16), 32) < 0.4
+    assert mean_levels(x8, torch.tensor([[0, 0, 37, 37]] * 16), 32) < 1.0
+    big = _textured(16, 96, seed=14)
+    assert mean_levels(big, torch.tensor([[0, 0, 96, 96]] * 16), 32) > 3.0
+
+
 # ----------------------------------------------------------------------------- crop parameters
 def _ks_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.ks_2samp(a, b, method="asymp").pvalue)
@@ -557,6 +592,7 @@ def test_cuda_matches_cpu_without_synchronising():
     params = aug.sample(64, 73, 73, generator=g)
     cpu = aug.apply(x, params)
     xc = x.cuda()
+    aug.apply(xc, params)  # first use: CUDA context, pinned and device allocations
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
