@@ -112,6 +112,12 @@ def test_colour_jitter_rejects_bad_orders_and_factors():
         ga.color_jitter(x, torch.arange(4).repeat(2, 1), torch.full((2, 4), 0.7))
     with pytest.raises(ValueError, match="floats"):
         ga.adjust_brightness((x * 255).to(torch.uint8), 1.2)
+    with pytest.raises(ValueError, match="contrast factors"):
+        ga.adjust_contrast(x, torch.tensor([1.0, -0.1]))
+    with pytest.raises(ValueError, match="hue factors"):
+        ga.adjust_hue(x, 0.6)
+    with pytest.raises(ValueError, match="saturation factors"):
+        ga.adjust_saturation(x, torch.ones(3))
 
 
 # ----------------------------------------------------------------------------- crop + resize

@@ -188,15 +188,20 @@ def _sizes(sizes: torch.Tensor | Sequence[Sequence[int]] | None, n: int,
     return s.to(torch.int64)
 
 
-def _factor(f: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample factor as a float32 tensor ``(N, 1, 1, 1)`` on ``x``'s device."""
-    t = torch.as_tensor(f, dtype=x.dtype if x.is_floating_point() else torch.float32)
+def _factor(f: float | torch.Tensor, x: torch.Tensor, name: str, lo: float,
+            hi: float = math.inf) -> torch.Tensor:
+    """A per-sample factor in ``[lo, hi]`` as a tensor ``(N, 1, 1, 1)`` on ``x``'s device (a
+    CPU tensor travels pinned and asynchronously; a device tensor is checked with one sync)."""
+    t = torch.as_tensor(f).detach().to(x.dtype)
     if t.dim() == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
-        raise ValueError(f"factors must be a number or a tensor of shape ({x.shape[0]},), "
-                         f"got shape {tuple(t.shape)}")
-    return t.to(x.device, non_blocking=True).reshape(-1, 1, 1, 1)
+        raise ValueError(f"{name} factors must be a number or a tensor of shape "
+                         f"({x.shape[0]},), got shape {tuple(t.shape)}")
+    if not bool(((t >= lo) & (t <= hi)).all()):
+        raise ValueError(f"{name} factors must lie in [{lo}, {hi}]")
+    t = _to_device(t, x.device) if t.device.type == "cpu" else t.to(x.device)
+    return t.reshape(-1, 1, 1, 1)
 
 
 def _float_images(x: torch.Tensor, name: str = "x") -> None:
@@ -223,20 +228,20 @@ def _blend(x: torch.Tensor, f: torch.Tensor, other: torch.Tensor | None) -> torc
 def adjust_brightness(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
     """Blend with black: ``clamp(f x, 0, 1)``; ``factor`` a number or one per sample."""
     _float_images(x)
-    return _blend(x, _factor(factor, x), None)
+    return _blend(x, _factor(factor, x, "brightness", 0.0), None)
 
 
 def adjust_contrast(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
     """Blend with the mean of each image's grayscale: ``clamp(f x + (1 - f) mean(gray))``."""
     _float_images(x)
     mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, _factor(factor, x), mean)
+    return _blend(x, _factor(factor, x, "contrast", 0.0), mean)
 
 
 def adjust_saturation(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
     """Blend with each image's grayscale: ``clamp(f x + (1 - f) gray(x))``."""
     _float_images(x)
-    return _blend(x, _factor(factor, x), rgb_to_grayscale(x))
+    return _blend(x, _factor(factor, x, "saturation", 0.0), rgb_to_grayscale(x))
 
 
 def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
@@ -265,10 +270,7 @@ def adjust_hue(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
     """Rotate the hue (HSV) by ``factor`` turns, ``factor`` in [-0.5, 0.5] (one per sample or a
     number), as ``torchvision.transforms.functional.adjust_hue`` does on float tensors."""
     _float_images(x)
-    f = _factor(factor, x)
-    if not bool(((f >= -0.5) & (f <= 0.5)).all()):
-        raise ValueError("hue factors must lie in [-0.5, 0.5]")
-    return _rotate_hue(x, f)
+    return _rotate_hue(x, _factor(factor, x, "hue", -0.5, 0.5))
 
 
 # --------------------------------------------------------------------------- random parameters
