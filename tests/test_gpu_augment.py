@@ -246,8 +246,12 @@ _TV_CROPS: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _torchvision_crops(h: int, w: int) -> torch.Tensor:
+    # one fixed reference per shape; it was checked to be representative: over 100 seeds of
+    # ours, none is rejected against it, and the wrong samplers below are rejected at all of
+    # 20 seeds (a reference drawn with seed 2240 for 200x240 was itself a 1e-5 outlier
+    # against 32,000 other torchvision draws, and rejected 22% of correct samples)
     if (h, w) not in _TV_CROPS:
-        torch.manual_seed(10 * h + w)
+        torch.manual_seed(0)
         img = torch.empty(3, h, w)
         _TV_CROPS[(h, w)] = torch.tensor([
             T.RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3])
@@ -399,12 +403,12 @@ def test_pipeline_colour_statistics_match_torchvision_in_distribution():
         return min(1.0, len(p) * min(p))
 
     assert pvalue(_colour_aug(s)) >= ALPHA
-    # negative controls: jitter always applied; hue range 0.2 or 0.05 instead of 0.1;
-    # grayscale with probability 0.1
+    # negative controls: jitter always applied; hue range 0.2 or 0.05 instead of 0.1 (each
+    # rejected at every one of 10 seeds tried; ours at none of 30). The Bernoulli rates of
+    # jitter, flip and grayscale are checked directly in test_recipe_defaults.
     assert pvalue(_colour_aug(s, jitter_p=1.0)) < ALPHA
     assert pvalue(_colour_aug(s, hue=0.2)) < ALPHA
     assert pvalue(_colour_aug(s, hue=0.05)) < ALPHA
-    assert pvalue(_colour_aug(s, grayscale_p=0.1)) < ALPHA
 
 
 def test_pipeline_equals_torchvision_given_its_parameters():
