@@ -53,12 +53,12 @@ from balanced_sam.analysis._common import (
     Subset,
     eval_mode,
     model_device_dtype,
-    progress_bar,
     resolve_loss,
     sample_losses,
     select,
 )
 from balanced_sam.bins import LabelBins
+from balanced_sam.io import json_float, progress_bar
 
 __all__ = [
     "EigenResult",
@@ -100,13 +100,13 @@ class EigenResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (NaN becomes ``None``; the eigenvector is left out)."""
         return {
-            "eigenvalue": _json_float(self.eigenvalue),
+            "eigenvalue": json_float(self.eigenvalue),
             "iterations": self.iterations,
             "converged": self.converged,
-            "residual": _json_float(self.residual),
+            "residual": json_float(self.residual),
             "num_samples": self.num_samples,
             "method": self.method,
-            "history": [_json_float(h) for h in self.history],
+            "history": [json_float(h) for h in self.history],
         }
 
 
@@ -134,17 +134,13 @@ class TraceResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (NaN becomes ``None``)."""
         return {
-            "trace": _json_float(self.trace),
-            "std_error": _json_float(self.std_error),
+            "trace": json_float(self.trace),
+            "std_error": json_float(self.std_error),
             "probes": self.probes,
             "converged": self.converged,
             "num_samples": self.num_samples,
-            "samples": [_json_float(s) for s in self.samples],
+            "samples": [json_float(s) for s in self.samples],
         }
-
-
-def _json_float(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 class HessianOperator:

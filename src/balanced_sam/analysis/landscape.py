@@ -42,11 +42,11 @@ from balanced_sam.analysis._common import (
     LossFn,
     Subset,
     eval_mode,
-    progress_bar,
     resolve_loss,
     sample_losses,
 )
 from balanced_sam.bins import LabelBins
+from balanced_sam.io import progress_bar, read_json, to_json, write_json
 
 __all__ = [
     "Landscape",
@@ -164,18 +164,17 @@ class Landscape:
         return {
             "alphas": self.alphas.tolist(),
             "betas": None if self.betas is None else self.betas.tolist(),
-            "values": {r: {m: _nan_to_none(v) for m, v in d.items()}
-                       for r, d in self.values.items()},
+            "values": to_json({r: {m: np.asarray(v, dtype=np.float64) for m, v in d.items()}
+                               for r, d in self.values.items()}),
             "counts": dict(self.counts),
-            "origin": {r: {m: _json_float(v) for m, v in d.items()}
-                       for r, d in self.origin.items()},
+            "origin": to_json(self.origin),
             "meta": self.meta,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Landscape:
-        def arr(x: Any) -> np.ndarray:
-            return np.asarray(x if not isinstance(x, list) else _none_to_nan(x), dtype=np.float64)
+        def arr(x: Any) -> np.ndarray:  # numpy reads None as NaN in a float array
+            return np.asarray(x, dtype=np.float64)
 
         return cls(
             alphas=np.asarray(d["alphas"], dtype=np.float64),
@@ -190,12 +189,11 @@ class Landscape:
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def load_json(cls, path: str | Path) -> Landscape:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path))
 
     def save_npz(self, path: str | Path) -> Path:
         """Arrays as ``alphas``, ``betas`` (empty for 1-D), ``values/<region>/<metric>``; counts,
@@ -240,21 +238,6 @@ class Landscape:
     def load(cls, path: str | Path) -> Landscape:
         """Load a ``.npz`` or ``.json`` file written by :meth:`save_npz` / :meth:`save_json`."""
         return cls.load_json(path) if str(path).endswith(".json") else cls.load_npz(path)
-
-
-def _json_float(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def _nan_to_none(a: np.ndarray) -> Any:
-    a = np.asarray(a, dtype=np.float64)
-    return np.where(np.isfinite(a), a, None).tolist() if a.ndim else _json_float(float(a))
-
-
-def _none_to_nan(x: Any) -> Any:
-    if isinstance(x, list):
-        return [_none_to_nan(v) for v in x]
-    return math.nan if x is None else x
 
 
 # ---------------------------------------------------------------------------------- sweep
