@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from balanced_sam._compat import region_thresholds
 from balanced_sam.bins import REGIONS, LabelBins
 from balanced_sam.losses import LOSSES, get_loss, l1_loss
 
@@ -105,16 +106,17 @@ def select(
     bin_ids: Sequence[int] | torch.Tensor | None = None,
     mask: Any = None,
     *,
-    many: int = 100,
-    few: int = 20,
+    many: int | None = None,
+    few: int | None = None,
 ) -> torch.Tensor:
     """Boolean mask (shape ``(n,)``, on the targets' device) of the samples in a subset.
 
     The subset is the intersection of the criteria given: ``region`` (``"all"``, ``"many"``,
     ``"medium"`` or ``"few"``, by the training count of each target's bin, thresholds ``many`` /
-    ``few`` as in :meth:`LabelBins.region_mask`), ``bin_ids`` (the targets whose bin index is in
-    the list) and ``mask`` (a boolean mask over the samples). With none of them every sample is
-    selected. ``region`` (other than ``"all"``) and ``bin_ids`` need ``bins``.
+    ``few`` as in :meth:`LabelBins.region_mask`; ``None``: the bins' own), ``bin_ids`` (the
+    targets whose bin index is in the list) and ``mask`` (a boolean mask over the samples). With
+    none of them every sample is selected. ``region`` (other than ``"all"``) and ``bin_ids``
+    need ``bins``.
     """
     t = _as_1d_targets(targets)
     n = t.shape[0] if t.dim() > 0 else 1
@@ -124,7 +126,8 @@ def select(
             raise ValueError(f"region must be one of {ALL_REGIONS}, got {region!r}")
         if bins is None:
             raise ValueError(f"region={region!r} needs bins (a LabelBins of the training labels)")
-        out &= bins.region_mask(t, region, many=many, few=few).reshape(n)
+        m, f = region_thresholds(bins, many, few)
+        out &= bins.region_mask(t, region, many=m, few=f).reshape(n)
     if bin_ids is not None:
         if bins is None:
             raise ValueError("bin_ids needs bins (a LabelBins of the training labels)")
@@ -152,7 +155,7 @@ class Subset:
 
     def __init__(self, bins: LabelBins | None = None, region: str | None = None,
                  bin_ids: Sequence[int] | torch.Tensor | None = None, mask: Any = None,
-                 many: int = 100, few: int = 20) -> None:
+                 many: int | None = None, few: int | None = None) -> None:
         if region is not None and region != "all" and region not in REGIONS:
             raise ValueError(f"region must be one of {ALL_REGIONS}, got {region!r}")
         if (region not in (None, "all") or bin_ids is not None) and bins is None:

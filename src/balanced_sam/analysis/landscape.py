@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from balanced_sam._compat import region_thresholds
 from balanced_sam.analysis._common import (
     Data,
     LossFn,
@@ -275,8 +276,8 @@ def loss_landscape(
     norm: str = "filter",
     ignore: str | None = "biasbn",
     masks: Mapping[str, Any] | None = None,
-    many: int = 100,
-    few: int = 20,
+    many: int | None = None,
+    few: int | None = None,
     batch_size: int = 256,
     progress: bool = False,
     label: str | None = None,
@@ -298,7 +299,7 @@ def loss_landscape(
         seed: seed of the random directions (the second one continues the same generator).
         norm, ignore: see :func:`normalize_direction`.
         masks: extra subsets, name -> boolean mask over the samples (evaluated alongside).
-        many, few: region thresholds (training counts per bin).
+        many, few: region thresholds (training counts per bin; ``None``: the bins' own).
         batch_size: samples per forward pass (tensor inputs).
         progress: a tqdm bar over the grid points.
         label: stored in ``meta["label"]`` (e.g. the method name), used by the plots.
@@ -379,10 +380,11 @@ def loss_landscape(
         k0 = next(k for k, (a, b) in enumerate(points) if a == 0.0 and (b is None or b == 0.0))
         origin = {n: {m: float(means[k0, i, j]) for j, m in enumerate(METRICS)}
                   for i, n in enumerate(names)}
+    many, few = region_thresholds(bins, many, few)
     meta = {"seed": seed if directions is None else None, "norm": norm, "ignore": ignore,
             "loss": loss_name, "num_parameters": int(sum(p.numel() for p in params)),
-            "random_directions": directions is None, "many": many, "few": few,
-            "label": label, "bn": "eval mode (running statistics, not recomputed)"}
+            "random_directions": directions is None, "many": many, "few": few, "label": label,
+            "bn": "eval mode (running statistics, not recomputed)"}
     return Landscape(ag, bg, values, {n: int(c) for n, c in zip(names, counts)}, origin, meta)
 
 
