@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from balanced_sam._compat import region_thresholds
 from balanced_sam.bins import LabelBins
 from balanced_sam.data.base import BenchData, get_dataset
 from balanced_sam.methods import DEFAULT_METHODS, get_method
@@ -218,7 +219,7 @@ def run_bench(
     y_all = torch.cat([data.y_train, data.y_val, data.y_test])
     mean, std = data.y_train.mean().item(), data.y_train.std().item()
     target_stats = (mean, std) if data.standardize_target else None
-    regions = bins.region_counts(base_cfg.many, base_cfg.few)
+    regions = bins.region_counts(*region_thresholds(bins, base_cfg.many, base_cfg.few))
     split = {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test),
              "bins": bins.num_bins, "regions": regions}
     for k in ("C", "cap", "train_fraction"):
@@ -353,9 +354,10 @@ def _plots(results: dict[str, Any], data: BenchData, bins: LabelBins, y_all: tor
         log(f"plots skipped: {exc}")
         return
     unit = data.target_unit
+    many, few = region_thresholds(bins, cfg.many, cfg.few)
     plots.plot_label_histogram(bins, data.y_train, data.y_test, out_dir / "label_histogram.png",
-                               many=cfg.many, few=cfg.few, unit=unit)
-    plots.plot_per_bin_mae(results, bins, out_dir / "per_bin_mae.png", many=cfg.many,
-                           few=cfg.few, unit=unit)
+                               many=many, few=few, unit=unit)
+    plots.plot_per_bin_mae(results, bins, out_dir / "per_bin_mae.png", many=many,
+                           few=few, unit=unit)
     if len(results["config"]["rho"]) > 1:  # a sweep
         plots.plot_rho_sweep(results, out_dir / "rho_sweep.png", unit=unit)

@@ -264,7 +264,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"this benchmark has no {args.split} split")
     cfg = ck.get("config", {})
     rep = evaluate(exp.model, data, exp.bins, device=device, target_stats=exp.target_stats,
-                   many=cfg.get("many", 100), few=cfg.get("few", 20), depth=exp.depth,
+                   many=cfg.get("many"), few=cfg.get("few"), depth=exp.depth,
                    balance=cfg.get("balance", "label"))
     metrics = ("rmse", "delta1") if exp.depth else ("mae", "gm")
     name = f"{cfg.get('method', '?')} (epoch {int(ck.get('epoch', -1)) + 1})"

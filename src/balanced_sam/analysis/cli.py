@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from balanced_sam._compat import region_thresholds
+
 __all__ = ["run_analyze", "OriginalUnits"]
 
 
@@ -127,7 +129,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         mean, std = exp.target_stats if exp.target_stats else (0.0, 1.0)
         model = OriginalUnits(exp.model, mean, std).to(device).eval()
         loss_fn = _loss_in_training_units(cfg.get("loss", "l1"), std)
-        many, few = cfg.get("many", 100), cfg.get("few", 20)
+        many, few = region_thresholds(exp.bins, cfg.get("many"), cfg.get("few"))
         merged: dict[str, Any] = {"regions": {}, "checkpoint": str(path),
                                   "split": args.split, "method": cfg.get("method")}
         parts: list[Landscape] = []
