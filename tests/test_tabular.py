@@ -11,8 +11,8 @@ import torch
 
 from balanced_sam.bins import LabelBins
 from balanced_sam.data.base import BenchData
+from balanced_sam.data.registry import TABLE_RECIPE, build_model, load_data
 from balanced_sam.data.tabular import (
-    TABULAR_DEFAULTS,
     TablePreprocessor,
     default_bin_width,
     dir_split,
@@ -194,8 +194,7 @@ def test_load_table_from_dataframe_and_csv(tmp_path) -> None:
     assert sizes["train"] == round(0.5 * sizes["train_before_fraction"])
     assert sizes["train_before_fraction"] + sizes["val"] + sizes["test"] == len(frame)
     assert (data.y_val.numel(), data.y_test.numel()) == (sizes["val"], sizes["test"])
-    assert data.standardize_target and data.defaults == TABULAR_DEFAULTS
-    assert data.defaults is not TABULAR_DEFAULTS
+    assert data.standardize_target and data.defaults == {} and data.make_model is None
     # the bins rebuilt from the training labels are the split's bins and hold val/test labels
     bins = LabelBins.from_labels(data.y_train, **data.bins)
     assert bins.num_bins == info["num_bins"]
@@ -203,9 +202,10 @@ def test_load_table_from_dataframe_and_csv(tmp_path) -> None:
     b_test = bins.bin_index(data.y_test)
     assert torch.equal(torch.bincount(b_val, minlength=bins.num_bins),
                        torch.bincount(b_test, minlength=bins.num_bins))
-    model = data.make_model()
+    # the registry's model factory builds the tables' MLP for these features
+    model = build_model(data, TABLE_RECIPE.model)
     assert model(data.x_val[:5]).shape == (5,)
-    assert data.make_model() is not model
+    assert build_model(data, TABLE_RECIPE.model) is not model
 
     path = tmp_path / "houses.csv"
     frame.to_csv(path, index=False)
@@ -304,8 +304,8 @@ def test_diamonds_split_facts() -> None:
 
     data = get_dataset("diamonds", seed=0)
     info = data.info
-    # Val/test match the design note exactly; training keeps round(0.2 * 47,026) = 9,405 rows
-    # (the note's prototype got 9,499 from a per-row coin flip, see the module docstring).
+    # Val/test sizes as the protocol says; training keeps round(0.2 * 47,026) = 9,405 rows
+    # (a per-row coin flip would give 9,499 with one seed, see the module docstring).
     assert info["sizes"]["rows"] == 53_940
     assert (info["sizes"]["val"], info["sizes"]["test"]) == (3_457, 3_457)
     assert info["sizes"]["train_before_fraction"] == 47_026

@@ -233,6 +233,7 @@ class FitResult:
     history: list[dict[str, float]]
     train_seconds: float
     out_dir: str | None
+    config: dict[str, Any] | None = None  # the run's TrainConfig (balance resolved)
 
 
 # ---------------------------------------------------------------------------- set-up helpers
@@ -249,8 +250,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         device = str(device)
     if not _DEVICE.match(str(device)):
-        raise ValueError(f"device {device!r} is not known here: use auto, cpu, cuda, cuda:N or "
-                         "mps")
+        raise ValueError(f"device {device!r} is not one this library runs on; use "
+                         f"{spell('device', 'cpu')} (or auto, cuda, cuda:N, mps)")
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -939,7 +940,8 @@ def _final_evaluation(run: _Run, state: _State, val_data: Any, test_data: Any, b
     return FitResult(best_epoch=state.best_epoch, val=val_rep or {}, test=test_rep,
                      test_per_bin=per_bin, history=state.history,
                      train_seconds=state.train_seconds,
-                     out_dir=str(folder.path) if folder.path is not None else None)
+                     out_dir=str(folder.path) if folder.path is not None else None,
+                     config=run.cfg.to_dict())
 
 
 def _log_line(row: dict[str, Any], improved: bool) -> str:

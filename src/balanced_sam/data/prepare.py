@@ -8,7 +8,7 @@ A downloaded archive is removed after unpacking (it is ours); an archive the use
 kept. Known checksums are verified (``agedb.csv``); a file already present with another checksum is
 kept and reported.
 
-Sources (DESIGN.md, "Data"): the split CSVs from github.com/YyzHarry/imbalanced-regression (MIT),
+Sources: the split CSVs from github.com/YyzHarry/imbalanced-regression (MIT),
 the IMDB-WIKI tars from the ETH Zurich project page, the NYUD2-DIR ``data.zip`` from the Google
 Drive file that ``nyud2-dir/download_nyud2.py`` of the same repository fetches. AgeDB images need a
 password from the AgeDB authors and are never fetched.

@@ -20,18 +20,12 @@ Which images and angles are drawn depends on ``seed``. Digits are used whole by 
 for glyphs that are (nearly) symmetric under a half turn (0, 1, 8; bags in Fashion-MNIST) an angle
 near 180 looks like one near 0, which the metrics of the last bins will show.
 
-The recipe (``BenchData.defaults``: SGD lr 0.02, momentum 0.9, weight decay 1e-4, batch 128, 10
-epochs, cosine, rho 0.05; a SmallCNN with 8 and 16 channels) was sized by measurement:
-``OMP_NUM_THREADS=1 bsam bench --dataset rotated-fashion-mnist`` (9 methods x 3 seeds) took 6 min 29
-s on this project's 2-core machine while other jobs shared it: 8.2-8.7 s per single-pass run and
-15.8-18.0 s per two-pass run (SAM, ImbSAM, BSAM). With two intra-op threads on a busy machine the
-same runs were several times slower (OpenMP threads spinning), so one thread per run is the
-robust choice for this small network.
+The recipe and the model (a small CNN) are the entries ``rotated-mnist`` and
+``rotated-fashion-mnist`` of :mod:`balanced_sam.data.registry`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from pathlib import Path
@@ -41,30 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from balanced_sam.data.base import BenchData, register_dataset
+from balanced_sam.data.base import BenchData, file_digest
 from balanced_sam.data.idx import IDX_SPLITS, find_idx_file, read_idx
 
 __all__ = ["load", "load_fashion", "load_rotated", "rotate_images", "long_tailed_angles",
-           "balanced_angles", "read_mnist_folder", "find_images", "RECIPE", "DEBIAN_FASHION",
+           "balanced_angles", "read_mnist_folder", "find_images", "DEBIAN_FASHION",
            "ImagesNotFoundError"]
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-TIMING_NOTE = ("measured: 9 methods x 3 seeds in 6 min 29 s with OMP_NUM_THREADS=1 on a shared "
-               "2-core machine (8.2-8.7 s per single-pass run, 15.8-18.0 s per two-pass run)")
 ANGLE_RANGE = 180.0
-
-#: training recipe of the benchmark (copied into ``BenchData.defaults``)
-RECIPE: dict[str, Any] = {
-    "optimizer": "sgd",
-    "lr": 0.02,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "batch_size": 128,
-    "epochs": 10,
-    "rho": 0.05,
-    "schedule": "cosine",
-}
-
 
 class ImagesNotFoundError(FileNotFoundError):
     """Neither a local IDX folder nor torchvision's downloader gave the images."""
@@ -194,7 +173,6 @@ def load_rotated(
     tau: float = 30.0,
     classes: list[int] | tuple[int, ...] | None = None,
     download: bool = True,
-    model_channels: tuple[int, ...] = (8, 16),
 ) -> BenchData:
     """Build the rotated benchmark (see the module docstring).
 
@@ -208,10 +186,8 @@ def load_rotated(
         tau: decay of the training angle density, degrees.
         classes: keep only these class labels (default: all).
         download: allow torchvision's downloader.
-        model_channels: convolution widths of the :class:`~balanced_sam.models.SmallCNN`.
     """
     from balanced_sam.bins import LabelBins
-    from balanced_sam.models import SmallCNN
 
     k = 180.0 / bin_width
     if not bin_width > 0 or abs(k - round(k)) > 1e-9:
@@ -272,9 +248,13 @@ def load_rotated(
         "empty_train_bins": int((lb.counts == 0).sum()),
         "pixel_mean": mean,
         "pixel_std": std,
-        "model": f"SmallCNN(channels={tuple(model_channels)}, hidden=64)",
         "seed": int(seed),
-        "timing_note": TIMING_NOTE,
+        "files": {stem: file_digest(find_idx_file(source, stem))  # type: ignore[arg-type]
+                  for pair in IDX_SPLITS.values() for stem in pair},
+        "split_params": {"kind": kind, "seed": int(seed), "n_train": n_train,
+                         "val_per_bin": val_per_bin, "test_per_bin": test_per_bin,
+                         "bin_width": float(bin_width), "tau": float(tau),
+                         "classes": None if classes is None else sorted(set(map(int, classes)))},
     }
     name = "rotated-mnist" if kind == "mnist" else "rotated-fashion-mnist"
     return BenchData(
@@ -283,15 +263,12 @@ def load_rotated(
         x_val=x_va.contiguous(), y_val=a_va,
         x_test=x_te.contiguous(), y_test=a_te,
         bins=bins,
-        make_model=functools.partial(SmallCNN, channels=tuple(model_channels), hidden=64),
-        defaults=dict(RECIPE),
         info=info,
         standardize_target=True,
         target_unit="deg",
     )
 
 
-@register_dataset("rotated-mnist")
 def load(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
          **options: Any) -> BenchData:
     """Rotated MNIST digits (``bsam bench --dataset rotated-mnist``).
@@ -303,7 +280,6 @@ def load(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
     return load_rotated("mnist", seed, data_root, **opts)
 
 
-@register_dataset("rotated-fashion-mnist")
 def load_fashion(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
                  **options: Any) -> BenchData:
     """Rotated Fashion-MNIST clothes (``bsam bench --dataset rotated-fashion-mnist``); options
@@ -312,8 +288,7 @@ def load_fashion(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
     return load_rotated("fashion-mnist", seed, data_root, **opts)
 
 
-_OPTIONS = ("n_train", "val_per_bin", "test_per_bin", "bin_width", "tau", "classes", "download",
-            "model_channels")
+_OPTIONS = ("n_train", "val_per_bin", "test_per_bin", "bin_width", "tau", "classes", "download")
 
 
 def _known(seed: int, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
