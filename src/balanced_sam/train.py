@@ -429,7 +429,8 @@ class EpochLoader:
             self.loader = torch.utils.data.DataLoader(
                 _Seeded(data), batch_size=batch_size, sampler=self.order,
                 num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
-                persistent_workers=workers, prefetch_factor=prefetch_factor if workers else None)
+                persistent_workers=workers, prefetch_factor=prefetch_factor if workers else None,
+                generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
 
     def __len__(self) -> int:
         per = math.ceil(_num_samples(self.data) / self.world_size)
@@ -652,7 +653,8 @@ def _check_same_data(saved: str | None, now: str | None, allow: bool) -> None:
 # ---------------------------------------------------------------------------- fit
 @dataclass
 class _Run:
-    """What :func:`fit` builds once: the device, the optimizer and the step."""
+    """What :func:`fit` builds once: device, optimizer and step, schedule, loader, and what the
+    checkpoints carry."""
 
     cfg: TrainConfig
     device: torch.device
@@ -666,6 +668,12 @@ class _Run:
     sched: torch.optim.lr_scheduler.LambdaLR
     amp_scaler: Any
     first_ctx: Any
+    loader: EpochLoader
+    bins: LabelBins
+    units: TargetScaler
+    depth: bool
+    meta: dict[str, Any]
+    fingerprint: str | None
 
 
 @dataclass
@@ -701,41 +709,26 @@ def fit(
     loggers: Iterable[EpochLogger] = (),
     log: Callable[[str], None] = print,
 ) -> FitResult:
-    """Train ``model`` with ``cfg.method`` and return the best epoch's results.
+    """Train ``model`` with ``cfg.method``; returns the best epoch's results.
 
-    Args:
-        model: any ``nn.Module`` mapping a batch of inputs to predictions of the targets' shape.
-        train_data, val_data, test_data: tuples of tensors ``(x, y[, mask])`` or ``Dataset``s
-            yielding such tuples. ``val_data=None`` selects the last epoch.
-        bins: :class:`LabelBins` of the training labels (weights, regions, metrics).
-        out_dir: where ``last.pt`` (every epoch), ``best.pt``, ``log.csv`` and TensorBoard
-            files go; ``None`` keeps the best weights in memory only. A lock file keeps a
-            second run out of the folder while this one runs.
-        resume: continue from ``out_dir/last.pt``: the result equals that of an unbroken run.
-            Only :data:`SAFE_TO_CHANGE` settings may differ from the checkpoint's, and
-            ``epochs`` (the schedule is re-planned, :meth:`LRPlan.extended`). Without it, an
-            ``out_dir`` that holds a run raises :class:`RunExistsError` unless ``overwrite``,
-            which removes that run's outputs first.
-        target_scaler: scales the targets for the loss (``target_stats=(mean, std)``: the older
-            spelling).
-        depth: dense depth targets: report the depth metrics too.
-        meta: stored in the checkpoints (model and data description, for ``bsam eval``).
-        data_fingerprint: the data's fingerprint, stored in the checkpoints; resuming on data
-            with another fingerprint is refused unless ``allow_data_change``.
-        on_epoch_end: called as ``on_epoch_end(epoch, row)`` after each epoch's checkpoint.
-        loggers: more :class:`~balanced_sam.outputs.EpochLogger` s (``log.csv`` and TensorBoard
-            are written anyway when there is an ``out_dir``).
+    ``train_data``, ``val_data``, ``test_data``: tuples of tensors ``(x, y[, mask])`` or
+    ``Dataset`` s of such tuples (``val_data=None``: the last epoch is kept). ``bins``: the
+    training labels' :class:`LabelBins`. ``out_dir``: where ``last.pt`` (every epoch),
+    ``best.pt``, ``log.csv`` and TensorBoard files go, under a lock (``None``: nothing is
+    written). ``resume`` continues ``out_dir/last.pt`` as an unbroken run would; only
+    :data:`SAFE_TO_CHANGE` and ``epochs`` (re-planned, :meth:`LRPlan.extended`) may differ, and
+    data of another ``data_fingerprint`` are refused unless ``allow_data_change``. Without
+    ``resume`` a folder holding a run raises :class:`RunExistsError` unless ``overwrite``, which
+    removes that run's outputs first. ``target_scaler`` (older: ``target_stats=(mean, std)``)
+    scales the targets for the loss; ``depth`` adds the depth metrics; ``meta`` goes into the
+    checkpoints; ``on_epoch_end(epoch, row)`` runs after each epoch's checkpoint; ``loggers``
+    receive every epoch's row.
 
-    Under ``torchrun`` (torch.distributed initialised by the caller) the model is wrapped in
-    DDP; ``cfg.scope="global"`` all-reduces the first pass's weighted gradient (the
-    perturbation equals the single-process one for the same global batch), ``"local"`` lets each
-    replica perturb with its own gradient. Only rank 0 evaluates, logs and writes files.
+    Under ``torchrun`` the model is wrapped in DDP; ``cfg.scope="global"`` all-reduces the first
+    pass's weighted gradient (the perturbation of the single-process run with the global batch),
+    ``"local"`` perturbs each replica with its own. Only rank 0 evaluates and writes.
     """
-    cfg.validate()
-    if cfg.balance == "auto":
-        cfg = replace(cfg, balance=choose_balance(bins, _labels_of(train_data)))
-    with_thresholds(bins, cfg.many, cfg.few)
-    units = target_scaler or TargetScaler.from_stats(target_stats)
+    cfg = _resolved(cfg, bins, train_data)
     rank, world = _dist()
     folder = RunFolder(out_dir, rank=rank, log=log)
     resume = _agree(folder.open(resume=resume, overwrite=overwrite, checkpoint=cfg.checkpoint),
@@ -743,33 +736,36 @@ def fit(
     sinks: list[EpochLogger] = []
     try:
         seed_everything(cfg.seed)
-        run = _build_run(model, bins, cfg)
+        run = _build_run(model, train_data, bins, cfg, target_scaler or TargetScaler.from_stats(
+            target_stats), depth, meta or {}, data_fingerprint)
         ckpt = Checkpointer(folder, cfg.checkpoint)
-        state = _State()
-        if resume:
-            state = _restore(run, ckpt, data_fingerprint, allow_data_change, log)
+        state = _restore(run, ckpt, allow_data_change, log) if resume else _State()
         sinks = run_loggers(folder, loggers) if rank == 0 else []
-        extras = {"bins": bins, "units": units, "meta": meta or {},
-                  "fingerprint": data_fingerprint}
-        loader = EpochLoader(_on(train_data, run.device), cfg.batch_size, shuffle=True,
-                             seed=cfg.seed, rank=rank, world_size=world,
-                             num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda",
-                             prefetch_factor=cfg.prefetch_factor)
         for epoch in range(state.start_epoch, cfg.epochs):
-            row = _train_epoch(run, loader, epoch, units)
+            row = _train_epoch(run, epoch)
             state.train_seconds += row["seconds"]
             if rank == 0:
-                improved, val = _validate(run, state, row, val_data, bins, units, depth)
-                _write_epoch(run, state, ckpt, row, improved, val, extras, sinks, log)
+                improved, val = _validate(run, state, row, val_data)
+                _write_epoch(run, state, ckpt, row, improved, val, sinks, log)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, row)
             if world > 1:
                 torch.distributed.barrier()
-        return _final_evaluation(run, state, val_data, test_data, bins, units, depth, folder)
+        return _final_evaluation(run, state, val_data, test_data, folder)
     finally:
         for sink in sinks:
             sink.close()
         folder.close()
+
+
+def _resolved(cfg: TrainConfig, bins: LabelBins, train_data: Any) -> TrainConfig:
+    """The config validated, ``balance: auto`` decided from the training labels, the region
+    thresholds set on the bins."""
+    cfg.validate()
+    if cfg.balance == "auto":
+        cfg = replace(cfg, balance=choose_balance(bins, _labels_of(train_data)))
+    with_thresholds(bins, cfg.many, cfg.few)
+    return cfg
 
 
 def _agree(resume: bool, world: int) -> bool:
@@ -796,8 +792,10 @@ def _on(data: Any, device: torch.device) -> Any:
     return data
 
 
-def _build_run(model: nn.Module, bins: LabelBins, cfg: TrainConfig) -> _Run:
-    """Device, DDP wrapper, optimizer and step, schedule and AMP scaler."""
+def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainConfig,
+               units: TargetScaler, depth: bool, meta: dict[str, Any],
+               fingerprint: str | None) -> _Run:
+    """Device, DDP wrapper, optimizer and step, schedule, AMP scaler and the loader."""
     method = get_method(cfg.method)
     device = resolve_device(cfg.device)
     if cfg.amp != "none" and device.type != "cuda":
@@ -814,20 +812,23 @@ def _build_run(model: nn.Module, bins: LabelBins, cfg: TrainConfig) -> _Run:
     opt, step = build_stepper(method, model.parameters(), bins, cfg,
                               model=model if cfg.bn_second_pass == "freeze" else None)
     plan = LRPlan.of(cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, plan)
-    amp_scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    first_ctx = net.no_sync if (world > 1 and cfg.scope == "local") else None
-    return _Run(cfg, device, rank, world, model, net, opt, step, plan, sched, amp_scaler,
-                first_ctx)
+    loader = EpochLoader(_on(train_data, device), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         rank=rank, world_size=world, num_workers=cfg.num_workers,
+                         pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch_factor)
+    return _Run(cfg, device, rank, world, model, net, opt, step, plan,
+                torch.optim.lr_scheduler.LambdaLR(opt, plan),
+                torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
+                net.no_sync if (world > 1 and cfg.scope == "local") else None,
+                loader, bins, units, depth, meta, fingerprint)
 
 
-def _restore(run: _Run, ckpt: Checkpointer, fingerprint: str | None, allow_data_change: bool,
+def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
              log: Callable[[str], None]) -> _State:
     """Load ``last.pt`` into the run after checking it is the same run on the same data."""
     ck = ckpt.load_last(run.device)
     cfg = run.cfg
     _check_same_config(ck.get("config", {}), cfg)
-    _check_same_data(ck.get("data_fingerprint"), fingerprint, allow_data_change)
+    _check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
     load_weights(run.model, ck["model"], str(ckpt.folder.last))
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])
@@ -835,7 +836,7 @@ def _restore(run: _Run, ckpt: Checkpointer, fingerprint: str | None, allow_data_
         run.amp_scaler.load_state_dict(ck["scaler"])
     start = ck["epoch"] + 1
     saved = LRPlan(**ck["lr_plan"]) if ck.get("lr_plan") else LRPlan.of(
-        TrainConfig.from_dict({**ck["config"], "epochs": ck["config"].get("epochs", cfg.epochs)}))
+        TrainConfig.from_dict(ck["config"]))
     run.plan = saved.extended(cfg.epochs, start)
     run.sched.lr_lambdas = [run.plan] * len(run.opt.param_groups)
     for group, base in zip(run.opt.param_groups, run.sched.base_lrs):
@@ -850,38 +851,37 @@ def _restore(run: _Run, ckpt: Checkpointer, fingerprint: str | None, allow_data_
                   ck["history"], ck["train_seconds"])
 
 
-def _train_epoch(run: _Run, loader: EpochLoader, epoch: int, units: TargetScaler
-                 ) -> dict[str, Any]:
+def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     """Train one epoch and step the schedule; the row of figures starts here."""
     t0 = time.perf_counter()
     lr = run.opt.param_groups[0]["lr"]
-    loss = train_one_epoch(run.net, loader.data, run.step, run.cfg, epoch=epoch,
+    loss = train_one_epoch(run.net, run.loader.data, run.step, run.cfg, epoch=epoch,
                            device=run.device, scaler=run.amp_scaler,
-                           first_pass_context=run.first_ctx, target_scaler=units,
-                           loader=loader,
+                           first_pass_context=run.first_ctx, target_scaler=run.units,
+                           loader=run.loader,
                            desc=f"{run.cfg.method} epoch {epoch + 1}/{run.cfg.epochs}")
     run.sched.step()
     return {"epoch": epoch + 1, "lr": lr, "train_loss": loss,
             "seconds": time.perf_counter() - t0}
 
 
-def _evaluate(run: _Run, data: Any, bins: LabelBins, units: TargetScaler, depth: bool,
-              per_bin: bool = False) -> Any:
+def _evaluate(run: _Run, data: Any, per_bin: bool = False) -> Any:
     cfg = run.cfg
-    return evaluate(run.model, data, bins, device=run.device, batch_size=cfg.eval_batch_size,
-                    target_scaler=units, depth=depth, balance=cfg.balance, amp=cfg.amp,
-                    num_workers=cfg.num_workers, per_bin=per_bin)
+    return evaluate(run.model, data, run.bins, device=run.device,
+                    batch_size=cfg.eval_batch_size, target_scaler=run.units, depth=run.depth,
+                    balance=cfg.balance, amp=cfg.amp, num_workers=cfg.num_workers,
+                    per_bin=per_bin)
 
 
-def _validate(run: _Run, state: _State, row: dict[str, Any], val_data: Any, bins: LabelBins,
-              units: TargetScaler, depth: bool) -> tuple[bool, Any]:
+def _validate(run: _Run, state: _State, row: dict[str, Any], val_data: Any
+              ) -> tuple[bool, Any]:
     """Validation figures into ``row``; keep the weights when the epoch is the best so far.
     Returns whether it is, and the validation report."""
     epoch, cfg = row["epoch"] - 1, run.cfg
     rep = None
     if val_data is not None:
         t0 = time.perf_counter()
-        rep = _evaluate(run, val_data, bins, units, depth)
+        rep = _evaluate(run, val_data)
         row.update({f"val_{m}": rep["all"][m] for m in ("mae", "bmae", "gm", "rmse")})
         row["val_few_mae"] = rep["few"]["mae"]
         row["seconds"] += time.perf_counter() - t0
@@ -896,47 +896,42 @@ def _validate(run: _Run, state: _State, row: dict[str, Any], val_data: Any, bins
 
 
 def _write_epoch(run: _Run, state: _State, ckpt: Checkpointer, row: dict[str, Any],
-                 improved: bool, val: Any, extras: dict[str, Any], sinks: list[EpochLogger],
+                 improved: bool, val: Any, sinks: list[EpochLogger],
                  log: Callable[[str], None]) -> None:
     """Log the row, write ``best.pt`` on improvement and ``last.pt`` every epoch."""
     state.history.append(row)
     log(_log_line(row, improved))
     for sink in sinks:
         sink.log_epoch(row)
-    common = _checkpoint_common(run, extras)
-    epoch = row["epoch"] - 1
+    many, few = region_thresholds(run.bins)
+    common = {"config": run.cfg.to_dict(),
+              "bins": {**run.bins.to_dict(), "many": many, "few": few},
+              "target_stats": run.units.as_tuple(), "target_scaler": run.units.to_dict(),
+              "data_fingerprint": run.fingerprint, "meta": run.meta,
+              "model": run.model.state_dict(), "epoch": row["epoch"] - 1}
     if improved:
-        ckpt.save_best({**common, "model": run.model.state_dict(), "epoch": epoch, "val": val})
+        ckpt.save_best({**common, "val": val})
     if ckpt.keeps_last:
         ckpt.save_last({
-            **common, "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-            "scheduler": run.sched.state_dict(), "lr_plan": run.plan.to_dict(),
+            **common, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+            "lr_plan": run.plan.to_dict(),
             "scaler": run.amp_scaler.state_dict() if run.amp_scaler is not None else None,
-            "epoch": epoch, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+            "best_metric": state.best_metric, "best_epoch": state.best_epoch,
             "history": state.history, "train_seconds": state.train_seconds,
             "rng": _rng_state(), "best_state": state.best_state})
 
 
-def _checkpoint_common(run: _Run, extras: dict[str, Any]) -> dict[str, Any]:
-    """What both checkpoints carry to rebuild and judge the run (``bsam eval``, resume)."""
-    bins, units = extras["bins"], extras["units"]
-    many, few = region_thresholds(bins)
-    return {"config": run.cfg.to_dict(), "bins": {**bins.to_dict(), "many": many, "few": few},
-            "target_stats": units.as_tuple(), "target_scaler": units.to_dict(),
-            "data_fingerprint": extras["fingerprint"], "meta": extras["meta"]}
-
-
-def _final_evaluation(run: _Run, state: _State, val_data: Any, test_data: Any, bins: LabelBins,
-                      units: TargetScaler, depth: bool, folder: RunFolder) -> FitResult:
+def _final_evaluation(run: _Run, state: _State, val_data: Any, test_data: Any,
+                      folder: RunFolder) -> FitResult:
     """Back to the best epoch's weights; its validation and test reports (rank 0)."""
     val_rep, test_rep, per_bin = None, None, None
     if run.rank == 0:
         if state.best_state is not None:
             run.model.load_state_dict(state.best_state)
         if val_data is not None:
-            val_rep = _evaluate(run, val_data, bins, units, depth)
+            val_rep = _evaluate(run, val_data)
         if test_data is not None:
-            test_rep, per_bin = _evaluate(run, test_data, bins, units, depth, per_bin=True)
+            test_rep, per_bin = _evaluate(run, test_data, per_bin=True)
     return FitResult(best_epoch=state.best_epoch, val=val_rep or {}, test=test_rep,
                      test_per_bin=per_bin, history=state.history,
                      train_seconds=state.train_seconds,

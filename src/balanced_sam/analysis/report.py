@@ -35,72 +35,42 @@ def _slug(name: str) -> str:
 
 
 def analyze_model(
-    model: nn.Module,
-    inputs: Any,
-    targets: Any,
-    bins: LabelBins | None,
-    loss_fn: LossFn | str | None = None,
-    regions: Sequence[str] = ("all", "few"),
-    hessian: bool = True,
-    landscape: bool = True,
-    out_dir: str | Path | None = None,
-    *,
-    iters: int = 20,
-    tol: float = 1e-3,
-    method: str = DEFAULT_METHOD,
-    probes: int = 20,
-    trace_tol: float | None = None,
-    grid: int | Sequence[float] = 21,
-    span: float = 1.0,
-    landscape_dim: int = 1,
-    seed: int = 0,
-    batch_size: int = 256,
-    progress: bool = True,
-    many: int | None = None,
-    few: int | None = None,
-    name: str | None = None,
-    plots: bool = True,
-    cache_graph: bool = False,
+    model: nn.Module, inputs: Any, targets: Any, bins: LabelBins | None,
+    loss_fn: LossFn | str | None = None, regions: Sequence[str] = ("all", "few"),
+    hessian: bool = True, landscape: bool = True, out_dir: str | Path | None = None, *,
+    iters: int = 20, tol: float = 1e-3, method: str = DEFAULT_METHOD, probes: int = 20,
+    trace_tol: float | None = None, grid: int | Sequence[float] = 21, span: float = 1.0,
+    landscape_dim: int = 1, seed: int = 0, batch_size: int = 256, progress: bool = True,
+    many: int | None = None, few: int | None = None, name: str | None = None,
+    plots: bool = True, cache_graph: bool = False,
 ) -> dict[str, Any]:
-    r"""Sharpness per region and a loss landscape for one model.
+    r"""Sharpness per region and a loss landscape for one model (left unchanged; in eval mode
+    during the analysis).
 
-    Args:
-        model: the trained network (left unchanged; eval mode during the analysis).
-        inputs, targets: evaluation samples (tensors; targets in the original label units), or
-            an iterable of ``(x, y)`` batches with ``targets=None``.
-        bins: the training-label bins that define the regions (``None`` allows only ``"all"``).
-        loss_fn: per-sample loss or loss name (default L1).
-        regions: regions to analyse.
-        hessian: compute :math:`\lambda_{\max}` (``iters``, ``tol``, ``method``) and the
-            Hutchinson trace (``probes``, ``trace_tol``) per region.
-        landscape: compute a ``landscape_dim``-D landscape over ``grid`` (points per axis over
-            ``[-span, span]``, or the explicit alphas) for all regions at once.
-        out_dir: when given, write ``<name>_landscape.npz`` / ``.json``, the PNG plots (with
-            ``plots``) and ``<name>_analysis.json`` there.
-        seed: seeds the eigenvalue start vector, the probes and the directions.
-        batch_size: samples per forward / double-backward pass.
-        progress: tqdm progress bars.
-        many, few: region thresholds on the training count per bin (``None``: the bins').
-        name: method / checkpoint name (file prefix, plot labels).
-        plots: write the PNG plots (with ``out_dir``).
-        cache_graph: keep each region's first-order graphs between Hessian-vector products
-            (faster, memory of a training step on the whole region; see
-            :class:`~balanced_sam.analysis.HessianOperator`).
+    ``inputs``, ``targets``: samples (tensors, targets in label units) or an iterable of
+    ``(x, y)`` batches with ``targets=None``. ``bins`` define the regions (``None``: only
+    ``"all"``; thresholds ``many`` / ``few``, default the bins'). ``loss_fn``: per-sample loss
+    or its name (default L1). ``hessian``: :math:`\lambda_{\max}` (``iters``, ``tol``,
+    ``method``) and the Hutchinson trace (``probes``, ``trace_tol``) per region; ``landscape``:
+    one ``landscape_dim``-D landscape over ``grid`` (points per axis over ``[-span, span]``, or
+    explicit alphas) for all regions. ``seed`` seeds the start vector, probes and directions;
+    ``batch_size`` samples per pass; ``cache_graph`` keeps first-order graphs between
+    Hessian-vector products (:class:`~balanced_sam.analysis.HessianOperator`). With ``out_dir``,
+    ``<name>_landscape.npz`` / ``.json``, the plots (``plots``) and ``<name>_analysis.json`` are
+    written there; without, the landscape's data stay in the result.
 
-    Returns:
-        A JSON-serialisable dict::
+    Returns a JSON-ready dict::
 
-            {"name", "loss", "num_parameters", "num_samples",
-             "regions": {region: {"count", "loss", "mae",               # at the trained weights
-                                  "lambda_max", "lambda_max_iterations",
-                                  "lambda_max_converged", "lambda_max_residual",
-                                  "trace", "trace_std_error", "trace_probes"}},
-             "landscape": None | {"dim", "npz", "json", "plots", "minimum": {region: {...}},
-                                  "data": <Landscape.to_dict()> (only without out_dir)},
-             "settings": {...}, "seconds": {"lambda_max", "trace", "landscape", "total"},
-             "files": {"analysis_json": path or None}}
+        {"name", "loss", "num_parameters", "num_trainable_parameters", "num_samples",
+         "regions": {region: {"count", "loss", "mae",                  # at the trained weights
+                              "lambda_max", "lambda_max_iterations", "lambda_max_converged",
+                              "lambda_max_residual", "trace", "trace_std_error",
+                              "trace_probes"}},
+         "landscape": None | {"dim", "npz", "json", "plots", "minimum": {region: {...}},
+                              "data": <Landscape.to_dict()> (only without out_dir)},
+         "settings": {...}, "seconds": {...}, "files": {"analysis_json": path or None}}
 
-        A region without samples has ``count`` 0 and ``None`` for every estimate.
+    A region without samples has ``count`` 0 and ``None`` for every estimate.
     """
     t_start = time.perf_counter()
     regions = _checked_regions(regions, bins)
@@ -121,17 +91,24 @@ def analyze_model(
                         few=few, batch_size=batch_size, progress=progress and landscape,
                         label=label, **_grid_options(landscape, grid, span, landscape_dim))
     ls.meta["loss"] = loss_name
-    if landscape:
-        seconds["landscape"] = time.perf_counter() - t0
+    seconds["landscape"] = time.perf_counter() - t0 if landscape else 0.0
     per_region = {r: {"count": int(ls.counts[r]), "loss": json_float(ls.origin[r]["loss"]),
                       "mae": json_float(ls.origin[r]["mae"])} for r in regions}
-    if hessian:
-        sub = {"bins": bins, "many": many, "few": few, "batch_size": batch_size,
-               "progress": progress, "cache_graph": cache_graph}
-        for r in regions:
-            per_region[r].update(_sharpness(model, loss, inputs, targets, r, settings, sub,
-                                            seconds))
+    sub = {"bins": bins, "many": many, "few": few, "batch_size": batch_size,
+           "progress": progress, "cache_graph": cache_graph}
+    for r in regions if hessian else ():
+        per_region[r].update(_sharpness(model, loss, inputs, targets, r, settings, sub, seconds))
     out = Path(out_dir) if out_dir is not None else None
+    land = _landscape_files(ls, regions, out, _slug(label), plots) if landscape else None
+    seconds["total"] = time.perf_counter() - t_start
+    return _result(model, label, loss_name, ls, per_region, land, settings, seconds, out)
+
+
+def _result(model: nn.Module, label: str, loss_name: str, ls: Landscape,
+            per_region: dict[str, Any], land: dict[str, Any] | None,
+            settings: dict[str, Any], seconds: dict[str, float], out: Path | None
+            ) -> dict[str, Any]:
+    """The result dict (written to ``out/<name>_analysis.json`` when there is an ``out``)."""
     result: dict[str, Any] = {
         "name": label,
         "loss": loss_name,
@@ -140,14 +117,11 @@ def analyze_model(
                                             if p.requires_grad)),
         "num_samples": int(ls.counts["all"]) if "all" in ls.counts else None,
         "regions": per_region,
-        "landscape": _landscape_files(ls, regions, out, _slug(label), plots) if landscape
-        else None,
+        "landscape": land,
         "settings": settings,
-        "seconds": {},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "files": {"analysis_json": None},
     }
-    seconds["total"] = time.perf_counter() - t_start
-    result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     if out is not None:
         path = out / f"{_slug(label)}_analysis.json"
         result["files"]["analysis_json"] = str(path)

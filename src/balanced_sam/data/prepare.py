@@ -36,10 +36,11 @@ from balanced_sam.data.images import (
     check_files_exist,
     read_split_csv,
 )
+from balanced_sam.data.registry import dataset_names
 
 __all__ = ["prepare_dataset", "DatasetNotReadyError", "URLS", "SHA256", "NAMES", "fetch"]
 
-NAMES = ("agedb", "imdb-wiki", "nyud2")
+NAMES = tuple(dataset_names(prepare=True))  # the registry says which datasets it prepares
 _RAW = "https://raw.githubusercontent.com/YyzHarry/imbalanced-regression/main"
 URLS: dict[str, str] = {
     "agedb.csv": f"{_RAW}/agedb-dir/data/agedb.csv",

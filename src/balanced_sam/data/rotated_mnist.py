@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,75 +199,62 @@ def load_rotated(
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     data, source = find_images(kind, data_root, download)
     gen = torch.Generator().manual_seed(int(seed))
+    nbins = int(round(k))
+    sizes = {"train": n_train, "val": val_per_bin * nbins, "test": test_per_bin * nbins}
+    picks = _pick_images(data, classes, sizes, gen, source)
+    angles = (long_tailed_angles(n_train, tau, gen), balanced_angles(val_per_bin, bin_width, gen),
+              balanced_angles(test_per_bin, bin_width, gen))
+
+    def prep(imgs: np.ndarray, a: torch.Tensor) -> torch.Tensor:
+        return rotate_images(torch.from_numpy(imgs.astype(np.float32) / 255.0)[:, None], a)
+
+    xs = [prep(imgs, a) for imgs, a in zip(picks, angles)]
+    mean, std = float(xs[0].mean()), float(xs[0].std())
+    x_tr, x_va, x_te = ((x - mean) / std for x in xs)
+    bins = {"bin_width": float(bin_width), "lower": 0.0, "upper": ANGLE_RANGE}
+    lb = LabelBins.from_labels(angles[0], **bins)
+    kept = None if classes is None else sorted(set(int(c) for c in classes))
+    params = {"kind": kind, "seed": int(seed), "n_train": n_train, "val_per_bin": val_per_bin,
+              "test_per_bin": test_per_bin, "bin_width": float(bin_width), "tau": float(tau),
+              "classes": kept}
+    info = {
+        "source": source, "kind": kind, "target": "rotation angle (degrees, counter-clockwise)",
+        "split": "train: truncated exponential angles; val/test: balanced, uniform in each bin",
+        "tau": float(tau), "bin_width": float(bin_width), "num_bins": nbins, "classes": kept,
+        "sizes": sizes, "val_per_bin": val_per_bin, "test_per_bin": test_per_bin,
+        "regions": lb.region_counts(), "empty_train_bins": int((lb.counts == 0).sum()),
+        "pixel_mean": mean, "pixel_std": std, "seed": int(seed),
+        "files": {stem: file_digest(find_idx_file(source, stem))  # type: ignore[arg-type]
+                  for pair in IDX_SPLITS.values() for stem in pair},
+        "split_params": params,
+    }
+    return BenchData(name="rotated-mnist" if kind == "mnist" else "rotated-fashion-mnist",
+                     x_train=x_tr.contiguous(), y_train=angles[0], x_val=x_va.contiguous(),
+                     y_val=angles[1], x_test=x_te.contiguous(), y_test=angles[2], bins=bins,
+                     info=info, standardize_target=True, target_unit="deg")
+
+
+def _pick_images(data: dict[str, tuple[np.ndarray, np.ndarray]],
+                 classes: Sequence[int] | None, sizes: dict[str, int], gen: torch.Generator,
+                 source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint train / validation images from the IDX train split, test images from the test
+    split, of the kept classes, drawn with ``gen``."""
     (tr_img, tr_lab), (te_img, te_lab) = data["train"], data["test"]
-    tr_idx = np.arange(len(tr_img))
-    te_idx = np.arange(len(te_img))
+    tr_idx, te_idx = np.arange(len(tr_img)), np.arange(len(te_img))
     if classes is not None:
         keep = np.asarray(sorted(set(int(c) for c in classes)))
         tr_idx, te_idx = tr_idx[np.isin(tr_lab, keep)], te_idx[np.isin(te_lab, keep)]
-    nbins = int(round(k))
-    n_val, n_test = val_per_bin * nbins, test_per_bin * nbins
+    n_train, n_val, n_test = sizes["train"], sizes["val"], sizes["test"]
     if len(tr_idx) < n_train + n_val:
         raise ValueError(f"{source} holds {len(tr_idx)} usable training images; n_train + "
                          f"validation need {n_train} + {n_val}")
     if len(te_idx) < n_test:
         raise ValueError(f"{source} holds {len(te_idx)} usable test images; the test set needs "
-                         f"{test_per_bin} x {nbins} = {n_test}")
+                         f"{n_test}")
     perm = torch.randperm(len(tr_idx), generator=gen).numpy()
     pick_tr, pick_va = tr_idx[perm[:n_train]], tr_idx[perm[n_train:n_train + n_val]]
     pick_te = te_idx[torch.randperm(len(te_idx), generator=gen).numpy()[:n_test]]
-
-    a_tr = long_tailed_angles(n_train, tau, gen)
-    a_va = balanced_angles(val_per_bin, bin_width, gen)
-    a_te = balanced_angles(test_per_bin, bin_width, gen)
-
-    def prep(imgs: np.ndarray, angles: torch.Tensor) -> torch.Tensor:
-        x = torch.from_numpy(imgs.astype(np.float32) / 255.0)[:, None]
-        return rotate_images(x, angles)
-
-    x_tr, x_va, x_te = prep(tr_img[pick_tr], a_tr), prep(tr_img[pick_va], a_va), \
-        prep(te_img[pick_te], a_te)
-    mean, std = float(x_tr.mean()), float(x_tr.std())
-    x_tr, x_va, x_te = ((x - mean) / std for x in (x_tr, x_va, x_te))
-
-    bins = {"bin_width": float(bin_width), "lower": 0.0, "upper": ANGLE_RANGE}
-    lb = LabelBins.from_labels(a_tr, **bins)
-    regions = lb.region_counts()
-    info = {
-        "source": source,
-        "kind": kind,
-        "target": "rotation angle (degrees, counter-clockwise)",
-        "split": "train: truncated exponential angles; val/test: balanced, uniform in each bin",
-        "tau": float(tau),
-        "bin_width": float(bin_width),
-        "num_bins": nbins,
-        "classes": None if classes is None else sorted(set(int(c) for c in classes)),
-        "sizes": {"train": n_train, "val": n_val, "test": n_test},
-        "val_per_bin": val_per_bin,
-        "test_per_bin": test_per_bin,
-        "regions": regions,
-        "empty_train_bins": int((lb.counts == 0).sum()),
-        "pixel_mean": mean,
-        "pixel_std": std,
-        "seed": int(seed),
-        "files": {stem: file_digest(find_idx_file(source, stem))  # type: ignore[arg-type]
-                  for pair in IDX_SPLITS.values() for stem in pair},
-        "split_params": {"kind": kind, "seed": int(seed), "n_train": n_train,
-                         "val_per_bin": val_per_bin, "test_per_bin": test_per_bin,
-                         "bin_width": float(bin_width), "tau": float(tau),
-                         "classes": None if classes is None else sorted(set(map(int, classes)))},
-    }
-    name = "rotated-mnist" if kind == "mnist" else "rotated-fashion-mnist"
-    return BenchData(
-        name=name,
-        x_train=x_tr.contiguous(), y_train=a_tr,
-        x_val=x_va.contiguous(), y_val=a_va,
-        x_test=x_te.contiguous(), y_test=a_te,
-        bins=bins,
-        info=info,
-        standardize_target=True,
-        target_unit="deg",
-    )
+    return tr_img[pick_tr], tr_img[pick_va], te_img[pick_te]
 
 
 def load(seed: int = 0, data_root: str | os.PathLike[str] | None = None,

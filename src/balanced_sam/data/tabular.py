@@ -427,23 +427,12 @@ def _numeric_target(frame: pd.DataFrame, target: str, dropna: bool) -> tuple[pd.
 
 
 def load_table(
-    csv_path_or_dataframe: str | os.PathLike | pd.DataFrame,
-    target: str,
-    bin_width: float | None = None,
-    cap: int = 50,
-    train_fraction: float = 1.0,
-    seed: int = 0,
-    features: Sequence[str] | None = None,
-    categorical: Sequence[str] | None = None,
-    name: str | None = None,
-    *,
-    dropna: bool = False,
-    impute: str | None = None,
-    lower: float | None = None,
-    min_per_bin: int = 3,
-    target_unit: str = "",
-    defaults: dict[str, Any] | None = None,
-    max_categories: int = 200,
+    csv_path_or_dataframe: str | os.PathLike | pd.DataFrame, target: str,
+    bin_width: float | None = None, cap: int = 50, train_fraction: float = 1.0, seed: int = 0,
+    features: Sequence[str] | None = None, categorical: Sequence[str] | None = None,
+    name: str | None = None, *, dropna: bool = False, impute: str | None = None,
+    lower: float | None = None, min_per_bin: int = 3, target_unit: str = "",
+    defaults: dict[str, Any] | None = None, max_categories: int = 200,
 ) -> BenchData:
     """Read a table and build a DIR benchmark from it (``bsam bench --csv FILE --target COL``).
 
@@ -502,36 +491,45 @@ def load_table(
     if name is None:
         name = (os.path.splitext(os.path.basename(source))[0] if source != "dataframe"
                 else "table")
-    info = {
+    split = {"cap": int(cap), "seed": int(seed), "train_fraction": float(train_fraction),
+             "min_per_bin": int(min_per_bin), "dropna": dropna, "impute": impute,
+             "max_categories": max_categories, "categorical": sorted(map(str, categorical or []))}
+    info = _table_info(csv_path_or_dataframe, source, name, target, y32, y_tr, bins, split, pre,
+                       feats, {"rows": int(len(frame) + n_dropped), "dropped_nan_target":
+                               n_dropped, "train_before_fraction": int(train_all.size),
+                               "train": int(train.size), "val": int(val.size),
+                               "test": int(test.size)})
+    return BenchData(name=name, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te,
+                     y_test=y_te, bins=bins, defaults=dict(defaults or {}), info=info,
+                     standardize_target=True, target_unit=target_unit)
+
+
+def _table_info(raw: Any, source: str, name: str, target: str, y: np.ndarray,
+                y_train: torch.Tensor, bins: dict[str, Any], split: dict[str, Any],
+                pre: TablePreprocessor, feats: list[Any], sizes: dict[str, int]
+                ) -> dict[str, Any]:
+    """What ``results.json`` records about a table, its split and its fingerprint."""
+    return {
         "source": source,
         "target": target,
         "split": "dir",
-        "C": int(cap),
-        "train_fraction": float(train_fraction),
-        "split_seed": int(seed),
+        "C": split["cap"],
+        "train_fraction": split["train_fraction"],
+        "split_seed": split["seed"],
         "bin_width": float(bins["bin_width"]),
         "lower": float(bins["lower"]),
         "upper": float(bins["upper"]),
-        "num_bins": LabelBins.from_labels(y_tr, **bins).num_bins,
-        "min_per_bin": int(min_per_bin),
-        "outside_bins": int(((y32 < bins["lower"]) | (y32 >= bins["upper"])).sum()),
-        "sizes": {"rows": int(len(frame) + n_dropped), "dropped_nan_target": n_dropped,
-                  "train_before_fraction": int(train_all.size), "train": int(train.size),
-                  "val": int(val.size), "test": int(test.size)},
+        "num_bins": LabelBins.from_labels(y_train, **bins).num_bins,
+        "min_per_bin": split["min_per_bin"],
+        "outside_bins": int(((y < bins["lower"]) | (y >= bins["upper"])).sum()),
+        "sizes": sizes,
         "features": {"numeric": [str(c) for c in pre.numeric_],
                      "categorical": [str(c) for c in pre.categorical_],
                      "encoded": pre.num_features},
         "files": {name if source == "dataframe" else os.path.basename(source):
-                  _frame_digest(csv_path_or_dataframe)},
-        "split_params": {"target": target, **bins, "cap": int(cap), "seed": int(seed),
-                         "train_fraction": float(train_fraction),
-                         "min_per_bin": int(min_per_bin), "features": [str(c) for c in feats],
-                         "categorical": sorted(map(str, categorical or [])), "dropna": dropna,
-                         "impute": impute, "max_categories": max_categories},
+                  _frame_digest(raw)},
+        "split_params": {"target": target, **bins, **split, "features": [str(c) for c in feats]},
     }
-    return BenchData(name=name, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te,
-                     y_test=y_te, bins=bins, defaults=dict(defaults or {}), info=info,
-                     standardize_target=True, target_unit=target_unit)
 
 
 def _feature_columns(frame: pd.DataFrame, target: str, features: Sequence[str] | None,
