@@ -78,6 +78,40 @@ def _seeds(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the parser
+#: each command's one-line help and its description
+_ABOUT = {
+    "bench": ("run the methods over seeds on built-in data; print a paper-style table",
+              "Train every method over several seeds on a benchmark (default: the diamonds "
+              "prices bundled with plotnine, no download) and print the paper's Table-1-style "
+              "results: MAE and GM for All / Many / Medium / Few, plus bMAE, as mean ± std over "
+              "seeds. Writes results.json, results.csv and plots into --out. Re-running with the "
+              "same --out reuses finished runs (and trains again those whose data changed)."),
+    "train": ("train one model from a YAML config",
+              "Train one model from a YAML config (sections data, model, bins, train, out; see "
+              "configs/). Overrides: section.key=value, e.g. train.epochs=2 data.root=/data/agedb "
+              "(a bare key goes to train). Writes last.pt every epoch, best.pt, log.csv and "
+              "result.json into the output folder."),
+    "eval": ("evaluate a checkpoint on its test (or val) split",
+             "Rebuild model and data from a checkpoint written by bsam train or bsam bench and "
+             "print its metrics per region."),
+    "analyze": ("sharpness per label region: Hessian spectrum and loss landscapes",
+                "Hessian top eigenvalue and trace per label region (Table 8) and loss landscapes "
+                "along filter-normalised directions (Figure 1) of one or more checkpoints."),
+    "data": ("prepare the paper's benchmark data", "Data tools for the paper's benchmarks."),
+    "prepare": ("check / fetch / build a benchmark's files under --root",
+                "Check what is under --root, fetch what is public (split CSVs, IMDB-WIKI tars, "
+                "NYUD2-DIR data.zip) when online, verify checksums, build the IMDB-WIKI split or "
+                "the NYUD2 balanced test mask when absent, and print exactly what is still "
+                "missing and where to get it. Never deletes or overwrites your files."),
+    "list": ("list methods and datasets", "List the methods and datasets bsam knows."),
+}
+
+
+def _command(sub: Any, name: str) -> argparse.ArgumentParser:
+    help_, description = _ABOUT[name]
+    return sub.add_parser(name, help=help_, description=description)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from balanced_sam import __version__
 
@@ -98,14 +132,7 @@ def _add_bench(sub: Any) -> None:
     from balanced_sam.data.registry import dataset_names
     from balanced_sam.methods import DEFAULT_METHODS
 
-    b = sub.add_parser(
-        "bench", help="run the methods over seeds on built-in data; print a paper-style table",
-        description="Train every method over several seeds on a benchmark (default: the "
-                    "diamonds prices bundled with plotnine, no download) and print the paper's "
-                    "Table-1-style results: MAE and GM for All / Many / Medium / Few, plus "
-                    "bMAE, as mean ± std over seeds. Writes results.json, results.csv and "
-                    "plots into --out. Re-running with the same --out reuses finished runs "
-                    "(and trains again those whose data changed).")
+    b = _command(sub, "bench")
     b.add_argument("--dataset", default=None,
                    help=f"a registered dataset: {', '.join(dataset_names())} (default "
                         "diamonds; see `bsam list`)")
@@ -152,12 +179,7 @@ def _add_bench(sub: Any) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    t = sub.add_parser(
-        "train", help="train one model from a YAML config",
-        description="Train one model from a YAML config (sections data, model, bins, train, "
-                    "out; see configs/). Overrides: section.key=value, e.g. train.epochs=2 "
-                    "data.root=/data/agedb (a bare key goes to train). Writes last.pt every "
-                    "epoch, best.pt, log.csv and result.json into the output folder.")
+    t = _command(sub, "train")
     t.add_argument("--config", required=True, help="YAML config file")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, anywhere on the line (e.g. train.epochs=2)")
@@ -175,10 +197,7 @@ def _add_train(sub: Any) -> None:
 
 
 def _add_eval(sub: Any) -> None:
-    e = sub.add_parser(
-        "eval", help="evaluate a checkpoint on its test (or val) split",
-        description="Rebuild model and data from a checkpoint written by bsam train or bsam "
-                    "bench and print its metrics per region.")
+    e = _command(sub, "eval")
     e.add_argument("--checkpoint", required=True, help="best.pt or last.pt")
     e.add_argument("--split", choices=["test", "val", "train"], default="test")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -197,11 +216,7 @@ def _allow_data_change(p: argparse.ArgumentParser, what: str) -> None:
 def _add_analyze(sub: Any) -> None:
     from balanced_sam.analysis.hessian import DEFAULT_METHOD, METHODS
 
-    a = sub.add_parser(
-        "analyze", help="sharpness per label region: Hessian spectrum and loss landscapes",
-        description="Hessian top eigenvalue and trace per label region (Table 8) and loss "
-                    "landscapes along filter-normalised directions (Figure 1) of one or more "
-                    "checkpoints.")
+    a = _command(sub, "analyze")
     a.add_argument("--checkpoint", nargs="+", required=True,
                    help="one or more checkpoints; NAME=PATH sets the row name")
     a.add_argument("--regions", type=_csv_list(), default=["all", "few"],
@@ -243,16 +258,8 @@ def _add_analyze(sub: Any) -> None:
 def _add_data(sub: Any) -> None:
     from balanced_sam.data.registry import dataset_names
 
-    d = sub.add_parser("data", help="prepare the paper's benchmark data",
-                       description="Data tools for the paper's benchmarks.")
-    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
-    dp = dsub.add_parser(
-        "prepare", help="check / fetch / build a benchmark's files under --root",
-        description="Check what is under --root, fetch what is public (split CSVs, IMDB-WIKI "
-                    "tars, NYUD2-DIR data.zip) when online, verify checksums, build the "
-                    "IMDB-WIKI split or the NYUD2 balanced test mask when absent, and print "
-                    "exactly what is still missing and where to get it. Never deletes or "
-                    "overwrites your files.")
+    d = _command(sub, "data")
+    dp = _command(d.add_subparsers(dest="data_command", metavar="ACTION"), "prepare")
     dp.add_argument("name", choices=dataset_names(prepare=True))
     dp.add_argument("--root", required=True, help="folder for this benchmark's files")
     dp.add_argument("--no-download", action="store_true", help="only check and build")
@@ -260,8 +267,7 @@ def _add_data(sub: Any) -> None:
 
 
 def _add_list(sub: Any) -> None:
-    sub.add_parser("list", help="list methods and datasets",
-                   description="List the methods and datasets bsam knows.")
+    _command(sub, "list")
 
 
 # ---------------------------------------------------------------------------- the commands

@@ -359,12 +359,8 @@ class HessianOperator:
 
 # ---------------------------------------------------------------------------------- eigenvalue
 def hessian_top_eigenvalue(
-    model: nn.Module,
-    loss_fn: LossFn | str | None = None,
-    inputs: Any = None,
-    targets: Any = None,
-    mask: Any = None,
-    *,
+    model: nn.Module, loss_fn: LossFn | str | None = None, inputs: Any = None,
+    targets: Any = None, mask: Any = None, *,
     iters: int = 100,
     tol: float = 1e-3,
     seed: int = 0,
@@ -507,12 +503,8 @@ def _lanczos(op: HessianOperator, q: torch.Tensor, iters: int, tol: float, want_
 
 # ---------------------------------------------------------------------------------- trace
 def hessian_trace(
-    model: nn.Module,
-    loss_fn: LossFn | str | None = None,
-    inputs: Any = None,
-    targets: Any = None,
-    mask: Any = None,
-    *,
+    model: nn.Module, loss_fn: LossFn | str | None = None, inputs: Any = None,
+    targets: Any = None, mask: Any = None, *,
     probes: int = 100,
     tol: float | None = None,
     min_probes: int = 10,

@@ -96,12 +96,18 @@ class DatasetEntry:
 REGISTRY: dict[str, DatasetEntry] = {}
 
 
+KINDS = ("table", "image", "dense")
+
+
 def register(entry: DatasetEntry) -> DatasetEntry:
-    """Add a dataset (its name must be new)."""
-    if entry.name in REGISTRY:
-        raise ValueError(f"dataset {entry.name!r} is registered twice")
-    REGISTRY[entry.name] = entry
-    return entry
+    """Add a dataset: a new name (lower case, ``-`` between words) of a known kind."""
+    if entry.name != _canonical(entry.name) or entry.name in REGISTRY:
+        raise ValueError(f"dataset {entry.name!r}: a name must be new and spelled "
+                         f"{_canonical(entry.name)!r} (registered: {', '.join(REGISTRY)})")
+    if entry.kind not in KINDS:
+        raise ValueError(f"dataset {entry.name!r}: kind must be one of {KINDS}, got "
+                         f"{entry.kind!r}")
+    return REGISTRY.setdefault(entry.name, entry)
 
 
 def _canonical(name: str) -> str:
