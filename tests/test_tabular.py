@@ -11,13 +11,14 @@ import torch
 
 from balanced_sam.bins import LabelBins
 from balanced_sam.data.base import BenchData
-from balanced_sam.data.registry import TABLE_RECIPE, build_model, load_data
+from balanced_sam.data.registry import TABLE_RECIPE, build_model
 from balanced_sam.data.tabular import (
     TablePreprocessor,
     default_bin_width,
     dir_split,
     load_table,
     subsample,
+    table_bins,
 )
 
 
@@ -115,6 +116,14 @@ def test_default_bin_width_is_a_nice_number() -> None:
     assert default_bin_width([0.0, 0.7]) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="constant"):
         default_bin_width([3.0, 3.0])
+    # one outlier among many rows does not stretch the width (quantiles, not the extremes)
+    ages = np.concatenate([np.arange(0, 101, dtype=float).repeat(3), [1e9]])
+    assert default_bin_width(ages) == 1.0
+    spec = table_bins(ages)  # the range is cut at the quantiles; the outlier is clamped
+    assert spec["clamp"] is True and spec["upper"] <= 101 and spec["bin_width"] == 1.0
+    bins = LabelBins.from_labels(ages, **spec)
+    assert bins.num_bins <= 101 and bins.counts[-1] >= 1
+    assert "clamp" not in table_bins(np.arange(0, 101, dtype=float))  # ordinary data: all kept
 
 
 # ---------------------------------------------------------------------------------- preprocessor
