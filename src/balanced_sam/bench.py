@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from balanced_sam._compat import region_thresholds
+from balanced_sam.config import TrainConfig
 from balanced_sam.data.base import BenchData
 from balanced_sam.data.registry import DataSplits, load_data
 from balanced_sam.errors import spell
@@ -51,7 +52,6 @@ from balanced_sam.methods import DEFAULT_METHODS, get_method
 from balanced_sam.metrics import aggregate_reports, format_table
 from balanced_sam.train import (
     RunExistsError,
-    TrainConfig,
     fit,
     load_checkpoint,
     resolve_device,

@@ -39,6 +39,7 @@ from balanced_sam._compat import region_thresholds
 from balanced_sam.analysis.hessian import DEFAULT_METHOD
 from balanced_sam.analysis.report import _slug
 from balanced_sam.bins import LabelBins
+from balanced_sam.config import TrainConfig
 from balanced_sam.data.registry import REGISTRY, DataSplits, dataset_names, load_data
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError, spell
@@ -46,7 +47,6 @@ from balanced_sam.io import write_json, write_text
 from balanced_sam.losses import get_loss
 from balanced_sam.train import (
     FitResult,
-    TrainConfig,
     evaluate,
     fit,
     init_distributed,

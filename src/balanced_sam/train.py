@@ -2,14 +2,15 @@
 
 Read it top to bottom:
 
-* :class:`TrainConfig` holds every knob (method, optimizer, schedule, rho, seed, AMP, DDP scope);
-  :meth:`TrainConfig.validate` checks each value's type and range and names the key.
+* :class:`~balanced_sam.config.TrainConfig` holds every knob (method, optimizer, schedule, rho,
+  seed, AMP, DDP scope); :meth:`TrainConfig.validate` checks each value's type and range.
 * :class:`LRPlan` is the per-epoch learning-rate multiplier (warm-up, then cosine, the reference
   code's cosine, steps or constant); a resumed run with a new epoch count re-plans it from where
   it stands, so the learning rate never jumps back up.
-* :func:`batches` yields the epoch's mini-batches: a seeded permutation per epoch, split across
-  data-parallel replicas the way ``DistributedSampler`` does, so a run is reproducible and a
-  resumed run sees exactly the batches an unbroken one would.
+* :class:`~balanced_sam.data.loader.EpochLoader` yields the epoch's mini-batches: a seeded
+  permutation per epoch, split across data-parallel replicas the way ``DistributedSampler``
+  does, so a run is reproducible and a resumed run sees exactly the batches an unbroken one
+  would.
 * :func:`train_one_epoch` runs the method's step over the batches.
 * :func:`evaluate` streams the metrics (:class:`~balanced_sam.metrics.RegressionMetrics`).
 * :func:`fit` ties them together: open the output folder, build the optimizer, restore a killed
@@ -23,17 +24,13 @@ bins and metrics always use the label units.
 from __future__ import annotations
 
 import contextlib
-import difflib
-import functools
 import math
 import os
 import random
-import re
 import sys
 import time
-import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +41,10 @@ from torch import nn
 
 from balanced_sam._compat import choose_balance, region_thresholds, with_thresholds
 from balanced_sam.bins import LabelBins
+from balanced_sam.config import DEVICES, SAFE_TO_CHANGE, TrainConfig
+from balanced_sam.data.loader import EpochLoader, batches, is_tensor_data
 from balanced_sam.data.scaling import TargetScaler
-from balanced_sam.errors import ConfigError, spell
+from balanced_sam.errors import spell
 from balanced_sam.io import progress_bar
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import build_stepper, get_method
@@ -63,164 +62,6 @@ __all__ = ["TrainConfig", "FitResult", "LRPlan", "fit", "evaluate", "predict",
            "train_one_epoch", "batches", "EpochLoader", "load_checkpoint", "load_weights",
            "seed_everything", "resolve_device", "init_distributed", "RunExistsError",
            "SAFE_TO_CHANGE"]
-
-SCHEDULES = ("cosine", "cosine_ref", "step", "none")
-#: settings a resumed run may change: they decide where and how fast it runs, not what it learns
-#: (``epochs`` may change too: the schedule is re-planned, see :meth:`LRPlan.extended`)
-SAFE_TO_CHANGE = frozenset({"device", "num_workers", "progress", "eval_batch_size",
-                            "prefetch_factor", "checkpoint"})
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps(:\d+)?)$")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run. ``bsam train`` reads it from YAML (section
-    ``train``) and ``key=value`` overrides; every field is validated by :meth:`validate`.
-
-    ``schedule``: ``cosine`` (per epoch ``e = 0..E-1``: ``lr_min + (lr - lr_min) (1 + cos(pi e /
-    E)) / 2``, with ``lr_min = lr * lr_min_factor``), ``cosine_ref`` (the reference code's
-    per-epoch cosine: epochs ``1..E``, so the first epoch is already below ``lr`` and the last one
-    runs exactly at ``lr_min``), ``step`` (times ``gamma`` every ``step_size`` epochs) or
-    ``none``; ``warmup_epochs`` ramp up linearly first. ``many`` / ``few``: region thresholds on a
-    bin's training count (``None``: those of the bins, 100 / 20 by default). ``balance``: what
-    bMAE averages over, ``label``, ``bin`` or ``auto`` (decided once from the training labels,
-    see :func:`balanced_sam._compat.choose_balance`).
-    """
-
-    method: str = "bsam"
-    loss: str = "l1"
-    epochs: int = 30
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine | cosine_ref | step | none
-    lr_min_factor: float = 1e-3  # cosine ends at lr * lr_min_factor (reference: 0.1 ** 3)
-    step_size: int = 5  # step schedule: multiply by gamma every step_size epochs
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-    rho: float = 0.05
-    p: float = 2.0
-    normalize: str = "mean"  # weights: mean 1 over training samples, or "none" (reference)
-    eta: int = 20  # ImbSAM tail threshold
-    lds: dict[str, Any] = field(default_factory=lambda: {"kernel": "gaussian", "ks": 5,
-                                                         "sigma": 2.0})
-    bn_second_pass: str = "update"
-    select_by: str = "mae"  # mae | bmae | last
-    many: int | None = None
-    few: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    scope: str = "global"  # data-parallel perturbation scope: global | local
-    num_workers: int = 0
-    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
-    eval_batch_size: int = 1024
-    progress: bool = True
-    checkpoint: str = "all"  # all (last.pt every epoch + best.pt) | best | none
-    balance: str = "auto"  # what bMAE averages over: label | bin | auto
-
-    def validate(self, section: str = "train") -> TrainConfig:
-        """Check every value's type, then its range; errors name ``section.key``."""
-        _check_types(self, section)
-        get_method(self.method)
-        get_loss(self.loss)
-        for ok, key, allowed in self._ranges():
-            if not ok:
-                raise ConfigError(f"{section}.{key} = {getattr(self, key)!r}: {allowed}")
-        return self
-
-    def _ranges(self) -> list[tuple[bool, str, str]]:
-        return [
-            (self.epochs >= 1, "epochs", "must be >= 1"),
-            (self.batch_size >= 1, "batch_size", "must be >= 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr", "must be a finite number > 0"),
-            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
-            (self.rho >= 0 and math.isfinite(self.rho), "rho", "must be a finite number >= 0"),
-            (self.p >= 1, "p", "must be >= 1 (or inf)"),
-            (self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}"),
-            (0 < self.lr_min_factor <= 1, "lr_min_factor", "must be in (0, 1]"),
-            (self.step_size >= 1, "step_size", "must be >= 1"),
-            (self.select_by in ("mae", "bmae", "last"), "select_by", "must be mae, bmae or last"),
-            (self.amp in ("none", "bf16", "fp16"), "amp", "must be none, bf16 or fp16"),
-            (self.scope in ("global", "local"), "scope", "must be global or local"),
-            (self.normalize in ("mean", "none"), "normalize", "must be mean or none"),
-            (self.bn_second_pass in ("update", "freeze"), "bn_second_pass",
-             "must be update or freeze"),
-            (self.checkpoint in ("all", "best", "none"), "checkpoint",
-             "must be all, best or none"),
-            (self.balance in ("label", "bin", "auto"), "balance", "must be label, bin or auto"),
-            (self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0"),
-            (self.num_workers >= 0, "num_workers", "must be >= 0"),
-            (self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1"),
-            (bool(_DEVICE.match(self.device)), "device",
-             "must be auto, cpu, cuda, cuda:N or mps (this library runs on no other device)"),
-            (self.few is None or self.few >= 0, "few", "must be >= 0"),
-            (self.many is None or self.many >= (self.few or 0), "many", "must be >= few"),
-        ]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], section: str = "train") -> TrainConfig:
-        names = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                raise ConfigError(f"{section}.{key} is not a training option{hint} (known: "
-                                  f"{', '.join(names)})")
-        return cls(**{k: _coerce_number(cls, k, v) for k, v in d.items()}).validate(section)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce_number(cls: type, key: str, value: Any) -> Any:
-    """YAML reads ``1e-4`` (no dot) as a string: a float field takes a string that parses as a
-    number; everything else is left for :func:`_check_types` to judge."""
-    if isinstance(value, str) and _field_types(cls).get(key) is float:
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _check_types(cfg: Any, section: str) -> None:
-    """Raise :class:`ConfigError` naming the key, the expected type and the value given."""
-    for f in fields(cfg):
-        want = _field_types(type(cfg))[f.name]
-        value = getattr(cfg, f.name)
-        options = typing.get_args(want) if typing.get_origin(want) is not None else (want,)
-        if typing.get_origin(want) is dict:
-            options = (dict,)
-        if not any(_is_a(value, t) for t in options):
-            names = " or ".join(_type_name(t) for t in options)
-            raise ConfigError(f"{section}.{f.name}: expected {names}, got {value!r} "
-                              f"({type(value).__name__})")
-
-
-def _is_a(value: Any, t: Any) -> bool:
-    if t is type(None):
-        return value is None
-    if t is float:  # an integer is a number too; a bool is not
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if t is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if t is dict:
-        return isinstance(value, Mapping)
-    return isinstance(value, t)
-
-
-def _type_name(t: Any) -> str:
-    return {float: "a number", int: "an integer", bool: "true or false", str: "a string",
-            dict: "a mapping", type(None): "null"}.get(t, getattr(t, "__name__", str(t)))
-
 
 @dataclass
 class FitResult:
@@ -249,7 +90,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     of ``cpu``, ``cuda``, ``cuda:N``, ``mps``, checked to be available."""
     if isinstance(device, torch.device):
         device = str(device)
-    if not _DEVICE.match(str(device)):
+    if not DEVICES.match(str(device)):
         raise ValueError(f"device {device!r} is not one this library runs on; use "
                          f"{spell('device', 'cpu')} (or auto, cuda, cuda:N, mps)")
     if device == "auto":
@@ -339,133 +180,6 @@ class LRPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ---------------------------------------------------------------------------- batches
-def _is_tensor_data(data: Any) -> bool:
-    return isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)
-
-
-def _num_samples(data: Any) -> int:
-    return int(data[0].shape[0]) if _is_tensor_data(data) else len(data)
-
-
-def _epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int,
-                 world_size: int) -> torch.Tensor:
-    """The sample order of one epoch for one replica (``DistributedSampler``'s split)."""
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    else:
-        order = torch.arange(n)
-    if world_size > 1:
-        per = math.ceil(n / world_size)
-        pad = per * world_size - n
-        if pad:
-            order = torch.cat([order, order[:pad]])
-        order = order[rank::world_size]
-    return order
-
-
-class _Order(torch.utils.data.Sampler):
-    """The epoch's order as ``(index, seed)`` pairs; :meth:`set_epoch` moves to another epoch
-    (the loader, and with it persistent workers, stays)."""
-
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = _epoch_order(self.n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                             rank=self.rank, world_size=self.world_size)
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
-        return iter([(i, base + i) for i in order.tolist()])
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
-
-
-class _Seeded(torch.utils.data.Dataset):
-    """Reads sample ``i`` with torch's generator seeded by ``(seed, epoch, i)``: a random
-    augmentation depends on nothing else (not on the worker, the number of workers, or whether
-    the run was resumed), and the main process's generator is left untouched."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.data[index]
-
-
-class EpochLoader:
-    """Mini-batches of ``data`` epoch after epoch (see :func:`batches`).
-
-    Tensor data are sliced directly. A ``Dataset`` is read through one ``DataLoader`` kept for the
-    whole run: with workers they persist across epochs and prefetch ``prefetch_factor`` batches
-    each; with ``pin_memory`` (on by default for a CUDA device) batches come in page-locked
-    memory so the copy to the GPU overlaps computation.
-    """
-
-    def __init__(self, data: Any, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 drop_last: bool = False, pin_memory: bool = False,
-                 prefetch_factor: int = 2) -> None:
-        self.data, self.batch_size, self.drop_last = data, batch_size, drop_last
-        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.tensors = _is_tensor_data(data)
-        self.loader: torch.utils.data.DataLoader | None = None
-        if not self.tensors:
-            self.order = _Order(len(data), shuffle, seed, rank, world_size)
-            workers = num_workers > 0
-            self.loader = torch.utils.data.DataLoader(
-                _Seeded(data), batch_size=batch_size, sampler=self.order,
-                num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
-                persistent_workers=workers, prefetch_factor=prefetch_factor if workers else None,
-                generator=torch.Generator().manual_seed(seed))  # leaves the global RNG alone
-
-    def __len__(self) -> int:
-        per = math.ceil(_num_samples(self.data) / self.world_size)
-        return per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)
-
-    def epoch(self, epoch: int) -> Iterator[Sequence[torch.Tensor]]:
-        if self.loader is not None:
-            self.order.set_epoch(epoch)
-            yield from self.loader
-            return
-        order = _epoch_order(_num_samples(self.data), shuffle=self.shuffle, seed=self.seed,
-                             epoch=epoch, rank=self.rank, world_size=self.world_size)
-        stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
-        for i in range(0, stop, self.batch_size):
-            idx = order[i:i + self.batch_size]
-            yield tuple(t[idx] for t in self.data)
-
-
-def batches(data: Any, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-            rank: int = 0, world_size: int = 1, num_workers: int = 0,
-            drop_last: bool = False, pin_memory: bool = False,
-            prefetch_factor: int = 2) -> Iterator[Sequence[torch.Tensor]]:
-    """Mini-batches of ``data`` for one epoch.
-
-    ``data`` is a tuple of tensors (sliced directly: fast for tables and small images) or a
-    ``Dataset`` (read through a ``DataLoader``). The order is a permutation drawn from a
-    generator seeded with ``seed + epoch`` and split over replicas as ``DistributedSampler``
-    does (``indices[rank::world_size]``, padded to equal length), so replica ``r`` of a
-    ``world_size``-process run gets, batch by batch, its share of what a single process with
-    ``world_size`` times the batch size gets. For many epochs use :class:`EpochLoader`, which
-    keeps one loader (and its workers).
-    """
-    yield from EpochLoader(data, batch_size, shuffle=shuffle, seed=seed, rank=rank,
-                           world_size=world_size, num_workers=num_workers, drop_last=drop_last,
-                           pin_memory=pin_memory, prefetch_factor=prefetch_factor).epoch(epoch)
 
 
 def _unpack(batch: Sequence[torch.Tensor], device: torch.device
@@ -779,7 +493,7 @@ def _agree(resume: bool, world: int) -> bool:
 
 def _labels_of(data: Any) -> torch.Tensor | None:
     """Per-sample labels of tensor data or of a dataset with ``targets``; else ``None``."""
-    if _is_tensor_data(data):
+    if is_tensor_data(data):
         return data[1]
     targets = getattr(data, "targets", None)
     return torch.as_tensor(targets) if targets is not None else None
@@ -787,7 +501,7 @@ def _labels_of(data: Any) -> torch.Tensor | None:
 
 def _on(data: Any, device: torch.device) -> Any:
     """Tensor data go to a CUDA device once (the batches are then sliced there)."""
-    if device.type == "cuda" and _is_tensor_data(data):
+    if device.type == "cuda" and is_tensor_data(data):
         return tuple(t.to(device) for t in data)
     return data
 

@@ -62,11 +62,3 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         _DIGESTS[key] = sha256_file(p)
     return _DIGESTS[key]
 
-
-def __getattr__(name: str) -> Any:
-    # the registry's names, where they used to live (the registry imports this module)
-    if name in ("DATASETS", "register_dataset", "get_dataset"):
-        from balanced_sam.data import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
