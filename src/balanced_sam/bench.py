@@ -307,7 +307,8 @@ def _model_text(plan: _Plan) -> str:
 def _rho_text(plan: _Plan) -> str:
     shown = {m: plan.rho_by_method[m] for m in plan.methods if m in plan.rho_by_method}
     if shown:
-        return ", ".join(f"{m} {r:g}" for m, r in shown.items()) + " (chosen on validation)"
+        return (", ".join(f"{m} {r:g}" for m, r in shown.items())
+                + f" (the recipe's: {plan.data.recipe.source or 'per method'})")
     return ", ".join(f"{r:g}" for r in plan.sweep)
 
 
