@@ -217,11 +217,12 @@ class Evaluation:
 
 def load_experiment(checkpoint: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
                     device: str | torch.device = "cpu", *,
-                    allow_data_change: bool = False) -> Experiment:
+                    allow_data_change: bool = False, source: str | None = None) -> Experiment:
     """Rebuild the experiment of a checkpoint written by ``bsam train`` / ``bsam bench`` and load
     its weights (``overrides``: e.g. ``data.root=/elsewhere``). Data whose fingerprint differs
     from the checkpoint's are refused unless ``allow_data_change``."""
-    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "the checkpoint"
+    if source is None:
+        source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "the checkpoint"
     ck = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
     spec = (ck.get("meta") or {}).get("spec")
     if not spec:
@@ -257,7 +258,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
     """The metrics of a checkpoint on a split of the data it was trained on."""
     dev = resolve_device(device)
     ck = load_checkpoint(checkpoint)
-    exp = load_experiment(ck, overrides, dev, allow_data_change=allow_data_change)
+    exp = load_experiment(ck, overrides, dev, allow_data_change=allow_data_change,
+                          source=str(checkpoint))
     rep = evaluate(exp.model, exp.data.split(split), exp.bins, device=dev,
                    target_scaler=exp.scaler, depth=exp.depth, balance=exp.cfg.balance,
                    batch_size=exp.cfg.eval_batch_size)
@@ -311,8 +313,7 @@ def analyze_checkpoints(
     results: dict[str, Any] = {}
     landscapes: dict[str, Any] = {}
     for name, path in items:
-        exp = load_experiment(load_checkpoint(path), overrides, dev,
-                              allow_data_change=allow_data_change)
+        exp = load_experiment(path, overrides, dev, allow_data_change=allow_data_change)
         name = _unique(name or exp.cfg.method, results, path)
         log(f"{name}: {path} ({split} split)")
         results[name], merged = _analyze_one(exp, name, split, regions, samples, settings, log)
