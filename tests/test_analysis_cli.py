@@ -48,3 +48,15 @@ def test_analyze_bench_checkpoints(tmp_path, capsys):
     assert main(["analyze", "--checkpoint", str(out / "runs/bsam-rho0.05-seed0/best.pt"),
                  "--regions", "all,tail"]) == 2
     assert "tail" in capsys.readouterr().err
+    # the library call the command wraps: same figures; regions merged in memory (no file per
+    # region written and read back)
+    from balanced_sam.experiment import analyze_checkpoints
+
+    lib = analyze_checkpoints([("SQINV", out / "runs/sqinv-seed0/best.pt")], samples=120,
+                              iters=8, probes=6, grid=5, out=tmp_path / "lib",
+                              log=lambda s: None)
+    assert lib["SQINV"]["regions"]["all"]["lambda_max"] == res["SQINV"]["regions"]["all"][
+        "lambda_max"]
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == [
+        "SQINV_landscape.npz", "analysis.json", "landscapes.png", "sharpness_table.md"]
+    assert not [p for p in ana.iterdir() if p.is_dir()]

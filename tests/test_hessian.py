@@ -60,7 +60,8 @@ def test_least_squares_top_eigenvalue_matches_numpy(bias: bool) -> None:
     h = ls_hessian(x, bias)
     lam = np.linalg.eigvalsh(h)[-1]
     model = linear(x.shape[1], bias)
-    res = hessian_top_eigenvalue(model, sq, x, y, tol=1e-6, iters=500, batch_size=32)
+    res = hessian_top_eigenvalue(model, sq, x, y, tol=1e-6, iters=500, batch_size=32,
+                                 method="power")
     assert res.converged and res.num_samples == len(y)
     assert abs(res.eigenvalue - lam) <= 1e-3 * lam
     assert abs(res.eigenvalue - lam) <= res.residual + 1e-12  # residual bound (some eigenvalue)
@@ -125,7 +126,7 @@ def test_quadratic_with_known_eigenvalues() -> None:
     a, q = spd(eigs)
     model = Quadratic(a, torch.ones(len(eigs), dtype=torch.float64))
     x, y = torch.zeros(8, 1), torch.zeros(8)
-    res = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-8, iters=300,
+    res = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-8, iters=300, method="power",
                                  return_eigenvector=True)
     assert res.eigenvalue == pytest.approx(10.0, rel=1e-3)
     u = res.eigenvector[0]
@@ -142,7 +143,8 @@ def test_power_finds_dominant_magnitude_lanczos_largest_algebraic() -> None:
     a, _ = spd([-8.0, 3.0, 1.0])
     model = Quadratic(a, torch.zeros(3, dtype=torch.float64))
     x, y = torch.zeros(2, 1), torch.zeros(2)
-    power = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-9, iters=500)
+    power = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-9, iters=500,
+                                   method="power")
     lan = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-12, method="lanczos")
     assert power.eigenvalue == pytest.approx(-8.0, rel=1e-3)
     assert lan.eigenvalue == pytest.approx(3.0, rel=1e-9)

@@ -11,7 +11,7 @@ import torch
 from _vision_fixtures import make_mnist_folder
 
 from balanced_sam import LabelBins
-from balanced_sam.data import get_dataset, rotated_mnist
+from balanced_sam.data import build_model, get_dataset, get_entry, rotated_mnist
 from balanced_sam.data.idx import find_idx_file, read_idx, write_idx
 
 SMALL = {"n_train": 150, "val_per_bin": 2, "test_per_bin": 3, "bin_width": 10.0}
@@ -95,8 +95,11 @@ def test_loader_on_a_local_idx_folder(mini: Path) -> None:
     assert torch.bincount(bins.bin_index(d.y_val), minlength=18).tolist() == [2] * 18
     assert d.info["sizes"] == {"train": 150, "val": 36, "test": 54}
     assert d.info["source"] == str(mini)
-    assert {"epochs", "lr", "batch_size", "optimizer", "rho"} <= set(d.defaults)
-    model = d.make_model()
+    assert "timing_note" not in d.info  # results hold no timing of one machine
+    # recipe and model come from the registry; the data module names neither
+    entry = get_entry("rotated-mnist")
+    assert {"epochs", "lr", "batch_size", "optimizer", "rho"} <= set(entry.recipe.train)
+    model = build_model(d, entry.recipe.model)
     assert model(d.x_test[:4]).shape == (4,)
     again = rotated_mnist.load(seed=0, data_root=mini, **SMALL)
     other = rotated_mnist.load(seed=1, data_root=mini, **SMALL)

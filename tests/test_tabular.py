@@ -11,13 +11,14 @@ import torch
 
 from balanced_sam.bins import LabelBins
 from balanced_sam.data.base import BenchData
+from balanced_sam.data.registry import TABLE_RECIPE, build_model
 from balanced_sam.data.tabular import (
-    TABULAR_DEFAULTS,
     TablePreprocessor,
     default_bin_width,
     dir_split,
     load_table,
     subsample,
+    table_bins,
 )
 
 
@@ -115,6 +116,14 @@ def test_default_bin_width_is_a_nice_number() -> None:
     assert default_bin_width([0.0, 0.7]) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="constant"):
         default_bin_width([3.0, 3.0])
+    # one outlier among many rows does not stretch the width (quantiles, not the extremes)
+    ages = np.concatenate([np.arange(0, 101, dtype=float).repeat(3), [1e9]])
+    assert default_bin_width(ages) == 1.0
+    spec = table_bins(ages)  # the range is cut at the quantiles; the outlier is clamped
+    assert spec["clamp"] is True and spec["upper"] <= 101 and spec["bin_width"] == 1.0
+    bins = LabelBins.from_labels(ages, **spec)
+    assert bins.num_bins <= 101 and bins.counts[-1] >= 1
+    assert "clamp" not in table_bins(np.arange(0, 101, dtype=float))  # ordinary data: all kept
 
 
 # ---------------------------------------------------------------------------------- preprocessor
@@ -194,8 +203,7 @@ def test_load_table_from_dataframe_and_csv(tmp_path) -> None:
     assert sizes["train"] == round(0.5 * sizes["train_before_fraction"])
     assert sizes["train_before_fraction"] + sizes["val"] + sizes["test"] == len(frame)
     assert (data.y_val.numel(), data.y_test.numel()) == (sizes["val"], sizes["test"])
-    assert data.standardize_target and data.defaults == TABULAR_DEFAULTS
-    assert data.defaults is not TABULAR_DEFAULTS
+    assert data.standardize_target and data.defaults == {} and data.make_model is None
     # the bins rebuilt from the training labels are the split's bins and hold val/test labels
     bins = LabelBins.from_labels(data.y_train, **data.bins)
     assert bins.num_bins == info["num_bins"]
@@ -203,9 +211,10 @@ def test_load_table_from_dataframe_and_csv(tmp_path) -> None:
     b_test = bins.bin_index(data.y_test)
     assert torch.equal(torch.bincount(b_val, minlength=bins.num_bins),
                        torch.bincount(b_test, minlength=bins.num_bins))
-    model = data.make_model()
+    # the registry's model factory builds the tables' MLP for these features
+    model = build_model(data, TABLE_RECIPE.model)
     assert model(data.x_val[:5]).shape == (5,)
-    assert data.make_model() is not model
+    assert build_model(data, TABLE_RECIPE.model) is not model
 
     path = tmp_path / "houses.csv"
     frame.to_csv(path, index=False)
@@ -304,8 +313,8 @@ def test_diamonds_split_facts() -> None:
 
     data = get_dataset("diamonds", seed=0)
     info = data.info
-    # Val/test match the design note exactly; training keeps round(0.2 * 47,026) = 9,405 rows
-    # (the note's prototype got 9,499 from a per-row coin flip, see the module docstring).
+    # Val/test sizes as the protocol says; training keeps round(0.2 * 47,026) = 9,405 rows
+    # (a per-row coin flip would give 9,499 with one seed, see the module docstring).
     assert info["sizes"]["rows"] == 53_940
     assert (info["sizes"]["val"], info["sizes"]["test"]) == (3_457, 3_457)
     assert info["sizes"]["train_before_fraction"] == 47_026

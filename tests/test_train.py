@@ -317,7 +317,7 @@ def test_amp_needs_cuda():
 
 
 def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path):
-    from balanced_sam.data.base import DATASETS, BenchData
+    from balanced_sam.data import DATASETS, BenchData
 
     x, y = synthetic(400)
     tr, va, te = split(x, y)

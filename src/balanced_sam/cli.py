@@ -1,25 +1,51 @@
-"""The ``bsam`` command.
+"""The ``bsam`` command: a thin parser over one library call per command.
 
     bsam bench [--quick] [--dataset NAME | --csv FILE --target COL] [--methods ...] [--rho ...]
+                                                   -> balanced_sam.bench.run_bench
     bsam train --config FILE.yaml [section.key=value ...] [--resume]
-    bsam eval --checkpoint PATH [--split test]
-    bsam analyze --checkpoint PATH [PATH ...] --regions all,few --hessian --landscape
-    bsam data prepare {agedb,imdb-wiki,nyud2} --root DIR
-    bsam list
+                                                   -> balanced_sam.experiment.run_training
+    bsam eval --checkpoint PATH [--split test]     -> balanced_sam.experiment.evaluate_checkpoint
+    bsam analyze --checkpoint PATH [PATH ...]      -> balanced_sam.experiment.analyze_checkpoints
+    bsam data prepare NAME --root DIR              -> balanced_sam.data.prepare.prepare_dataset
+    bsam list                                      -> the method and dataset registries
+
+Errors from bad input print one line naming the flag or config key to change (``BSAM_DEBUG=1``
+shows the traceback); a missing optional package prints the install command.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser"]
 
+#: what each command calls an option in its messages (see balanced_sam.errors.spell)
+_SPELLINGS: dict[str, dict[str, str]] = {
+    "bench": {"dropna": "--dropna", "impute": "--impute median",
+              "features": "--features COL,COL,...", "max_categories": "--max-categories N",
+              "bin_width": "--bin-width W", "train_fraction": "--train-fraction F",
+              "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
+              "device": "--device cpu"},
+    "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
+              "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
+              "bin_width": "data.bin_width=W", "train_fraction": "data.train_fraction=F",
+              "cap": "data.cap=C", "target": "data.target=COL", "csv_path": "data.path=FILE",
+              "resume": "--resume", "overwrite": "--overwrite",
+              "allow_data_change": "--allow-data-change", "device": "train.device=cpu"},
+    "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
+    "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
+}
+#: optional packages and the extra that installs them
+_EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli", "plotnine": "cli",
+           "PIL": "cli", "torchvision": "cli", "scipy": "cli"}
 
-def _csv_list(kind: type = str):  # noqa: ANN202
+
+def _csv_list(kind: type = str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
@@ -33,7 +59,7 @@ def _csv_list(kind: type = str):  # noqa: ANN202
 
 
 def _seeds(text: str) -> list[int]:
-    """``3`` means seeds 0, 1, 2; ``0,5,7`` means those seeds."""
+    """``3`` means seeds 0, 1, 2; ``0,5,7`` means those seeds (each once)."""
     if "," not in text:
         try:
             n = int(text)
@@ -43,12 +69,51 @@ def _seeds(text: str) -> list[int]:
         if n < 1:
             raise argparse.ArgumentTypeError("--seeds must be >= 1")
         return list(range(n))
-    return _csv_list(int)(text)
+    seeds = _csv_list(int)(text)
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"seed(s) {repeated} repeated in {text!r}: each seed "
+                                         "is one run")
+    return seeds
+
+
+# ---------------------------------------------------------------------------- the parser
+#: each command's one-line help and its description
+_ABOUT = {
+    "bench": ("run the methods over seeds on built-in data; print a paper-style table",
+              "Train every method over several seeds on a benchmark (default: the diamonds "
+              "prices bundled with plotnine, no download) and print the paper's Table-1-style "
+              "results: MAE and GM for All / Many / Medium / Few, plus bMAE, as mean ± std over "
+              "seeds. Writes results.json, results.csv and plots into --out. Re-running with the "
+              "same --out reuses finished runs (and trains again those whose data changed)."),
+    "train": ("train one model from a YAML config",
+              "Train one model from a YAML config (sections data, model, bins, train, out; see "
+              "configs/). Overrides: section.key=value, e.g. train.epochs=2 data.root=/data/agedb "
+              "(a bare key goes to train). Writes last.pt every epoch, best.pt, log.csv and "
+              "result.json into the output folder."),
+    "eval": ("evaluate a checkpoint on its test (or val) split",
+             "Rebuild model and data from a checkpoint written by bsam train or bsam bench and "
+             "print its metrics per region."),
+    "analyze": ("sharpness per label region: Hessian spectrum and loss landscapes",
+                "Hessian top eigenvalue and trace per label region (Table 8) and loss landscapes "
+                "along filter-normalised directions (Figure 1) of one or more checkpoints."),
+    "data": ("prepare the paper's benchmark data", "Data tools for the paper's benchmarks."),
+    "prepare": ("check / fetch / build a benchmark's files under --root",
+                "Check what is under --root, fetch what is public (split CSVs, IMDB-WIKI tars, "
+                "NYUD2-DIR data.zip) when online, verify checksums, build the IMDB-WIKI split or "
+                "the NYUD2 balanced test mask when absent, and print exactly what is still "
+                "missing and where to get it. Never deletes or overwrites your files."),
+    "list": ("list methods and datasets", "List the methods and datasets bsam knows."),
+}
+
+
+def _command(sub: Any, name: str) -> argparse.ArgumentParser:
+    help_, description = _ABOUT[name]
+    return sub.add_parser(name, help=help_, description=description)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from balanced_sam import __version__
-    from balanced_sam.methods import DEFAULT_METHODS
 
     p = argparse.ArgumentParser(
         prog="bsam",
@@ -58,24 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `bsam COMMAND --help` for the options of a command.")
     p.add_argument("--version", action="version", version=f"balanced-sam {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_bench, _add_train, _add_eval, _add_analyze, _add_data, _add_list):
+        add(sub)
+    return p
 
-    # ---------------------------------------------------------------- bench
-    b = sub.add_parser(
-        "bench", help="run the methods over seeds on built-in data; print a paper-style table",
-        description="Train every method over several seeds on a benchmark table (default: the "
-                    "diamonds prices bundled with plotnine, no download) and print the paper's "
-                    "Table-1-style results: MAE and GM for All / Many / Medium / Few, plus "
-                    "bMAE, as mean ± std over seeds. Writes results.json, results.csv and "
-                    "plots into --out. Re-running with the same --out reuses finished runs.")
+
+def _add_bench(sub: Any) -> None:
+    from balanced_sam.data.registry import dataset_names
+    from balanced_sam.methods import DEFAULT_METHODS
+
+    b = _command(sub, "bench")
     b.add_argument("--dataset", default=None,
-                   help="built-in benchmark: diamonds (default), rotated-mnist, "
-                        "rotated-fashion-mnist (see `bsam list`)")
+                   help=f"a registered dataset: {', '.join(dataset_names())} (default "
+                        "diamonds; see `bsam list`)")
     b.add_argument("--csv", dest="csv_path", metavar="FILE",
                    help="any CSV table instead of a built-in dataset (needs --target); numeric "
                         "and categorical features, DIR-style split built from it")
     b.add_argument("--target", metavar="COL", help="target column of --csv")
     b.add_argument("--dropna", action="store_true",
                    help="drop --csv rows whose target is missing (default: error)")
+    b.add_argument("--impute", choices=["median"],
+                   help="fill missing numeric --csv features with the training median")
+    b.add_argument("--features", type=_csv_list(), metavar="COL,COL",
+                   help="the --csv feature columns (default: every column but the target)")
+    b.add_argument("--categorical", type=_csv_list(), metavar="COL,COL",
+                   help="--csv columns to one-hot encode even if numeric")
+    b.add_argument("--max-categories", type=int, metavar="N",
+                   help="the most categories a --csv column may have (default 200)")
     b.add_argument("--methods", type=_csv_list(), default=list(DEFAULT_METHODS),
                    help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})")
     b.add_argument("--seeds", type=_seeds, default=None,
@@ -89,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the rows left after the val/test split kept for training "
                         "(diamonds default 0.2, so that the tail has few-shot bins)")
     b.add_argument("--cap", type=int, help="C: at most this many rows per bin in val and test")
-    b.add_argument("--data-root", help="folder with local data files (e.g. MNIST IDX files)")
+    b.add_argument("--data-root", help="folder with the data files (MNIST IDX files; the root "
+                                       "of a paper benchmark)")
     b.add_argument("--select-by", choices=["mae", "bmae"], default="mae",
                    help="validation metric that picks the best epoch (default mae, as the "
                         "paper's code)")
@@ -102,41 +177,46 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--progress", action="store_true", help="progress bar per epoch")
 
-    # ---------------------------------------------------------------- train
-    t = sub.add_parser(
-        "train", help="train one model from a YAML config",
-        description="Train one model from a YAML config (sections data, model, bins, train, "
-                    "out; see configs/). Overrides: section.key=value, e.g. train.epochs=2 "
-                    "data.root=/data/agedb (a bare key goes to train). Writes last.pt every "
-                    "epoch, best.pt, log.csv and result.json into the output folder.")
+
+def _add_train(sub: Any) -> None:
+    t = _command(sub, "train")
     t.add_argument("--config", required=True, help="YAML config file")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, anywhere on the line (e.g. train.epochs=2)")
     t.add_argument("--out", help="output folder (default: the config's out, else "
                                  "runs/<config name>)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in the output folder from its last.pt")
+                   help="continue the run in the output folder from its last.pt; only device, "
+                        "num_workers, progress, eval_batch_size, prefetch_factor, checkpoint and "
+                        "epochs may change (a longer run continues the cosine from where it "
+                        "stands, down to its floor at the new end)")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace a finished or broken run in the output folder")
+                   help="remove the run in the output folder (result.json, best.pt, last.pt, "
+                        "log.csv, tb/) and start again")
+    _allow_data_change(t, "resume on")
 
-    # ---------------------------------------------------------------- eval
-    e = sub.add_parser(
-        "eval", help="evaluate a checkpoint on its test (or val) split",
-        description="Rebuild model and data from a checkpoint written by bsam train or bsam "
-                    "bench and print its metrics per region.")
+
+def _add_eval(sub: Any) -> None:
+    e = _command(sub, "eval")
     e.add_argument("--checkpoint", required=True, help="best.pt or last.pt")
     e.add_argument("--split", choices=["test", "val", "train"], default="test")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="spec overrides, e.g. data.root=/elsewhere")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the report to this JSON file")
+    _allow_data_change(e, "evaluate on")
 
-    # ---------------------------------------------------------------- analyze
-    a = sub.add_parser(
-        "analyze", help="sharpness per label region: Hessian spectrum and loss landscapes",
-        description="Hessian top eigenvalue and trace per label region (Table 8) and loss "
-                    "landscapes along filter-normalised directions (Figure 1) of one or more "
-                    "checkpoints.")
+
+def _allow_data_change(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--allow-data-change", action="store_true",
+                   help=f"{what} data whose fingerprint (content of the table or split file, "
+                        "split parameters) differs from the checkpoint's")
+
+
+def _add_analyze(sub: Any) -> None:
+    from balanced_sam.analysis.hessian import DEFAULT_METHOD, METHODS
+
+    a = _command(sub, "analyze")
     a.add_argument("--checkpoint", nargs="+", required=True,
                    help="one or more checkpoints; NAME=PATH sets the row name")
     a.add_argument("--regions", type=_csv_list(), default=["all", "few"],
@@ -151,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--iters", type=int, default=30,
                    help="eigenvalue iterations (default 30; Lanczos keeps one parameter-sized "
                         "vector per iteration)")
-    a.add_argument("--method", choices=["lanczos", "power"], default="lanczos",
+    a.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
                    help="lanczos (default): the largest eigenvalue lambda_max; power: the "
                         "eigenvalue of largest magnitude (PyHessian's; it can be negative for "
                         "an L1 loss, whose Hessian is indefinite)")
@@ -172,118 +252,103 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="spec override, e.g. --set data.root=/elsewhere "
                                              "(repeatable)")
+    _allow_data_change(a, "analyze on")
 
-    # ---------------------------------------------------------------- data
-    d = sub.add_parser("data", help="prepare the paper's benchmark data",
-                       description="Data tools for the paper's benchmarks.")
-    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
-    dp = dsub.add_parser(
-        "prepare", help="check / fetch / build a benchmark's files under --root",
-        description="Check what is under --root, fetch what is public (split CSVs, IMDB-WIKI "
-                    "tars, NYUD2-DIR data.zip) when online, verify checksums, build the "
-                    "IMDB-WIKI split or the NYUD2 balanced test mask when absent, and print "
-                    "exactly what is still missing and where to get it. Never deletes or "
-                    "overwrites your files.")
-    dp.add_argument("name", choices=["agedb", "imdb-wiki", "nyud2"])
+
+def _add_data(sub: Any) -> None:
+    from balanced_sam.data.registry import dataset_names
+
+    d = _command(sub, "data")
+    dp = _command(d.add_subparsers(dest="data_command", metavar="ACTION"), "prepare")
+    dp.add_argument("name", choices=dataset_names(prepare=True))
     dp.add_argument("--root", required=True, help="folder for this benchmark's files")
     dp.add_argument("--no-download", action="store_true", help="only check and build")
     dp.add_argument("--seed", type=int, default=0, help="seed of built splits / masks")
 
-    sub.add_parser("list", help="list methods and datasets",
-                   description="List the methods and datasets bsam knows.")
-    return p
+
+def _add_list(sub: Any) -> None:
+    _command(sub, "list")
 
 
+# ---------------------------------------------------------------------------- the commands
 def _cmd_bench(args: argparse.Namespace) -> int:
     from balanced_sam.bench import run_bench
 
-    overrides = {}
-    if args.lr is not None:
-        overrides["lr"] = args.lr
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
+    overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size))
+                 if v is not None}
     rho = args.rho if args.rho is None or len(args.rho) > 1 else args.rho[0]
+    table = {k: v for k, v in (("impute", args.impute), ("features", args.features),
+                               ("categorical", args.categorical),
+                               ("max_categories", args.max_categories)) if v is not None}
     run_bench(args.dataset, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
               rho=rho, bin_width=args.bin_width, device=args.device, out=args.out,
               csv_path=args.csv_path, target=args.target, train_fraction=args.train_fraction,
               cap=args.cap, data_root=args.data_root, dropna=args.dropna,
-              select_by=args.select_by,
-              quick=args.quick, overrides=overrides, progress=args.progress,
-              plots=not args.no_plots)
+              select_by=args.select_by, quick=args.quick, overrides=overrides,
+              progress=args.progress, plots=not args.no_plots, **table)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from balanced_sam.bench import write_json
-    from balanced_sam.experiment import apply_overrides, build_experiment, load_config
-    from balanced_sam.metrics import format_table
-    from balanced_sam.train import fit, init_distributed, seed_everything
+    import torch
 
-    distributed = init_distributed()  # under torchrun
-    rank = torch_rank() if distributed else 0
+    from balanced_sam.experiment import apply_overrides, load_config, run_training
+    from balanced_sam.metrics import format_table
+
     spec = apply_overrides(load_config(args.config), args.overrides)
     out = Path(args.out or spec.get("out") or Path("runs") / Path(args.config).stem)
-    seed_everything(int((spec.get("train") or {}).get("seed", 0)))
-    exp = build_experiment(spec)
-    if rank == 0:
-        print(f"{exp.cfg.method} on {spec['data']['name']}: {exp.bins}")
-    res = fit(exp.model, exp.train, exp.val, exp.bins, exp.cfg, test_data=exp.test,
-              out_dir=out, resume=args.resume, overwrite=args.overwrite,
-              target_stats=exp.target_stats, depth=exp.depth, meta={"spec": spec})
-    if rank != 0:
+    res = run_training(spec, out=out, resume=args.resume, overwrite=args.overwrite,
+                       allow_data_change=args.allow_data_change)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
-    write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
-                "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
-                "config": exp.cfg.to_dict()}, out / "result.json")
     if res.test is not None:
-        metrics = ("rmse", "delta1") if exp.depth else ("mae", "gm")
+        depth = "delta1" in res.test["all"]
         print(f"\ntest set, best epoch {res.best_epoch}:")
-        print(format_table({exp.cfg.method: res.test}, metrics=metrics,
-                           extra=() if exp.depth else ("bmae",)))
+        print(format_table({(res.config or {}).get("method", "model"): res.test},
+                           metrics=("rmse", "delta1") if depth else ("mae", "gm"),
+                           extra=() if depth else ("bmae",)))
     print(f"wrote {out}/best.pt, last.pt, log.csv, result.json")
     return 0
 
 
-def torch_rank() -> int:
-    import torch
-
-    return torch.distributed.get_rank()
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from balanced_sam.bench import write_json
-    from balanced_sam.experiment import model_from_checkpoint
+    from balanced_sam.experiment import evaluate_checkpoint
+    from balanced_sam.io import write_json
     from balanced_sam.metrics import format_table
-    from balanced_sam.train import evaluate, load_checkpoint, resolve_device
 
-    device = resolve_device(args.device)
-    ck = load_checkpoint(args.checkpoint, map_location="cpu")
-    exp = model_from_checkpoint(ck, args.overrides, device)
-    data = {"train": exp.train, "val": exp.val, "test": exp.test}[args.split]
-    if data is None:
-        raise ValueError(f"this benchmark has no {args.split} split")
-    cfg = ck.get("config", {})
-    rep = evaluate(exp.model, data, exp.bins, device=device, target_stats=exp.target_stats,
-                   many=cfg.get("many", 100), few=cfg.get("few", 20), depth=exp.depth,
-                   balance=cfg.get("balance", "label"))
-    metrics = ("rmse", "delta1") if exp.depth else ("mae", "gm")
-    name = f"{cfg.get('method', '?')} (epoch {int(ck.get('epoch', -1)) + 1})"
+    ev = evaluate_checkpoint(args.checkpoint, split=args.split, overrides=args.overrides,
+                             device=args.device, allow_data_change=args.allow_data_change)
     print(f"{args.split} set of {args.checkpoint}:")
-    print(format_table({name: rep}, metrics=metrics, extra=() if exp.depth else ("bmae",)))
+    print(format_table({f"{ev.method} (epoch {ev.epoch})": ev.report},
+                       metrics=("rmse", "delta1") if ev.depth else ("mae", "gm"),
+                       extra=() if ev.depth else ("bmae",)))
     if args.json:
-        write_json(rep, Path(args.json))
+        write_json(ev.report, Path(args.json))
     return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from balanced_sam.analysis.cli import run_analyze
+    import torch
 
-    return run_analyze(args)
+    from balanced_sam.experiment import analyze_checkpoints
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    named = [tuple(spec.split("=", 1)) if "=" in spec else ("", spec)
+             for spec in args.checkpoint]
+    both = not (args.hessian or args.landscape)  # neither flag: both analyses
+    analyze_checkpoints(
+        named, regions=args.regions, split=args.split, samples=args.samples,
+        hessian=args.hessian or both, landscape=args.landscape or both, iters=args.iters,
+        method=args.method, probes=args.probes, tol=args.tol, grid=args.grid, span=args.span,
+        dim=args.dim, seed=args.seed, cache_graph=args.cache_graph, device=args.device,
+        out=args.out, overrides=args.overrides, allow_data_change=args.allow_data_change)
+    return 0
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command != "prepare":
-        print("usage: bsam data prepare {agedb,imdb-wiki,nyud2} --root DIR", file=sys.stderr)
+        print("usage: bsam data prepare NAME --root DIR", file=sys.stderr)
         return 2
     from balanced_sam.data.prepare import prepare_dataset
 
@@ -292,20 +357,19 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from balanced_sam.data.base import DATASETS, _load_builtin
-    from balanced_sam.experiment import DIR_BENCHMARKS
+    from balanced_sam.data.registry import REGISTRY
     from balanced_sam.methods import METHODS
 
     print("methods:")
     for m in METHODS.values():
         print(f"  {m.name:<14} {m.description}  [{m.paper}]")
-    _load_builtin()
-    print("\nbuilt-in benchmarks (bsam bench --dataset NAME):")
-    for name in sorted(DATASETS):
-        print(f"  {name}")
-    print("\npaper benchmarks (bsam train --config configs/...):")
-    for name in DIR_BENCHMARKS:
-        print(f"  {name}")
+    for title, paper in (("datasets (bsam bench --dataset NAME, or data.name in a config)",
+                          False), ("paper benchmarks (bsam data prepare NAME --root DIR; "
+                                   "bsam train --config configs/...)", True)):
+        print(f"\n{title}:")
+        for e in REGISTRY.values():
+            if e.prepare == paper:
+                print(f"  {e.name:<22} {e.description}")
     return 0
 
 
@@ -327,13 +391,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError,
-            ModuleNotFoundError) as exc:
-        # bad input: a clear one-line message, no traceback (set BSAM_DEBUG=1 for one)
-        import os
+    return _run(args)
 
+
+def _run(args: argparse.Namespace) -> int:
+    from balanced_sam.errors import option_spellings
+
+    try:
+        with option_spellings(_SPELLINGS.get(args.command, {})):
+            return COMMANDS[args.command](args)
+    except ModuleNotFoundError as exc:
+        if os.environ.get("BSAM_DEBUG"):
+            raise
+        top = (exc.name or "").split(".")[0]
+        hint = (f"; install it with: pip install 'balanced-sam[{_EXTRAS[top]}]'"
+                if top in _EXTRAS else "")
+        print(f"bsam {args.command}: error: {exc}{hint}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError,
+            NotImplementedError) as exc:
+        # bad input: a clear one-line message, no traceback (set BSAM_DEBUG=1 for one)
         if os.environ.get("BSAM_DEBUG"):
             raise
         print(f"bsam {args.command}: error: {exc}", file=sys.stderr)

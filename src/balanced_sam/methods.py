@@ -1,18 +1,30 @@
-"""Methods: which optimizer and which loss weighting, by the names used everywhere.
+"""Methods: which sharpness-aware step and which two weightings, by the names used everywhere.
 
 A *method* is what a row of the paper's tables names: ``vanilla`` (plain L1), ``sqinv`` (SQINV
 re-weighted L1), ``sam`` (SAM perturbation, SQINV update), ``bsam`` (SQINV-BSAM, the paper's
-method), and so on. Each is a :class:`Method` in :data:`METHODS`; a baseline plugs in with one
-:func:`register_method` call. :func:`build_stepper` turns a method into an optimizer and a step
-function with one signature for all of them::
+method), and so on. Each is a :class:`Method` in :data:`METHODS`, described by three words of one
+vocabulary (the optimizers use the same two weighting names):
+
+* ``sharpness``: ``"none"`` (the base optimizer alone), ``"sam"``, ``"bsam"`` or ``"imbsam"``;
+* ``perturbation_weighting``: the per-sample weights of the loss whose gradient sets the
+  perturbation (BSAM's contribution; ``None``: unweighted);
+* ``update_weighting``: the per-sample weights of the loss whose gradient updates the weights
+  (``None``: unweighted).
+
+A baseline plugs in with one :func:`register_method` call. :func:`build_stepper` turns a method
+into an optimizer and a step function with one signature for all of them::
 
     opt, step = build_stepper(METHODS["bsam"], model.parameters(), bins, cfg)
     loss = step(loss_fn, targets)          # loss_fn() -> unreduced per-sample losses
+
+Older spellings still work: ``Method(optimizer="base"|"sam"|..., weighting=..., perturbation=...,
+extra=...)`` and the attributes ``method.optimizer``, ``.weighting``, ``.perturbation``,
+``.extra``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,42 +32,99 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from balanced_sam.bins import LabelBins
+from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.losses import weighted_mean
 from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
 
-__all__ = ["Method", "METHODS", "register_method", "get_method", "build_stepper",
+__all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "build_stepper",
            "build_base_optimizer", "DEFAULT_METHODS", "StepFn"]
 
 StepFn = Callable[..., torch.Tensor]
 
+#: the sharpness-aware steps a method can take ("none": the base optimizer's plain step)
+SHARPNESS = ("none", "sam", "bsam", "imbsam")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class Method:
     """A training method.
 
     Attributes:
         name: the name used in the CLI, configs and results.
-        optimizer: ``"base"`` (the base optimizer alone), ``"sam"``, ``"bsam"`` or ``"imbsam"``.
-        weighting: the loss weighting of the update (``None``: unweighted).
-        perturbation: BSAM's perturbation weighting (``"bsam"`` only).
+        sharpness: ``"none"``, ``"sam"``, ``"bsam"`` or ``"imbsam"`` (old name ``optimizer``,
+            where ``"base"`` meant ``"none"``).
+        update_weighting: the weighting of the update loss (``None``: unweighted; old name
+            ``weighting``).
+        perturbation_weighting: the weighting of the perturbation loss, for ``"bsam"`` only
+            (default there ``"sqrt_inv"``; old name ``perturbation``).
         loss: per-sample loss name (``balanced_sam.losses``); ``None``: the config's loss.
-        description: one line for ``bsam bench --help`` and the tables.
+        description: one line for ``bsam list`` and the tables.
         paper: where the paper uses it.
+        optimizer_options: keyword arguments for the optimizer that override the config's
+            (e.g. ``{"eta": 10}`` for an ImbSAM variant); old name ``extra``.
     """
 
     name: str
-    optimizer: str = "base"
-    weighting: str | None = None
-    perturbation: str | None = None
+    sharpness: str = "none"
+    update_weighting: str | None = None
+    perturbation_weighting: str | None = None
     loss: str | None = None
     description: str = ""
     paper: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __init__(self, name: str, sharpness: str = "none", update_weighting: str | None = None,
+                 perturbation_weighting: str | None = None, loss: str | None = None,
+                 description: str = "", paper: str = "",
+                 optimizer_options: Mapping[str, Any] | None = None, *,
+                 optimizer: str | None = None, weighting: str | None = None,
+                 perturbation: str | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
+        sharpness = optimizer if optimizer is not None else sharpness
+        values = {
+            "name": name,
+            "sharpness": "none" if sharpness == "base" else sharpness,
+            "update_weighting": weighting if weighting is not None else update_weighting,
+            "perturbation_weighting": (perturbation if perturbation is not None
+                                       else perturbation_weighting),
+            "loss": loss, "description": description, "paper": paper,
+            "optimizer_options": dict(extra if extra is not None else optimizer_options or {}),
+        }
+        if values["sharpness"] not in SHARPNESS:
+            raise ValueError(f"method {name!r}: sharpness must be one of {SHARPNESS} (or 'base' "
+                             f"for 'none'), got {sharpness!r}")
+        for key in ("update_weighting", "perturbation_weighting"):
+            if values[key] not in (None, *SCHEMES):
+                raise ValueError(f"method {name!r}: {key} must be None or one of {SCHEMES}, "
+                                 f"got {values[key]!r}")
+        if values["sharpness"] == "bsam" and values["perturbation_weighting"] is None:
+            values["perturbation_weighting"] = "sqrt_inv"  # BSAM's defining choice (the paper's)
+        if values["perturbation_weighting"] is not None and values["sharpness"] != "bsam":
+            raise ValueError(f"method {name!r}: perturbation_weighting needs sharpness 'bsam' "
+                             f"(SAM and ImbSAM perturb with the unweighted loss)")
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
 
     @property
     def uses_rho(self) -> bool:
-        return self.optimizer != "base"
+        return self.sharpness != "none"
+
+    # the older names
+    @property
+    def optimizer(self) -> str:
+        return "base" if self.sharpness == "none" else self.sharpness
+
+    @property
+    def weighting(self) -> str | None:
+        return self.update_weighting
+
+    @property
+    def perturbation(self) -> str | None:
+        return self.perturbation_weighting
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        return self.optimizer_options
 
 
 METHODS: dict[str, Method] = {}
@@ -63,9 +132,6 @@ METHODS: dict[str, Method] = {}
 
 def register_method(method: Method) -> Method:
     """Add a method to the registry (its name must be new)."""
-    if method.optimizer not in ("base", "sam", "bsam", "imbsam"):
-        raise ValueError(f"method optimizer must be base, sam, bsam or imbsam, "
-                         f"got {method.optimizer!r}")
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
     METHODS[method.name] = method
@@ -73,14 +139,14 @@ def register_method(method: Method) -> Method:
 
 
 for _m in (
-    Method("vanilla", "base", None, description="plain L1 loss", paper="Tables 1-3"),
-    Method("sqinv", "base", "sqrt_inv", description="L1 weighted by 1/sqrt(N_k)",
+    Method("vanilla", "none", None, description="plain L1 loss", paper="Tables 1-3"),
+    Method("sqinv", "none", "sqrt_inv", description="L1 weighted by 1/sqrt(N_k)",
            paper="Tables 1-3"),
-    Method("inv", "base", "inv", description="L1 weighted by 1/clip(N_k, 5, 1000)",
+    Method("inv", "none", "inv", description="L1 weighted by 1/clip(N_k, 5, 1000)",
            paper="Table 7"),
-    Method("lds", "base", "lds", description="SQINV after label-distribution smoothing (DIR)",
+    Method("lds", "none", "lds", description="SQINV after label-distribution smoothing (DIR)",
            paper="Tables 1-3"),
-    Method("bmse", "base", None, loss="bmse", description="Balanced MSE (batch Monte-Carlo)",
+    Method("bmse", "none", None, loss="bmse", description="Balanced MSE (batch Monte-Carlo)",
            paper="Tables 1-2"),
     Method("sam", "sam", "sqrt_inv", description="SAM perturbation, SQINV update",
            paper="Tables 1-2, 6"),
@@ -136,45 +202,29 @@ def build_stepper(
 
     ``cfg`` needs ``optimizer``, ``lr``, ``momentum``, ``weight_decay``, ``rho``, ``p``,
     ``normalize``, ``eta``, ``bn_second_pass`` and ``lds`` (kernel options) attributes, as
-    :class:`balanced_sam.train.TrainConfig` has.
+    :class:`balanced_sam.train.TrainConfig` has; ``method.optimizer_options`` override them.
     """
     base = build_base_optimizer(cfg.optimizer)
     kw = _base_kwargs(cfg)
-    wkw = dict(cfg.lds) if "lds" in (method.weighting, method.perturbation) else {}
-    common = dict(normalize=cfg.normalize, weight_kwargs=wkw, model=model,
-                  bn_second_pass=cfg.bn_second_pass)
-    if method.optimizer == "base":
-        opt = base(params, **kw)
-        scheme = method.weighting
-        if scheme is not None:  # validate now
-            bins.weights(scheme, cfg.normalize, **wkw)
-
-        def step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
-                 mask: torch.Tensor | None = None, scaler: Any = None,
-                 first_pass_context: Any = None) -> torch.Tensor:
-            w = None if scheme is None else bins.sample_weights(targets, scheme, cfg.normalize,
-                                                                **wkw)
-            opt.zero_grad(set_to_none=True)
-            loss = weighted_mean(SAM._check_losses(loss_fn(), targets), w, mask)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-            else:
-                loss.backward()
-                opt.step()
-            return loss.detach()
-
-        return opt, step
-    if method.optimizer == "sam":
-        opt = SAM(params, base, rho=cfg.rho, p=cfg.p, bins=bins,
-                  update_weighting=method.weighting, **common, **kw)
-    elif method.optimizer == "bsam":
-        opt = BalancedSAM(params, base, bins, scheme=method.perturbation or "sqrt_inv",
-                          update_weighting="same" if method.weighting == method.perturbation
-                          else method.weighting, rho=cfg.rho, p=cfg.p, **common, **kw)
+    uses_lds = "lds" in (method.update_weighting, method.perturbation_weighting)
+    wkw = dict(cfg.lds) if uses_lds else {}
+    if method.sharpness == "none":
+        return _plain_stepper(base(params, **kw, **method.optimizer_options), method, bins,
+                              cfg.normalize, wkw)
+    common: dict[str, Any] = dict(rho=cfg.rho, p=cfg.p, normalize=cfg.normalize,
+                                  weight_kwargs=wkw, model=model,
+                                  bn_second_pass=cfg.bn_second_pass, **kw)
+    if method.sharpness == "sam":
+        opt: SAM = SAM(params, base, bins=bins, update_weighting=method.update_weighting,
+                       **{**common, **method.optimizer_options})
+    elif method.sharpness == "bsam":
+        same = method.update_weighting == method.perturbation_weighting
+        opt = BalancedSAM(params, base, bins, scheme=method.perturbation_weighting,
+                          update_weighting="same" if same else method.update_weighting,
+                          **{**common, **method.optimizer_options})
     else:
-        opt = ImbSAM(params, base, bins, eta=cfg.eta, rho=cfg.rho, p=cfg.p,
-                     update_weighting=method.weighting, **common, **kw)
+        opt = ImbSAM(params, base, bins, update_weighting=method.update_weighting,
+                     **{"eta": cfg.eta, **common, **method.optimizer_options})
 
     def sam_step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
                  mask: torch.Tensor | None = None, scaler: Any = None,
@@ -183,3 +233,27 @@ def build_stepper(
                         first_pass_context=first_pass_context)
 
     return opt, sam_step
+
+
+def _plain_stepper(opt: Optimizer, method: Method, bins: LabelBins, normalize: str,
+                   wkw: dict[str, Any]) -> tuple[Optimizer, StepFn]:
+    """One forward/backward per step with the update weighting (no perturbation)."""
+    scheme = method.update_weighting
+    if scheme is not None:  # validate now, not at the first step
+        bins.weights(scheme, normalize, **wkw)
+
+    def step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
+             mask: torch.Tensor | None = None, scaler: Any = None,
+             first_pass_context: Any = None) -> torch.Tensor:
+        w = None if scheme is None else bins.sample_weights(targets, scheme, normalize, **wkw)
+        opt.zero_grad(set_to_none=True)
+        loss = weighted_mean(SAM._check_losses(loss_fn(), targets), w, mask)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+        return loss.detach()
+
+    return opt, step

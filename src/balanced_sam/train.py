@@ -2,31 +2,35 @@
 
 Read it top to bottom:
 
-* :class:`TrainConfig` holds every knob (method, optimizer, schedule, rho, seed, AMP, DDP scope).
-* :func:`batches` yields the epoch's mini-batches: a seeded permutation per epoch, split across
-  data-parallel replicas the way ``DistributedSampler`` does, so a run is reproducible and a
-  resumed run sees exactly the batches an unbroken one would.
+* :class:`~balanced_sam.config.TrainConfig` holds every knob (method, optimizer, schedule, rho,
+  seed, AMP, DDP scope); :meth:`TrainConfig.validate` checks each value's type and range.
+* :class:`LRPlan` is the per-epoch learning-rate multiplier (warm-up, then cosine, the reference
+  code's cosine, steps or constant); a resumed run with a new epoch count re-plans it from where
+  it stands, so the learning rate never jumps back up.
+* :class:`~balanced_sam.data.loader.EpochLoader` yields the epoch's mini-batches: a seeded
+  permutation per epoch, split across data-parallel replicas the way ``DistributedSampler``
+  does, so a run is reproducible and a resumed run sees exactly the batches an unbroken one
+  would.
 * :func:`train_one_epoch` runs the method's step over the batches.
 * :func:`evaluate` streams the metrics (:class:`~balanced_sam.metrics.RegressionMetrics`).
-* :func:`fit` ties them together: seeds, per-epoch LR schedule, best epoch by validation MAE (or
-  bMAE), a checkpoint every epoch (``last.pt``; ``best.pt`` on improvement), ``resume=True`` to
-  continue a killed run, a CSV log, TensorBoard when installed.
+* :func:`fit` ties them together: open the output folder, build the optimizer, restore a killed
+  run, then per epoch train, validate, keep the best epoch, write the checkpoints and the logs;
+  at the end evaluate the best weights.
 
-Targets are standardised for the loss when ``target_stats=(mean, std)`` is given; weights, bins
-and metrics always use the original units.
+Targets are scaled for the loss by a :class:`~balanced_sam.data.scaling.TargetScaler`; weights,
+bins and metrics always use the label units.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,97 +39,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from balanced_sam._compat import choose_balance, region_thresholds, with_thresholds
 from balanced_sam.bins import LabelBins
+from balanced_sam.config import DEVICES, SAFE_TO_CHANGE, TrainConfig
+from balanced_sam.data.loader import EpochLoader, batches, is_tensor_data
+from balanced_sam.data.scaling import TargetScaler
+from balanced_sam.errors import spell
+from balanced_sam.io import progress_bar
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import build_stepper, get_method
 from balanced_sam.metrics import RegressionMetrics
+from balanced_sam.outputs import (
+    Checkpointer,
+    EpochLogger,
+    RunExistsError,
+    RunFolder,
+    load_checkpoint,
+    run_loggers,
+)
 
-__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "train_one_epoch", "batches",
-           "load_checkpoint", "seed_everything", "resolve_device", "init_distributed",
-           "RunExistsError"]
-
-
-class RunExistsError(FileExistsError):
-    """The output directory already holds a run (and neither resume nor overwrite was asked)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run. ``bsam train`` reads it from YAML (section
-    ``train``) and ``key=value`` overrides; every field is validated by :meth:`validate`."""
-
-    method: str = "bsam"
-    loss: str = "l1"
-    epochs: int = 30
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine | step | none
-    lr_min_factor: float = 1e-3  # cosine ends at lr * lr_min_factor (reference: 0.1 ** 3)
-    step_size: int = 5  # step schedule: multiply by gamma every step_size epochs
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-    rho: float = 0.05
-    p: float = 2.0
-    normalize: str = "mean"  # weights: mean 1 over training samples, or "none" (reference)
-    eta: int = 20  # ImbSAM tail threshold
-    lds: dict[str, Any] = field(default_factory=lambda: {"kernel": "gaussian", "ks": 5,
-                                                         "sigma": 2.0})
-    bn_second_pass: str = "update"
-    select_by: str = "mae"  # mae | bmae | last
-    many: int = 100
-    few: int = 20
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    scope: str = "global"  # data-parallel perturbation scope: global | local
-    num_workers: int = 0
-    eval_batch_size: int = 1024
-    progress: bool = True
-    checkpoint: str = "all"  # all (last.pt every epoch + best.pt) | best | none
-    balance: str = "label"  # what bMAE averages over: label | bin
-
-    def validate(self) -> TrainConfig:
-        get_method(self.method)
-        get_loss(self.loss)
-        checks: list[tuple[bool, str]] = [
-            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
-            (isinstance(self.batch_size, int) and self.batch_size >= 1,
-             "batch_size must be an integer >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.rho >= 0 and math.isfinite(self.rho), "rho must be a finite number >= 0"),
-            (self.p >= 1, "p must be >= 1 (or inf)"),
-            (self.schedule in ("cosine", "step", "none"),
-             "schedule must be one of cosine, step, none"),
-            (0 < self.lr_min_factor <= 1, "lr_min_factor must be in (0, 1]"),
-            (self.select_by in ("mae", "bmae", "last"), "select_by must be mae, bmae or last"),
-            (self.amp in ("none", "bf16", "fp16"), "amp must be none, bf16 or fp16"),
-            (self.scope in ("global", "local"), "scope must be global or local"),
-            (self.normalize in ("mean", "none"), "normalize must be mean or none"),
-            (self.bn_second_pass in ("update", "freeze"), "bn_second_pass must be update/freeze"),
-            (self.checkpoint in ("all", "best", "none"), "checkpoint must be all, best or none"),
-            (self.balance in ("label", "bin"), "balance must be label or bin"),
-            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"bad training config: {msg}")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d).validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
+__all__ = ["TrainConfig", "FitResult", "LRPlan", "fit", "evaluate", "predict",
+           "train_one_epoch", "batches", "EpochLoader", "load_checkpoint", "load_weights",
+           "seed_everything", "resolve_device", "init_distributed", "RunExistsError",
+           "SAFE_TO_CHANGE"]
 
 @dataclass
 class FitResult:
@@ -138,6 +74,7 @@ class FitResult:
     history: list[dict[str, float]]
     train_seconds: float
     out_dir: str | None
+    config: dict[str, Any] | None = None  # the run's TrainConfig (balance resolved)
 
 
 # ---------------------------------------------------------------------------- set-up helpers
@@ -148,8 +85,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) or the CPU."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) or the CPU; else one
+    of ``cpu``, ``cuda``, ``cuda:N``, ``mps``, checked to be available."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not DEVICES.match(str(device)):
+        raise ValueError(f"device {device!r} is not one this library runs on; use "
+                         f"{spell('device', 'cpu')} (or auto, cuda, cuda:N, mps)")
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -157,6 +100,8 @@ def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available; use cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available; use cpu")
     return dev
 
 
@@ -179,50 +124,62 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _is_tensor_data(data: Any) -> bool:
-    return isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)
+# ---------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class LRPlan:
+    """The learning-rate multiplier of every epoch (0-based).
 
-
-def _num_samples(data: Any) -> int:
-    return int(data[0].shape[0]) if _is_tensor_data(data) else len(data)
-
-
-def batches(data: Any, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-            rank: int = 0, world_size: int = 1, num_workers: int = 0,
-            drop_last: bool = False) -> Iterator[Sequence[torch.Tensor]]:
-    """Mini-batches of ``data`` for one epoch.
-
-    ``data`` is a tuple of tensors (sliced directly: fast for tables and small images) or a
-    ``Dataset`` (read through a ``DataLoader``). The order is a permutation drawn from a
-    generator seeded with ``seed + epoch`` and split over replicas as ``DistributedSampler``
-    does (``indices[rank::world_size]``, padded to equal length), so replica ``r`` of a
-    ``world_size``-process run gets, batch by batch, its share of what a single process with
-    ``world_size`` times the batch size gets.
+    Warm-up first (``(e + 1) / warmup_epochs``), then the schedule. A cosine runs from the factor
+    ``start_factor`` at epoch ``start`` down to ``lr_min_factor``: ``cosine`` over ``e - start =
+    0 .. n-1`` with ``n = epochs - start`` (it never quite reaches the floor), ``cosine_ref`` over
+    ``1 .. n`` (its last epoch runs at the floor). A fresh plan starts at the end of the warm-up
+    with factor 1; :meth:`extended` starts a new segment where a resumed run stands.
     """
-    n = _num_samples(data)
-    if shuffle:
-        g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(n, generator=g)
-    else:
-        order = torch.arange(n)
-    if world_size > 1:
-        per = math.ceil(n / world_size)
-        pad = per * world_size - n
-        if pad:
-            order = torch.cat([order, order[:pad]])
-        order = order[rank::world_size]
-    if _is_tensor_data(data):
-        stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        for i in range(0, stop, batch_size):
-            idx = order[i:i + batch_size]
-            yield tuple(t[idx] for t in data)
-        return
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers,
-        drop_last=drop_last, pin_memory=False,
-        generator=torch.Generator().manual_seed(seed * 7919 + epoch),
-        persistent_workers=False)
-    yield from loader
+
+    schedule: str
+    epochs: int
+    lr_min_factor: float = 1e-3
+    warmup_epochs: int = 0
+    step_size: int = 5
+    gamma: float = 0.1
+    start: int | None = None  # a re-planned segment: first epoch of the segment
+    start_factor: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> LRPlan:
+        return cls(cfg.schedule, cfg.epochs, cfg.lr_min_factor, cfg.warmup_epochs,
+                   cfg.step_size, cfg.gamma)
+
+    def __call__(self, epoch: int) -> float:
+        if self.start is None and self.warmup_epochs and epoch < self.warmup_epochs:
+            return (epoch + 1) / self.warmup_epochs
+        if self.schedule in ("cosine", "cosine_ref"):
+            start = self.warmup_epochs if self.start is None else self.start
+            n = max(1, self.epochs - start)
+            k = epoch - start + (1 if self.schedule == "cosine_ref" else 0)
+            cos = (1 + math.cos(math.pi * min(k, n) / n)) / 2
+            return self.lr_min_factor + (self.start_factor - self.lr_min_factor) * cos
+        if self.schedule == "step":
+            return self.gamma ** (epoch // self.step_size)
+        return 1.0
+
+    def extended(self, epochs: int, at: int) -> LRPlan:
+        """The plan of a run that stands at epoch ``at`` (epochs ``0..at-1`` done) and now ends
+        after ``epochs``: a cosine is re-planned from the factor it has reached down to the
+        floor at the new end, so the learning rate only goes down; other schedules depend on
+        the epoch alone and are unchanged. Same total: the plan itself."""
+        if epochs == self.epochs:
+            return self
+        if self.schedule not in ("cosine", "cosine_ref") or at <= self.warmup_epochs:
+            return LRPlan(**{**self.to_dict(), "epochs": epochs})
+        # cosine: continue from the factor the old plan gives the next epoch; cosine_ref: from
+        # the factor of the last epoch run (its segment's first epoch is already one step down)
+        reached = self(at) if self.schedule == "cosine" else self(at - 1)
+        return LRPlan(**{**self.to_dict(), "epochs": epochs, "start": at,
+                         "start_factor": reached})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _unpack(batch: Sequence[torch.Tensor], device: torch.device
@@ -260,24 +217,6 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
-    """Per-epoch LR multiplier: warm-up, then cosine to ``lr_min_factor`` / step / constant."""
-
-    def factor(epoch: int) -> float:
-        if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
-            return (epoch + 1) / cfg.warmup_epochs
-        if cfg.schedule == "cosine":
-            e = epoch - cfg.warmup_epochs
-            span = max(1, cfg.epochs - cfg.warmup_epochs)
-            cos = (1 + math.cos(math.pi * e / span)) / 2
-            return cfg.lr_min_factor + (1 - cfg.lr_min_factor) * cos
-        if cfg.schedule == "step":
-            return cfg.gamma ** (epoch // cfg.step_size)
-        return 1.0
-
-    return factor
-
-
 # ---------------------------------------------------------------------------- epoch and eval
 def train_one_epoch(
     model: nn.Module,
@@ -291,34 +230,40 @@ def train_one_epoch(
     scaler: Any = None,
     first_pass_context: Any = None,
     desc: str = "",
+    target_scaler: TargetScaler | None = None,
+    loader: EpochLoader | None = None,
 ) -> float:
-    """One pass over the training data; returns the mean first-pass loss."""
+    """One pass over the training data; returns the mean first-pass loss.
+
+    ``scaler`` is the AMP ``GradScaler``; ``target_scaler`` (or the older ``target_stats``
+    pair) scales the targets for the loss; ``loader`` is the run's :class:`EpochLoader`."""
     loss_elem = get_loss(cfg.loss)
+    units = target_scaler or TargetScaler.from_stats(target_stats)
     rank, world = _dist()
     model.train()
-    mean, std = target_stats if target_stats else (0.0, 1.0)
+    if loader is None:
+        loader = EpochLoader(data, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
+                             world_size=world, num_workers=cfg.num_workers)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    n = _num_samples(data)
-    steps = math.ceil(math.ceil(n / world) / cfg.batch_size)
-    it = batches(data, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
-                 world_size=world, num_workers=cfg.num_workers)
-    bar = _progress(it, total=steps, desc=desc, enabled=cfg.progress and rank == 0)
+    bar = progress_bar(loader.epoch(epoch), enabled=cfg.progress and rank == 0,
+                       total=len(loader), desc=desc, leave=False, dynamic_ncols=True,
+                       disable=not sys.stderr.isatty())
     for batch in bar:
         x, y, mask = _unpack(batch, device)
-        y_std = (y - mean) / std
+        y_scaled = units.scale(y)
 
-        def loss_fn(x: torch.Tensor = x, y_std: torch.Tensor = y_std) -> torch.Tensor:
+        def loss_fn(x: torch.Tensor = x, y_scaled: torch.Tensor = y_scaled) -> torch.Tensor:
             with _autocast(device, cfg.amp):
                 pred = model(x)
-            return loss_elem(_match(pred.float(), y_std), y_std)
+            return loss_elem(_match(pred.float(), y_scaled), y_scaled)
 
         loss = step(loss_fn, y, mask=mask, scaler=scaler, first_pass_context=first_pass_context)
         if scaler is not None:
             scaler.update()
         total += loss.detach().double()
         count += 1
-        if count % 20 == 0 and hasattr(bar, "set_postfix"):
+        if count % 20 == 0:
             bar.set_postfix(loss=f"{(total / count).item():.4f}")
     return (total / max(count, 1)).item()
 
@@ -326,46 +271,40 @@ def train_one_epoch(
 @torch.no_grad()
 def predict(model: nn.Module, data: Any, device: torch.device, *, batch_size: int = 1024,
             target_stats: tuple[float, float] | None = None, amp: str = "none",
-            num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor,
-                                                    torch.Tensor | None]]:
-    """Yield ``(prediction, target, mask)`` per batch, predictions in target units."""
+            num_workers: int = 0, target_scaler: TargetScaler | None = None,
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(prediction, target, mask)`` per batch, predictions in label units."""
+    units = target_scaler or TargetScaler.from_stats(target_stats)
     was_training = model.training
     model.eval()
-    mean, std = target_stats if target_stats else (0.0, 1.0)
     try:
-        for batch in batches(data, batch_size, shuffle=False, num_workers=num_workers):
+        for batch in batches(data, batch_size, shuffle=False, num_workers=num_workers,
+                             pin_memory=device.type == "cuda"):
             x, y, mask = _unpack(batch, device)
             with _autocast(device, amp):
                 pred = model(x)
-            yield _match(pred.float(), y) * std + mean, y, mask
+            yield units.unscale(_match(pred.float(), y)), y, mask
     finally:
         model.train(was_training)
 
 
 def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.device | str = "cpu",
              batch_size: int = 1024, target_stats: tuple[float, float] | None = None,
-             many: int = 100, few: int = 20, depth: bool = False, balance: str = "label",
-             amp: str = "none", num_workers: int = 0, per_bin: bool = False,
-             clamp: bool | None = None) -> Any:
-    """The metrics report of ``model`` on ``data`` (and the per-bin MAE when ``per_bin``)."""
+             many: int | None = None, few: int | None = None, depth: bool = False,
+             balance: str = "label", amp: str = "none", num_workers: int = 0,
+             per_bin: bool = False, clamp: bool | None = None,
+             target_scaler: TargetScaler | None = None) -> Any:
+    """The metrics report of ``model`` on ``data`` (and the per-bin MAE when ``per_bin``);
+    regions by the bins' thresholds unless ``many`` / ``few`` are given."""
     device = torch.device(device)
-    metrics = RegressionMetrics(bins, many, few, depth=depth, balance=balance, clamp=clamp)
+    m, f = region_thresholds(bins, many, few)
+    metrics = RegressionMetrics(bins, m, f, depth=depth, balance=balance, clamp=clamp)
     for pred, y, mask in predict(model, data, device, batch_size=batch_size,
-                                 target_stats=target_stats, amp=amp, num_workers=num_workers):
+                                 target_stats=target_stats, amp=amp, num_workers=num_workers,
+                                 target_scaler=target_scaler):
         metrics.update(pred, y, mask)
     report = metrics.compute()
     return (report, metrics.per_bin()) if per_bin else report
-
-
-def _progress(it: Any, total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not sys.stderr.isatty())
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -385,24 +324,84 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the "
+                 "checkpoint") -> None:
+    """``model.load_state_dict(state)`` with an error that says which weights do not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} in {source}, {tuple(v.shape)} in the model"
+              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        detail = "; ".join([*shapes[:3], *(f"missing {missing[:3]}" for _ in [0] if missing),
+                            *(f"unexpected {unexpected[:3]}" for _ in [0] if unexpected)])
+        raise ValueError(f"the weights in {source} do not fit the model built from its config "
+                         f"({detail}); was the model section, or the data's number of "
+                         "features, changed?")
+    model.load_state_dict(state)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`fit` (a dict; see ``fit`` for its keys)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # corrupt or foreign file
-        raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
+def _check_same_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """A resumed run must learn what the checkpoint learned: only :data:`SAFE_TO_CHANGE` (and
+    ``epochs``, which re-plans the schedule) may differ."""
+    ignore = SAFE_TO_CHANGE | {"epochs"}
+    diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
+            if k not in ignore and k in saved and saved[k] != v}
+    if diff:
+        detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume: the checkpoint was trained with another config "
+                         f"({detail}); only {', '.join(sorted(SAFE_TO_CHANGE))} and epochs may "
+                         "change on resume")
+
+
+def _check_same_data(saved: str | None, now: str | None, allow: bool) -> None:
+    if saved is None or now is None or saved == now or allow:
+        return
+    raise ValueError(
+        f"cannot resume: the data changed since the checkpoint was written (fingerprint "
+        f"{saved[:12]} then, {now[:12]} now: the table or split file, or a split parameter, "
+        f"differs). Train in a new folder, or pass {spell('allow_data_change')} to continue on "
+        "the new data anyway")
 
 
 # ---------------------------------------------------------------------------- fit
+@dataclass
+class _Run:
+    """What :func:`fit` builds once: device, optimizer and step, schedule, loader, and what the
+    checkpoints carry."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DDP for several processes
+    opt: torch.optim.Optimizer
+    step: Callable[..., torch.Tensor]
+    plan: LRPlan
+    sched: torch.optim.lr_scheduler.LambdaLR
+    amp_scaler: Any
+    first_ctx: Any
+    loader: EpochLoader
+    bins: LabelBins
+    units: TargetScaler
+    depth: bool
+    meta: dict[str, Any]
+    fingerprint: str | None
+
+
+@dataclass
+class _State:
+    """What changes from epoch to epoch (and ``last.pt`` keeps)."""
+
+    start_epoch: int = 0
+    best_metric: float = math.inf
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
 def fit(
     model: nn.Module,
     train_data: Any,
@@ -415,61 +414,110 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     target_stats: tuple[float, float] | None = None,
+    target_scaler: TargetScaler | None = None,
     depth: bool = False,
     meta: dict[str, Any] | None = None,
+    data_fingerprint: str | None = None,
+    allow_data_change: bool = False,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    loggers: Iterable[EpochLogger] = (),
     log: Callable[[str], None] = print,
 ) -> FitResult:
-    """Train ``model`` with ``cfg.method`` and return the best epoch's results.
+    """Train ``model`` with ``cfg.method``; returns the best epoch's results.
 
-    Args:
-        model: any ``nn.Module`` mapping a batch of inputs to predictions of the targets' shape.
-        train_data, val_data, test_data: tuples of tensors ``(x, y[, mask])`` or ``Dataset``s
-            yielding such tuples. ``val_data=None`` selects the last epoch.
-        bins: :class:`LabelBins` of the training labels (weights, regions, metrics).
-        out_dir: where ``last.pt`` (every epoch), ``best.pt``, ``log.csv`` and TensorBoard
-            files go; ``None`` keeps the best weights in memory only.
-        resume: continue from ``out_dir/last.pt`` (same config): the result equals that of an
-            unbroken run. Without it, an ``out_dir`` that already holds a run raises
-            :class:`RunExistsError` unless ``overwrite``.
-        target_stats: ``(mean, std)`` to standardise targets for the loss.
-        depth: dense depth targets: report the depth metrics too.
-        meta: stored in the checkpoints (model and data description, for ``bsam eval``).
-        on_epoch_end: called as ``on_epoch_end(epoch, row)`` after each epoch's checkpoint.
+    ``train_data``, ``val_data``, ``test_data``: tuples of tensors ``(x, y[, mask])`` or
+    ``Dataset`` s of such tuples (``val_data=None``: the last epoch is kept). ``bins``: the
+    training labels' :class:`LabelBins`. ``out_dir``: where ``last.pt`` (every epoch),
+    ``best.pt``, ``log.csv`` and TensorBoard files go, under a lock (``None``: nothing is
+    written). ``resume`` continues ``out_dir/last.pt`` as an unbroken run would; only
+    :data:`SAFE_TO_CHANGE` and ``epochs`` (re-planned, :meth:`LRPlan.extended`) may differ, and
+    data of another ``data_fingerprint`` are refused unless ``allow_data_change``. Without
+    ``resume`` a folder holding a run raises :class:`RunExistsError` unless ``overwrite``, which
+    removes that run's outputs first. ``target_scaler`` (older: ``target_stats=(mean, std)``)
+    scales the targets for the loss; ``depth`` adds the depth metrics; ``meta`` goes into the
+    checkpoints; ``on_epoch_end(epoch, row)`` runs after each epoch's checkpoint; ``loggers``
+    receive every epoch's row.
 
-    Under ``torchrun`` (torch.distributed initialised by the caller) the model is wrapped in
-    DDP; ``cfg.scope="global"`` all-reduces the first pass's weighted gradient (the
-    perturbation equals the single-process one for the same global batch), ``"local"`` lets each
-    replica perturb with its own gradient. Only rank 0 evaluates, logs and writes files.
+    Under ``torchrun`` the model is wrapped in DDP; ``cfg.scope="global"`` all-reduces the first
+    pass's weighted gradient (the perturbation of the single-process run with the global batch),
+    ``"local"`` perturbs each replica with its own. Only rank 0 evaluates and writes.
     """
+    cfg = _resolved(cfg, bins, train_data)
+    rank, world = _dist()
+    folder = RunFolder(out_dir, rank=rank, log=log)
+    resume = _agree(folder.open(resume=resume, overwrite=overwrite, checkpoint=cfg.checkpoint),
+                    world)
+    sinks: list[EpochLogger] = []
+    try:
+        seed_everything(cfg.seed)
+        run = _build_run(model, train_data, bins, cfg, target_scaler or TargetScaler.from_stats(
+            target_stats), depth, meta or {}, data_fingerprint)
+        ckpt = Checkpointer(folder, cfg.checkpoint)
+        state = _restore(run, ckpt, allow_data_change, log) if resume else _State()
+        sinks = run_loggers(folder, loggers) if rank == 0 else []
+        for epoch in range(state.start_epoch, cfg.epochs):
+            row = _train_epoch(run, epoch)
+            state.train_seconds += row["seconds"]
+            if rank == 0:
+                improved, val = _validate(run, state, row, val_data)
+                _write_epoch(run, state, ckpt, row, improved, val, sinks, log)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, row)
+            if world > 1:
+                torch.distributed.barrier()
+        return _final_evaluation(run, state, val_data, test_data, folder)
+    finally:
+        for sink in sinks:
+            sink.close()
+        folder.close()
+
+
+def _resolved(cfg: TrainConfig, bins: LabelBins, train_data: Any) -> TrainConfig:
+    """The config validated, ``balance: auto`` decided from the training labels, the region
+    thresholds set on the bins."""
     cfg.validate()
+    if cfg.balance == "auto":
+        cfg = replace(cfg, balance=choose_balance(bins, _labels_of(train_data)))
+    with_thresholds(bins, cfg.many, cfg.few)
+    return cfg
+
+
+def _agree(resume: bool, world: int) -> bool:
+    """Rank 0 decided whether to resume; every rank follows."""
+    if world > 1:
+        flag = torch.tensor([int(resume)])
+        torch.distributed.broadcast(flag, 0)
+        resume = bool(flag.item())
+    return resume
+
+
+def _labels_of(data: Any) -> torch.Tensor | None:
+    """Per-sample labels of tensor data or of a dataset with ``targets``; else ``None``."""
+    if is_tensor_data(data):
+        return data[1]
+    targets = getattr(data, "targets", None)
+    return torch.as_tensor(targets) if targets is not None else None
+
+
+def _on(data: Any, device: torch.device) -> Any:
+    """Tensor data go to a CUDA device once (the batches are then sliced there)."""
+    if device.type == "cuda" and is_tensor_data(data):
+        return tuple(t.to(device) for t in data)
+    return data
+
+
+def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainConfig,
+               units: TargetScaler, depth: bool, meta: dict[str, Any],
+               fingerprint: str | None) -> _Run:
+    """Device, DDP wrapper, optimizer and step, schedule, AMP scaler and the loader."""
     method = get_method(cfg.method)
     device = resolve_device(cfg.device)
     if cfg.amp != "none" and device.type != "cuda":
         raise ValueError(f"amp={cfg.amp!r} needs a CUDA device (got {device}); use amp=none")
     rank, world = _dist()
-    if world > 1 and method.optimizer == "imbsam":
+    if world > 1 and method.sharpness == "imbsam":
         raise ValueError("method imbsam does not support distributed training (its head "
                          "gradient is not all-reduced); run it in one process")
-    out = Path(out_dir) if out_dir is not None else None
-    last_path = out / "last.pt" if out else None
-    if out and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        holds_run = (out / "last.pt").exists() or (out / "best.pt").exists()
-        if holds_run and not (resume or overwrite):
-            raise RunExistsError(f"{out} already holds a run (last.pt/best.pt); pass resume to "
-                                 "continue it, overwrite to replace it, or choose another out")
-        if resume and not (out / "last.pt").exists():
-            if (out / "best.pt").exists() and cfg.checkpoint == "best":
-                raise ValueError(f"{out} holds only best.pt (checkpoint=best): nothing to resume")
-            log(f"resume: no checkpoint in {out}, starting from scratch")
-            resume = False
-    if world > 1:
-        flag = torch.tensor([int(resume)])
-        torch.distributed.broadcast(flag, 0)
-        resume = bool(flag.item())
-
-    seed_everything(cfg.seed)
     model.to(device)
     net: nn.Module = model
     if world > 1:
@@ -477,119 +525,132 @@ def fit(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     opt, step = build_stepper(method, model.parameters(), bins, cfg,
                               model=model if cfg.bn_second_pass == "freeze" else None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    first_ctx = net.no_sync if (world > 1 and cfg.scope == "local") else None
+    plan = LRPlan.of(cfg)
+    loader = EpochLoader(_on(train_data, device), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         rank=rank, world_size=world, num_workers=cfg.num_workers,
+                         pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch_factor)
+    return _Run(cfg, device, rank, world, model, net, opt, step, plan,
+                torch.optim.lr_scheduler.LambdaLR(opt, plan),
+                torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
+                net.no_sync if (world > 1 and cfg.scope == "local") else None,
+                loader, bins, units, depth, meta, fingerprint)
 
-    best_metric, best_epoch, start_epoch = math.inf, -1, 0
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, float]] = []
-    train_seconds = 0.0
-    if resume:
-        ck = load_checkpoint(last_path, map_location=device)
-        _check_same_config(ck.get("config", {}), cfg)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        best_metric, best_epoch = ck["best_metric"], ck["best_epoch"]
-        history, train_seconds = ck["history"], ck["train_seconds"]
-        start_epoch = ck["epoch"] + 1
-        if ck.get("best_state") is not None:
-            best_state = ck["best_state"]
-        _set_rng_state(ck["rng"])
-        if rank == 0:
-            log(f"resumed from {last_path} at epoch {start_epoch}/{cfg.epochs}")
 
-    writer = _tensorboard(out) if (out and rank == 0) else None
-    csv_path = out / "log.csv" if (out and rank == 0) else None
+def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
+             log: Callable[[str], None]) -> _State:
+    """Load ``last.pt`` into the run after checking it is the same run on the same data."""
+    ck = ckpt.load_last(run.device)
+    cfg = run.cfg
+    _check_same_config(ck.get("config", {}), cfg)
+    _check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
+    load_weights(run.model, ck["model"], str(ckpt.folder.last))
+    run.opt.load_state_dict(ck["optimizer"])
+    run.sched.load_state_dict(ck["scheduler"])
+    if run.amp_scaler is not None and ck.get("scaler"):
+        run.amp_scaler.load_state_dict(ck["scaler"])
+    start = ck["epoch"] + 1
+    saved = LRPlan(**ck["lr_plan"]) if ck.get("lr_plan") else LRPlan.of(
+        TrainConfig.from_dict(ck["config"]))
+    run.plan = saved.extended(cfg.epochs, start)
+    run.sched.lr_lambdas = [run.plan] * len(run.opt.param_groups)
+    for group, base in zip(run.opt.param_groups, run.sched.base_lrs):
+        group["lr"] = base * run.plan(start)  # the LR of the next epoch under the (new) plan
+    if run.plan != saved and run.rank == 0:
+        log(f"resume: {saved.epochs} -> {cfg.epochs} epochs; the {cfg.schedule} schedule "
+            f"continues from lr {run.opt.param_groups[0]['lr']:.3g} at epoch {start + 1}")
+    _set_rng_state(ck["rng"])
+    if run.rank == 0:
+        log(f"resumed from {ckpt.folder.last} at epoch {start}/{cfg.epochs}")
+    return _State(start, ck["best_metric"], ck["best_epoch"], ck.get("best_state"),
+                  ck["history"], ck["train_seconds"])
 
-    for epoch in range(start_epoch, cfg.epochs):
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """Train one epoch and step the schedule; the row of figures starts here."""
+    t0 = time.perf_counter()
+    lr = run.opt.param_groups[0]["lr"]
+    loss = train_one_epoch(run.net, run.loader.data, run.step, run.cfg, epoch=epoch,
+                           device=run.device, scaler=run.amp_scaler,
+                           first_pass_context=run.first_ctx, target_scaler=run.units,
+                           loader=run.loader,
+                           desc=f"{run.cfg.method} epoch {epoch + 1}/{run.cfg.epochs}")
+    run.sched.step()
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss,
+            "seconds": time.perf_counter() - t0}
+
+
+def _evaluate(run: _Run, data: Any, per_bin: bool = False) -> Any:
+    cfg = run.cfg
+    return evaluate(run.model, data, run.bins, device=run.device,
+                    batch_size=cfg.eval_batch_size, target_scaler=run.units, depth=run.depth,
+                    balance=cfg.balance, amp=cfg.amp, num_workers=cfg.num_workers,
+                    per_bin=per_bin)
+
+
+def _validate(run: _Run, state: _State, row: dict[str, Any], val_data: Any
+              ) -> tuple[bool, Any]:
+    """Validation figures into ``row``; keep the weights when the epoch is the best so far.
+    Returns whether it is, and the validation report."""
+    epoch, cfg = row["epoch"] - 1, run.cfg
+    rep = None
+    if val_data is not None:
         t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        train_loss = train_one_epoch(
-            net, train_data, step, cfg, epoch=epoch, device=device, target_stats=target_stats,
-            scaler=scaler, first_pass_context=first_ctx,
-            desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}")
-        sched.step()
-        train_seconds += time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss}
-        if rank == 0:
-            if val_data is not None:
-                rep = evaluate(model, val_data, bins, device=device,
-                               batch_size=cfg.eval_batch_size, target_stats=target_stats,
-                               many=cfg.many, few=cfg.few, depth=depth, balance=cfg.balance,
-                               amp=cfg.amp, num_workers=cfg.num_workers)
-                row.update({f"val_{m}": rep["all"][m] for m in ("mae", "bmae", "gm", "rmse")})
-                row["val_few_mae"] = rep["few"]["mae"]
-                metric = rep["all"][cfg.select_by] if cfg.select_by != "last" else -epoch
-            else:
-                metric = -epoch
-            improved = metric < best_metric
-            if improved:
-                best_metric, best_epoch = metric, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            row["seconds"] = time.perf_counter() - t0
-            history.append(row)
-            log(_log_line(row, improved))
-            if csv_path:
-                _append_csv(csv_path, row)
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "epoch" and isinstance(v, float) and math.isfinite(v):
-                        writer.add_scalar(k, v, epoch + 1)
-            if out and cfg.checkpoint != "none":
-                ck = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "scheduler": sched.state_dict(),
-                      "scaler": scaler.state_dict() if scaler is not None else None,
-                      "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch,
-                      "history": history, "train_seconds": train_seconds, "rng": _rng_state(),
-                      "config": cfg.to_dict(), "bins": bins.to_dict(),
-                      "target_stats": target_stats, "meta": meta or {},
-                      "best_state": best_state if cfg.checkpoint == "all" else None}
-                if improved:
-                    _atomic_save({"model": model.state_dict(), "epoch": epoch,
-                                  "config": cfg.to_dict(), "bins": bins.to_dict(),
-                                  "target_stats": target_stats, "meta": meta or {},
-                                  "val": rep if val_data is not None else None}, out / "best.pt")
-                if cfg.checkpoint == "all":
-                    _atomic_save(ck, last_path)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
-        if world > 1:
-            torch.distributed.barrier()
-    if writer is not None:
-        writer.close()
+        rep = _evaluate(run, val_data)
+        row.update({f"val_{m}": rep["all"][m] for m in ("mae", "bmae", "gm", "rmse")})
+        row["val_few_mae"] = rep["few"]["mae"]
+        row["seconds"] += time.perf_counter() - t0
+        metric = rep["all"][cfg.select_by] if cfg.select_by != "last" else -epoch
+    else:
+        metric = -epoch
+    improved = metric < state.best_metric
+    if improved:
+        state.best_metric, state.best_epoch = metric, epoch + 1
+        state.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    return improved, rep
 
-    result_test, per_bin = None, None
-    val_rep = None
-    if rank == 0:
-        if best_state is not None:
-            model.load_state_dict(best_state)
+
+def _write_epoch(run: _Run, state: _State, ckpt: Checkpointer, row: dict[str, Any],
+                 improved: bool, val: Any, sinks: list[EpochLogger],
+                 log: Callable[[str], None]) -> None:
+    """Log the row, write ``best.pt`` on improvement and ``last.pt`` every epoch."""
+    state.history.append(row)
+    log(_log_line(row, improved))
+    for sink in sinks:
+        sink.log_epoch(row)
+    many, few = region_thresholds(run.bins)
+    common = {"config": run.cfg.to_dict(),
+              "bins": {**run.bins.to_dict(), "many": many, "few": few},
+              "target_stats": run.units.as_tuple(), "target_scaler": run.units.to_dict(),
+              "data_fingerprint": run.fingerprint, "meta": run.meta,
+              "model": run.model.state_dict(), "epoch": row["epoch"] - 1}
+    if improved:
+        ckpt.save_best({**common, "val": val})
+    if ckpt.keeps_last:
+        ckpt.save_last({
+            **common, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+            "lr_plan": run.plan.to_dict(),
+            "scaler": run.amp_scaler.state_dict() if run.amp_scaler is not None else None,
+            "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+            "history": state.history, "train_seconds": state.train_seconds,
+            "rng": _rng_state(), "best_state": state.best_state})
+
+
+def _final_evaluation(run: _Run, state: _State, val_data: Any, test_data: Any,
+                      folder: RunFolder) -> FitResult:
+    """Back to the best epoch's weights; its validation and test reports (rank 0)."""
+    val_rep, test_rep, per_bin = None, None, None
+    if run.rank == 0:
+        if state.best_state is not None:
+            run.model.load_state_dict(state.best_state)
         if val_data is not None:
-            val_rep = evaluate(model, val_data, bins, device=device,
-                               batch_size=cfg.eval_batch_size, target_stats=target_stats,
-                               many=cfg.many, few=cfg.few, depth=depth, balance=cfg.balance,
-                               amp=cfg.amp, num_workers=cfg.num_workers)
+            val_rep = _evaluate(run, val_data)
         if test_data is not None:
-            result_test, per_bin = evaluate(
-                model, test_data, bins, device=device, batch_size=cfg.eval_batch_size,
-                target_stats=target_stats, many=cfg.many, few=cfg.few, depth=depth,
-                balance=cfg.balance, amp=cfg.amp, num_workers=cfg.num_workers, per_bin=True)
-    return FitResult(best_epoch=best_epoch, val=val_rep or {}, test=result_test,
-                     test_per_bin=per_bin, history=history, train_seconds=train_seconds,
-                     out_dir=str(out) if out else None)
-
-
-def _check_same_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    ignore = {"progress", "num_workers", "device", "eval_batch_size", "epochs"}
-    diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
-            if k not in ignore and k in saved and saved[k] != v}
-    if diff:
-        detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume: the checkpoint was trained with another config "
-                         f"({detail})")
+            test_rep, per_bin = _evaluate(run, test_data, per_bin=True)
+    return FitResult(best_epoch=state.best_epoch, val=val_rep or {}, test=test_rep,
+                     test_per_bin=per_bin, history=state.history,
+                     train_seconds=state.train_seconds,
+                     out_dir=str(folder.path) if folder.path is not None else None,
+                     config=run.cfg.to_dict())
 
 
 def _log_line(row: dict[str, Any], improved: bool) -> str:
@@ -599,33 +660,3 @@ def _log_line(row: dict[str, Any], improved: bool) -> str:
             parts.append(f"{k} {row[k]:.4g}")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts) + ("  *" if improved else "")
-
-
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    if not new:  # a resumed run: drop rows at or after this epoch (the killed run's tail)
-        with path.open() as f:
-            old = list(csv.DictReader(f))
-        kept = [r for r in old if int(r["epoch"]) < row["epoch"]]
-        if len(kept) != len(old):
-            _write_csv(path, kept, list(row))
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], header: list[str]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
-        return None
-    return SummaryWriter(log_dir=str(out / "tb"))

@@ -14,7 +14,7 @@ Only ``torch`` and ``numpy`` are needed to import this package; ``tqdm`` (progre
 ``matplotlib`` (plots) are used when present.
 """
 
-from balanced_sam.analysis._common import l1_per_sample, mse_per_sample, select
+from balanced_sam.analysis._common import select
 from balanced_sam.analysis.hessian import (
     EigenResult,
     HessianOperator,
@@ -29,6 +29,8 @@ from balanced_sam.analysis.landscape import (
     random_direction,
 )
 from balanced_sam.analysis.report import analyze_model, format_sharpness_table
+from balanced_sam.losses import l1_loss as l1_per_sample  # the names this package exported
+from balanced_sam.losses import mse_loss as mse_per_sample
 
 __all__ = [
     "EigenResult",

@@ -1,4 +1,4 @@
-"""Shared plumbing of the analysis tools: losses, subsets, mini-batches, progress bars, model state.
+"""Shared plumbing of the analysis tools: loss names, subsets, mini-batches, model state.
 
 Everything here is private to :mod:`balanced_sam.analysis`; :func:`select` is re-exported.
 
@@ -27,35 +27,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from balanced_sam._compat import region_thresholds
 from balanced_sam.bins import REGIONS, LabelBins
+from balanced_sam.losses import LOSSES, get_loss, l1_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 ALL_REGIONS = ("all", *REGIONS)
 
 
-def l1_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``|pred - target|`` per sample: the default analysis loss (the paper's L1)."""
-    return (pred - target).abs()
-
-
-def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``(pred - target)^2`` per sample."""
-    return (pred - target).square()
-
-
-_BUILTIN_LOSSES: dict[str, LossFn] = {"l1": l1_per_sample, "mae": l1_per_sample,
-                                      "mse": mse_per_sample, "l2": mse_per_sample}
+#: the analysis' own spellings of the library's loss names
+_LOSS_ALIASES = {"mae": "l1", "l2": "mse"}
 
 
 def resolve_loss(loss_fn: LossFn | str | None) -> tuple[LossFn, str]:
     """The per-sample loss and a name for it.
 
-    ``None`` means L1. A string is looked up in :func:`balanced_sam.losses.get_loss` when that
-    module provides it, else among ``"l1"``/``"mae"``/``"mse"``/``"l2"``.
+    ``None`` means L1. A string names a loss of :func:`balanced_sam.losses.get_loss` (``"mae"``
+    and ``"l2"`` are accepted for ``"l1"`` and ``"mse"``); the batch form of Balanced MSE is
+    refused (its per-sample values depend on the rest of the batch).
     """
     if loss_fn is None:
-        return l1_per_sample, "l1"
+        return l1_loss, "l1"
     if isinstance(loss_fn, str):
         name = loss_fn.lower()
         if name in ("bmse", "balanced_mse"):
@@ -63,14 +56,11 @@ def resolve_loss(loss_fn: LossFn | str | None) -> tuple[LossFn, str]:
                              "batch, so a subset's loss is not a sum of per-sample losses; "
                              "analyse with 'l1' or 'mse'")
         try:
-            from balanced_sam.losses import get_loss  # the library's registry, when present
-            return get_loss(name), name
-        except (ImportError, KeyError, ValueError):
-            if name in _BUILTIN_LOSSES:
-                return _BUILTIN_LOSSES[name], name
+            return get_loss(_LOSS_ALIASES.get(name, name)), name
+        except ValueError:
             raise ValueError(f"loss_fn: unknown loss name {loss_fn!r}; give a callable "
                              f"(pred, target) -> per-sample losses or one of "
-                             f"{sorted(_BUILTIN_LOSSES)}") from None
+                             f"{sorted(set(LOSSES) - {'bmse'} | set(_LOSS_ALIASES))}") from None
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, a loss name or None, got {type(loss_fn)}")
     return loss_fn, getattr(loss_fn, "__name__", type(loss_fn).__name__)
@@ -116,16 +106,17 @@ def select(
     bin_ids: Sequence[int] | torch.Tensor | None = None,
     mask: Any = None,
     *,
-    many: int = 100,
-    few: int = 20,
+    many: int | None = None,
+    few: int | None = None,
 ) -> torch.Tensor:
     """Boolean mask (shape ``(n,)``, on the targets' device) of the samples in a subset.
 
     The subset is the intersection of the criteria given: ``region`` (``"all"``, ``"many"``,
     ``"medium"`` or ``"few"``, by the training count of each target's bin, thresholds ``many`` /
-    ``few`` as in :meth:`LabelBins.region_mask`), ``bin_ids`` (the targets whose bin index is in
-    the list) and ``mask`` (a boolean mask over the samples). With none of them every sample is
-    selected. ``region`` (other than ``"all"``) and ``bin_ids`` need ``bins``.
+    ``few`` as in :meth:`LabelBins.region_mask`; ``None``: the bins' own), ``bin_ids`` (the
+    targets whose bin index is in the list) and ``mask`` (a boolean mask over the samples). With
+    none of them every sample is selected. ``region`` (other than ``"all"``) and ``bin_ids``
+    need ``bins``.
     """
     t = _as_1d_targets(targets)
     n = t.shape[0] if t.dim() > 0 else 1
@@ -135,7 +126,8 @@ def select(
             raise ValueError(f"region must be one of {ALL_REGIONS}, got {region!r}")
         if bins is None:
             raise ValueError(f"region={region!r} needs bins (a LabelBins of the training labels)")
-        out &= bins.region_mask(t, region, many=many, few=few).reshape(n)
+        m, f = region_thresholds(bins, many, few)
+        out &= bins.region_mask(t, region, many=m, few=f).reshape(n)
     if bin_ids is not None:
         if bins is None:
             raise ValueError("bin_ids needs bins (a LabelBins of the training labels)")
@@ -163,7 +155,7 @@ class Subset:
 
     def __init__(self, bins: LabelBins | None = None, region: str | None = None,
                  bin_ids: Sequence[int] | torch.Tensor | None = None, mask: Any = None,
-                 many: int = 100, few: int = 20) -> None:
+                 many: int | None = None, few: int | None = None) -> None:
         if region is not None and region != "all" and region not in REGIONS:
             raise ValueError(f"region must be one of {ALL_REGIONS}, got {region!r}")
         if (region not in (None, "all") or bin_ids is not None) and bins is None:
@@ -286,38 +278,3 @@ def eval_mode(model: nn.Module, check_unchanged: bool = True) -> Iterator[None]:
         if changed:
             raise RuntimeError(f"{len(changed)} parameter/buffer tensor(s) were modified in place "
                                "during the analysis; the model or loss_fn must not change them")
-
-
-def progress_bar(iterable: Iterable[Any] | None = None, enabled: bool = False, **kwargs: Any
-                 ) -> Any:
-    """A tqdm bar when ``enabled`` and tqdm is installed, else a silent stand-in."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-            return tqdm(iterable, **kwargs)
-        except ImportError:  # tqdm is an optional dependency
-            pass
-    return _NoBar(iterable)
-
-
-class _NoBar:
-    def __init__(self, iterable: Iterable[Any] | None) -> None:
-        self.iterable = iterable
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.iterable if self.iterable is not None else ())
-
-    def update(self, n: float = 1) -> None:
-        pass
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass

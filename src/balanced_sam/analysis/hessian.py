@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -53,12 +53,12 @@ from balanced_sam.analysis._common import (
     Subset,
     eval_mode,
     model_device_dtype,
-    progress_bar,
     resolve_loss,
     sample_losses,
     select,
 )
 from balanced_sam.bins import LabelBins
+from balanced_sam.io import json_float, progress_bar
 
 __all__ = [
     "EigenResult",
@@ -69,6 +69,25 @@ __all__ = [
 ]
 
 METHODS = ("power", "lanczos")
+#: the one default of the library and ``bsam analyze``: Lanczos returns the largest *algebraic*
+#: eigenvalue (the paper's lambda_max); power iteration the one of largest magnitude, which on an
+#: L1 loss (an indefinite Hessian) can be a negative eigenvalue
+DEFAULT_METHOD = "lanczos"
+
+
+class OperatorOptions(TypedDict, total=False):
+    """Keyword options of :class:`HessianOperator` that :func:`hessian_top_eigenvalue` and
+    :func:`hessian_trace` pass on unchanged (documented there)."""
+
+    bins: LabelBins | None
+    region: str | None
+    bin_ids: Sequence[int] | torch.Tensor | None
+    many: int | None
+    few: int | None
+    batch_size: int
+    params: Iterable[torch.Tensor] | None
+    progress: bool
+    cache_graph: bool
 
 
 @dataclass
@@ -100,13 +119,13 @@ class EigenResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (NaN becomes ``None``; the eigenvector is left out)."""
         return {
-            "eigenvalue": _json_float(self.eigenvalue),
+            "eigenvalue": json_float(self.eigenvalue),
             "iterations": self.iterations,
             "converged": self.converged,
-            "residual": _json_float(self.residual),
+            "residual": json_float(self.residual),
             "num_samples": self.num_samples,
             "method": self.method,
-            "history": [_json_float(h) for h in self.history],
+            "history": [json_float(h) for h in self.history],
         }
 
 
@@ -134,17 +153,13 @@ class TraceResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (NaN becomes ``None``)."""
         return {
-            "trace": _json_float(self.trace),
-            "std_error": _json_float(self.std_error),
+            "trace": json_float(self.trace),
+            "std_error": json_float(self.std_error),
             "probes": self.probes,
             "converged": self.converged,
             "num_samples": self.num_samples,
-            "samples": [_json_float(s) for s in self.samples],
+            "samples": [json_float(s) for s in self.samples],
         }
-
-
-def _json_float(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 class HessianOperator:
@@ -181,8 +196,8 @@ class HessianOperator:
         bins: LabelBins | None = None,
         region: str | None = None,
         bin_ids: Sequence[int] | torch.Tensor | None = None,
-        many: int = 100,
-        few: int = 20,
+        many: int | None = None,
+        few: int | None = None,
         batch_size: int = 256,
         params: Iterable[torch.Tensor] | None = None,
         progress: bool = False,
@@ -344,30 +359,18 @@ class HessianOperator:
 
 # ---------------------------------------------------------------------------------- eigenvalue
 def hessian_top_eigenvalue(
-    model: nn.Module,
-    loss_fn: LossFn | str | None = None,
-    inputs: Any = None,
-    targets: Any = None,
-    mask: Any = None,
-    *,
-    bins: LabelBins | None = None,
-    region: str | None = None,
-    bin_ids: Sequence[int] | torch.Tensor | None = None,
-    many: int = 100,
-    few: int = 20,
+    model: nn.Module, loss_fn: LossFn | str | None = None, inputs: Any = None,
+    targets: Any = None, mask: Any = None, *,
     iters: int = 100,
     tol: float = 1e-3,
     seed: int = 0,
-    batch_size: int = 256,
-    params: Iterable[torch.Tensor] | None = None,
-    method: Literal["power", "lanczos"] = "power",
+    method: Literal["power", "lanczos"] = DEFAULT_METHOD,
     return_eigenvector: bool = False,
-    progress: bool = False,
-    cache_graph: bool = False,
+    **options: Unpack[OperatorOptions],
 ) -> EigenResult:
     r"""Top eigenvalue of the Hessian of the subset-mean loss, :math:`\lambda_{\max}(H_S)`.
 
-    ``method="power"`` (default; the PyHessian recipe): start from a seeded Gaussian unit vector
+    ``method="power"`` (the PyHessian recipe): start from a seeded Gaussian unit vector
     :math:`v_0`; repeat :math:`w = H v_k`, :math:`\lambda_k = v_k^\top w`,
     :math:`v_{k+1} = w / \|w\|`, and stop when :math:`|\lambda_k - \lambda_{k-1}| \le
     \mathrm{tol}\,|\lambda_{k-1}|`. One HVP per iteration and two vectors of memory. It converges
@@ -375,23 +378,25 @@ def hessian_top_eigenvalue(
     positive one), at the rate :math:`(\lambda_2/\lambda_1)^{2k}` for :math:`\lambda_k`; with a
     small gap the relative change can pass ``tol`` before the error does, see ``residual``.
 
-    ``method="lanczos"``: Lanczos with full re-orthogonalisation builds the tridiagonal
-    :math:`T_k = Q_k^\top H Q_k` (:math:`\alpha_j = q_j^\top H q_j`, :math:`\beta_j =
-    \|r_j\|`) and returns its largest eigenvalue :math:`\theta` (the largest *algebraic*
-    eigenvalue), stopping when the residual :math:`\beta_k |s_k| = \|H y - \theta y\|` of the Ritz
+    ``method="lanczos"`` (default, :data:`DEFAULT_METHOD`): Lanczos with full
+    re-orthogonalisation builds the tridiagonal :math:`T_k = Q_k^\top H Q_k`
+    (:math:`\alpha_j = q_j^\top H q_j`, :math:`\beta_j = \|r_j\|`) and returns its largest
+    eigenvalue :math:`\theta` (the largest *algebraic* eigenvalue), stopping when the residual
+    :math:`\beta_k |s_k| = \|H y - \theta y\|` of the Ritz
     pair is at most :math:`\mathrm{tol}\,|\theta|` (a bound: some eigenvalue lies within it) or
     the Krylov space is invariant. It needs far fewer HVPs than power iteration for a small
     spectral gap but keeps one vector per iteration (``iters * numel`` values).
 
     Args:
-        model, loss_fn, inputs, targets, mask, bins, region, bin_ids, many, few, batch_size,
-            params, cache_graph: as in :class:`HessianOperator`.
+        model, loss_fn, inputs, targets, mask: as in :class:`HessianOperator`.
+        **options: the subset and reading options of :class:`HessianOperator` (``bins``,
+            ``region``, ``bin_ids``, ``many``, ``few``, ``batch_size``, ``params``,
+            ``progress``: also tqdm bars over the iterations, ``cache_graph``).
         iters: maximum number of HVPs (iterations).
         tol: relative tolerance of the stopping test (see above).
         seed: seed of the starting vector.
         method: ``"power"`` or ``"lanczos"``.
         return_eigenvector: attach the unit eigenvector (one tensor per parameter).
-        progress: tqdm bars over the iterations and the batches.
 
     Returns:
         :class:`EigenResult`; for an empty subset the eigenvalue is NaN and ``num_samples`` 0.
@@ -402,9 +407,8 @@ def hessian_top_eigenvalue(
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
-    op = HessianOperator(model, loss_fn, inputs, targets, mask, bins=bins, region=region,
-                         bin_ids=bin_ids, many=many, few=few, batch_size=batch_size,
-                         params=params, progress=progress, cache_graph=cache_graph)
+    op = HessianOperator(model, loss_fn, inputs, targets, mask, **options)
+    progress = bool(options.get("progress", False))
     if op.ensure_count() == 0:
         return EigenResult(math.nan, 0, False, math.nan, 0, method)
     gen = torch.Generator().manual_seed(seed)
@@ -499,26 +503,14 @@ def _lanczos(op: HessianOperator, q: torch.Tensor, iters: int, tol: float, want_
 
 # ---------------------------------------------------------------------------------- trace
 def hessian_trace(
-    model: nn.Module,
-    loss_fn: LossFn | str | None = None,
-    inputs: Any = None,
-    targets: Any = None,
-    mask: Any = None,
-    *,
-    bins: LabelBins | None = None,
-    region: str | None = None,
-    bin_ids: Sequence[int] | torch.Tensor | None = None,
-    many: int = 100,
-    few: int = 20,
+    model: nn.Module, loss_fn: LossFn | str | None = None, inputs: Any = None,
+    targets: Any = None, mask: Any = None, *,
     probes: int = 100,
     tol: float | None = None,
     min_probes: int = 10,
     probe_chunk: int = 32,
     seed: int = 0,
-    batch_size: int = 256,
-    params: Iterable[torch.Tensor] | None = None,
-    progress: bool = False,
-    cache_graph: bool = False,
+    **options: Unpack[OperatorOptions],
 ) -> TraceResult:
     r"""Hutchinson estimate of :math:`\mathrm{Tr}(H_S)` with Rademacher probes.
 
@@ -536,15 +528,14 @@ def hessian_trace(
     the full run.
 
     Args:
-        model, loss_fn, inputs, targets, mask, bins, region, bin_ids, many, few, batch_size,
-            params, cache_graph: as in :class:`HessianOperator` (for the trace the cache only
-            helps when ``probes > probe_chunk``).
+        model, loss_fn, inputs, targets, mask: as in :class:`HessianOperator`.
+        **options: as for :func:`hessian_top_eigenvalue` (for the trace ``cache_graph`` only
+            helps when ``probes > probe_chunk``; ``progress`` also shows a bar over the probes).
         probes: maximum number of probes.
         tol: relative standard error at which to stop early (``None``: use all probes).
         min_probes: fewest probes before the early-stopping test applies.
         probe_chunk: probes per pass over the data (memory: one int8 vector each).
         seed: seed of the probes.
-        progress: tqdm bars over the probes and the batches.
 
     Returns:
         :class:`TraceResult`; for an empty subset the trace is NaN and ``num_samples`` 0.
@@ -555,9 +546,8 @@ def hessian_trace(
         raise ValueError(f"tol must be >= 0 or None, got {tol!r}")
     if not isinstance(probe_chunk, int) or probe_chunk < 1:
         raise ValueError(f"probe_chunk must be a positive integer, got {probe_chunk!r}")
-    op = HessianOperator(model, loss_fn, inputs, targets, mask, bins=bins, region=region,
-                         bin_ids=bin_ids, many=many, few=few, batch_size=batch_size,
-                         params=params, progress=progress, cache_graph=cache_graph)
+    op = HessianOperator(model, loss_fn, inputs, targets, mask, **options)
+    progress = bool(options.get("progress", False))
     if op.ensure_count() == 0:
         return TraceResult(math.nan, math.nan, 0, False, 0)
     gen = torch.Generator().manual_seed(seed)

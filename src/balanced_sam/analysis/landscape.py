@@ -37,16 +37,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from balanced_sam._compat import region_thresholds
 from balanced_sam.analysis._common import (
     Data,
     LossFn,
     Subset,
     eval_mode,
-    progress_bar,
     resolve_loss,
     sample_losses,
 )
 from balanced_sam.bins import LabelBins
+from balanced_sam.io import progress_bar, read_json, to_json, write_json
 
 __all__ = [
     "Landscape",
@@ -164,18 +165,17 @@ class Landscape:
         return {
             "alphas": self.alphas.tolist(),
             "betas": None if self.betas is None else self.betas.tolist(),
-            "values": {r: {m: _nan_to_none(v) for m, v in d.items()}
-                       for r, d in self.values.items()},
+            "values": to_json({r: {m: np.asarray(v, dtype=np.float64) for m, v in d.items()}
+                               for r, d in self.values.items()}),
             "counts": dict(self.counts),
-            "origin": {r: {m: _json_float(v) for m, v in d.items()}
-                       for r, d in self.origin.items()},
+            "origin": to_json(self.origin),
             "meta": self.meta,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Landscape:
-        def arr(x: Any) -> np.ndarray:
-            return np.asarray(x if not isinstance(x, list) else _none_to_nan(x), dtype=np.float64)
+        def arr(x: Any) -> np.ndarray:  # numpy reads None as NaN in a float array
+            return np.asarray(x, dtype=np.float64)
 
         return cls(
             alphas=np.asarray(d["alphas"], dtype=np.float64),
@@ -190,12 +190,11 @@ class Landscape:
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def load_json(cls, path: str | Path) -> Landscape:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path))
 
     def save_npz(self, path: str | Path) -> Path:
         """Arrays as ``alphas``, ``betas`` (empty for 1-D), ``values/<region>/<metric>``; counts,
@@ -242,21 +241,6 @@ class Landscape:
         return cls.load_json(path) if str(path).endswith(".json") else cls.load_npz(path)
 
 
-def _json_float(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def _nan_to_none(a: np.ndarray) -> Any:
-    a = np.asarray(a, dtype=np.float64)
-    return np.where(np.isfinite(a), a, None).tolist() if a.ndim else _json_float(float(a))
-
-
-def _none_to_nan(x: Any) -> Any:
-    if isinstance(x, list):
-        return [_none_to_nan(v) for v in x]
-    return math.nan if x is None else x
-
-
 # ---------------------------------------------------------------------------------- sweep
 def _grid(values: Sequence[float] | np.ndarray | None, steps: int, span: float, name: str
           ) -> np.ndarray:
@@ -292,8 +276,8 @@ def loss_landscape(
     norm: str = "filter",
     ignore: str | None = "biasbn",
     masks: Mapping[str, Any] | None = None,
-    many: int = 100,
-    few: int = 20,
+    many: int | None = None,
+    few: int | None = None,
     batch_size: int = 256,
     progress: bool = False,
     label: str | None = None,
@@ -315,7 +299,7 @@ def loss_landscape(
         seed: seed of the random directions (the second one continues the same generator).
         norm, ignore: see :func:`normalize_direction`.
         masks: extra subsets, name -> boolean mask over the samples (evaluated alongside).
-        many, few: region thresholds (training counts per bin).
+        many, few: region thresholds (training counts per bin; ``None``: the bins' own).
         batch_size: samples per forward pass (tensor inputs).
         progress: a tqdm bar over the grid points.
         label: stored in ``meta["label"]`` (e.g. the method name), used by the plots.
@@ -396,10 +380,11 @@ def loss_landscape(
         k0 = next(k for k, (a, b) in enumerate(points) if a == 0.0 and (b is None or b == 0.0))
         origin = {n: {m: float(means[k0, i, j]) for j, m in enumerate(METRICS)}
                   for i, n in enumerate(names)}
+    many, few = region_thresholds(bins, many, few)
     meta = {"seed": seed if directions is None else None, "norm": norm, "ignore": ignore,
             "loss": loss_name, "num_parameters": int(sum(p.numel() for p in params)),
-            "random_directions": directions is None, "many": many, "few": few,
-            "label": label, "bn": "eval mode (running statistics, not recomputed)"}
+            "random_directions": directions is None, "many": many, "few": few, "label": label,
+            "bn": "eval mode (running statistics, not recomputed)"}
     return Landscape(ag, bg, values, {n: int(c) for n, c in zip(names, counts)}, origin, meta)
 
 

@@ -11,7 +11,6 @@ loss landscape along random filter-normalised directions shared by all regions
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -19,22 +18,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
+from balanced_sam._compat import region_thresholds
 from balanced_sam.analysis._common import ALL_REGIONS, LossFn, resolve_loss
-from balanced_sam.analysis.hessian import hessian_top_eigenvalue, hessian_trace
-from balanced_sam.analysis.landscape import loss_landscape
+from balanced_sam.analysis.hessian import DEFAULT_METHOD, hessian_top_eigenvalue, hessian_trace
+from balanced_sam.analysis.landscape import Landscape, loss_landscape
 from balanced_sam.bins import LabelBins
+from balanced_sam.io import json_float, to_json, write_json
 
 __all__ = ["analyze_model", "format_sharpness_table"]
-
-
-def _f(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _slug(name: str) -> str:
@@ -42,184 +35,157 @@ def _slug(name: str) -> str:
 
 
 def analyze_model(
-    model: nn.Module,
-    inputs: Any,
-    targets: Any,
-    bins: LabelBins | None,
-    loss_fn: LossFn | str | None = None,
-    regions: Sequence[str] = ("all", "few"),
-    hessian: bool = True,
-    landscape: bool = True,
-    out_dir: str | Path | None = None,
-    *,
-    iters: int = 20,
-    tol: float = 1e-3,
-    method: str = "power",
-    probes: int = 20,
-    trace_tol: float | None = None,
-    grid: int | Sequence[float] = 21,
-    span: float = 1.0,
-    landscape_dim: int = 1,
-    seed: int = 0,
-    batch_size: int = 256,
-    progress: bool = True,
-    many: int = 100,
-    few: int = 20,
-    name: str | None = None,
-    plots: bool = True,
-    cache_graph: bool = False,
+    model: nn.Module, inputs: Any, targets: Any, bins: LabelBins | None,
+    loss_fn: LossFn | str | None = None, regions: Sequence[str] = ("all", "few"),
+    hessian: bool = True, landscape: bool = True, out_dir: str | Path | None = None, *,
+    iters: int = 20, tol: float = 1e-3, method: str = DEFAULT_METHOD, probes: int = 20,
+    trace_tol: float | None = None, grid: int | Sequence[float] = 21, span: float = 1.0,
+    landscape_dim: int = 1, seed: int = 0, batch_size: int = 256, progress: bool = True,
+    many: int | None = None, few: int | None = None, name: str | None = None,
+    plots: bool = True, cache_graph: bool = False,
 ) -> dict[str, Any]:
-    r"""Sharpness per region and a loss landscape for one model.
+    r"""Sharpness per region and a loss landscape for one model (left unchanged; in eval mode
+    during the analysis).
 
-    Args:
-        model: the trained network (left unchanged; eval mode during the analysis).
-        inputs, targets: evaluation samples (tensors; targets in the original label units), or
-            an iterable of ``(x, y)`` batches with ``targets=None``.
-        bins: the training-label bins that define the regions (``None`` allows only ``"all"``).
-        loss_fn: per-sample loss or loss name (default L1).
-        regions: regions to analyse.
-        hessian: compute :math:`\lambda_{\max}` (``iters``, ``tol``, ``method``) and the
-            Hutchinson trace (``probes``, ``trace_tol``) per region.
-        landscape: compute a ``landscape_dim``-D landscape over ``grid`` (points per axis over
-            ``[-span, span]``, or the explicit alphas) for all regions at once.
-        out_dir: when given, write ``<name>_landscape.npz`` / ``.json``, the PNG plots (with
-            ``plots``) and ``<name>_analysis.json`` there.
-        seed: seeds the eigenvalue start vector, the probes and the directions.
-        batch_size: samples per forward / double-backward pass.
-        progress: tqdm progress bars.
-        many, few: region thresholds on the training count per bin.
-        name: method / checkpoint name (file prefix, plot labels).
-        plots: write the PNG plots (with ``out_dir``).
-        cache_graph: keep each region's first-order graphs between Hessian-vector products
-            (faster, memory of a training step on the whole region; see
-            :class:`~balanced_sam.analysis.HessianOperator`).
+    ``inputs``, ``targets``: samples (tensors, targets in label units) or an iterable of
+    ``(x, y)`` batches with ``targets=None``. ``bins`` define the regions (``None``: only
+    ``"all"``; thresholds ``many`` / ``few``, default the bins'). ``loss_fn``: per-sample loss
+    or its name (default L1). ``hessian``: :math:`\lambda_{\max}` (``iters``, ``tol``,
+    ``method``) and the Hutchinson trace (``probes``, ``trace_tol``) per region; ``landscape``:
+    one ``landscape_dim``-D landscape over ``grid`` (points per axis over ``[-span, span]``, or
+    explicit alphas) for all regions. ``seed`` seeds the start vector, probes and directions;
+    ``batch_size`` samples per pass; ``cache_graph`` keeps first-order graphs between
+    Hessian-vector products (:class:`~balanced_sam.analysis.HessianOperator`). With ``out_dir``,
+    ``<name>_landscape.npz`` / ``.json``, the plots (``plots``) and ``<name>_analysis.json`` are
+    written there; without, the landscape's data stay in the result.
 
-    Returns:
-        A JSON-serialisable dict::
+    Returns a JSON-ready dict::
 
-            {"name", "loss", "num_parameters", "num_samples",
-             "regions": {region: {"count", "loss", "mae",               # at the trained weights
-                                  "lambda_max", "lambda_max_iterations",
-                                  "lambda_max_converged", "lambda_max_residual",
-                                  "trace", "trace_std_error", "trace_probes"}},
-             "landscape": None | {"dim", "npz", "json", "plots", "minimum": {region: {...}},
-                                  "data": <Landscape.to_dict()> (only without out_dir)},
-             "settings": {...}, "seconds": {"lambda_max", "trace", "landscape", "total"},
-             "files": {"analysis_json": path or None}}
+        {"name", "loss", "num_parameters", "num_trainable_parameters", "num_samples",
+         "regions": {region: {"count", "loss", "mae",                  # at the trained weights
+                              "lambda_max", "lambda_max_iterations", "lambda_max_converged",
+                              "lambda_max_residual", "trace", "trace_std_error",
+                              "trace_probes"}},
+         "landscape": None | {"dim", "npz", "json", "plots", "minimum": {region: {...}},
+                              "data": <Landscape.to_dict()> (only without out_dir)},
+         "settings": {...}, "seconds": {...}, "files": {"analysis_json": path or None}}
 
-        A region without samples has ``count`` 0 and ``None`` for every estimate.
+    A region without samples has ``count`` 0 and ``None`` for every estimate.
     """
     t_start = time.perf_counter()
+    regions = _checked_regions(regions, bins)
+    loss, loss_name = resolve_loss(loss_fn)
+    many, few = region_thresholds(bins, many, few)
+    label = name or "model"
+    settings = {"iters": iters, "tol": tol, "method": method, "probes": probes,
+                "trace_tol": trace_tol, "grid": grid if isinstance(grid, int) else
+                [float(a) for a in grid], "span": span, "landscape_dim": landscape_dim,
+                "seed": seed, "batch_size": batch_size, "many": many, "few": few,
+                "hessian": hessian, "landscape": landscape, "cache_graph": cache_graph,
+                "bn": "eval mode (running statistics)"}
+    seconds: dict[str, float] = {"lambda_max": 0.0, "trace": 0.0, "landscape": 0.0}
+    # Landscape first: its origin gives every region's count, loss and MAE in one pass (without
+    # a landscape, a one-point "landscape" at the origin does just that).
+    t0 = time.perf_counter()
+    ls = loss_landscape(model, inputs, targets, bins, regions, loss, seed=seed, many=many,
+                        few=few, batch_size=batch_size, progress=progress and landscape,
+                        label=label, **_grid_options(landscape, grid, span, landscape_dim))
+    ls.meta["loss"] = loss_name
+    seconds["landscape"] = time.perf_counter() - t0 if landscape else 0.0
+    per_region = {r: {"count": int(ls.counts[r]), "loss": json_float(ls.origin[r]["loss"]),
+                      "mae": json_float(ls.origin[r]["mae"])} for r in regions}
+    sub = {"bins": bins, "many": many, "few": few, "batch_size": batch_size,
+           "progress": progress, "cache_graph": cache_graph}
+    for r in regions if hessian else ():
+        per_region[r].update(_sharpness(model, loss, inputs, targets, r, settings, sub, seconds))
+    out = Path(out_dir) if out_dir is not None else None
+    land = _landscape_files(ls, regions, out, _slug(label), plots) if landscape else None
+    seconds["total"] = time.perf_counter() - t_start
+    return _result(model, label, loss_name, ls, per_region, land, settings, seconds, out)
+
+
+def _result(model: nn.Module, label: str, loss_name: str, ls: Landscape,
+            per_region: dict[str, Any], land: dict[str, Any] | None,
+            settings: dict[str, Any], seconds: dict[str, float], out: Path | None
+            ) -> dict[str, Any]:
+    """The result dict (written to ``out/<name>_analysis.json`` when there is an ``out``)."""
+    result: dict[str, Any] = {
+        "name": label,
+        "loss": loss_name,
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "num_trainable_parameters": int(sum(p.numel() for p in model.parameters()
+                                            if p.requires_grad)),
+        "num_samples": int(ls.counts["all"]) if "all" in ls.counts else None,
+        "regions": per_region,
+        "landscape": land,
+        "settings": settings,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "files": {"analysis_json": None},
+    }
+    if out is not None:
+        path = out / f"{_slug(label)}_analysis.json"
+        result["files"]["analysis_json"] = str(path)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(result, path)
+    return result
+
+
+def _checked_regions(regions: Sequence[str], bins: LabelBins | None) -> list[str]:
     regions = list(dict.fromkeys(regions))
     for r in regions:
         if r not in ALL_REGIONS:
             raise ValueError(f"regions must be among {ALL_REGIONS}, got {r!r}")
         if r != "all" and bins is None:
             raise ValueError(f"region {r!r} needs bins (a LabelBins of the training labels)")
-    loss, loss_name = resolve_loss(loss_fn)
-    label = name or "model"
-    out = Path(out_dir) if out_dir is not None else None
-    prefix = _slug(label)
-    seconds: dict[str, float] = {"lambda_max": 0.0, "trace": 0.0, "landscape": 0.0}
-    n_params = int(sum(p.numel() for p in model.parameters()))
-    n_train_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return regions
 
-    # Landscape first: its origin gives every region's count, loss and MAE in one pass (without
-    # a landscape, a one-point "landscape" at the origin does just that).
-    grid_kw: dict[str, Any]
+
+def _grid_options(landscape: bool, grid: int | Sequence[float], span: float,
+                  dim: int) -> dict[str, Any]:
+    """loss_landscape's grid keywords; a one-point grid at the origin without a landscape."""
     if not landscape:
-        grid_kw = {"dim": 1, "alphas": [0.0]}
-    elif isinstance(grid, int):
-        grid_kw = {"dim": landscape_dim, "steps": grid, "span": span}
-    else:
-        g = [float(a) for a in grid]
-        grid_kw = {"dim": landscape_dim, "alphas": g, "betas": g if landscape_dim == 2 else None}
+        return {"dim": 1, "alphas": [0.0]}
+    if isinstance(grid, int):
+        return {"dim": dim, "steps": grid, "span": span}
+    g = [float(a) for a in grid]
+    return {"dim": dim, "alphas": g, "betas": g if dim == 2 else None}
+
+
+def _sharpness(model: nn.Module, loss: LossFn, inputs: Any, targets: Any, region: str,
+               settings: dict[str, Any], sub: dict[str, Any],
+               seconds: dict[str, float]) -> dict[str, Any]:
+    """lambda_max and the Hutchinson trace of one region's mean loss (timings added up)."""
     t0 = time.perf_counter()
-    ls = loss_landscape(model, inputs, targets, bins, regions, loss, seed=seed, many=many,
-                        few=few, batch_size=batch_size, progress=progress and landscape,
-                        label=label, **grid_kw)
-    ls.meta["loss"] = loss_name
-    if landscape:
-        seconds["landscape"] = time.perf_counter() - t0
-
-    per_region: dict[str, dict[str, Any]] = {}
-    for r in regions:
-        count = int(ls.counts[r])
-        entry: dict[str, Any] = {"count": count, "loss": _f(ls.origin[r]["loss"]),
-                                 "mae": _f(ls.origin[r]["mae"])}
-        if hessian:
-            sub = {"bins": bins, "region": r, "many": many, "few": few,
-                   "batch_size": batch_size, "seed": seed, "progress": progress,
-                   "cache_graph": cache_graph}
-            t0 = time.perf_counter()
-            eig = hessian_top_eigenvalue(model, loss, inputs, targets, iters=iters, tol=tol,
-                                         method=method, **sub)  # type: ignore[arg-type]
-            seconds["lambda_max"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            tr = hessian_trace(model, loss, inputs, targets, probes=probes, tol=trace_tol,
-                               **sub)  # type: ignore[arg-type]
-            seconds["trace"] += time.perf_counter() - t0
-            entry.update({
-                "lambda_max": _f(eig.eigenvalue),
-                "lambda_max_iterations": eig.iterations,
-                "lambda_max_converged": eig.converged,
-                "lambda_max_residual": _f(eig.residual),
-                "trace": _f(tr.trace),
-                "trace_std_error": _f(tr.std_error),
-                "trace_probes": tr.probes,
-            })
-        per_region[r] = entry
-
-    land: dict[str, Any] | None = None
-    if landscape:
-        land = {"dim": ls.dim, "npz": None, "json": None, "plots": [],
-                "minimum": {r: _jsonable(ls.minimum(r)) for r in regions}}
-        if out is not None:
-            land["npz"] = str(ls.save_npz(out / f"{prefix}_landscape.npz"))
-            land["json"] = str(ls.save_json(out / f"{prefix}_landscape.json"))
-            if plots:
-                from balanced_sam.analysis.plots import save_landscape_plots
-
-                written = save_landscape_plots(ls, out, f"{prefix}_landscape", regions)
-                land["plots"] = [str(p) for p in written]
-        else:
-            land["data"] = ls.to_dict()
-
-    seconds["total"] = time.perf_counter() - t_start
-    result: dict[str, Any] = {
-        "name": label,
-        "loss": loss_name,
-        "num_parameters": n_params,
-        "num_trainable_parameters": n_train_params,
-        "num_samples": int(ls.counts["all"]) if "all" in ls.counts else None,
-        "regions": per_region,
-        "landscape": land,
-        "settings": {"iters": iters, "tol": tol, "method": method, "probes": probes,
-                     "trace_tol": trace_tol, "grid": grid if isinstance(grid, int) else
-                     [float(a) for a in grid], "span": span,
-                     "landscape_dim": landscape_dim, "seed": seed, "batch_size": batch_size,
-                     "many": many, "few": few, "hessian": hessian, "landscape": landscape,
-                     "cache_graph": cache_graph,
-                     "bn": "eval mode (running statistics)"},
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "files": {"analysis_json": None},
-    }
-    if out is not None:
-        path = out / f"{prefix}_analysis.json"
-        result["files"]["analysis_json"] = str(path)
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-    return result
+    eig = hessian_top_eigenvalue(model, loss, inputs, targets, region=region,
+                                 iters=settings["iters"], tol=settings["tol"],
+                                 method=settings["method"], seed=settings["seed"], **sub)
+    seconds["lambda_max"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tr = hessian_trace(model, loss, inputs, targets, region=region, probes=settings["probes"],
+                       tol=settings["trace_tol"], seed=settings["seed"], **sub)
+    seconds["trace"] += time.perf_counter() - t0
+    return {"lambda_max": json_float(eig.eigenvalue), "lambda_max_iterations": eig.iterations,
+            "lambda_max_converged": eig.converged, "lambda_max_residual": json_float(eig.residual),
+            "trace": json_float(tr.trace), "trace_std_error": json_float(tr.std_error),
+            "trace_probes": tr.probes}
 
 
-def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, (float, np.floating)):
-            out[k] = _f(v)
-        else:
-            out[k] = v
-    return out
+def _landscape_files(ls: Landscape, regions: list[str], out: Path | None, prefix: str,
+                     plots: bool) -> dict[str, Any]:
+    """The landscape's summary: files (and plots) under ``out``, or its data in memory."""
+    land: dict[str, Any] = {"dim": ls.dim, "npz": None, "json": None, "plots": [],
+                            "minimum": {r: to_json(ls.minimum(r)) for r in regions}}
+    if out is None:
+        land["data"] = ls.to_dict()
+        return land
+    land["npz"] = str(ls.save_npz(out / f"{prefix}_landscape.npz"))
+    land["json"] = str(ls.save_json(out / f"{prefix}_landscape.json"))
+    if plots:
+        from balanced_sam.analysis.plots import save_landscape_plots
+
+        written = save_landscape_plots(ls, out, f"{prefix}_landscape", regions)
+        land["plots"] = [str(p) for p in written]
+    return land
 
 
 def _fmt(x: Any, digits: int) -> str:

@@ -45,6 +45,7 @@ __all__ = [
     "train_labels",
     "read_age_csv",
     "build_age_splits",
+    "age_train_labels",
     "CSV_NAME",
     "HINT",
     "SPLITS",
@@ -206,9 +207,15 @@ def build_splits(
     return build_age_splits(root, CSV_NAME, "AgeDB-DIR", HINT, img_size, cache, **options)
 
 
+def age_train_labels(root: str | os.PathLike[str], csv_name: str, what: str, hint: str,
+                     csv: str | os.PathLike[str] | None = None) -> torch.Tensor:
+    """The training ages of an ``age,path,split`` benchmark from its CSV alone (float32,
+    ``(n_train,)``); shared by AgeDB-DIR and IMDB-WIKI-DIR."""
+    r = require_root(root, what, hint)
+    df = read_age_csv(Path(csv) if csv is not None else r / csv_name, f"{what} split CSV")
+    return torch.from_numpy(df.loc[df["split"] == "train", "age"].to_numpy(np.float32, copy=True))
+
+
 def train_labels(root: str | os.PathLike[str], **options: Any) -> torch.Tensor:
     """The training ages of AgeDB-DIR (float32, shape ``(n_train,)``) from the CSV alone."""
-    r = require_root(root, "AgeDB-DIR", HINT)
-    csv = options.get("csv")
-    df = read_age_csv(Path(csv) if csv is not None else r / CSV_NAME, "AgeDB-DIR split CSV")
-    return torch.from_numpy(df.loc[df["split"] == "train", "age"].to_numpy(np.float32, copy=True))
+    return age_train_labels(root, CSV_NAME, "AgeDB-DIR", HINT, options.get("csv"))

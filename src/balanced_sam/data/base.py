@@ -1,7 +1,9 @@
-"""The shape every benchmark dataset takes before it reaches the training loop."""
+"""The shape every table-like benchmark takes before it reaches the training loop, and the
+content digests that fingerprint a dataset's files."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BenchData", "DATASETS", "register_dataset", "get_dataset"]
+from balanced_sam.io import sha256_file
+
+__all__ = ["BenchData", "file_digest"]
 
 
 @dataclass
@@ -21,10 +25,13 @@ class BenchData:
     reports every metric in the original units. ``x_*`` are model inputs (already preprocessed:
     standardised features, image tensors, ...). ``bins`` describes how the labels are binned
     (keyword arguments of ``LabelBins.from_labels``, e.g. ``{"bin_width": 250.0, "lower": 0.0}``).
-    ``make_model()`` builds a fresh, randomly initialised regressor with one output.
-    ``defaults`` holds the recipe chosen for this dataset (``epochs``, ``lr``, ``batch_size``,
-    ``optimizer``, ``weight_decay``, ``momentum``, ``rho``, ...). ``info`` is recorded verbatim in
-    ``results.json`` (split cap C, train fraction, source of the data, ...).
+    ``info`` is recorded verbatim in ``results.json`` (split cap C, train fraction, source of the
+    data, ...); its ``files`` (name -> SHA-256) and ``split_params`` make the data's fingerprint.
+
+    The recipe and the model of a registered dataset come from its entry in
+    :mod:`balanced_sam.data.registry`. A dataset registered with the older
+    :func:`register_dataset` may instead carry them here: ``make_model()`` (a fresh regressor)
+    and ``defaults`` (``TrainConfig`` fields, and ``rho_by_method``).
     """
 
     name: str
@@ -35,47 +42,23 @@ class BenchData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     bins: dict[str, Any]
-    make_model: Callable[[], nn.Module]
+    make_model: Callable[[], nn.Module] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     standardize_target: bool = True
     target_unit: str = ""
 
 
-# name -> loader(**options) -> BenchData. Loaders take keyword options such as seed, data_root,
-# train_fraction; each ignores what it does not use.
-DATASETS: dict[str, Callable[..., BenchData]] = {}
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., BenchData]], Callable[..., BenchData]]:
-    """Decorator: make ``loader`` available as ``bsam bench --dataset NAME``."""
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's content, remembered per (path, size, modification time) so that a
+    process hashes each data file once."""
+    p = os.path.realpath(path)
+    st = os.stat(p)
+    key = (p, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(p)
+    return _DIGESTS[key]
 
-    def deco(loader: Callable[..., BenchData]) -> Callable[..., BenchData]:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        DATASETS[name] = loader
-        return loader
-
-    return deco
-
-
-def get_dataset(name: str, **options: Any) -> BenchData:
-    """Load a registered benchmark dataset by name."""
-    _load_builtin()
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](**options)
-
-
-def _load_builtin() -> None:
-    # Importing the modules registers their datasets; done lazily so that importing
-    # balanced_sam.data does not import pandas or torchvision.
-    import importlib
-
-    for mod in ("diamonds", "rotated_mnist"):
-        try:
-            importlib.import_module(f"balanced_sam.data.{mod}")
-        except ModuleNotFoundError as exc:  # a module not written yet, or an optional dependency
-            if exc.name and exc.name.startswith("balanced_sam"):
-                continue
-            raise

@@ -1,11 +1,11 @@
-"""The default benchmark of ``bsam bench``: diamond prices (53,940 rows), no download needed.
+"""The tabular benchmark of ``bsam bench``: diamond prices (53,940 rows), no download needed.
 
 The table is the ``diamonds.csv`` that the PyPI package ``plotnine`` (MIT) bundles; it is read
 from the installed package, never copied into this repository. Target: ``price`` in dollars,
 strongly right-skewed. Features: ``carat, depth, table, x, y, z`` (standardised) and
 ``cut, color, clarity`` (one-hot, 0/1).
 
-Protocol (the design note's): bins of $250 starting at $250 (the first multiple of 250 below the
+Protocol: bins of $250 starting at $250 (the first multiple of 250 below the
 cheapest diamond, $326; a lower edge of 0 only adds an empty bin); per bin ``min(n // 3, 50)`` rows
 for validation and as many for test; then a fixed random 20% of the remaining rows for training,
 so that the expensive tail has few-shot bins. The split uses ``split_seed`` (default 0) and is the
@@ -13,7 +13,7 @@ same for every training seed.
 
 Facts of the default split (checked by the tests): 75 bins ($250-$19,000), 3,457 validation and
 3,457 test rows, 47,026 rows left, of which exactly ``round(0.2 * 47,026) = 9,405`` train; training
-bins: 24 many / 22 medium / 29 few (every bin holds a training row). The design note's prototype
+bins: 24 many / 22 medium / 29 few (every bin holds a training row). An earlier prototype
 reported 9,499 training rows and 24 / 20 / 30 bins: it kept each row with probability 0.2 (a coin
 flip per row gives 9,405 +- 87 rows; ``np.random.RandomState(1).rand(47026) < 0.2`` gives exactly
 9,499), and it counts 74 bins, so one bin got no training row (probably the last, whose 9
@@ -28,7 +28,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from balanced_sam.data.base import BenchData, register_dataset
+from balanced_sam.data.base import BenchData
 
 __all__ = ["load", "diamonds_csv", "NUMERIC", "CATEGORICAL", "TARGET"]
 
@@ -44,7 +44,7 @@ def diamonds_csv() -> Path:
     bundled table on import); ``importlib.resources`` is the fallback for unusual installs.
     """
     hint = ("the diamonds benchmark reads the table bundled with plotnine; install it with "
-            "`pip install plotnine` (or `pip install balanced-sam[cli]`)")
+            "`pip install plotnine` (or `pip install 'balanced-sam[cli]'`)")
     spec = importlib.util.find_spec("plotnine")
     if spec is None:
         raise ModuleNotFoundError(f"plotnine is not installed: {hint}", name="plotnine")
@@ -58,20 +58,6 @@ def diamonds_csv() -> Path:
     return Path(str(resource))
 
 
-#: The recipe, chosen once on the validation set by ``benchmarks/tune_diamonds.py`` (2 seeds,
-#: validation MAE in dollars; test numbers not looked at). Stage 1, base optimizer / lr / epochs
-#: on vanilla and sqinv: SGD lr 0.2 for 60 epochs (vanilla 715.6, sqinv 706.3) beat SGD lr 0.1
-#: (728.4 / 712.4), lr 0.05 (742.6 / 712.1), Adam 2e-3 (718.0 / 718.7) and Adam 4e-3 (702.6 /
-#: 720.8); 30 epochs were worse everywhere and SGD lr 0.4 diverged for sqinv (1,817.9).
-#: Stage 2, rho per method at that recipe over {0.01, 0.02, 0.05, 0.1, 0.2}: sam 0.02 (707.6),
-#: imbsam 0.1 (689.1), bsam 0.01 (716.0); over {0.01, 0.02, 0.05, 0.1}: inv-bsam 0.02 (823.2),
-#: vanilla-bsam 0.05 (708.5). ``bsam bench --rho R`` overrides these for every method.
-RECIPE: dict[str, Any] = {"optimizer": "sgd", "lr": 0.2, "epochs": 60, "rho": 0.02}
-RHO_BY_METHOD: dict[str, float] = {"sam": 0.02, "vanilla-sam": 0.02, "imbsam": 0.1,
-                                   "bsam": 0.01, "inv-bsam": 0.02, "vanilla-bsam": 0.05}
-
-
-@register_dataset("diamonds")
 def load(
     seed: int = 0,
     train_fraction: float = 0.2,
@@ -104,7 +90,6 @@ def load(
         categorical=list(CATEGORICAL),
         name="diamonds",
         target_unit="$",
-        defaults={**RECIPE, "rho_by_method": dict(RHO_BY_METHOD)},
     )
     data.info["source"] = "plotnine/data/diamonds.csv (ggplot2's diamonds, MIT)"
     return data

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from balanced_sam.io import atomic_write
+
 __all__ = [
     "DatasetNotFoundError",
     "MissingImagesError",
@@ -248,6 +250,13 @@ def list_digest(items: Iterable[str], *extra: Any) -> str:
     return h.hexdigest()[:12]
 
 
+def _new_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
+    """An ``.npy`` file of zeros, written through a memory map (nothing held in memory)."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    mm.flush()
+    del mm
+
+
 class ArrayCache:
     """Fixed-shape records per sample in memory-mapped ``.npy`` files, filled on first read.
 
@@ -281,10 +290,7 @@ class ArrayCache:
                 raise ValueError(f"cache file {path} does not match this dataset "
                                  f"(expected shape {(self.n, *shape)}, dtype {dt}); delete it "
                                  "or choose another cache_dir")
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dt, shape=(self.n, *shape))
-            del mm
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp, dt=dt, shape=shape: _new_npy(tmp, dt, (self.n, *shape)))
 
     def _path(self, name: str) -> Path:
         return self.prefix.with_name(f"{self.prefix.name}.{name}.npy")

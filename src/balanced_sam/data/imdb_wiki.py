@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from balanced_sam.data.agedb import AgeImageDataset, build_age_splits, read_age_csv
+from balanced_sam.data.agedb import AgeImageDataset, age_train_labels, build_age_splits
 from balanced_sam.data.images import CSVFormatError, DatasetNotFoundError, require_root
 
 __all__ = ["build_splits", "train_labels", "make_split_from_mat", "read_mat_meta", "matlab_age",
@@ -61,10 +61,7 @@ def build_splits(
 
 def train_labels(root: str | os.PathLike[str], **options: Any) -> torch.Tensor:
     """The training ages of IMDB-WIKI-DIR (float32, shape ``(n_train,)``) from the CSV alone."""
-    r = require_root(root, "IMDB-WIKI-DIR", HINT)
-    csv = options.get("csv")
-    df = read_age_csv(Path(csv) if csv is not None else r / CSV_NAME, "IMDB-WIKI-DIR split CSV")
-    return torch.from_numpy(df.loc[df["split"] == "train", "age"].to_numpy(np.float32, copy=True))
+    return age_train_labels(root, CSV_NAME, "IMDB-WIKI-DIR", HINT, options.get("csv"))
 
 
 def matlab_age(dob: np.ndarray, photo_taken: np.ndarray) -> np.ndarray:
@@ -156,7 +153,7 @@ def make_split_from_mat(
     df = pd.concat(frames, ignore_index=True)
     if len(df) == 0:
         raise CSVFormatError(f"no IMDB-WIKI face passes the filters (face_score >= {min_score}, "
-                             "one face, age in range) under {r}")
+                             f"one face, age in range) under {r}")
     rng = np.random.default_rng(seed)
     split = np.full(len(df), "train", dtype=object)
     ages = df["age"].to_numpy()

@@ -10,7 +10,7 @@ On disk (what the DIR ``data.zip`` unpacks to), relative to ``root``:
   ``metres = code / 1000`` (the DIR/Hu ``ToTensor``; see :func:`~balanced_sam.data.images.
   open_depth_png`). RGB is 640 x 480.
 * ``data/test_balanced_mask.npy``: ``uint8`` of shape ``(654, 228, 304)``: for each depth bin
-  7..99 of 0.1 m the same number of test pixels (9,357 per the design note; not checked here),
+  7..99 of 0.1 m the same number of test pixels (9,357 per bin in the DIR release; not checked),
   at the resolution of the test depth after the test pipeline below.
 
 Pipeline (DIR ``loaddata.py`` / ``nyu_transform.py``, from Hu et al.), for ``img_size = s``
@@ -63,6 +63,7 @@ from balanced_sam.data.images import (
     read_split_csv,
     require_root,
 )
+from balanced_sam.io import atomic_write, progress_bar
 
 __all__ = [
     "NYUDepthDataset",
@@ -365,7 +366,7 @@ class _DepthOnly(Dataset):
         return self.ds.depth_only(i)
 
 
-def _bin_of(depth: torch.Tensor) -> torch.Tensor:
+def _depth_bin(depth: torch.Tensor) -> torch.Tensor:
     # DIR's get_bin_idx: min(int(d * 10), 99) with float32 arithmetic
     return (depth * np.float32(1.0 / BIN_WIDTH)).to(torch.int64).clamp_(0, NUM_BINS - 1)
 
@@ -409,20 +410,15 @@ def train_depth_counts(
     ds = NYUDepthDataset(r, pairs, True, None, img_size, None, augment=False)
     loader = DataLoader(_DepthOnly(ds), batch_size=batch_size, num_workers=num_workers)
     counts = torch.zeros(NUM_BINS, dtype=torch.int64)
-    it = loader
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(loader, desc="counting train depth pixels")
-    for depth in it:
+    for depth in progress_bar(loader, enabled=progress, desc="counting train depth pixels"):
         d = depth[depth > 0]
-        counts += torch.bincount(_bin_of(d), minlength=NUM_BINS)
+        counts += torch.bincount(_depth_bin(d), minlength=NUM_BINS)
     out = counts.numpy()
     if use_cache:
         try:
-            tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}.npz")
-            np.savez(tmp, counts=out, csv_sha256=np.array(digest))
-            os.replace(tmp, cache_file)
+            atomic_write(cache_file, lambda tmp: np.savez(tmp, counts=out,
+                                                          csv_sha256=np.array(digest)),
+                         suffix=".npz")
         except OSError:
             pass
     return out
@@ -472,7 +468,7 @@ def make_balanced_mask(
     """
     d = torch.as_tensor(np.asarray(test_depth), dtype=torch.float32)
     flat = d.reshape(-1)
-    bins = _bin_of(flat)
+    bins = _depth_bin(flat)
     bins[flat <= 0] = -1  # missing depth is never selected
     counts = torch.bincount(bins[bins >= 0], minlength=NUM_BINS)
     wanted = counts[first_bin:]

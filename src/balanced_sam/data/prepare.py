@@ -8,7 +8,7 @@ A downloaded archive is removed after unpacking (it is ours); an archive the use
 kept. Known checksums are verified (``agedb.csv``); a file already present with another checksum is
 kept and reported.
 
-Sources (DESIGN.md, "Data"): the split CSVs from github.com/YyzHarry/imbalanced-regression (MIT),
+Sources: the split CSVs from github.com/YyzHarry/imbalanced-regression (MIT),
 the IMDB-WIKI tars from the ETH Zurich project page, the NYUD2-DIR ``data.zip`` from the Google
 Drive file that ``nyud2-dir/download_nyud2.py`` of the same repository fetches. AgeDB images need a
 password from the AgeDB authors and are never fetched.
@@ -16,6 +16,7 @@ password from the AgeDB authors and are never fetched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -23,7 +24,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ from balanced_sam.data.images import (
     check_files_exist,
     read_split_csv,
 )
+from balanced_sam.data.registry import dataset_names
 
 __all__ = ["prepare_dataset", "DatasetNotReadyError", "URLS", "SHA256", "NAMES", "fetch"]
 
-NAMES = ("agedb", "imdb-wiki", "nyud2")
+NAMES = tuple(dataset_names(prepare=True))  # the registry says which datasets it prepares
 _RAW = "https://raw.githubusercontent.com/YyzHarry/imbalanced-regression/main"
 URLS: dict[str, str] = {
     "agedb.csv": f"{_RAW}/agedb-dir/data/agedb.csv",
@@ -137,40 +139,36 @@ def _unpack(archive: Path, dest: Path, echo: Callable[[str], Any]) -> int:
     files were written."""
     echo(f"unpacking {archive} into {dest} (existing files are kept)")
     written = 0
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            _safe_members([i.filename for i in infos], dest)
-            for info in infos:
-                target = dest / info.filename
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                if target.exists():
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "xb") as out:
-                    shutil.copyfileobj(src, out, length=1 << 20)
-                written += 1
-        return written
-    with tarfile.open(archive) as tf:
-        members = tf.getmembers()
-        _safe_members([m.name for m in members], dest)
-        for m in members:
-            target = dest / m.name
-            if m.isdir():
+    with _members(archive) as members:
+        _safe_members([name for name, _, _ in members], dest)
+        for name, kind, open_member in members:
+            target = dest / name
+            if kind == "dir":
                 target.mkdir(parents=True, exist_ok=True)
                 continue
-            if not m.isfile() or target.exists():
+            if kind != "file" or target.exists():
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(m)
+            src = open_member()
             if src is None:
                 continue
+            target.parent.mkdir(parents=True, exist_ok=True)
             with src, open(target, "xb") as out:
                 shutil.copyfileobj(src, out, length=1 << 20)
             written += 1
     return written
+
+
+@contextlib.contextmanager
+def _members(archive: Path) -> Iterator[list[tuple[str, str, Callable[[], Any]]]]:
+    """``(name, "dir" | "file" | "other", open)`` of every member of a zip or tar archive."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            yield [(i.filename, "dir" if i.is_dir() else "file",
+                    lambda i=i: zf.open(i)) for i in zf.infolist()]
+        return
+    with tarfile.open(archive) as tf:
+        yield [(m.name, "dir" if m.isdir() else "file" if m.isfile() else "other",
+                lambda m=m: tf.extractfile(m)) for m in tf.getmembers()]
 
 
 def _missing_images(root: Path, relpaths: list[str]) -> list[str]:
@@ -252,6 +250,25 @@ def _prepare_agedb(root: Path, download: bool, rep: _Report) -> None:
         rep.add("present", f"{len(df)} AgeDB images under {root / 'AgeDB'}")
 
 
+def _fetch_and_unpack(key: str, archive: Path, root: Path, download: bool,
+                      rep: _Report) -> None:
+    """Unpack ``archive`` into ``root`` (fetching ``URLS[key]`` first when it is absent and
+    downloads are allowed); an archive we fetched is removed afterwards, the user's is kept."""
+    ours = False
+    if not archive.is_file() and download:
+        why = _download(key, archive, rep.echo)
+        if why is not None:
+            rep.add("notes", why)
+        else:
+            ours = True
+            rep.add("fetched", str(archive))
+    if archive.is_file():
+        n = _unpack(archive, root, rep.echo)
+        rep.add("built", f"{n} files unpacked from {archive}")
+        if ours:
+            archive.unlink()
+
+
 def _prepare_imdb_wiki(root: Path, download: bool, rep: _Report) -> None:
     csv = root / imdb_wiki.CSV_NAME
     have_csv = _split_csv(rep, root, imdb_wiki.CSV_NAME, download, None)
@@ -260,21 +277,10 @@ def _prepare_imdb_wiki(root: Path, download: bool, rep: _Report) -> None:
         folder, tar = root / f"{db}_crop", root / f"{db}_crop.tar"
         if (folder / f"{db}.mat").is_file():
             continue
-        ours = False
-        if not tar.is_file() and download:
-            if have_csv and not _missing_images(root, _paths_of(csv, db)):
-                continue  # images present, only the .mat is absent: no need for 7 GB
-            why = _download(f"{db}_crop.tar", tar, rep.echo)
-            if why is not None:
-                rep.add("notes", why)
-            else:
-                ours = True
-                rep.add("fetched", str(tar))
-        if tar.is_file():
-            n = _unpack(tar, root, rep.echo)
-            rep.add("built", f"{n} files unpacked from {tar}")
-            if ours:
-                tar.unlink()
+        if (not tar.is_file() and download and have_csv
+                and not _missing_images(root, _paths_of(csv, db))):
+            continue  # images present, only the .mat is absent: no need for 7 GB
+        _fetch_and_unpack(f"{db}_crop.tar", tar, root, download, rep)
     if not have_csv:
         mats = [root / f"{db}_crop" / f"{db}.mat" for db in ("imdb", "wiki")]
         if all(m.is_file() for m in mats):
@@ -312,20 +318,7 @@ def _paths_of(csv: Path, db: str) -> list[str]:
 def _prepare_nyud2(root: Path, download: bool, rep: _Report, seed: int, img_size: int) -> None:
     train_csv, test_csv = root / nyud2.TRAIN_CSV, root / nyud2.TEST_CSV
     if not (train_csv.is_file() and test_csv.is_file()):
-        archive = root / "data.zip"
-        ours = False
-        if not archive.is_file() and download:
-            why = _download("nyud2_data.zip", archive, rep.echo)
-            if why is not None:
-                rep.add("notes", why)
-            else:
-                ours = True
-                rep.add("fetched", str(archive))
-        if archive.is_file():
-            n = _unpack(archive, root, rep.echo)
-            rep.add("built", f"{n} files unpacked from {archive}")
-            if ours:
-                archive.unlink()
+        _fetch_and_unpack("nyud2_data.zip", root / "data.zip", root, download, rep)
     lacking = [p for p in (train_csv, test_csv) if not p.is_file()]
     if lacking:
         rep.add("missing", f"{', '.join(map(str, lacking))}: the NYUD2-DIR data; get data.zip "

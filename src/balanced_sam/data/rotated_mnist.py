@@ -20,20 +20,15 @@ Which images and angles are drawn depends on ``seed``. Digits are used whole by 
 for glyphs that are (nearly) symmetric under a half turn (0, 1, 8; bags in Fashion-MNIST) an angle
 near 180 looks like one near 0, which the metrics of the last bins will show.
 
-The recipe (``BenchData.defaults``: SGD lr 0.02, momentum 0.9, weight decay 1e-4, batch 128, 10
-epochs, cosine, rho 0.05; a SmallCNN with 8 and 16 channels) was sized by measurement:
-``OMP_NUM_THREADS=1 bsam bench --dataset rotated-fashion-mnist`` (9 methods x 3 seeds) took 6 min 29
-s on this project's 2-core machine while other jobs shared it: 8.2-8.7 s per single-pass run and
-15.8-18.0 s per two-pass run (SAM, ImbSAM, BSAM). With two intra-op threads on a busy machine the
-same runs were several times slower (OpenMP threads spinning), so one thread per run is the
-robust choice for this small network.
+The recipe and the model (a small CNN) are the entries ``rotated-mnist`` and
+``rotated-fashion-mnist`` of :mod:`balanced_sam.data.registry`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,30 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from balanced_sam.data.base import BenchData, register_dataset
+from balanced_sam.data.base import BenchData, file_digest
 from balanced_sam.data.idx import IDX_SPLITS, find_idx_file, read_idx
 
 __all__ = ["load", "load_fashion", "load_rotated", "rotate_images", "long_tailed_angles",
-           "balanced_angles", "read_mnist_folder", "find_images", "RECIPE", "DEBIAN_FASHION",
+           "balanced_angles", "read_mnist_folder", "find_images", "DEBIAN_FASHION",
            "ImagesNotFoundError"]
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-TIMING_NOTE = ("measured: 9 methods x 3 seeds in 6 min 29 s with OMP_NUM_THREADS=1 on a shared "
-               "2-core machine (8.2-8.7 s per single-pass run, 15.8-18.0 s per two-pass run)")
 ANGLE_RANGE = 180.0
-
-#: training recipe of the benchmark (copied into ``BenchData.defaults``)
-RECIPE: dict[str, Any] = {
-    "optimizer": "sgd",
-    "lr": 0.02,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "batch_size": 128,
-    "epochs": 10,
-    "rho": 0.05,
-    "schedule": "cosine",
-}
-
 
 class ImagesNotFoundError(FileNotFoundError):
     """Neither a local IDX folder nor torchvision's downloader gave the images."""
@@ -194,7 +174,6 @@ def load_rotated(
     tau: float = 30.0,
     classes: list[int] | tuple[int, ...] | None = None,
     download: bool = True,
-    model_channels: tuple[int, ...] = (8, 16),
 ) -> BenchData:
     """Build the rotated benchmark (see the module docstring).
 
@@ -208,10 +187,8 @@ def load_rotated(
         tau: decay of the training angle density, degrees.
         classes: keep only these class labels (default: all).
         download: allow torchvision's downloader.
-        model_channels: convolution widths of the :class:`~balanced_sam.models.SmallCNN`.
     """
     from balanced_sam.bins import LabelBins
-    from balanced_sam.models import SmallCNN
 
     k = 180.0 / bin_width
     if not bin_width > 0 or abs(k - round(k)) > 1e-9:
@@ -222,76 +199,64 @@ def load_rotated(
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     data, source = find_images(kind, data_root, download)
     gen = torch.Generator().manual_seed(int(seed))
+    nbins = int(round(k))
+    sizes = {"train": n_train, "val": val_per_bin * nbins, "test": test_per_bin * nbins}
+    picks = _pick_images(data, classes, sizes, gen, source)
+    angles = (long_tailed_angles(n_train, tau, gen), balanced_angles(val_per_bin, bin_width, gen),
+              balanced_angles(test_per_bin, bin_width, gen))
+
+    def prep(imgs: np.ndarray, a: torch.Tensor) -> torch.Tensor:
+        return rotate_images(torch.from_numpy(imgs.astype(np.float32) / 255.0)[:, None], a)
+
+    xs = [prep(imgs, a) for imgs, a in zip(picks, angles)]
+    mean, std = float(xs[0].mean()), float(xs[0].std())
+    x_tr, x_va, x_te = ((x - mean) / std for x in xs)
+    bins = {"bin_width": float(bin_width), "lower": 0.0, "upper": ANGLE_RANGE}
+    lb = LabelBins.from_labels(angles[0], **bins)
+    kept = None if classes is None else sorted(set(int(c) for c in classes))
+    params = {"kind": kind, "seed": int(seed), "n_train": n_train, "val_per_bin": val_per_bin,
+              "test_per_bin": test_per_bin, "bin_width": float(bin_width), "tau": float(tau),
+              "classes": kept}
+    info = {
+        "source": source, "kind": kind, "target": "rotation angle (degrees, counter-clockwise)",
+        "split": "train: truncated exponential angles; val/test: balanced, uniform in each bin",
+        "tau": float(tau), "bin_width": float(bin_width), "num_bins": nbins, "classes": kept,
+        "sizes": sizes, "val_per_bin": val_per_bin, "test_per_bin": test_per_bin,
+        "regions": lb.region_counts(), "empty_train_bins": int((lb.counts == 0).sum()),
+        "pixel_mean": mean, "pixel_std": std, "seed": int(seed),
+        "files": {stem: file_digest(find_idx_file(source, stem))  # type: ignore[arg-type]
+                  for pair in IDX_SPLITS.values() for stem in pair},
+        "split_params": params,
+    }
+    return BenchData(name="rotated-mnist" if kind == "mnist" else "rotated-fashion-mnist",
+                     x_train=x_tr.contiguous(), y_train=angles[0], x_val=x_va.contiguous(),
+                     y_val=angles[1], x_test=x_te.contiguous(), y_test=angles[2], bins=bins,
+                     info=info, standardize_target=True, target_unit="deg")
+
+
+def _pick_images(data: dict[str, tuple[np.ndarray, np.ndarray]],
+                 classes: Sequence[int] | None, sizes: dict[str, int], gen: torch.Generator,
+                 source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint train / validation images from the IDX train split, test images from the test
+    split, of the kept classes, drawn with ``gen``."""
     (tr_img, tr_lab), (te_img, te_lab) = data["train"], data["test"]
-    tr_idx = np.arange(len(tr_img))
-    te_idx = np.arange(len(te_img))
+    tr_idx, te_idx = np.arange(len(tr_img)), np.arange(len(te_img))
     if classes is not None:
         keep = np.asarray(sorted(set(int(c) for c in classes)))
         tr_idx, te_idx = tr_idx[np.isin(tr_lab, keep)], te_idx[np.isin(te_lab, keep)]
-    nbins = int(round(k))
-    n_val, n_test = val_per_bin * nbins, test_per_bin * nbins
+    n_train, n_val, n_test = sizes["train"], sizes["val"], sizes["test"]
     if len(tr_idx) < n_train + n_val:
         raise ValueError(f"{source} holds {len(tr_idx)} usable training images; n_train + "
                          f"validation need {n_train} + {n_val}")
     if len(te_idx) < n_test:
         raise ValueError(f"{source} holds {len(te_idx)} usable test images; the test set needs "
-                         f"{test_per_bin} x {nbins} = {n_test}")
+                         f"{n_test}")
     perm = torch.randperm(len(tr_idx), generator=gen).numpy()
     pick_tr, pick_va = tr_idx[perm[:n_train]], tr_idx[perm[n_train:n_train + n_val]]
     pick_te = te_idx[torch.randperm(len(te_idx), generator=gen).numpy()[:n_test]]
-
-    a_tr = long_tailed_angles(n_train, tau, gen)
-    a_va = balanced_angles(val_per_bin, bin_width, gen)
-    a_te = balanced_angles(test_per_bin, bin_width, gen)
-
-    def prep(imgs: np.ndarray, angles: torch.Tensor) -> torch.Tensor:
-        x = torch.from_numpy(imgs.astype(np.float32) / 255.0)[:, None]
-        return rotate_images(x, angles)
-
-    x_tr, x_va, x_te = prep(tr_img[pick_tr], a_tr), prep(tr_img[pick_va], a_va), \
-        prep(te_img[pick_te], a_te)
-    mean, std = float(x_tr.mean()), float(x_tr.std())
-    x_tr, x_va, x_te = ((x - mean) / std for x in (x_tr, x_va, x_te))
-
-    bins = {"bin_width": float(bin_width), "lower": 0.0, "upper": ANGLE_RANGE}
-    lb = LabelBins.from_labels(a_tr, **bins)
-    regions = lb.region_counts()
-    info = {
-        "source": source,
-        "kind": kind,
-        "target": "rotation angle (degrees, counter-clockwise)",
-        "split": "train: truncated exponential angles; val/test: balanced, uniform in each bin",
-        "tau": float(tau),
-        "bin_width": float(bin_width),
-        "num_bins": nbins,
-        "classes": None if classes is None else sorted(set(int(c) for c in classes)),
-        "sizes": {"train": n_train, "val": n_val, "test": n_test},
-        "val_per_bin": val_per_bin,
-        "test_per_bin": test_per_bin,
-        "regions": regions,
-        "empty_train_bins": int((lb.counts == 0).sum()),
-        "pixel_mean": mean,
-        "pixel_std": std,
-        "model": f"SmallCNN(channels={tuple(model_channels)}, hidden=64)",
-        "seed": int(seed),
-        "timing_note": TIMING_NOTE,
-    }
-    name = "rotated-mnist" if kind == "mnist" else "rotated-fashion-mnist"
-    return BenchData(
-        name=name,
-        x_train=x_tr.contiguous(), y_train=a_tr,
-        x_val=x_va.contiguous(), y_val=a_va,
-        x_test=x_te.contiguous(), y_test=a_te,
-        bins=bins,
-        make_model=functools.partial(SmallCNN, channels=tuple(model_channels), hidden=64),
-        defaults=dict(RECIPE),
-        info=info,
-        standardize_target=True,
-        target_unit="deg",
-    )
+    return tr_img[pick_tr], tr_img[pick_va], te_img[pick_te]
 
 
-@register_dataset("rotated-mnist")
 def load(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
          **options: Any) -> BenchData:
     """Rotated MNIST digits (``bsam bench --dataset rotated-mnist``).
@@ -303,7 +268,6 @@ def load(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
     return load_rotated("mnist", seed, data_root, **opts)
 
 
-@register_dataset("rotated-fashion-mnist")
 def load_fashion(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
                  **options: Any) -> BenchData:
     """Rotated Fashion-MNIST clothes (``bsam bench --dataset rotated-fashion-mnist``); options
@@ -312,8 +276,7 @@ def load_fashion(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
     return load_rotated("fashion-mnist", seed, data_root, **opts)
 
 
-_OPTIONS = ("n_train", "val_per_bin", "test_per_bin", "bin_width", "tau", "classes", "download",
-            "model_channels")
+_OPTIONS = ("n_train", "val_per_bin", "test_per_bin", "bin_width", "tau", "classes", "download")
 
 
 def _known(seed: int, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -11,13 +11,14 @@ statistics, categorical columns are one-hot encoded with 0/1 values (never stand
 category unseen in training becomes all zeros instead of a huge input).
 
 :func:`load_table` ties everything together and returns a
-:class:`~balanced_sam.data.base.BenchData` for ``bsam bench --csv FILE --target COL``. pandas is
-needed here (``pip install balanced-sam[cli]``).
+:class:`~balanced_sam.data.base.BenchData` for ``bsam bench --csv FILE --target COL``; the recipe
+and the model of tables are the ``csv`` entry of :mod:`balanced_sam.data.registry`. pandas is
+needed here (``pip install 'balanced-sam[cli]'``).
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -28,48 +29,38 @@ import pandas as pd
 import torch
 
 from balanced_sam.bins import LabelBins
-from balanced_sam.data.base import BenchData
+from balanced_sam.data.base import BenchData, file_digest
+from balanced_sam.errors import spell
 
 __all__ = [
-    "TABULAR_DEFAULTS",
     "TablePreprocessor",
     "bin_range",
     "default_bin_width",
     "dir_split",
     "load_table",
-    "make_mlp",
     "subsample",
+    "table_bins",
 ]
 
-#: The training recipe of tabular benchmarks (MLP 256-256). One place, so that tuning it once
-#: changes every table; loaders copy it into ``BenchData.defaults``.
-TABULAR_DEFAULTS: dict[str, Any] = {
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "batch_size": 256,
-    "epochs": 30,
-    "rho": 0.05,
-    "schedule": "cosine",
-}
-
-#: Hidden layer widths of the tabular regressor.
-MLP_HIDDEN: tuple[int, ...] = (256, 256)
-
 _NICE_STEPS = (1.0, 2.0, 2.5, 5.0, 10.0)
+#: the share of targets at each end that the default bin width does not look at (outliers)
+_TAIL = 0.005
+#: with more bins than this many times max_bins, the range is cut at the quantiles (outliers)
+_STRETCH = 4
 
 
 # ---------------------------------------------------------------------------------- binning
 def default_bin_width(targets: Any, max_bins: int = 100) -> float:
     """The bin width used when none is given: the smallest "nice" number (1, 2, 2.5 or 5 times a
-    power of ten) that is at least ``(max - min) / max_bins``.
+    power of ten) that is at least ``span / max_bins``, where ``span`` runs from the 0.5% to the
+    99.5% quantile of the targets (the whole range when that is empty).
 
-    So a target spans at most about ``max_bins`` bins (plus one for the rounding of the lower
-    edge), like the ~100 one-year bins of AgeDB-DIR; ages 0-100 get width 1, diamond prices
-    ($326-$18,823) get $200. A fixed bin count rather than a data-driven rule such as
-    Freedman-Diaconis keeps the number of bins, and hence the size of the balanced validation
-    and test sets, independent of the number of rows.
+    So a target spans about ``max_bins`` bins, like the ~100 one-year bins of AgeDB-DIR; ages
+    0-100 get width 1, diamond prices ($326-$18,823) get $200. The quantiles keep a few outliers
+    (one price of 1e9) from stretching the width until every ordinary row shares one bin. A fixed
+    bin count rather than a data-driven rule such as Freedman-Diaconis keeps the number of bins,
+    and hence the size of the balanced validation and test sets, independent of the number of
+    rows.
     """
     y = np.asarray(targets, dtype=np.float64).reshape(-1)
     if y.size == 0:
@@ -78,10 +69,16 @@ def default_bin_width(targets: Any, max_bins: int = 100) -> float:
         raise ValueError("targets holds NaN/inf values: cannot choose a bin width")
     if not (isinstance(max_bins, int) and max_bins >= 1):
         raise ValueError(f"max_bins must be a positive integer, got {max_bins!r}")
-    span = float(y.max() - y.min())
+    lo, hi = np.quantile(y, [_TAIL, 1 - _TAIL])
+    span = float(hi - lo)
+    if span <= 0:
+        span = float(y.max() - y.min())
     if span <= 0:
         raise ValueError(f"the target is constant ({y[0]:g}): there is nothing to bin")
-    raw = span / max_bins
+    return _nice(span / max_bins)
+
+
+def _nice(raw: float) -> float:
     power = 10.0 ** math.floor(math.log10(raw))
     for step in _NICE_STEPS:
         if step * power >= raw * (1 - 1e-12):
@@ -106,6 +103,28 @@ def bin_range(targets: Any, bin_width: float, lower: float | None = None) -> tup
     return lo, hi
 
 
+def table_bins(targets: Any, bin_width: float | None = None, lower: float | None = None,
+               max_bins: int = 100) -> dict[str, Any]:
+    """The bins of a table's target, as ``LabelBins.from_labels`` keyword arguments.
+
+    Equal bins of ``bin_width`` (default :func:`default_bin_width`) from ``lower`` over every
+    target. When no width is given and outliers would stretch that range over more than
+    ``4 * max_bins`` bins, the range is cut at the 0.5% / 99.5% quantiles instead and the bins
+    ``clamp``: a target beyond them counts in the first or last bin (``clamp: True`` is then part
+    of the result). Given widths are used as they are.
+    """
+    y = np.asarray(targets, dtype=np.float64).reshape(-1)
+    chosen = bin_width is None
+    width = default_bin_width(y, max_bins) if chosen else float(bin_width)  # type: ignore[arg-type]
+    _check_bin_width(width)
+    lo, hi = bin_range(y, width, lower)
+    if chosen and lower is None and (hi - lo) / width > _STRETCH * max_bins:
+        q_lo, q_hi = np.quantile(y, [_TAIL, 1 - _TAIL])
+        lo, hi = bin_range(np.array([q_lo, q_hi]), width)
+        return {"bin_width": width, "lower": lo, "upper": hi, "clamp": True}
+    return {"bin_width": width, "lower": float(lo), "upper": float(hi)}
+
+
 def _check_bin_width(bin_width: Any) -> None:
     if isinstance(bin_width, bool) or not isinstance(bin_width, (int, float)) or not (
         math.isfinite(bin_width) and bin_width > 0
@@ -113,23 +132,16 @@ def _check_bin_width(bin_width: Any) -> None:
         raise ValueError(f"bin_width must be a positive number, got {bin_width!r}")
 
 
-def _bin_of(
-    targets: np.ndarray,
-    bin_width: float | None,
-    edges: Any,
-    lower: float | None,
-) -> np.ndarray:
-    """Bin index of every target, computed by :class:`LabelBins` so that the split's bins are
-    exactly the ones the training loop rebuilds from ``BenchData.bins``."""
+def _split_bins(targets: np.ndarray, bin_width: float | None, edges: Any, lower: float | None,
+                clamp: bool = False) -> np.ndarray:
+    """Bin index of every target for the split, computed by :class:`LabelBins` so that the
+    split's bins are exactly the ones the training loop rebuilds from ``BenchData.bins``."""
     if edges is not None:
         if bin_width is not None or lower is not None:
             raise ValueError("give either edges or bin_width/lower, not both")
-        bins = LabelBins.from_labels(targets, edges=edges)
+        bins = LabelBins.from_labels(targets, edges=edges, clamp=clamp)
     else:
-        if bin_width is None:
-            bin_width = default_bin_width(targets)
-        lo, hi = bin_range(targets, bin_width, lower)
-        bins = LabelBins.from_labels(targets, bin_width=bin_width, lower=lo, upper=hi)
+        bins = LabelBins.from_labels(targets, **table_bins(targets, bin_width, lower))
     return bins.bin_index(targets).numpy()
 
 
@@ -142,6 +154,8 @@ def dir_split(
     cap: int = 50,
     seed: int = 0,
     min_per_bin: int = 3,
+    *,
+    clamp: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DIR-style split: per bin ``min(n // 3, cap)`` rows for validation, as many for test.
 
@@ -151,6 +165,8 @@ def dir_split(
             width``); without ``bin_width`` and ``edges``, :func:`default_bin_width`.
         edges: explicit increasing bin edges covering every target (instead of ``bin_width``).
         lower: the first edge of equal-width bins.
+        clamp: with ``edges``, count targets outside them in the first or last bin (else they
+            are an error).
         cap: ``C``, the most rows one bin gives to validation (and to test). AgeDB-DIR used 30,
             IMDB-WIKI-DIR 150.
         seed: seed of the shuffle inside each bin; the same seed gives the same split.
@@ -177,7 +193,7 @@ def dir_split(
     if bin_width is not None:
         _check_bin_width(bin_width)
 
-    b = _bin_of(y, bin_width, edges, lower)
+    b = _split_bins(y, bin_width, edges, lower, clamp)
     counts = np.bincount(b)
     take = np.minimum(counts // 3, int(cap))
     take[counts < min_per_bin] = 0
@@ -290,7 +306,8 @@ class TablePreprocessor:
                     raise ValueError(
                         f"categorical column {col!r} has {len(cats)} distinct values (more than "
                         f"max_categories={self.max_categories}); it looks like an ID or free text: "
-                        "leave it out with features=[...] or raise max_categories")
+                        f"leave it out ({spell('features', ['...'])}) or raise the limit "
+                        f"({spell('max_categories', 1000)})")
                 self.categorical_.append(col)
                 self.categories_[col] = cats
             else:
@@ -301,7 +318,7 @@ class TablePreprocessor:
                         raise ValueError(
                             f"numeric column {col!r} has {int(missing.sum())} missing/inf "
                             "value(s) in the training rows; drop those rows, leave the column "
-                            "out, or pass impute='median'")
+                            f"out, or pass {spell('impute', 'median')}")
                     if missing.all():
                         raise ValueError(f"numeric column {col!r} has no training value to "
                                          "impute from")
@@ -345,8 +362,8 @@ class TablePreprocessor:
             if missing.any():
                 if self.impute is None:
                     raise ValueError(f"numeric column {col!r} has {int(missing.sum())} "
-                                     "missing/inf value(s); pass impute='median' to fill them "
-                                     "with the training median")
+                                     f"missing/inf value(s); pass {spell('impute', 'median')} "
+                                     "to fill them with the training median")
                 x = np.where(missing, self.median_[col], x)
             out[:, j] = (x - self.mean_[col]) / self.std_[col]
             j += 1
@@ -364,13 +381,6 @@ class TablePreprocessor:
 
 
 # ---------------------------------------------------------------------------------- load_table
-def make_mlp(in_features: int) -> torch.nn.Module:
-    """The tabular regressor: ``MLP(in_features, (256, 256))``, freshly initialised."""
-    from balanced_sam.models import MLP
-
-    return MLP(in_features, MLP_HIDDEN)
-
-
 def _read_frame(source: Any) -> tuple[pd.DataFrame, str]:
     if isinstance(source, pd.DataFrame):
         return source, "dataframe"
@@ -407,7 +417,8 @@ def _numeric_target(frame: pd.DataFrame, target: str, dropna: bool) -> tuple[pd.
     if nan.any():
         if not dropna:
             raise ValueError(f"target column {target!r} has {int(nan.sum())} missing (NaN) "
-                             f"value(s) out of {len(y)}; pass dropna=True to drop those rows")
+                             f"value(s) out of {len(y)}; pass {spell('dropna')} to drop those "
+                             "rows")
         frame = frame.loc[~nan]
         y = y.loc[~nan]
     frame = frame.copy()
@@ -416,29 +427,20 @@ def _numeric_target(frame: pd.DataFrame, target: str, dropna: bool) -> tuple[pd.
 
 
 def load_table(
-    csv_path_or_dataframe: str | os.PathLike | pd.DataFrame,
-    target: str,
-    bin_width: float | None = None,
-    cap: int = 50,
-    train_fraction: float = 1.0,
-    seed: int = 0,
-    features: Sequence[str] | None = None,
-    categorical: Sequence[str] | None = None,
-    name: str | None = None,
-    *,
-    dropna: bool = False,
-    impute: str | None = None,
-    lower: float | None = None,
-    min_per_bin: int = 3,
-    target_unit: str = "",
-    defaults: dict[str, Any] | None = None,
+    csv_path_or_dataframe: str | os.PathLike | pd.DataFrame, target: str,
+    bin_width: float | None = None, cap: int = 50, train_fraction: float = 1.0, seed: int = 0,
+    features: Sequence[str] | None = None, categorical: Sequence[str] | None = None,
+    name: str | None = None, *, dropna: bool = False, impute: str | None = None,
+    lower: float | None = None, min_per_bin: int = 3, target_unit: str = "",
+    defaults: dict[str, Any] | None = None, max_categories: int = 200,
 ) -> BenchData:
     """Read a table and build a DIR benchmark from it (``bsam bench --csv FILE --target COL``).
 
     Args:
         csv_path_or_dataframe: path of a CSV file, or a pandas DataFrame.
         target: the numeric column to predict.
-        bin_width: width of the target bins (default: :func:`default_bin_width`, at most ~100 bins).
+        bin_width: width of the target bins (default: :func:`table_bins`: about 100 bins over
+            the targets, robust to outliers).
         cap: ``C`` of the split (:func:`dir_split`).
         train_fraction: fraction of the remaining training rows to keep, in ``(0, 1]``.
         seed: the split seed (rows for validation/test and the kept training fraction). It is not
@@ -452,14 +454,87 @@ def load_table(
         lower: first bin edge (default ``floor(min / bin_width) * bin_width``).
         min_per_bin: see :func:`dir_split`.
         target_unit: unit of the target for tables and plots (e.g. ``"$"``).
-        defaults: overrides of :data:`TABULAR_DEFAULTS` for this dataset.
+        defaults: changes to the ``csv`` recipe (``balanced_sam.data.registry``) for this
+            table (``TrainConfig`` fields).
+        max_categories: the most categories a categorical column may have.
 
-    The returned ``BenchData.bins`` is ``{"bin_width", "lower", "upper"}`` covering every row, so
-    ``LabelBins.from_labels(y_train, **bins)`` gives exactly the split's bins, and validation /
-    test labels always fall inside them. Targets stay in their units (float32); the training loop
-    standardises them (``standardize_target=True``).
+    The returned ``BenchData.bins`` is ``{"bin_width", "lower", "upper"}`` covering every row
+    (plus ``"clamp": True`` when outliers were left beyond the default bins, see
+    :func:`table_bins`), so ``LabelBins.from_labels(y_train, **bins)`` gives exactly the split's
+    bins, and validation / test labels always fall in them. ``info["files"]`` and
+    ``info["split_params"]`` make the data's fingerprint. Targets stay in their units
+    (float32); the training loop standardises them (``standardize_target=True``).
     """
     frame, source = _read_frame(csv_path_or_dataframe)
+    feats, categorical = _feature_columns(frame, target, features, categorical)
+    frame, n_dropped = _numeric_target(frame, target, dropna)
+    if len(frame) == 0:
+        raise ValueError(f"no rows left: every value of target column {target!r} is missing")
+    # Bin the float32 targets the model and the training loop will see, so that the bins the
+    # loop rebuilds from y_train put every row in the same bin as the split did.
+    y32 = frame[target].to_numpy(dtype=np.float32)
+    if bin_width is not None:
+        _check_bin_width(bin_width)
+    bins = table_bins(y32.astype(np.float64), bin_width, lower)
+    train_all, val, test, train = _split_rows(y32.astype(np.float64), bins, cap, seed,
+                                              min_per_bin, train_fraction)
+
+    x_frame = frame[feats]
+    pre = TablePreprocessor(categorical=categorical, impute=impute,
+                            max_categories=max_categories)
+    pre.fit(x_frame.iloc[train])
+
+    def take(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return pre.transform(x_frame.iloc[rows]), torch.from_numpy(y32[rows].copy())
+
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = take(train), take(val), take(test)
+    if name is None:
+        name = (os.path.splitext(os.path.basename(source))[0] if source != "dataframe"
+                else "table")
+    split = {"cap": int(cap), "seed": int(seed), "train_fraction": float(train_fraction),
+             "min_per_bin": int(min_per_bin), "dropna": dropna, "impute": impute,
+             "max_categories": max_categories, "categorical": sorted(map(str, categorical or []))}
+    info = _table_info(csv_path_or_dataframe, source, name, target, y32, y_tr, bins, split, pre,
+                       feats, {"rows": int(len(frame) + n_dropped), "dropped_nan_target":
+                               n_dropped, "train_before_fraction": int(train_all.size),
+                               "train": int(train.size), "val": int(val.size),
+                               "test": int(test.size)})
+    return BenchData(name=name, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te,
+                     y_test=y_te, bins=bins, defaults=dict(defaults or {}), info=info,
+                     standardize_target=True, target_unit=target_unit)
+
+
+def _table_info(raw: Any, source: str, name: str, target: str, y: np.ndarray,
+                y_train: torch.Tensor, bins: dict[str, Any], split: dict[str, Any],
+                pre: TablePreprocessor, feats: list[Any], sizes: dict[str, int]
+                ) -> dict[str, Any]:
+    """What ``results.json`` records about a table, its split and its fingerprint."""
+    return {
+        "source": source,
+        "target": target,
+        "split": "dir",
+        "C": split["cap"],
+        "train_fraction": split["train_fraction"],
+        "split_seed": split["seed"],
+        "bin_width": float(bins["bin_width"]),
+        "lower": float(bins["lower"]),
+        "upper": float(bins["upper"]),
+        "num_bins": LabelBins.from_labels(y_train, **bins).num_bins,
+        "min_per_bin": split["min_per_bin"],
+        "outside_bins": int(((y < bins["lower"]) | (y >= bins["upper"])).sum()),
+        "sizes": sizes,
+        "features": {"numeric": [str(c) for c in pre.numeric_],
+                     "categorical": [str(c) for c in pre.categorical_],
+                     "encoded": pre.num_features},
+        "files": {name if source == "dataframe" else os.path.basename(source):
+                  _frame_digest(raw)},
+        "split_params": {"target": target, **bins, **split, "features": [str(c) for c in feats]},
+    }
+
+
+def _feature_columns(frame: pd.DataFrame, target: str, features: Sequence[str] | None,
+                     categorical: Sequence[str] | None) -> tuple[list[Any], list[Any] | None]:
+    """The feature columns and the forced-categorical ones, checked against the table."""
     if not isinstance(target, str):
         raise TypeError(f"target must be a column name (str), got {type(target).__name__}")
     columns = [str(c) for c in frame.columns]
@@ -468,9 +543,7 @@ def load_table(
     if features is None:
         feats = [c for c in frame.columns if c != target]
     else:
-        if isinstance(features, str):
-            features = [features]
-        feats = list(features)
+        feats = [features] if isinstance(features, str) else list(features)
         unknown = [c for c in feats if c not in frame.columns]
         if unknown:
             raise ValueError(f"features names column(s) {unknown} that are not in the table; "
@@ -481,100 +554,44 @@ def load_table(
         raise ValueError(f"no feature columns: the table has only the target {target!r}; "
                          "a regressor needs at least one feature column")
     if categorical is not None:
-        if isinstance(categorical, str):
-            categorical = [categorical]
+        categorical = [categorical] if isinstance(categorical, str) else list(categorical)
         not_feat = [c for c in categorical if c not in feats]
         if not_feat:
             raise ValueError(f"categorical names column(s) {not_feat} that are not feature "
                              f"columns; features are {[str(c) for c in feats]}")
     if len(frame) == 0:
         raise ValueError("csv_path_or_dataframe holds no rows")
+    return feats, categorical
 
-    frame, n_dropped = _numeric_target(frame, target, dropna)
-    if len(frame) == 0:
-        raise ValueError(f"no rows left: every value of target column {target!r} is missing")
-    # Bin the float32 targets the model and the training loop will see, so that the bins the
-    # loop rebuilds from y_train put every row in the same bin as the split did.
-    y32 = frame[target].to_numpy(dtype=np.float32)
-    y = y32.astype(np.float64)
-    if bin_width is None:
-        bin_width = default_bin_width(y)
-    else:
-        _check_bin_width(bin_width)
-    lo, hi = bin_range(y, bin_width, lower)
 
-    train_all, val, test = dir_split(y, bin_width=bin_width, lower=lo, cap=cap, seed=seed,
-                                     min_per_bin=min_per_bin)
+def _split_rows(y: np.ndarray, bins: dict[str, Any], cap: int, seed: int, min_per_bin: int,
+                train_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(train before the fraction, val, test, train)`` row indices, with clear errors when a
+    part would be empty."""
+    edges = LabelBins.from_labels(y, **bins).edges.numpy()
+    clamp = bool(bins.get("clamp", False))
+    train_all, val, test = dir_split(y, edges=edges, cap=cap, seed=seed,
+                                     min_per_bin=min_per_bin, clamp=clamp)
     if val.size == 0:
-        largest = int(np.bincount(_bin_of(y, bin_width, None, lo)).max())
+        largest = int(np.bincount(_split_bins(y, None, edges, None, clamp)).max())
         raise ValueError(
-            f"too few rows for a DIR split: every bin of width {bin_width:g} holds fewer than "
-            f"{min_per_bin} rows (largest bin: {largest} of {len(y)} rows), so validation and "
-            "test would be empty; use a wider bin_width or more rows")
+            f"too few rows for a DIR split: every bin of width {bins['bin_width']:g} holds fewer "
+            f"than {min_per_bin} rows (largest bin: {largest} of {len(y)} rows), so validation "
+            f"and test would be empty; use a wider bin width ({spell('bin_width', 10.0)}) or more "
+            "rows")
     train = subsample(train_all, train_fraction, seed=seed)
     if train.size == 0:
         raise ValueError(
             f"too few rows for a DIR split: the training set is empty ({train_all.size} rows "
-            f"left after validation/test, train_fraction={train_fraction}); use more rows, a "
-            "larger train_fraction or a smaller cap")
+            f"left after validation/test, {spell('train_fraction', train_fraction)}); use more "
+            f"rows, a larger train fraction or a smaller cap ({spell('cap', 10)})")
+    return train_all, val, test, train
 
-    x_frame = frame[feats]
-    pre = TablePreprocessor(categorical=categorical, impute=impute)
-    pre.fit(x_frame.iloc[train])
 
-    def take(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return pre.transform(x_frame.iloc[rows]), torch.from_numpy(y32[rows].copy())
-
-    x_tr, y_tr = take(train)
-    x_va, y_va = take(val)
-    x_te, y_te = take(test)
-
-    bins = {"bin_width": float(bin_width), "lower": float(lo), "upper": float(hi)}
-    num_bins = LabelBins.from_labels(y_tr, **bins).num_bins
-    if name is None:
-        name = (os.path.splitext(os.path.basename(source))[0] if source != "dataframe"
-                else "table")
-    recipe = dict(TABULAR_DEFAULTS)
-    recipe.update(defaults or {})
-    info = {
-        "source": source,
-        "target": target,
-        "split": "dir",
-        "C": int(cap),
-        "train_fraction": float(train_fraction),
-        "split_seed": int(seed),
-        "bin_width": float(bin_width),
-        "lower": float(lo),
-        "upper": float(hi),
-        "num_bins": num_bins,
-        "min_per_bin": int(min_per_bin),
-        "sizes": {
-            "rows": int(len(frame) + n_dropped),
-            "dropped_nan_target": n_dropped,
-            "train_before_fraction": int(train_all.size),
-            "train": int(train.size),
-            "val": int(val.size),
-            "test": int(test.size),
-        },
-        "features": {
-            "numeric": [str(c) for c in pre.numeric_],
-            "categorical": [str(c) for c in pre.categorical_],
-            "encoded": pre.num_features,
-        },
-        "model": f"MLP({pre.num_features}, {list(MLP_HIDDEN)})",
-    }
-    return BenchData(
-        name=name,
-        x_train=x_tr,
-        y_train=y_tr,
-        x_val=x_va,
-        y_val=y_va,
-        x_test=x_te,
-        y_test=y_te,
-        bins=bins,
-        make_model=functools.partial(make_mlp, pre.num_features),
-        defaults=recipe,
-        info=info,
-        standardize_target=True,
-        target_unit=target_unit,
-    )
+def _frame_digest(source: Any) -> str:
+    """SHA-256 of a CSV file's bytes, or of a DataFrame's content."""
+    if isinstance(source, pd.DataFrame):
+        values = pd.util.hash_pandas_object(source, index=True).to_numpy()
+        cols = ",".join(map(str, source.columns)).encode()
+        return hashlib.sha256(values.tobytes() + cols).hexdigest()
+    return file_digest(source)

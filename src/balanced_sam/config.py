@@ -1,0 +1,181 @@
+"""The training configuration: every knob of a run, typed and validated.
+
+:class:`TrainConfig` is the ``train`` section of a config file. :meth:`TrainConfig.validate`
+checks every value's type against the field's annotation, then its range, and names the key
+(``train.lr: expected a number, got 'abc' (str)``); :meth:`TrainConfig.from_dict` also refuses
+unknown keys and suggests the closest one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from balanced_sam.errors import ConfigError
+from balanced_sam.losses import get_loss
+from balanced_sam.methods import get_method
+
+__all__ = ["TrainConfig", "SAFE_TO_CHANGE", "SCHEDULES", "DEVICES"]
+
+SCHEDULES = ("cosine", "cosine_ref", "step", "none")
+#: settings a resumed run may change: they decide where and how fast it runs, not what it learns
+#: (``epochs`` may change too: the schedule is re-planned, see :meth:`LRPlan.extended`)
+SAFE_TO_CHANGE = frozenset({"device", "num_workers", "progress", "eval_batch_size",
+                            "prefetch_factor", "checkpoint"})
+DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps(:\d+)?)$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. ``bsam train`` reads it from YAML (section
+    ``train``) and ``key=value`` overrides; every field is validated by :meth:`validate`.
+
+    ``schedule``: ``cosine`` (per epoch ``e = 0..E-1``: ``lr_min + (lr - lr_min) (1 + cos(pi e /
+    E)) / 2``, with ``lr_min = lr * lr_min_factor``), ``cosine_ref`` (the reference code's
+    per-epoch cosine: epochs ``1..E``, so the first epoch is already below ``lr`` and the last one
+    runs exactly at ``lr_min``), ``step`` (times ``gamma`` every ``step_size`` epochs) or
+    ``none``; ``warmup_epochs`` ramp up linearly first. ``many`` / ``few``: region thresholds on a
+    bin's training count (``None``: those of the bins, 100 / 20 by default). ``balance``: what
+    bMAE averages over, ``label``, ``bin`` or ``auto`` (decided once from the training labels,
+    see :func:`balanced_sam._compat.choose_balance`).
+    """
+
+    method: str = "bsam"
+    loss: str = "l1"
+    epochs: int = 30
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | cosine_ref | step | none
+    lr_min_factor: float = 1e-3  # cosine ends at lr * lr_min_factor (reference: 0.1 ** 3)
+    step_size: int = 5  # step schedule: multiply by gamma every step_size epochs
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    rho: float = 0.05
+    p: float = 2.0
+    normalize: str = "mean"  # weights: mean 1 over training samples, or "none" (reference)
+    eta: int = 20  # ImbSAM tail threshold
+    lds: dict[str, Any] = field(default_factory=lambda: {"kernel": "gaussian", "ks": 5,
+                                                         "sigma": 2.0})
+    bn_second_pass: str = "update"
+    select_by: str = "mae"  # mae | bmae | last
+    many: int | None = None
+    few: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    scope: str = "global"  # data-parallel perturbation scope: global | local
+    num_workers: int = 0
+    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
+    eval_batch_size: int = 1024
+    progress: bool = True
+    checkpoint: str = "all"  # all (last.pt every epoch + best.pt) | best | none
+    balance: str = "auto"  # what bMAE averages over: label | bin | auto
+
+    def validate(self, section: str = "train") -> TrainConfig:
+        """Check every value's type, then its range; errors name ``section.key``."""
+        _check_types(self, section)
+        get_method(self.method)
+        get_loss(self.loss)
+        for ok, key, allowed in self._ranges():
+            if not ok:
+                raise ConfigError(f"{section}.{key} = {getattr(self, key)!r}: {allowed}")
+        return self
+
+    def _ranges(self) -> list[tuple[bool, str, str]]:
+        return [
+            (self.epochs >= 1, "epochs", "must be >= 1"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "must be a finite number > 0"),
+            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (self.rho >= 0 and math.isfinite(self.rho), "rho", "must be a finite number >= 0"),
+            (self.p >= 1, "p", "must be >= 1 (or inf)"),
+            (self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}"),
+            (0 < self.lr_min_factor <= 1, "lr_min_factor", "must be in (0, 1]"),
+            (self.step_size >= 1, "step_size", "must be >= 1"),
+            (self.select_by in ("mae", "bmae", "last"), "select_by", "must be mae, bmae or last"),
+            (self.amp in ("none", "bf16", "fp16"), "amp", "must be none, bf16 or fp16"),
+            (self.scope in ("global", "local"), "scope", "must be global or local"),
+            (self.normalize in ("mean", "none"), "normalize", "must be mean or none"),
+            (self.bn_second_pass in ("update", "freeze"), "bn_second_pass",
+             "must be update or freeze"),
+            (self.checkpoint in ("all", "best", "none"), "checkpoint",
+             "must be all, best or none"),
+            (self.balance in ("label", "bin", "auto"), "balance", "must be label, bin or auto"),
+            (self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0"),
+            (self.num_workers >= 0, "num_workers", "must be >= 0"),
+            (self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1"),
+            (bool(DEVICES.match(self.device)), "device",
+             "must be auto, cpu, cuda, cuda:N or mps (this library runs on no other device)"),
+            (self.few is None or self.few >= 0, "few", "must be >= 0"),
+            (self.many is None or self.many >= (self.few or 0), "many", "must be >= few"),
+        ]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], section: str = "train") -> TrainConfig:
+        names = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"{section}.{key} is not a training option{hint} (known: "
+                                  f"{', '.join(names)})")
+        return cls(**{k: _coerce_number(cls, k, v) for k, v in d.items()}).validate(section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce_number(cls: type, key: str, value: Any) -> Any:
+    """YAML reads ``1e-4`` (no dot) as a string: a float field takes a string that parses as a
+    number; everything else is left for :func:`_check_types` to judge."""
+    if isinstance(value, str) and _field_types(cls).get(key) is float:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_types(cfg: Any, section: str) -> None:
+    """Raise :class:`ConfigError` naming the key, the expected type and the value given."""
+    for f in fields(cfg):
+        want = _field_types(type(cfg))[f.name]
+        value = getattr(cfg, f.name)
+        options = typing.get_args(want) if typing.get_origin(want) is not None else (want,)
+        if typing.get_origin(want) is dict:
+            options = (dict,)
+        if not any(_is_a(value, t) for t in options):
+            names = " or ".join(_type_name(t) for t in options)
+            raise ConfigError(f"{section}.{f.name}: expected {names}, got {value!r} "
+                              f"({type(value).__name__})")
+
+
+def _is_a(value: Any, t: Any) -> bool:
+    if t is type(None):
+        return value is None
+    if t is float:  # an integer is a number too; a bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is dict:
+        return isinstance(value, Mapping)
+    return isinstance(value, t)
+
+
+def _type_name(t: Any) -> str:
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string",
+            dict: "a mapping", type(None): "null"}.get(t, getattr(t, "__name__", str(t)))

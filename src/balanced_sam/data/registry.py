@@ -1,0 +1,489 @@
+"""The one list of datasets that ``bench``, ``train``, ``eval``, ``analyze``, ``data prepare`` and
+``bsam list`` read.
+
+Every dataset is a :class:`DatasetEntry` with one protocol:
+
+* ``name`` and ``description`` (for the CLI and the results);
+* ``load(options, bins_spec, stored_bins) -> Loaded``: the splits, the training-label bins and
+  ``info`` (which lists the files it read and the split's parameters: the fingerprint);
+* ``recipe``: the default training (``TrainConfig`` fields), rho per method and the model spec;
+* the model factory: :func:`build_model` builds ``recipe.model`` (or the config's ``model``
+  section) for the loaded data;
+* ``unit`` of the targets and ``kind`` (``table``, ``image``, ``dense``); ``options`` lists
+  what the loader accepts (a ``data.KEY`` it does not know is an error, not ignored).
+
+:func:`load_data` turns a config's ``data`` section into :class:`DataSplits`: the splits plus
+everything a run needs from the data: bins with region thresholds, target scaling, the bMAE
+balance, the fingerprint and the recipe. A new dataset plugs in with one :func:`register` call;
+a method's rho for a dataset lives in that dataset's recipe (data modules name no method).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from balanced_sam._compat import choose_balance, with_thresholds
+from balanced_sam.bins import LabelBins
+from balanced_sam.data.base import BenchData, file_digest
+from balanced_sam.data.scaling import TargetScaler
+from balanced_sam.errors import ConfigError
+
+__all__ = ["Recipe", "DatasetEntry", "Loaded", "DataSplits", "REGISTRY", "DATASETS", "register",
+           "register_dataset", "get_entry", "dataset_names", "load_data", "get_dataset",
+           "build_model", "MODEL_NAMES", "fingerprint"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a dataset is trained unless told otherwise.
+
+    ``train``: ``TrainConfig`` fields; ``rho_by_method``: the radius chosen per method (``bsam
+    bench`` uses it unless ``--rho`` is given); ``model``: the model spec (``name`` and its
+    keyword arguments, see :func:`build_model`); ``source``: where the recipe comes from.
+    """
+
+    train: Mapping[str, Any] = field(default_factory=dict)
+    rho_by_method: Mapping[str, float] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class Loaded:
+    """What a loader hands the registry."""
+
+    train: Any
+    val: Any
+    test: Any
+    bins: LabelBins
+    info: dict[str, Any]
+    standardize: bool = False
+    tables: BenchData | None = None
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of the registry (see the module docstring)."""
+
+    name: str
+    load: Callable[[dict[str, Any], Mapping[str, Any] | None, LabelBins | None], Loaded]
+    recipe: Recipe
+    unit: str
+    description: str
+    kind: str = "table"  # table | image | dense
+    options: tuple[str, ...] | None = None  # None: any (a loader registered the older way)
+    needs_root: bool = False  # read from data.root (the paper benchmarks)
+    prepare: bool = False  # `bsam data prepare NAME` knows it
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        if self.options is None:
+            return
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ConfigError(f"data.{unknown[0]} is not an option of dataset {self.name!r}; "
+                              f"it takes: {', '.join(self.options) or 'no options'}")
+
+
+REGISTRY: dict[str, DatasetEntry] = {}
+
+
+KINDS = ("table", "image", "dense")
+
+
+def register(entry: DatasetEntry) -> DatasetEntry:
+    """Add a dataset: a new name (lower case, ``-`` between words) of a known kind."""
+    if entry.name != _canonical(entry.name) or entry.name in REGISTRY:
+        raise ValueError(f"dataset {entry.name!r}: a name must be new and spelled "
+                         f"{_canonical(entry.name)!r} (registered: {', '.join(REGISTRY)})")
+    if entry.kind not in KINDS:
+        raise ValueError(f"dataset {entry.name!r}: kind must be one of {KINDS}, got "
+                         f"{entry.kind!r}")
+    return REGISTRY.setdefault(entry.name, entry)
+
+
+def _canonical(name: str) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
+def get_entry(name: str) -> DatasetEntry:
+    key = _canonical(name)
+    if key not in REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(REGISTRY)}")
+    return REGISTRY[key]
+
+
+def dataset_names(kind: str | None = None, *, prepare: bool | None = None) -> list[str]:
+    """Registered names, optionally only of one ``kind`` / only those ``data prepare`` knows."""
+    return [n for n, e in REGISTRY.items()
+            if (kind is None or e.kind == kind) and (prepare is None or e.prepare == prepare)]
+
+
+# ---------------------------------------------------------------------------- loaded data
+@dataclass
+class DataSplits:
+    """A dataset ready for a run: splits, bins, scaling, balance, fingerprint and recipe."""
+
+    entry: DatasetEntry
+    name: str
+    train: Any
+    val: Any
+    test: Any
+    bins: LabelBins
+    scaler: TargetScaler
+    balance: str
+    info: dict[str, Any]
+    fingerprint: dict[str, Any]
+    recipe: Recipe
+    tables: BenchData | None = None
+
+    @property
+    def unit(self) -> str:
+        return self.entry.unit if self.tables is None else (self.tables.target_unit
+                                                            or self.entry.unit)
+
+    @property
+    def dense(self) -> bool:
+        return self.entry.kind == "dense"
+
+    def split(self, name: str) -> Any:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {name!r}")
+        data = getattr(self, name)
+        if data is None:
+            raise ValueError(f"dataset {self.name!r} has no {name} split")
+        return data
+
+    def labels(self, name: str) -> torch.Tensor | None:
+        """The per-sample labels of a split (``None`` for dense targets)."""
+        data = self.split(name)
+        if isinstance(data, (tuple, list)):
+            return data[1]
+        targets = getattr(data, "targets", None)
+        return None if targets is None else torch.as_tensor(targets).float()
+
+    def take(self, name: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of some samples of a split."""
+        data = self.split(name)
+        if isinstance(data, (tuple, list)):
+            return data[0][index], data[1][index]
+        items = [data[int(i)] for i in index]
+        return (torch.stack([it[0] for it in items]),
+                torch.stack([torch.as_tensor(it[1]) for it in items]).float())
+
+    def make_model(self, spec: Mapping[str, Any] | None = None) -> nn.Module:
+        """A fresh model: ``spec`` (a config's ``model`` section) or the recipe's."""
+        return build_model(self, spec)
+
+
+def load_data(data: Mapping[str, Any], *, bins: Mapping[str, Any] | None = None,
+              stored_bins: LabelBins | Mapping[str, Any] | None = None,
+              many: int | None = None, few: int | None = None) -> DataSplits:
+    """Load the dataset a config's ``data`` section names (``{"name": ..., options}``).
+
+    ``bins``: a config's ``bins`` section (``LabelBins.from_labels`` keywords) instead of the
+    dataset's; ``stored_bins``: the bins of a checkpoint (not recomputed); ``many`` / ``few``:
+    region thresholds (else those of the stored bins, else 100 / 20).
+    """
+    options = dict(data)
+    if "name" not in options:
+        raise ConfigError("data.name is missing: name a dataset (" + ", ".join(REGISTRY) + ")")
+    entry = get_entry(options.pop("name"))
+    entry.check_options(options)
+    if isinstance(stored_bins, Mapping):
+        stored = LabelBins.from_dict(dict(stored_bins))
+        with_thresholds(stored, stored_bins.get("many"), stored_bins.get("few"))
+        stored_bins = stored
+    loaded = entry.load(options, bins, stored_bins)
+    with_thresholds(loaded.bins, many, few)
+    tables = loaded.tables
+    recipe = entry.recipe
+    if tables is not None and (tables.defaults or tables.make_model):  # an older registration
+        defaults = dict(tables.defaults)
+        rho = defaults.pop("rho_by_method", recipe.rho_by_method)
+        recipe = Recipe({**recipe.train, **defaults}, rho, recipe.model, recipe.source)
+    labels = loaded.train[1] if isinstance(loaded.train, (tuple, list)) else getattr(
+        loaded.train, "targets", None)
+    scaler = TargetScaler.fit(labels) if loaded.standardize else TargetScaler()
+    return DataSplits(entry, tables.name if tables is not None else entry.name, loaded.train,
+                      loaded.val, loaded.test, loaded.bins, scaler,
+                      choose_balance(loaded.bins, labels), loaded.info,
+                      fingerprint(loaded.info), recipe, tables)
+
+
+def fingerprint(info: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"digest", "files", "params"}``: the SHA-256 of the data files' digests and the split
+    parameters, as a loader listed them in ``info["files"]`` / ``info["split_params"]``."""
+    files = dict(info.get("files") or {})
+    params = dict(info.get("split_params") or {})
+    blob = json.dumps({"files": files, "params": params}, sort_keys=True, default=str)
+    return {"digest": hashlib.sha256(blob.encode()).hexdigest(), "files": files,
+            "params": params}
+
+
+# ---------------------------------------------------------------------------- models
+#: the model names :func:`build_model` knows
+MODEL_NAMES = ("mlp", "small-cnn", "resnet18", "resnet34", "resnet50", "depth-resnet18",
+               "depth-resnet34", "depth-resnet50")
+
+
+def build_model(data: DataSplits | BenchData | None, spec: Mapping[str, Any] | None = None
+                ) -> nn.Module:
+    """The model factory: a fresh regressor from ``spec`` (``{"name": ..., **kwargs}``), or from
+    the dataset's recipe when ``spec`` names none. An MLP gets ``in_features`` from the data."""
+    tables = data.tables if isinstance(data, DataSplits) else data
+    spec = dict(spec or {})
+    if "name" not in spec:
+        if tables is not None and tables.make_model is not None:  # an older registration
+            return tables.make_model()
+        recipe = data.recipe.model if isinstance(data, DataSplits) else {}
+        spec = {**recipe, **spec}
+    if "name" not in spec:
+        raise ConfigError("model.name is needed for this dataset (one of "
+                          f"{', '.join(MODEL_NAMES)})")
+    from balanced_sam import models
+
+    name = _canonical(spec.pop("name"))
+    if name == "mlp":
+        if tables is not None:
+            spec.setdefault("in_features", int(tables.x_train.shape[1]))
+        return models.MLP(**spec)
+    if name == "small-cnn":
+        return models.SmallCNN(**spec)
+    if name in ("resnet18", "resnet34", "resnet50"):
+        return models.ResNetRegressor(arch=name, **spec)
+    if name.startswith("depth-") and name[6:] in ("resnet18", "resnet34", "resnet50"):
+        return models.DepthResNet(encoder=name[6:], **spec)
+    raise ConfigError(f"model.name {name!r} is not known; choose one of {', '.join(MODEL_NAMES)}")
+
+
+# ---------------------------------------------------------------------------- loaders
+def _tables(load: Callable[..., BenchData]) -> Callable[..., Loaded]:
+    """A loader of a :class:`BenchData` as a registry loader."""
+
+    def loader(options: dict[str, Any], bins_spec: Mapping[str, Any] | None,
+               stored: LabelBins | None) -> Loaded:
+        bd = load(**options)
+        bins = stored if stored is not None else LabelBins.from_labels(
+            bd.y_train, **(bins_spec or bd.bins))
+        return Loaded((bd.x_train, bd.y_train), (bd.x_val, bd.y_val), (bd.x_test, bd.y_test),
+                      bins, bd.info, bd.standardize_target, bd)
+
+    return loader
+
+
+def _load_diamonds(**options: Any) -> BenchData:
+    from balanced_sam.data import diamonds
+
+    return diamonds.load(**options)
+
+
+def _load_csv(**options: Any) -> BenchData:
+    from balanced_sam.data.tabular import load_table
+
+    path, target = options.pop("path", None), options.pop("target", None)
+    if path is None or target is None:
+        raise ConfigError("the csv dataset needs a file and its target column (data.path and "
+                          "data.target; on bsam bench: --csv FILE --target COL)")
+    if "split_seed" in options:
+        options["seed"] = options.pop("split_seed")
+    return load_table(path, target, **options)
+
+
+def _rotated(kind: str) -> Callable[..., BenchData]:
+    def load(**options: Any) -> BenchData:
+        from balanced_sam.data import rotated_mnist
+
+        fn = rotated_mnist.load if kind == "mnist" else rotated_mnist.load_fashion
+        return fn(**options)
+
+    return load
+
+
+def _paper(module_name: str, default_bins: Mapping[str, Any] | None,
+           csv_names: Callable[[Path, dict[str, Any]], list[Path]]) -> Callable[..., Loaded]:
+    """A registry loader for the image benchmarks read from ``data.root``."""
+
+    def loader(options: dict[str, Any], bins_spec: Mapping[str, Any] | None,
+               stored: LabelBins | None) -> Loaded:
+        module = importlib.import_module(module_name)
+        opts = dict(options)
+        root = opts.pop("root", None)
+        if root is None:
+            name = module_name.rsplit(".", 1)[1].replace("_", "-")
+            raise ConfigError(f"data.root is needed for {name}: the folder that "
+                              f"`bsam data prepare {name} --root DIR` set up")
+        splits = module.build_splits(root, **opts)
+        if stored is not None:
+            bins = stored
+        elif default_bins is None:  # dense targets: pixel counts per depth bin
+            bins = module.dir_bins(root, **{k: v for k, v in opts.items() if k == "img_size"})
+        else:
+            bins = LabelBins.from_labels(splits["train"].targets, **(bins_spec or default_bins))
+        files = {p.name: file_digest(p) for p in csv_names(Path(root), opts) if p.is_file()}
+        params = {k: v for k, v in opts.items() if k in ("img_size", "csv", "train_csv",
+                                                         "test_csv", "mask_file")}
+        info = {"root": str(Path(root).resolve()), "files": files, "split_params": params,
+                "sizes": {k: (len(v) if v is not None else 0) for k, v in splits.items()}}
+        return Loaded(splits["train"], splits.get("val"), splits["test"], bins, info)
+
+    return loader
+
+
+def _age_csv(default: str) -> Callable[[Path, dict[str, Any]], list[Path]]:
+    return lambda root, o: [Path(o["csv"]) if o.get("csv") else root / default]
+
+
+def _nyud2_files(root: Path, o: dict[str, Any]) -> list[Path]:
+    from balanced_sam.data import nyud2
+
+    return [root / o.get("train_csv", nyud2.TRAIN_CSV), root / o.get("test_csv", nyud2.TEST_CSV),
+            root / o.get("mask_file", nyud2.MASK_FILE)]
+
+
+# ---------------------------------------------------------------------------- the recipes
+#: tables (any --csv): an MLP 256-256, SGD with a cosine schedule
+TABLE_RECIPE = Recipe(
+    train={"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4,
+           "batch_size": 256, "epochs": 30, "rho": 0.05, "schedule": "cosine"},
+    model={"name": "mlp", "hidden": [256, 256]},
+    source="a generic starting point for tables")
+
+#: diamonds: chosen once on the validation set by benchmarks/tune_diamonds.py (2 seeds,
+#: validation MAE in dollars; test numbers not looked at). Stage 1, base optimizer / lr / epochs
+#: on vanilla and sqinv: SGD lr 0.2 for 60 epochs (vanilla 715.6, sqinv 706.3) beat SGD lr 0.1
+#: (728.4 / 712.4), lr 0.05 (742.6 / 712.1), Adam 2e-3 (718.0 / 718.7) and Adam 4e-3 (702.6 /
+#: 720.8); 30 epochs were worse everywhere and SGD lr 0.4 diverged for sqinv (1,817.9).
+#: Stage 2, rho per method at that recipe over {0.01, 0.02, 0.05, 0.1, 0.2}: sam 0.02 (707.6),
+#: imbsam 0.1 (689.1), bsam 0.01 (716.0); over {0.01, 0.02, 0.05, 0.1}: inv-bsam 0.02 (823.2),
+#: vanilla-bsam 0.05 (708.5). ``bsam bench --rho R`` overrides these for every method.
+DIAMONDS_RECIPE = Recipe(
+    train={**TABLE_RECIPE.train, "lr": 0.2, "epochs": 60, "rho": 0.02},
+    rho_by_method={"sam": 0.02, "vanilla-sam": 0.02, "imbsam": 0.1, "bsam": 0.01,
+                   "inv-bsam": 0.02, "vanilla-bsam": 0.05},
+    model=TABLE_RECIPE.model,
+    source="benchmarks/tune_diamonds.py, validation MAE")
+
+#: rotated MNIST / Fashion-MNIST: sized by measurement so that the bench runs on a CPU in
+#: minutes (10 epochs); a SmallCNN with 8 and 16 channels
+ROTATED_RECIPE = Recipe(
+    train={"optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4,
+           "batch_size": 128, "epochs": 10, "rho": 0.05, "schedule": "cosine"},
+    model={"name": "small-cnn", "channels": [8, 16], "hidden": 64},
+    source="CPU-scale recipe, measured")
+
+
+def _age_recipe(rho: float) -> Recipe:
+    """The reference code's age recipe: ResNet-18 from scratch, SGD lr 0.2, batch 256, 400
+    epochs, its per-epoch cosine to lr * 1e-3 (``cosine_ref``), raw SQINV weights."""
+    return Recipe(
+        train={"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4,
+               "batch_size": 256, "epochs": 400, "schedule": "cosine_ref",
+               "lr_min_factor": 1e-3, "rho": rho, "normalize": "none", "select_by": "mae"},
+        rho_by_method={m: rho for m in ("sam", "imbsam", "bsam")},
+        model={"name": "resnet18"},
+        source="the BSAM reference code")
+
+
+NYUD2_RECIPE = Recipe(
+    train={"loss": "mse", "optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4,
+           "batch_size": 32, "epochs": 10, "schedule": "step", "step_size": 5, "gamma": 0.1,
+           "rho": 0.05, "normalize": "mean", "select_by": "last"},
+    rho_by_method={"bsam": 0.05},
+    model={"name": "depth-resnet50", "pretrained": True},
+    source="the DIR NYUD2 pipeline (Hu et al. 2019); rho 0.05 is our choice")
+
+_TABLE_SPLIT = ("bin_width", "cap", "train_fraction", "split_seed")
+_ROTATED = ("data_root", "split_seed", "seed", "cap", "n_train", "val_per_bin", "test_per_bin",
+            "bin_width", "tau", "classes", "download")
+_AGE = ("root", "img_size", "cache", "csv", "verify")
+
+for _entry in (
+    DatasetEntry("diamonds", _tables(_load_diamonds), DIAMONDS_RECIPE, "$",
+                 "diamond prices (plotnine's table, no download); the tabular regime",
+                 options=(*_TABLE_SPLIT, "seed")),
+    DatasetEntry("rotated-mnist", _tables(_rotated("mnist")), ROTATED_RECIPE, "deg",
+                 "MNIST digits rotated by long-tailed angles; target: the angle", "image",
+                 options=_ROTATED),
+    DatasetEntry("rotated-fashion-mnist", _tables(_rotated("fashion")), ROTATED_RECIPE, "deg",
+                 "Fashion-MNIST rotated by long-tailed angles; target: the angle", "image",
+                 options=_ROTATED),
+    DatasetEntry("csv", _tables(_load_csv), TABLE_RECIPE, "",
+                 "any CSV table (--csv FILE --target COL)",
+                 options=("path", "target", *_TABLE_SPLIT, "dropna", "impute", "features",
+                          "categorical", "max_categories", "lower", "min_per_bin",
+                          "target_unit", "name")),
+    DatasetEntry("agedb", _paper("balanced_sam.data.agedb", {"bin_width": 1, "lower": 0,
+                                                              "upper": 121},
+                                 _age_csv("agedb.csv")),
+                 _age_recipe(0.2), "years", "AgeDB-DIR: age from a face (12,208 training images)",
+                 "image", options=_AGE, needs_root=True, prepare=True),
+    DatasetEntry("imdb-wiki", _paper("balanced_sam.data.imdb_wiki", {"bin_width": 1, "lower": 0,
+                                                                      "upper": 121},
+                                     _age_csv("imdb_wiki.csv")),
+                 _age_recipe(0.05), "years",
+                 "IMDB-WIKI-DIR: age from a face (191,509 training images)", "image",
+                 options=_AGE, needs_root=True, prepare=True),
+    DatasetEntry("nyud2", _paper("balanced_sam.data.nyud2", None, _nyud2_files), NYUD2_RECIPE,
+                 "m", "NYUD2-DIR: depth per pixel (50,688 training pairs)", "dense",
+                 options=("root", "img_size", "cache", "verify", "train_csv", "test_csv",
+                          "mask_file", "augment"), needs_root=True, prepare=True),
+):
+    register(_entry)
+
+
+# ---------------------------------------------------------------------------- older names
+def register_dataset(name: str) -> Callable[[Callable[..., BenchData]], Callable[..., BenchData]]:
+    """Decorator (the older way): make a loader of :class:`BenchData` available as
+    ``bsam bench --dataset NAME``; its ``defaults`` and ``make_model`` give recipe and model."""
+
+    def deco(loader: Callable[..., BenchData]) -> Callable[..., BenchData]:
+        register(DatasetEntry(_canonical(name), _tables(loader), TABLE_RECIPE, "",
+                              f"{name} (registered by {getattr(loader, '__module__', '?')})"))
+        _LOADERS[_canonical(name)] = loader
+        return loader
+
+    return deco
+
+
+_LOADERS: dict[str, Callable[..., BenchData]] = {
+    "diamonds": _load_diamonds, "rotated-mnist": _rotated("mnist"),
+    "rotated-fashion-mnist": _rotated("fashion")}
+
+
+class _LoaderView(MutableMapping):
+    """``DATASETS``: name -> loader of the table-like built-ins; assigning registers."""
+
+    def __getitem__(self, name: str) -> Callable[..., BenchData]:
+        return _LOADERS[name]
+
+    def __setitem__(self, name: str, loader: Callable[..., BenchData]) -> None:
+        register_dataset(name)(loader)
+
+    def __delitem__(self, name: str) -> None:
+        del _LOADERS[name]
+        REGISTRY.pop(_canonical(name), None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_LOADERS)
+
+    def __len__(self) -> int:
+        return len(_LOADERS)
+
+
+DATASETS: MutableMapping[str, Callable[..., BenchData]] = _LoaderView()
+
+
+def get_dataset(name: str, **options: Any) -> BenchData:
+    """Load a built-in table-like benchmark by name (the :class:`BenchData` alone)."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(_LOADERS))}")
+    return _LOADERS[name](**options)

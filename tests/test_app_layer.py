@@ -1,0 +1,276 @@
+"""The shape of the application layer: one dataset registry, a run API, one vocabulary, one
+place for thresholds, scaling, losses and file I/O, and the structural rules of issue 10."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from balanced_sam import LabelBins
+from balanced_sam.cli import build_parser, main
+from balanced_sam.data import REGISTRY, TargetScaler, build_model, get_entry, load_data
+from balanced_sam.io import FolderLock, FolderLockedError, append_csv_row, read_json, write_json
+from balanced_sam.methods import METHODS, Method, build_stepper, get_method
+from balanced_sam.models import MLP
+from balanced_sam.train import LRPlan, TrainConfig, batches, fit, seed_everything
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "balanced_sam"
+
+
+# ---------------------------------------------------------------------------- structure
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder,forbidden", [
+    ("data", {"balanced_sam.train", "balanced_sam.bench", "balanced_sam.cli",
+              "balanced_sam.experiment"}),
+    ("analysis", {"balanced_sam.bench", "balanced_sam.cli", "balanced_sam.experiment",
+                  "balanced_sam.train"}),
+])
+def test_lower_layers_do_not_import_upper_ones(folder, forbidden):
+    for path in (SRC / folder).rglob("*.py"):
+        bad = _imports(path) & forbidden
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_no_function_of_the_application_layer_is_over_80_lines():
+    # loss_landscape and plot_region_comparison belong to the analysis package, outside this
+    # work package's files; they are listed in the notes for the coordinator
+    allowed = {"loss_landscape", "plot_region_comparison"}
+    long = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80 and node.name not in allowed:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert not long
+
+
+def test_one_registry_serves_every_command(capsys):
+    names = {"diamonds", "rotated-mnist", "rotated-fashion-mnist", "csv", "agedb", "imdb-wiki",
+             "nyud2"}
+    assert names <= set(REGISTRY)
+    from balanced_sam.data import prepare
+
+    assert set(prepare.NAMES) == {n for n, e in REGISTRY.items() if e.prepare}
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    data_cmd = sub.choices["data"]
+    prep = next(a for a in data_cmd._actions if a.dest == "data_command").choices["prepare"]
+    assert set(next(a for a in prep._actions if a.dest == "name").choices) == set(prepare.NAMES)
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(n in listing for n in names)
+    for name in names:  # every entry has the protocol's parts
+        e = get_entry(name)
+        assert e.recipe.train and e.recipe.model.get("name") and e.description
+    with pytest.raises(ValueError, match="data.bogus is not an option of dataset 'diamonds'"):
+        load_data({"name": "diamonds", "bogus": 1})
+
+
+def test_data_modules_name_no_method():
+    method_names = set(METHODS)
+    for path in (SRC / "data").rglob("*.py"):
+        if path.name == "registry.py":  # the recipes (rho per method) live here
+            continue
+        text = path.read_text()
+        assert "RHO_BY_METHOD" not in text, path.name
+        strings = {n.value for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Constant)}
+        assert not (strings & (method_names - {"lds", "inv"})), path.name
+
+
+def test_model_factory_reaches_every_resnet():
+    for name in ("resnet18", "resnet34", "resnet50"):
+        model = build_model(None, {"name": name})
+        assert model.arch == name
+    with pytest.raises(ValueError, match="resnet101"):
+        build_model(None, {"name": "resnet101"})
+
+
+# ---------------------------------------------------------------------------- vocabulary
+def test_method_vocabulary_and_its_aliases():
+    bsam = get_method("bsam")
+    assert (bsam.sharpness, bsam.perturbation_weighting, bsam.update_weighting) == (
+        "bsam", "sqrt_inv", "sqrt_inv")
+    assert (bsam.optimizer, bsam.perturbation, bsam.weighting) == ("bsam", "sqrt_inv",
+                                                                   "sqrt_inv")
+    sqinv = get_method("sqinv")
+    assert sqinv.sharpness == "none" and sqinv.optimizer == "base"
+    old = Method("x", optimizer="base", weighting="inv", extra={"nesterov": True})
+    assert old == Method("x", "none", "inv", optimizer_options={"nesterov": True})
+    assert old.extra == {"nesterov": True}
+    with pytest.raises(ValueError, match="perturbation_weighting needs sharpness 'bsam'"):
+        Method("y", "sam", "sqrt_inv", "sqrt_inv")
+    with pytest.raises(ValueError, match="sharpness must be one of"):
+        Method("z", "adam")
+
+
+def test_method_optimizer_options_reach_the_optimizer():
+    bins = LabelBins.from_labels(torch.arange(50.0), bin_width=5)
+    cfg = TrainConfig(eta=20)
+    m = Method("imbsam-eta5", "imbsam", "sqrt_inv", optimizer_options={"eta": 5})
+    opt, _ = build_stepper(m, MLP(3, (4,)).parameters(), bins, cfg)
+    assert opt.eta == 5
+    opt, _ = build_stepper(get_method("imbsam"), MLP(3, (4,)).parameters(), bins, cfg)
+    assert opt.eta == 20
+
+
+def test_one_hessian_default_for_library_and_cli():
+    from balanced_sam.analysis import analyze_model, hessian_top_eigenvalue
+    from balanced_sam.analysis.hessian import DEFAULT_METHOD
+    from balanced_sam.experiment import analyze_checkpoints
+
+    for fn in (hessian_top_eigenvalue, analyze_model, analyze_checkpoints):
+        assert inspect.signature(fn).parameters["method"].default == DEFAULT_METHOD
+    args = build_parser().parse_args(["analyze", "--checkpoint", "x.pt"])
+    assert args.method == DEFAULT_METHOD == "lanczos"
+
+
+def test_analysis_uses_the_library_losses():
+    from balanced_sam import analysis, losses
+    from balanced_sam.analysis import _common
+
+    assert analysis.l1_per_sample is losses.l1_loss and analysis.mse_per_sample is losses.mse_loss
+    src = inspect.getsource(_common)
+    assert "def l1_per_sample" not in src and "def mse_per_sample" not in src
+
+
+# ---------------------------------------------------------------------------- one place each
+def test_region_thresholds_live_on_the_bins():
+    from balanced_sam._compat import region_thresholds, with_thresholds
+
+    bins = LabelBins.from_labels(torch.arange(100.0).repeat(3), bin_width=10)
+    assert region_thresholds(bins) == (100, 20)
+    with_thresholds(bins, 25, 5)
+    assert region_thresholds(bins) == (25, 5)
+    from balanced_sam.train import evaluate
+
+    rep = evaluate(torch.nn.Linear(1, 1), (torch.zeros(4, 1), torch.tensor([1., 2., 3., 4.])),
+                   bins)
+    assert rep["many"]["count"] == 4  # 30 per bin > 25: many, by the bins' thresholds
+
+
+def test_target_scaler_round_trip():
+    y = torch.tensor([1.0, 3.0, 5.0])
+    s = TargetScaler.fit(y)
+    assert s.mean == 3.0 and s.std == 2.0
+    assert torch.allclose(s.unscale(s.scale(y)), y)
+    assert TargetScaler.from_stats(s.as_tuple()) == s == TargetScaler.from_stats(s.to_dict())
+    model = torch.nn.Linear(1, 1)
+    wrapped = s.wrap(model)
+    x = torch.randn(2, 1)
+    assert torch.allclose(wrapped(x), model(x) * 2 + 3)
+    assert TargetScaler().wrap(model) is model and TargetScaler.from_stats(None).is_identity
+    with pytest.raises(ValueError, match="std > 0"):
+        TargetScaler(0.0, 0.0)
+
+
+def test_io_json_csv_and_atomic_writes(tmp_path):
+    path = write_json({"a": math.nan, "b": [1.5, math.inf], "c": torch.tensor(2.0).item()},
+                      tmp_path / "x.json")
+    assert read_json(path) == {"a": None, "b": [1.5, None], "c": 2.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary left behind
+    log = tmp_path / "log.csv"
+    for e in (1, 2, 3):
+        append_csv_row(log, {"epoch": e, "loss": e / 10})
+    append_csv_row(log, {"epoch": 2, "loss": 0.25})  # a resumed run redoes epoch 2
+    assert log.read_text().splitlines() == ["epoch,loss", "1,0.1", "2,0.25"]
+
+
+def test_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        import socket
+
+        (tmp_path / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        with pytest.raises(FolderLockedError, match=f"process {sleeper.pid}"):
+            FolderLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with FolderLock(tmp_path) as lock:  # the holder is dead: a stale lock
+        assert lock.held and (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------- loop options
+def test_cosine_ref_runs_the_references_epochs_1_to_E():
+    plan = LRPlan("cosine_ref", 4, lr_min_factor=1e-3)
+    factors = [plan(e) for e in range(4)]
+    want = [1e-3 + (1 - 1e-3) * (1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 2, 3, 4)]
+    assert factors == pytest.approx(want, rel=1e-12)
+    assert factors[-1] == pytest.approx(1e-3, rel=1e-12) and factors[0] < 1
+    ours = LRPlan("cosine", 4, lr_min_factor=1e-3)
+    assert ours(0) == 1.0 and ours(3) > 1e-3  # the other convention: epochs 0..E-1
+
+
+def test_a_longer_resumed_run_never_raises_the_learning_rate():
+    for schedule in ("cosine", "cosine_ref"):
+        done = LRPlan(schedule, 40)
+        finished = done.extended(45, 40)  # a finished 40-epoch run, 5 more epochs
+        last = done(39)
+        assert all(finished(e) <= last + 1e-15 for e in range(40, 45)), schedule
+        killed = LRPlan(schedule, 10).extended(20, 4)  # killed at epoch 4, now 20 epochs
+        lrs = [killed(e) for e in range(4, 20)]
+        assert all(b <= a + 1e-15 for a, b in zip(lrs, lrs[1:])), schedule
+        assert lrs[0] <= LRPlan(schedule, 10)(3) + 1e-15
+        assert lrs[-1] == pytest.approx(1e-3 if schedule == "cosine_ref" else lrs[-1])
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """A random 'augmentation' per read, as an image transform does."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return torch.rand(3) + i, torch.tensor(float(i))
+
+
+def test_workers_and_persistence_do_not_change_the_batches():
+    one = [b[0] for b in batches(_Noisy(), 4, shuffle=True, seed=3, epoch=1)]
+    two = [b[0] for b in batches(_Noisy(), 4, shuffle=True, seed=3, epoch=1, num_workers=2,
+                                 prefetch_factor=3)]
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    other = [b[0] for b in batches(_Noisy(), 4, shuffle=True, seed=3, epoch=2)]
+    assert not all(torch.equal(a, b) for a, b in zip(one, other))
+    state = torch.get_rng_state()
+    list(batches(_Noisy(), 4, shuffle=True, seed=3, epoch=1))
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
+
+
+def test_fit_takes_extra_loggers():
+    class Rows:
+        def __init__(self):
+            self.rows, self.closed = [], False
+
+        def log_epoch(self, row):
+            self.rows.append(dict(row))
+
+        def close(self):
+            self.closed = True
+
+    x = torch.randn(60, 3)
+    y = (x[:, 0] * 10 + 50).clamp(0, 99)
+    bins = LabelBins.from_labels(y, bin_width=10, lower=0, upper=100)
+    sink = Rows()
+    seed_everything(0)
+    fit(MLP(3, (4,)), (x, y), (x, y), bins, TrainConfig(epochs=2, batch_size=16, progress=False),
+        loggers=[sink], log=lambda s: None)
+    assert [r["epoch"] for r in sink.rows] == [1, 2] and "val_mae" in sink.rows[0]
+    assert sink.closed
