@@ -152,12 +152,12 @@ def test_analysis_uses_the_library_losses():
 
 # ---------------------------------------------------------------------------- one place each
 def test_region_thresholds_live_on_the_bins():
-    from balanced_sam._compat import region_thresholds, with_thresholds
-
     bins = LabelBins.from_labels(torch.arange(100.0).repeat(3), bin_width=10)
-    assert region_thresholds(bins) == (100, 20)
-    with_thresholds(bins, 25, 5)
-    assert region_thresholds(bins) == (25, 5)
+    assert bins.thresholds() == (100, 20)
+    assert bins.set_thresholds(25, 5) is bins
+    assert bins.thresholds() == (25, 5) and bins.to_dict()["many"] == 25
+    with pytest.raises(ValueError, match="few"):
+        bins.set_thresholds(10, 30)
     from balanced_sam.train import evaluate
 
     rep = evaluate(torch.nn.Linear(1, 1), (torch.zeros(4, 1), torch.tensor([1., 2., 3., 4.])),

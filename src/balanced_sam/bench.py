@@ -41,7 +41,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from balanced_sam._compat import region_thresholds
 from balanced_sam.config import TrainConfig
 from balanced_sam.data.base import BenchData
 from balanced_sam.data.registry import DataSplits, load_data
@@ -259,7 +258,7 @@ def _header(plan: _Plan, log: Callable[[str], None]) -> dict[str, Any]:
               "target_unit": data.unit, "standardize_target": not data.scaler.is_identity,
               "model": _model_text(plan)}
     _same_bench(plan, config)
-    many, few = region_thresholds(data.bins)
+    many, few = data.bins.thresholds()
     regions = data.bins.region_counts(many, few)
     split = {**{s: _size(getattr(data, s)) for s in ("train", "val", "test")},
              "bins": data.bins.num_bins, "regions": regions}
@@ -407,7 +406,7 @@ def _plots(results: dict[str, Any], plan: _Plan, log: Callable[[str], None]) -> 
         log(f"plots skipped: {exc}")
         return
     data, out = plan.data, plan.out
-    many, few = region_thresholds(data.bins)
+    many, few = data.bins.thresholds()
     y_train, y_test = data.labels("train"), data.labels("test")
     if y_train is not None and y_test is not None:
         plots.plot_label_histogram(data.bins, y_train, y_test, out / "label_histogram.png",

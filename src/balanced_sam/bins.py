@@ -425,9 +425,18 @@ class LabelBins:
         return self._table(scheme, normalize, idx.device, dtype, kwargs)[idx]
 
     # ------------------------------------------------------------------ regions
-    def _thresholds(self, many: float | None, few: float | None) -> tuple[float, float]:
+    def thresholds(self, many: float | None = None, few: float | None = None
+                   ) -> tuple[float, float]:
+        """``(many, few)``: the values given, else the bins' own; validated."""
         return _check_thresholds(self.many if many is None else many,
                                  self.few if few is None else few)
+
+    _thresholds = thresholds
+
+    def set_thresholds(self, many: float | None = None, few: float | None = None) -> LabelBins:
+        """Store new region thresholds (``None`` keeps the current one); returns ``self``."""
+        self.many, self.few = self.thresholds(many, few)
+        return self
 
     def regions(self, many: float | None = None, few: float | None = None) -> list[str]:
         """One of ``"many" | "medium" | "few"`` per bin: many when the training count is

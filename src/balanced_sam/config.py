@@ -43,7 +43,7 @@ class TrainConfig:
     ``none``; ``warmup_epochs`` ramp up linearly first. ``many`` / ``few``: region thresholds on a
     bin's training count (``None``: those of the bins, 100 / 20 by default). ``balance``: what
     bMAE averages over, ``label``, ``bin`` or ``auto`` (decided once from the training labels,
-    see :func:`balanced_sam._compat.choose_balance`).
+    see :func:`balanced_sam.metrics.balance_of`).
     """
 
     method: str = "bsam"

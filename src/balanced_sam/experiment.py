@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from balanced_sam._compat import region_thresholds
 from balanced_sam.analysis.hessian import DEFAULT_METHOD
 from balanced_sam.analysis.report import _slug
 from balanced_sam.bins import LabelBins
@@ -369,7 +368,7 @@ def _region_sample(labels: torch.Tensor, bins: LabelBins, region: str, n: int, s
     if region == "all":
         pool = torch.arange(len(labels))
     else:
-        many, few = region_thresholds(bins)
+        many, few = bins.thresholds()
         pool = torch.nonzero(bins.region_mask(labels, region, many, few, clamp=True)).reshape(-1)
     if len(pool) > n:
         g = torch.Generator().manual_seed(seed)

@@ -42,6 +42,7 @@ from balanced_sam.bins import REGIONS, LabelBins
 __all__ = [
     "RegressionMetrics",
     "resolve_balance",
+    "balance_of",
     "BALANCES",
     "regression_report",
     "depth_report",
@@ -71,6 +72,16 @@ def resolve_balance(targets: Any, bins: LabelBins, clamp: bool | None = None) ->
     hi = torch.full((bins.num_bins,), -math.inf, dtype=torch.float64).scatter_reduce(
         0, idx, t, "amax")
     return "bin" if bool((hi > lo).any()) else "label"
+
+
+def balance_of(train_labels: Any, bins: LabelBins) -> str:
+    """What bMAE averages over for a dataset, decided once from its training labels (the rule of
+    :func:`resolve_balance`), so that validation, test, ``bsam train``, ``eval`` and ``bench``
+    agree. ``"auto"`` when the labels are unknown (a dataset without ``targets``): the metrics
+    then decide from the labels they see (:attr:`RegressionMetrics.balance_used`)."""
+    if train_labels is None:
+        return "auto"
+    return resolve_balance(train_labels, bins, clamp=True)
 
 
 class RegressionMetrics:

@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from balanced_sam._compat import choose_balance, region_thresholds, with_thresholds
 from balanced_sam.bins import LabelBins
 from balanced_sam.config import DEVICES, SAFE_TO_CHANGE, TrainConfig
 from balanced_sam.data.loader import EpochLoader, batches, is_tensor_data
@@ -48,7 +47,7 @@ from balanced_sam.errors import spell
 from balanced_sam.io import progress_bar
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import build_stepper, get_method
-from balanced_sam.metrics import RegressionMetrics
+from balanced_sam.metrics import RegressionMetrics, balance_of
 from balanced_sam.outputs import (
     Checkpointer,
     EpochLogger,
@@ -297,7 +296,7 @@ def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.devi
     """The metrics report of ``model`` on ``data`` (and the per-bin MAE when ``per_bin``);
     regions by the bins' thresholds unless ``many`` / ``few`` are given."""
     device = torch.device(device)
-    m, f = region_thresholds(bins, many, few)
+    m, f = bins.thresholds(many, few)
     metrics = RegressionMetrics(bins, m, f, depth=depth, balance=balance, clamp=clamp)
     for pred, y, mask in predict(model, data, device, batch_size=batch_size,
                                  target_stats=target_stats, amp=amp, num_workers=num_workers,
@@ -477,8 +476,8 @@ def _resolved(cfg: TrainConfig, bins: LabelBins, train_data: Any) -> TrainConfig
     thresholds set on the bins."""
     cfg.validate()
     if cfg.balance == "auto":
-        cfg = replace(cfg, balance=choose_balance(bins, _labels_of(train_data)))
-    with_thresholds(bins, cfg.many, cfg.few)
+        cfg = replace(cfg, balance=balance_of(_labels_of(train_data), bins))
+    bins.set_thresholds(cfg.many, cfg.few)
     return cfg
 
 
@@ -617,7 +616,7 @@ def _write_epoch(run: _Run, state: _State, ckpt: Checkpointer, row: dict[str, An
     log(_log_line(row, improved))
     for sink in sinks:
         sink.log_epoch(row)
-    many, few = region_thresholds(run.bins)
+    many, few = run.bins.thresholds()
     common = {"config": run.cfg.to_dict(),
               "bins": {**run.bins.to_dict(), "many": many, "few": few},
               "target_stats": run.units.as_tuple(), "target_scaler": run.units.to_dict(),

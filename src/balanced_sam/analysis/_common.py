@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from balanced_sam._compat import region_thresholds
 from balanced_sam.bins import REGIONS, LabelBins
 from balanced_sam.losses import LOSSES, get_loss, l1_loss
 
@@ -126,7 +125,7 @@ def select(
             raise ValueError(f"region must be one of {ALL_REGIONS}, got {region!r}")
         if bins is None:
             raise ValueError(f"region={region!r} needs bins (a LabelBins of the training labels)")
-        m, f = region_thresholds(bins, many, few)
+        m, f = bins.thresholds(many, few)
         out &= bins.region_mask(t, region, many=m, few=f).reshape(n)
     if bin_ids is not None:
         if bins is None:

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from balanced_sam._compat import region_thresholds
 from balanced_sam.analysis._common import (
     Data,
     LossFn,
@@ -380,7 +379,7 @@ def loss_landscape(
         k0 = next(k for k, (a, b) in enumerate(points) if a == 0.0 and (b is None or b == 0.0))
         origin = {n: {m: float(means[k0, i, j]) for j, m in enumerate(METRICS)}
                   for i, n in enumerate(names)}
-    many, few = region_thresholds(bins, many, few)
+    many, few = bins.thresholds(many, few)
     meta = {"seed": seed if directions is None else None, "norm": norm, "ignore": ignore,
             "loss": loss_name, "num_parameters": int(sum(p.numel() for p in params)),
             "random_directions": directions is None, "many": many, "few": few, "label": label,

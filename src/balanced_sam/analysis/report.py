@@ -20,7 +20,6 @@ from typing import Any
 
 from torch import nn
 
-from balanced_sam._compat import region_thresholds
 from balanced_sam.analysis._common import ALL_REGIONS, LossFn, resolve_loss
 from balanced_sam.analysis.hessian import DEFAULT_METHOD, hessian_top_eigenvalue, hessian_trace
 from balanced_sam.analysis.landscape import Landscape, loss_landscape
@@ -75,7 +74,7 @@ def analyze_model(
     t_start = time.perf_counter()
     regions = _checked_regions(regions, bins)
     loss, loss_name = resolve_loss(loss_fn)
-    many, few = region_thresholds(bins, many, few)
+    many, few = bins.thresholds(many, few)
     label = name or "model"
     settings = {"iters": iters, "tol": tol, "method": method, "probes": probes,
                 "trace_tol": trace_tol, "grid": grid if isinstance(grid, int) else

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from balanced_sam._compat import choose_balance, with_thresholds
 from balanced_sam.bins import LabelBins
 from balanced_sam.data.base import BenchData, file_digest
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError
+from balanced_sam.metrics import balance_of
 
 __all__ = ["Recipe", "DatasetEntry", "Loaded", "DataSplits", "REGISTRY", "DATASETS", "register",
            "register_dataset", "get_entry", "dataset_names", "load_data", "get_dataset",
@@ -200,10 +200,10 @@ def load_data(data: Mapping[str, Any], *, bins: Mapping[str, Any] | None = None,
     entry.check_options(options)
     if isinstance(stored_bins, Mapping):
         stored = LabelBins.from_dict(dict(stored_bins))
-        with_thresholds(stored, stored_bins.get("many"), stored_bins.get("few"))
+        stored.set_thresholds(stored_bins.get("many"), stored_bins.get("few"))
         stored_bins = stored
     loaded = entry.load(options, bins, stored_bins)
-    with_thresholds(loaded.bins, many, few)
+    loaded.bins.set_thresholds(many, few)
     tables = loaded.tables
     recipe = entry.recipe
     if tables is not None and (tables.defaults or tables.make_model):  # an older registration
@@ -215,7 +215,7 @@ def load_data(data: Mapping[str, Any], *, bins: Mapping[str, Any] | None = None,
     scaler = TargetScaler.fit(labels) if loaded.standardize else TargetScaler()
     return DataSplits(entry, tables.name if tables is not None else entry.name, loaded.train,
                       loaded.val, loaded.test, loaded.bins, scaler,
-                      choose_balance(loaded.bins, labels), loaded.info,
+                      balance_of(labels, loaded.bins), loaded.info,
                       fingerprint(loaded.info), recipe, tables)
 
 
