@@ -323,3 +323,64 @@ def plot_rho_sweep(
     fig.suptitle(title or f"Test {metric.upper()} vs rho{f' on {dataset}' if dataset else ''} "
                  "(mean +- std over seeds)", fontsize=11)
     return _save(fig, path)
+
+
+def plot_paired_differences(
+    comparisons: Mapping[str, Mapping[str, Mapping[str, Any] | None]],
+    path: str | os.PathLike,
+    baseline: str = "sqinv",
+    unit: str = "",
+    title: str | None = None,
+    confidence: float = 0.95,
+) -> Path:
+    """The paired differences against ``baseline`` with their intervals: one panel per metric
+    (MAE All / Many / Med. / Few, GM, bMAE), one row per method, the mean difference as a dot,
+    its confidence interval as a bar and a line at 0 (left of it: lower error than the
+    baseline). ``comparisons`` is :func:`balanced_sam.stats.paired_comparisons`' output; an
+    entry that is ``None`` (empty region) is marked n/a, one with ``n = 1`` is drawn without
+    a bar. Each row's label gives the wins, e.g. ``bsam (6/8)``.
+    """
+    if not isinstance(comparisons, Mapping) or not comparisons:
+        raise ValueError("comparisons must be a non-empty {method: {metric: ...}} mapping, "
+                         "as balanced_sam.stats.paired_comparisons returns")
+    methods = list(comparisons)
+    keys = list(dict.fromkeys(k for cmp in comparisons.values() for k in cmp))
+    if not keys:
+        raise ValueError("comparisons hold no metric to plot")
+    labels = {"mae": "MAE", "gm": "GM", "bmae": "bMAE", "all": "All", "many": "Many",
+              "medium": "Med.", "few": "Few"}
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = _new_figure(4.2 * ncols, 0.45 * len(methods) * nrows + 1.6 * nrows, nrows,
+                            ncols)
+    y = np.arange(len(methods))[::-1]
+    for i, key in enumerate(keys):
+        ax = axes[i // ncols, i % ncols]
+        metric, _, region = key.partition("_")
+        ax.axvline(0.0, color="0.3", linewidth=1.0, zorder=1)
+        ticks = []
+        for j, method in enumerate(methods):
+            c = comparisons[method].get(key)
+            color = f"C{j % 10}"
+            if c is None:
+                ax.text(0.0, y[j], " n/a", va="center", fontsize=8, color="0.4")
+                ticks.append(method)
+                continue
+            if c.get("ci_low") is not None:
+                lo, hi = c["mean"] - c["ci_low"], c["ci_high"] - c["mean"]
+                ax.errorbar([c["mean"]], [y[j]], xerr=[[lo], [hi]], fmt="o", color=color,
+                            capsize=4, markersize=5, linewidth=1.5, zorder=3)
+            else:
+                ax.plot([c["mean"]], [y[j]], "o", color=color, markersize=5, zorder=3)
+            ticks.append(f"{method} ({c['wins']}/{c['n']})")
+        ax.set_yticks(y)
+        ax.set_yticklabels(ticks, fontsize=8)
+        ax.set_ylim(-0.7, len(methods) - 0.3)
+        ax.set_title(f"{labels.get(metric, metric)} {labels.get(region, region)}", fontsize=10)
+        ax.set_xlabel(_unit_label(f"method - {baseline}", unit), fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    for i in range(len(keys), nrows * ncols):
+        axes[i // ncols, i % ncols].set_visible(False)
+    fig.suptitle(title or f"Paired differences against {baseline} (mean and "
+                 f"{confidence * 100:g}% interval over seeds; wins in brackets)", fontsize=11)
+    return _save(fig, path)
