@@ -15,6 +15,6 @@ echo "bootstrap: setting up .venv (first time: a few minutes, mostly PyTorch)" >
 .venv/bin/python -m pip install -q --upgrade pip
 # torch 2.14.1 / torchvision 0.29.1 are the versions this project is tested with.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[all]"
+.venv/bin/python -m pip install -q -e ".[dev]"
 echo "$WANT" > "$STAMP"
 echo "bootstrap: .venv ready" >&2
