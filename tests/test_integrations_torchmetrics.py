@@ -55,6 +55,7 @@ def assert_same_report(a, b):
 
 CASES = [
     dict(),
+    dict(balance="label"),
     dict(balance="bin"),
     dict(gm_eps=0.0),
     dict(many=30, few=5),
@@ -76,6 +77,9 @@ def test_same_report_as_regression_metrics(kw):
         tm.update(p, t, mask)
     rep = tm.compute()
     assert_same_report(rep, ref.compute())
+    assert tm.balance_used == ref.balance_used
+    if kw.get("balance", "auto") == "auto":  # ages: discrete; depths: continuous
+        assert tm.balance_used == ("bin" if depth else "label")
     nonempty = [r for r in ("many", "medium", "few") if rep[r]["count"] > 0]
     assert len(nonempty) >= (2 if "many" in kw else 3), rep  # the regions are exercised
     if kw.get("gm_eps") == 0.0:

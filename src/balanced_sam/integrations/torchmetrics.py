@@ -15,11 +15,14 @@ states, so that under DDP every rank's sums are added before ``compute()``
 
 State: per bin of the :class:`~balanced_sam.LabelBins`, the sample count and the sums of
 :math:`|e|`, :math:`e^2`, :math:`\log\max(|e|, \epsilon)` and of exact zeros (plus the depth
-sums), float64 tensors of shape ``(K,)`` reduced by sum. The balanced MAE over distinct labels
-(``balance="label"``) needs the set of labels seen, which differs between ranks: it is kept as
-three concatenated states (distinct label values, their counts, their absolute-error sums),
-compacted within a rank as batches arrive and merged by label after the gather, so every rank
-computes the same bMAE as one process that saw all the data.
+sums), float64 tensors of shape ``(K,)`` reduced by sum, and the smallest and largest test
+label seen per bin (reduced by min and max) for ``balance="auto"``, which balances per label
+when no bin holds two distinct labels and per bin otherwise (then per-bin and per-label MAE
+coincide). The balanced MAE over distinct labels (``balance="label"``) needs the set of labels
+seen, which differs between ranks: it is kept as three concatenated states (distinct label
+values, their counts, their absolute-error sums), compacted within a rank as batches arrive and
+merged by label after the gather, so every rank computes the same bMAE as one process that saw
+all the data.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from balanced_sam.bins import REGIONS, LabelBins
 from balanced_sam.metrics import BASE_METRICS, DEPTH_METRICS, REPORT_REGIONS
 
 __all__ = ["RegressionMetrics", "RegionMetric", "flatten_report"]
+
+BALANCES = ("auto", "label", "bin")
 
 Report = dict[str, dict[str, float]]
 
@@ -67,10 +72,14 @@ class RegressionMetrics(Metric):
 
     Args:
         bins: the :class:`~balanced_sam.LabelBins` of the *training* labels.
-        many: region threshold on the training count (``> many``: many-shot).
-        few: region threshold on the training count (``< few``: few-shot).
+        many: region threshold on the training count (``> many``: many-shot); ``None``
+            (default) takes the bins' own (``bins.many``, 100 where the bins have none).
+        few: region threshold on the training count (``< few``: few-shot); ``None`` (default)
+            takes ``bins.few`` (else 20).
         depth: add the depth metrics (delta1-3, abs_rel, log10).
-        balance: ``"label"`` (bMAE over distinct test labels) or ``"bin"`` (over test bins).
+        balance: ``"auto"`` (default), ``"label"`` (bMAE over distinct test labels) or
+            ``"bin"`` (over test bins); after :meth:`compute`, :attr:`balance_used` says which
+            one applied.
         gm_eps: floor of the absolute error inside the GM's log (``0``: reference behaviour).
         min_depth: floor of the prediction for the depth ratio metrics.
         clamp: map test labels outside the bin range to the end bins instead of raising.
@@ -85,11 +94,11 @@ class RegressionMetrics(Metric):
     def __init__(
         self,
         bins: LabelBins,
-        many: int = 100,
-        few: int = 20,
+        many: float | None = None,
+        few: float | None = None,
         *,
         depth: bool = False,
-        balance: str = "label",
+        balance: str = "auto",
         gm_eps: float = 1e-8,
         min_depth: float = 1e-3,
         clamp: bool | None = None,
@@ -98,22 +107,29 @@ class RegressionMetrics(Metric):
         super().__init__(**kwargs)
         if not isinstance(bins, LabelBins):
             raise TypeError(f"bins must be a LabelBins, got {type(bins).__name__}")
-        if balance not in ("label", "bin"):
-            raise ValueError(f"balance must be 'label' or 'bin', got {balance!r}")
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
         if not gm_eps >= 0:
             raise ValueError(f"gm_eps must be >= 0, got {gm_eps!r}")
         self.bins = bins
-        self.many, self.few = many, few
+        self.many = getattr(bins, "many", 100) if many is None else many
+        self.few = getattr(bins, "few", 20) if few is None else few
+        #: ``"label"`` or ``"bin"``: how the last :meth:`compute` balanced ``bmae``
+        self.balance_used: str | None = None
         self.depth = bool(depth)
         self.balance = balance
         self.gm_eps = float(gm_eps)
         self.min_depth = float(min_depth)
         self.clamp = clamp
-        self._region_code = bins.region_index(many, few)
+        self._region_code = bins.region_index(self.many, self.few)
         k = bins.num_bins
         for name in _SUMS + (_DEPTH_SUMS if self.depth else ()):
             self.add_state(f"sum_{name}", default=torch.zeros(k, dtype=torch.float64),
                            dist_reduce_fx="sum")
+        self.add_state("label_lo", default=torch.full((k,), math.inf, dtype=torch.float64),
+                       dist_reduce_fx="min")
+        self.add_state("label_hi", default=torch.full((k,), -math.inf, dtype=torch.float64),
+                       dist_reduce_fx="max")
         if balance == "label":
             for name in ("label_values", "label_n", "label_abs"):
                 self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -167,6 +183,8 @@ class RegressionMetrics(Metric):
                 self._sum(f"d{k}").index_add_(0, idx, (ratio < 1.25**k).to(torch.float64))
             self._sum("rel").index_add_(0, idx, ae / t)
             self._sum("l10").index_add_(0, idx, (pd.log10() - t.log10()).abs())
+        self.label_lo.scatter_reduce_(0, idx, t, "amin")
+        self.label_hi.scatter_reduce_(0, idx, t, "amax")
         if self.balance == "label":
             v, n, a = _merge_labels(t, torch.ones_like(t), ae)
             self.label_values.append(v)
@@ -198,7 +216,13 @@ class RegressionMetrics(Metric):
         are Python floats; ``count`` an int; an empty region reports NaN)."""
         s = {name: self._sum(name).to("cpu", torch.float64)
              for name in _SUMS + (_DEPTH_SUMS if self.depth else ())}
-        if self.balance == "label":
+        if self.balance == "auto":
+            # discrete labels (one per bin): per-bin MAE is per-label MAE
+            self.balance_used = "bin" if bool((self.label_hi > self.label_lo).any()) else "label"
+        else:
+            self.balance_used = self.balance
+        per_label = self.balance == "label"
+        if per_label:
             labels, label_n, label_abs = self._labels()
             lab_bin = self.bins.bin_index(labels, clamp=self.clamp)
             lab_mae = label_abs / label_n
@@ -223,7 +247,7 @@ class RegressionMetrics(Metric):
                 r["gm"] = 0.0
             else:
                 r["gm"] = math.exp(float(s["log"][sel].sum()) / n)
-            if self.balance == "label":
+            if per_label:
                 r["bmae"] = float(lab_mae[sel[lab_bin]].mean())
             else:
                 nb = s["n"][sel]
