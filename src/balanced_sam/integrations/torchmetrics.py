@@ -89,7 +89,15 @@ class RegressionMetrics(Metric):
 
     full_state_update = False
     is_differentiable = False
-    higher_is_better = False
+    higher_is_better: bool | None = False
+
+    # the states (add_state sets them); the list states become tensors during a DDP sync
+    sum_n: torch.Tensor
+    label_lo: torch.Tensor
+    label_hi: torch.Tensor
+    label_values: list[torch.Tensor]
+    label_n: list[torch.Tensor]
+    label_abs: list[torch.Tensor]
 
     def __init__(
         self,
@@ -112,8 +120,8 @@ class RegressionMetrics(Metric):
         if not gm_eps >= 0:
             raise ValueError(f"gm_eps must be >= 0, got {gm_eps!r}")
         self.bins = bins
-        self.many = getattr(bins, "many", 100) if many is None else many
-        self.few = getattr(bins, "few", 20) if few is None else few
+        self.many: float = getattr(bins, "many", 100) if many is None else many
+        self.few: float = getattr(bins, "few", 20) if few is None else few
         #: ``"label"`` or ``"bin"``: how the last :meth:`compute` balanced ``bmae``
         self.balance_used: str | None = None
         self.depth = bool(depth)
@@ -121,7 +129,7 @@ class RegressionMetrics(Metric):
         self.gm_eps = float(gm_eps)
         self.min_depth = float(min_depth)
         self.clamp = clamp
-        self._region_code = bins.region_index(self.many, self.few)
+        self._region_code = bins.region_index(self.many, self.few)  # type: ignore[arg-type]
         k = bins.num_bins
         for name in _SUMS + (_DEPTH_SUMS if self.depth else ()):
             self.add_state(f"sum_{name}", default=torch.zeros(k, dtype=torch.float64),
@@ -138,7 +146,8 @@ class RegressionMetrics(Metric):
         self.set_dtype(torch.float64)
 
     def _sum(self, name: str) -> torch.Tensor:
-        return getattr(self, f"sum_{name}")  # type: ignore[no-any-return]
+        state: torch.Tensor = getattr(self, f"sum_{name}")
+        return state
 
     @torch.no_grad()
     def update(self, preds: torch.Tensor, targets: torch.Tensor,
@@ -211,7 +220,7 @@ class RegressionMetrics(Metric):
         v, n, a = (dim_zero_cat(x).to("cpu", torch.float64) for x in parts)
         return _merge_labels(v, n, a)
 
-    def compute(self) -> Report:  # type: ignore[override]
+    def compute(self) -> Report:
         """The report ``{region: {metric: value}}`` for region in all/many/medium/few (values
         are Python floats; ``count`` an int; an empty region reports NaN)."""
         s = {name: self._sum(name).to("cpu", torch.float64)
@@ -284,7 +293,7 @@ class RegionMetric(RegressionMetrics):
                              f"got {region!r}")
         self.metric, self.region = metric, region
 
-    @property  # type: ignore[override]
+    @property
     def higher_is_better(self) -> bool:  # type: ignore[override]
         """True for the delta (accuracy) metrics, False for the errors."""
         return self.metric.startswith("delta")
