@@ -186,3 +186,62 @@ def test_round_trip_dict():
     import json
 
     assert LabelBins.from_dict(json.loads(json.dumps(bins.to_dict()))) == bins
+
+
+def test_too_many_bins_fails_fast_with_a_suggested_width():
+    """Issue 8 item 6: whole-number labels over a wide range (or a tiny width) used to build
+    millions of bins; now a clear error, raised before anything is allocated."""
+    import resource
+    import time
+
+    wide = torch.tensor([0.0, 3.0, 1e9])  # integers: the default width is 1
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak so far, KiB
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"max_bins=100,000.*bin_width=1e\+07 gives 101 bins") \
+            as err:
+        LabelBins.from_labels(wide)
+    assert time.perf_counter() - t0 < 1.0
+    # 1e9 float64 edges would have raised the peak by 8 GB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200_000
+    assert "bin_width=1 gives 1e+09 bins over the label range [0, 1e+09]" in str(err.value)
+    with pytest.raises(ValueError, match=r"use a wider bin \(e.g. bin_width=0.1 gives 7\d bins\)"):
+        LabelBins.from_labels([0.0, 7.3], bin_width=1e-6)
+    with pytest.raises(ValueError, match="max_bins"):
+        LabelBins.from_labels([0.0, 1.0], bin_width=1e-300)  # the count overflows to inf
+    with pytest.raises(ValueError, match="num_bins=200000"):
+        LabelBins.from_labels([0.0, 1.0], num_bins=200_000)
+    with pytest.raises(ValueError, match="edges gives 5 bins"):
+        LabelBins.from_labels([0.5], edges=np.arange(6.0), max_bins=4)
+    assert LabelBins.from_labels(wide, bin_width=1e7).num_bins == 101
+    assert LabelBins.from_labels([0.0, 1.0], bin_width=1e-6, max_bins=2_000_000).num_bins \
+        == 1_000_001
+    with pytest.raises(ValueError, match="max_bins must be"):
+        LabelBins.from_labels([0.0], max_bins=0)
+
+
+def test_region_thresholds_travel_with_the_bins():
+    """Contract 2: many/few live on LabelBins, default every region helper, survive to_dict."""
+    counts = [0, 5, 15, 50, 80, 150, 300]
+    bins = LabelBins(np.arange(8.0), counts, many=60, few=10)
+    assert (bins.many, bins.few) == (60, 10)
+    assert bins.regions() == ["few", "few", "medium", "medium", "many", "many", "many"]
+    assert bins.regions(many=100, few=20) == ["few", "few", "few", "medium", "medium", "many",
+                                              "many"]
+    assert bins.region_counts() == {"many": 3, "medium": 2, "few": 1}
+    assert bins.region_mask(torch.tensor([4.5, 2.5]), "many").tolist() == [True, False]
+    assert bins.region_of(torch.tensor([1.5])).tolist() == [2]
+    d = bins.to_dict()
+    assert d["many"] == 60 and d["few"] == 10
+    again = LabelBins.from_dict(d)
+    assert again == bins and again.regions() == bins.regions()
+    old = {k: v for k, v in d.items() if k not in ("many", "few")}  # saved before this field
+    assert (LabelBins.from_dict(old).many, LabelBins.from_dict(old).few) == (100, 20)
+    assert LabelBins.from_dict(old) != bins
+    lb = LabelBins.from_labels([1.0, 2.0, 2.0], bin_width=1, many=1, few=0)
+    assert lb.regions() == ["medium", "many"] and lb.to_dict()["many"] == 1
+    with pytest.raises(ValueError, match="few"):
+        LabelBins(np.arange(3.0), [1, 2], many=5, few=10)
+    with pytest.raises(ValueError, match="many must be"):
+        LabelBins(np.arange(3.0), [1, 2], many=-1)
+    with pytest.raises(ValueError, match="few"):
+        bins.regions(many=5, few=30)

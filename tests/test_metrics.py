@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from balanced_sam import LabelBins, RegressionMetrics, format_table, regression_report
-from balanced_sam.metrics import aggregate_reports, depth_report
+from balanced_sam.metrics import aggregate_reports, depth_report, resolve_balance
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def bins():
 def test_hand_made_report(bins):
     targets = torch.tensor([1.0, 1.0, 5.0, 12.0, 12.0, 25.0, 35.0])
     errors = torch.tensor([1.0, 3.0, 2.0, -4.0, 2.0, 8.0, -0.5])
-    rep = regression_report(targets + errors, targets, bins)
+    rep = regression_report(targets + errors, targets, bins, balance="label")
     a = errors.abs().double()
     assert rep["all"]["count"] == 7
     assert rep["all"]["mae"] == pytest.approx(a.mean().item())
@@ -45,10 +45,70 @@ def test_hand_made_report(bins):
 def test_bmae_label_vs_bin(bins):
     targets = torch.tensor([1.0, 1.0, 1.0, 5.0])
     errors = torch.tensor([1.0, 1.0, 1.0, 5.0])
-    by_label = regression_report(targets + errors, targets, bins)["many"]["bmae"]
+    by_label = regression_report(targets + errors, targets, bins, balance="label")["many"]["bmae"]
     by_bin = regression_report(targets + errors, targets, bins, balance="bin")["many"]["bmae"]
     assert by_label == pytest.approx(3.0)  # mean(1, 5)
     assert by_bin == pytest.approx(2.0)  # one bin: its MAE
+
+
+def test_bmae_auto_balances_per_bin_for_continuous_labels(bins):
+    """Issue 8 item 7: on a continuous target, per-label bMAE is just MAE; auto uses bins."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(300, generator=g) * 40  # every label distinct
+    p = t + torch.randn(300, generator=g) * (1 + t / 5)  # error grows with the label
+    m_label = RegressionMetrics(bins, balance="label")
+    m_label.update(p, t)
+    by_label = m_label.compute()
+    assert by_label["all"]["bmae"] == pytest.approx(by_label["all"]["mae"])  # the old defect
+    m = RegressionMetrics(bins)  # default: auto
+    m.update(p, t)
+    rep = m.compute()
+    assert m.balance_used == "bin" and m_label.balance_used == "label"
+    idx = bins.bin_index(t)
+    per_bin = [(p - t).abs()[idx == k].double().mean().item() for k in range(4)
+               if (idx == k).any()]
+    assert rep["all"]["bmae"] == pytest.approx(sum(per_bin) / len(per_bin), rel=1e-12)
+    assert rep["all"]["bmae"] != pytest.approx(rep["all"]["mae"], rel=1e-3)
+    assert all(isinstance(v, (int, float)) for r in rep.values() for v in r.values())
+
+
+def test_bmae_auto_is_per_label_for_discrete_labels():
+    """Ages in 1-year bins: auto says "label" and equals the per-label definition."""
+    bins = LabelBins.from_labels(torch.arange(10.0).repeat_interleave(torch.arange(1, 11)))
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 10, (200,), generator=g).double()
+    p = t + torch.randn(200, generator=g, dtype=torch.float64) * (1 + t)
+    auto = RegressionMetrics(bins)
+    auto.update(p[:70], t[:70])
+    auto.update(p[70:], t[70:])  # streamed
+    label = regression_report(p, t, bins, balance="label")
+    rep = auto.compute()
+    assert auto.balance_used == "label"
+    for region in rep:
+        a, b = rep[region]["bmae"], label[region]["bmae"]
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12), region
+    # one bin with two distinct labels switches auto to bins
+    auto.update(torch.tensor([3.5]), torch.tensor([3.5]))
+    auto.compute()
+    assert auto.balance_used == "bin"
+    assert resolve_balance(t, bins) == "label"
+    assert resolve_balance(torch.cat([t, torch.tensor([2.5])]), bins) == "bin"
+    with pytest.raises(ValueError, match="balance"):
+        RegressionMetrics(bins, balance="labels")
+
+
+def test_region_thresholds_come_from_the_bins():
+    """Contract 2: LabelBins(many=, few=) are the metrics' defaults; explicit ones win."""
+    edges = np.array([0.0, 10.0, 20.0, 30.0])
+    t = torch.tensor([5.0, 15.0, 25.0])
+    default = regression_report(t + 1, t, LabelBins(edges, [150, 50, 5]))
+    assert [default[r]["count"] for r in ("many", "medium", "few")] == [1, 1, 1]
+    own = LabelBins(edges, [150, 50, 5], many=40, few=10)
+    rep = regression_report(t + 1, t, own)
+    assert [rep[r]["count"] for r in ("many", "medium", "few")] == [2, 0, 1]
+    assert RegressionMetrics(own).many == 40 and RegressionMetrics(own).few == 10
+    rep2 = regression_report(t + 1, t, own, many=100, few=20)
+    assert [rep2[r]["count"] for r in ("many", "medium", "few")] == [1, 1, 1]
 
 
 def test_empty_region_is_nan_not_error(bins):

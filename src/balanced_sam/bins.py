@@ -7,7 +7,8 @@ samples ``N_k`` in each and derives everything else from those counts:
   ``1 / N_k`` (``"inv"``) or ``1 / sqrt(N_k)`` (``"sqrt_inv"``, the BSAM paper's default), or the
   same after label-distribution smoothing (``"lds"``, Yang et al. 2021);
 * regions (shots): a bin is *many* when ``N_k > many`` (default 100), *few* when ``N_k < few``
-  (default 20) and *medium* otherwise; empty bins are *few*.
+  (default 20) and *medium* otherwise; empty bins are *few*. The thresholds are stored on the
+  bins (``LabelBins(..., many=, few=)``) and used wherever regions are needed.
 
 Only ``torch`` and ``numpy`` are needed here.
 """
@@ -55,6 +56,79 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
                              "remove or impute them before binning")
 
 
+DEFAULT_MAX_BINS = 100_000
+
+
+def _check_thresholds(many: Any, few: Any) -> tuple[float, float]:
+    for name, v in (("many", many), ("few", few)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not few <= many:
+        raise ValueError(f"few ({few}) must be <= many ({many})")
+    return many, few
+
+
+def _nice_width(span: float, target_bins: int = 100) -> float:
+    """The round bin width (1, 2 or 5 times a power of ten) nearest to ``span / target_bins``."""
+    raw = span / target_bins
+    if not raw > 0 or not math.isfinite(raw):
+        return 1.0
+    exp = math.floor(math.log10(raw))
+    candidates = [m * 10.0**e for e in (exp, exp + 1) for m in (1, 2, 5)]
+    return min(candidates, key=lambda w: abs(math.log(w / raw)))
+
+
+def _too_many_bins(k: float, max_bins: int, lo: float, hi: float, what: str) -> ValueError:
+    width = _nice_width(hi - lo)
+    return ValueError(
+        f"{what} gives {k:.4g} bins over the label range [{lo:g}, {hi:g}], more than "
+        f"max_bins={max_bins:,}; use a wider bin (e.g. bin_width={width:g} gives "
+        f"{math.ceil((hi - lo) / width - 1e-9)} bins), num_bins=, or raise max_bins if you "
+        "really want that many")
+
+
+def _make_edges(t64: torch.Tensor, bin_width: float | None, num_bins: int | None,
+                lower: float | None, upper: float | None, max_bins: int) -> torch.Tensor:
+    """Equal-width edges for :meth:`LabelBins.from_labels` (see there); the bin count is checked
+    against ``max_bins`` before the edges are allocated."""
+    lo_t, hi_t = float(t64.min()), float(t64.max())
+    if bin_width is None and num_bins is None:
+        if bool((t64 == t64.round()).all()):
+            bin_width = 1.0
+        else:
+            num_bins = 100
+    if bin_width is not None:
+        if num_bins is not None:
+            raise ValueError("give bin_width or num_bins, not both")
+        if not (isinstance(bin_width, (int, float)) and math.isfinite(bin_width)
+                and bin_width > 0):
+            raise ValueError(f"bin_width must be a positive number, got {bin_width!r}")
+        lo = float(lower) if lower is not None else math.floor(lo_t / bin_width) * bin_width
+        if upper is not None:
+            hi = float(upper)
+        else:
+            hi = lo + (math.floor((hi_t - lo) / bin_width) + 1) * bin_width
+        if not hi > lo:
+            raise ValueError(f"upper ({hi}) must be greater than lower ({lo})")
+        kf = (hi - lo) / bin_width
+        if not kf <= max_bins:  # also catches an overflow to inf
+            raise _too_many_bins(kf, max_bins, lo, hi, f"bin_width={bin_width:g}")
+        k = max(1, math.ceil(kf - 1e-9))
+        e = lo + bin_width * torch.arange(k + 1, dtype=torch.float64)
+        e[-1] = hi  # a range that is not a multiple of the width ends in a narrower bin
+        return e
+    if not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+    if num_bins > max_bins:
+        raise _too_many_bins(num_bins, max_bins, lo_t, hi_t, f"num_bins={num_bins}")
+    lo = float(lower) if lower is not None else lo_t
+    hi = float(upper) if upper is not None else hi_t
+    if not hi > lo:
+        hi = lo + 1.0
+    return torch.linspace(lo, hi, num_bins + 1, dtype=torch.float64)
+
+
 def lds_kernel(kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0) -> np.ndarray:
     """The label-distribution-smoothing window of Yang et al. (2021), peak value 1.
 
@@ -84,7 +158,8 @@ def lds_kernel(kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0) -> np.
         window = 1.0 - np.abs(offsets) / ((ks + 1) / 2.0)
     else:
         window = np.exp(-np.abs(offsets) / sigma) / (2.0 * sigma)
-    return window / window.max()
+    peak: np.ndarray = window / window.max()
+    return peak
 
 
 class LabelBins:
@@ -103,6 +178,10 @@ class LabelBins:
         clamp: map out-of-range targets to the nearest end bin instead of raising.
         share_weight_below: bins with index below this take that bin's weight (NYUD2-DIR gives the
             nearly empty depth bins below 0.7 m the weight of bin 7); ``None`` for no sharing.
+        many, few: the region thresholds on a bin's training count (many: ``> many``, few:
+            ``< few``; DIR's 100 and 20). They travel with the bins (:meth:`to_dict`) and are
+            the defaults of :meth:`regions`, :meth:`region_mask`, ... and of
+            :class:`~balanced_sam.RegressionMetrics`.
     """
 
     def __init__(
@@ -112,7 +191,10 @@ class LabelBins:
         *,
         clamp: bool = False,
         share_weight_below: int | None = None,
+        many: float = 100,
+        few: float = 20,
     ) -> None:
+        self.many, self.few = _check_thresholds(many, few)
         e = _as_tensor(edges, "edges").to(torch.float64).reshape(-1)
         c = _as_tensor(counts, "counts").reshape(-1)
         _check_finite(e, "edges")
@@ -133,7 +215,7 @@ class LabelBins:
         self.counts: torch.Tensor = c.to(torch.int64)
         self.clamp = bool(clamp)
         self.share_weight_below = share_weight_below
-        self._table_cache: dict[tuple, torch.Tensor] = {}
+        self._table_cache: dict[tuple[Any, ...], torch.Tensor] = {}
         self._inner_cache: dict[torch.device, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
@@ -149,6 +231,9 @@ class LabelBins:
         num_bins: int | None = None,
         clamp: bool = False,
         share_weight_below: int | None = None,
+        max_bins: int = DEFAULT_MAX_BINS,
+        many: float = 100,
+        few: float = 20,
     ) -> LabelBins:
         """Bin the training targets (any shape: one label per sample or one per pixel).
 
@@ -158,9 +243,14 @@ class LabelBins:
         ``bin_width`` nor ``num_bins`` nor ``edges``, integer-valued targets get bins of width 1 and
         other targets 100 equal bins.
 
-        Raises ``ValueError`` for an empty training set, NaN/inf targets, or training targets
-        outside ``[lower, upper]`` (unless ``clamp``).
+        Raises ``ValueError`` for an empty training set, NaN/inf targets, training targets
+        outside ``[lower, upper]`` (unless ``clamp``), or more than ``max_bins`` bins (checked
+        before anything is allocated; the message suggests a bin width for the label range).
+        ``many`` / ``few`` are the region thresholds (see the class).
         """
+        if isinstance(max_bins, bool) or not isinstance(max_bins, int) or max_bins < 1:
+            raise ValueError(f"max_bins must be a positive integer, got {max_bins!r}")
+        _check_thresholds(many, few)
         t = _as_tensor(train_targets, "train_targets").reshape(-1)
         if t.numel() == 0:
             raise ValueError("train_targets is empty: LabelBins needs at least one training label")
@@ -170,40 +260,13 @@ class LabelBins:
             if bin_width is not None or num_bins is not None:
                 raise ValueError("give either edges or bin_width/num_bins, not both")
             e = _as_tensor(edges, "edges").to(torch.float64).reshape(-1)
+            if e.numel() - 1 > max_bins:
+                raise _too_many_bins(e.numel() - 1, max_bins, float(e[0]), float(e[-1]),
+                                     "edges")
         else:
-            lo_t, hi_t = float(t64.min()), float(t64.max())
-            if bin_width is None and num_bins is None:
-                integral = bool((t64 == t64.round()).all())
-                if integral:
-                    bin_width = 1.0
-                else:
-                    num_bins = 100
-            if bin_width is not None:
-                if num_bins is not None:
-                    raise ValueError("give bin_width or num_bins, not both")
-                if not (isinstance(bin_width, (int, float)) and math.isfinite(bin_width)
-                        and bin_width > 0):
-                    raise ValueError(f"bin_width must be a positive number, got {bin_width!r}")
-                lo = float(lower) if lower is not None else math.floor(lo_t / bin_width) * bin_width
-                if upper is not None:
-                    hi = float(upper)
-                else:
-                    hi = lo + (math.floor((hi_t - lo) / bin_width) + 1) * bin_width
-                if not hi > lo:
-                    raise ValueError(f"upper ({hi}) must be greater than lower ({lo})")
-                k = max(1, math.ceil((hi - lo) / bin_width - 1e-9))
-                e = lo + bin_width * torch.arange(k + 1, dtype=torch.float64)
-                e[-1] = hi  # a range that is not a multiple of the width ends in a narrower bin
-            else:
-                if not isinstance(num_bins, int) or num_bins < 1:
-                    raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-                lo = float(lower) if lower is not None else lo_t
-                hi = float(upper) if upper is not None else hi_t
-                if not hi > lo:
-                    hi = lo + 1.0
-                e = torch.linspace(lo, hi, num_bins + 1, dtype=torch.float64)
+            e = _make_edges(t64, bin_width, num_bins, lower, upper, max_bins)
         bins = cls(e, torch.zeros(e.numel() - 1, dtype=torch.int64), clamp=clamp,
-                   share_weight_below=share_weight_below)
+                   share_weight_below=share_weight_below, many=many, few=few)
         idx = bins.bin_index(t64, clamp=clamp, _name="train_targets")
         bins.counts = torch.bincount(idx, minlength=bins.num_bins).to(torch.int64)
         return bins
@@ -362,29 +425,33 @@ class LabelBins:
         return self._table(scheme, normalize, idx.device, dtype, kwargs)[idx]
 
     # ------------------------------------------------------------------ regions
-    def regions(self, many: int = 100, few: int = 20) -> list[str]:
+    def _thresholds(self, many: float | None, few: float | None) -> tuple[float, float]:
+        return _check_thresholds(self.many if many is None else many,
+                                 self.few if few is None else few)
+
+    def regions(self, many: float | None = None, few: float | None = None) -> list[str]:
         """One of ``"many" | "medium" | "few"`` per bin: many when the training count is
-        ``> many``, few when ``< few`` (empty bins included), medium otherwise."""
+        ``> many``, few when ``< few`` (empty bins included), medium otherwise. ``None``
+        thresholds are the bins' own (:attr:`many`, :attr:`few`)."""
         return [REGIONS[i] for i in self.region_index(many, few).tolist()]
 
-    def region_index(self, many: int = 100, few: int = 20) -> torch.Tensor:
+    def region_index(self, many: float | None = None, few: float | None = None) -> torch.Tensor:
         """Per-bin region code (int64): 0 many, 1 medium, 2 few."""
-        if not few <= many:
-            raise ValueError(f"few ({few}) must be <= many ({many})")
+        many, few = self._thresholds(many, few)
         c = self.counts
         code = torch.ones_like(c)
         code[c > many] = 0
         code[c < few] = 2
         return code
 
-    def region_of(self, targets: Any, many: int = 100, few: int = 20,
+    def region_of(self, targets: Any, many: float | None = None, few: float | None = None,
                   clamp: bool | None = None) -> torch.Tensor:
         """Region code (0 many, 1 medium, 2 few) of every target, on the targets' device."""
         idx = self.bin_index(targets, clamp=clamp)
         return self.region_index(many, few).to(idx.device)[idx]
 
-    def region_mask(self, targets: Any, region: str, many: int = 100, few: int = 20,
-                    clamp: bool | None = None) -> torch.Tensor:
+    def region_mask(self, targets: Any, region: str, many: float | None = None,
+                    few: float | None = None, clamp: bool | None = None) -> torch.Tensor:
         """Boolean mask of the targets that fall in ``region`` (``"all"`` selects every one)."""
         if region == "all":
             t = _as_tensor(targets, "targets")
@@ -393,8 +460,8 @@ class LabelBins:
             raise ValueError(f"region must be 'all' or one of {REGIONS}, got {region!r}")
         return self.region_of(targets, many, few, clamp) == REGIONS.index(region)
 
-    def region_counts(self, many: int = 100, few: int = 20, nonempty: bool = True
-                      ) -> dict[str, int]:
+    def region_counts(self, many: float | None = None, few: float | None = None,
+                      nonempty: bool = True) -> dict[str, int]:
         """Number of bins per region (only bins holding training samples when ``nonempty``)."""
         code = self.region_index(many, few)
         if nonempty:
@@ -409,18 +476,24 @@ class LabelBins:
             "counts": self.counts.tolist(),
             "clamp": self.clamp,
             "share_weight_below": self.share_weight_below,
+            "many": self.many,
+            "few": self.few,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabelBins:
+        """Inverse of :meth:`to_dict`; dicts saved before the thresholds were stored load with
+        the defaults (many 100, few 20)."""
         return cls(d["edges"], d["counts"], clamp=d.get("clamp", False),
-                   share_weight_below=d.get("share_weight_below"))
+                   share_weight_below=d.get("share_weight_below"),
+                   many=d.get("many", 100), few=d.get("few", 20))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LabelBins):
             return NotImplemented
         return (torch.equal(self.edges, other.edges) and torch.equal(self.counts, other.counts)
                 and self.clamp == other.clamp
-                and self.share_weight_below == other.share_weight_below)
+                and self.share_weight_below == other.share_weight_below
+                and self.many == other.many and self.few == other.few)
 
     __hash__ = None  # type: ignore[assignment]

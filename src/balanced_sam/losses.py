@@ -8,11 +8,16 @@ optimizers use for both passes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "check_losses",
+    "check_mask",
+    "split_loss_output",
+    "reduce_losses",
     "weighted_mean",
     "l1_loss",
     "mse_loss",
@@ -21,6 +26,96 @@ __all__ = [
     "get_loss",
     "LOSSES",
 ]
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_losses(losses: Any, targets: torch.Tensor, *, name: str = "loss_fn") -> torch.Tensor:
+    """Per-sample losses with the targets' shape, or a ``ValueError`` naming both shapes.
+
+    The one exception to "same shape": a trailing dimension of size 1 is squeezed, so the
+    ``(B, 1)`` output of a one-output regression head is accepted for ``(B,)`` targets. Anything
+    else, including shapes that merely broadcast (``(B, B)``, ``(1,)``), is refused: a
+    broadcast would multiply every loss by every weight and silently average the balancing away.
+    ``name`` is the producer named in the messages.
+    """
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"{name} must return a tensor of per-sample losses (or a pair "
+                        f"(losses, regulariser)), got {type(losses).__name__}")
+    if not (losses.is_floating_point() or losses.is_complex()):
+        raise TypeError(f"{name} returned losses of dtype {losses.dtype}; a floating dtype is "
+                        "needed to differentiate them")
+    want = _shape(targets)
+    got = _shape(losses)
+    if got == want:
+        return losses
+    if got == want + (1,):
+        return losses.squeeze(-1)
+    if losses.dim() == 0:
+        raise ValueError(
+            f"{name} returned a scalar: it must return unreduced per-sample losses with the "
+            f"targets' shape {want} (use reduction='none')")
+    raise ValueError(
+        f"{name} returned losses of shape {got} for targets of shape {want}: they must have the "
+        "targets' shape (one unreduced loss per target; a trailing dimension of size 1 is "
+        "squeezed). Reshape the predictions to the targets' shape before the loss.")
+
+
+def check_mask(mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` as a boolean tensor of the targets' shape (trailing size-1 dimension squeezed),
+    or a ``ValueError`` naming both shapes; ``None`` stays ``None``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
+    want = _shape(targets)
+    got = _shape(mask)
+    if got == want + (1,):
+        mask = mask.squeeze(-1)
+    elif got != want:
+        raise ValueError(f"mask has shape {got} but the targets have shape {want}: the mask "
+                         "must have the targets' shape (a trailing dimension of size 1 is "
+                         "squeezed)")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def split_loss_output(output: Any, *, name: str = "loss_fn"
+                      ) -> tuple[Any, torch.Tensor | None]:
+    """``(per_sample_losses, regulariser)`` from what a loss function returned.
+
+    A loss function returns either the per-sample losses, or a pair ``(losses, regulariser)``
+    whose ``regulariser`` is a 0-dim tensor added *unweighted* to the weighted reduction (a
+    feature regulariser such as RankSim or ConR); ``None`` as the regulariser means none.
+    """
+    if isinstance(output, (tuple, list)):
+        if len(output) != 2:
+            raise TypeError(f"{name} returned a sequence of {len(output)} items; return the "
+                            "per-sample losses or a pair (losses, regulariser)")
+        losses, reg = output
+        if reg is not None and not (isinstance(reg, torch.Tensor) and reg.dim() == 0):
+            shape = _shape(reg) if isinstance(reg, torch.Tensor) else type(reg).__name__
+            raise ValueError(f"the regulariser that {name} returned must be a 0-dim tensor, "
+                             f"got {shape}")
+        return losses, reg
+    return output, None
+
+
+def reduce_losses(
+    output: Any,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    name: str = "loss_fn",
+) -> torch.Tensor:
+    """The scalar a single-pass step minimises: checked losses, :func:`weighted_mean`, plus the
+    regulariser when ``output`` is a pair ``(losses, regulariser)``."""
+    losses, reg = split_loss_output(output, name=name)
+    losses = check_losses(losses, targets, name=name)
+    loss = weighted_mean(losses, weights, check_mask(mask, targets))
+    return loss if reg is None else loss + reg
 
 
 def weighted_mean(
@@ -33,15 +128,21 @@ def weighted_mean(
     Note the divisor is the number of elements ``B``, not :math:`\sum_i w_i` (the paper's
     Eq. 11 and the reference code): with raw weights the loss scale, and so the effective
     learning rate, follows the weights. With ``mask`` the sum and the count run over the masked
-    elements only; an all-false mask gives 0 (not NaN).
+    elements only; an all-false mask gives 0 (not NaN). ``weights`` and ``mask`` must have the
+    losses' shape (a ``ValueError`` otherwise: broadcasting would silently mix samples).
     """
     if weights is not None:
+        if _shape(weights) != _shape(losses):
+            raise ValueError(f"weights have shape {_shape(weights)} but the losses have shape "
+                             f"{_shape(losses)}; they must match")
         losses = losses * weights
     if mask is None:
         return losses.mean()
+    if _shape(mask) != _shape(losses):
+        raise ValueError(f"mask has shape {_shape(mask)} but the losses have shape "
+                         f"{_shape(losses)}; they must match")
     mask = mask.to(dtype=torch.bool)
-    losses = torch.broadcast_to(losses, torch.broadcast_shapes(losses.shape, mask.shape))
-    count = mask.expand_as(losses).sum().clamp_min(1)
+    count = mask.sum().clamp_min(1)
     return torch.where(mask, losses, torch.zeros((), dtype=losses.dtype,
                                                  device=losses.device)).sum() / count
 

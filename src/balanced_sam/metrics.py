@@ -9,9 +9,15 @@ A test sample's region is that of its label's bin, judged by the *training* coun
   every absolute error is floored at ``gm_eps`` (default ``1e-8`` target units) before the log,
   so one exact prediction moves the GM by a bounded amount. ``gm_eps=0`` gives the reference
   behaviour (GM 0 as soon as one error is exactly 0);
-* ``bmae``: balanced MAE, the mean over the distinct test labels (``balance="label"``, default)
-  or over the test bins (``balance="bin"``, useful for continuous targets where labels rarely
-  repeat) of their MAE;
+* ``bmae``: balanced MAE, the mean of the per-label MAE over the distinct test labels
+  (``balance="label"``) or of the per-bin MAE over the bins holding test samples
+  (``balance="bin"``). The default, ``balance="auto"``, balances per label when the test labels
+  are discrete at the bins' resolution (no bin holds two distinct test labels, as ages in
+  1-year bins) and per bin otherwise (prices, angles, depths: per label, a continuous target
+  would make bMAE equal to MAE). When no bin holds two distinct labels the two definitions
+  give the same number, so ``"auto"`` needs no per-label bookkeeping; which one applied is in
+  :attr:`RegressionMetrics.balance_used` (and :func:`resolve_balance` answers it for a set of
+  test labels), to be recorded beside the report as ``"bmae_balance"``;
 * ``count``: the number of test samples (elements, for dense targets).
 
 Depth (dense) targets add ``delta1``, ``delta2``, ``delta3`` (share with
@@ -35,6 +41,8 @@ from balanced_sam.bins import REGIONS, LabelBins
 
 __all__ = [
     "RegressionMetrics",
+    "resolve_balance",
+    "BALANCES",
     "regression_report",
     "depth_report",
     "format_table",
@@ -48,6 +56,21 @@ BASE_METRICS = ("mae", "mse", "rmse", "gm", "bmae", "count")
 DEPTH_METRICS = ("delta1", "delta2", "delta3", "abs_rel", "log10")
 
 Report = dict[str, dict[str, float]]
+BALANCES = ("auto", "label", "bin")
+
+
+def resolve_balance(targets: Any, bins: LabelBins, clamp: bool | None = None) -> str:
+    """``"label"`` when no bin holds two distinct values of ``targets`` (labels discrete at the
+    bins' resolution), else ``"bin"``: what ``balance="auto"`` uses for these test labels."""
+    t = torch.as_tensor(targets).detach().reshape(-1).to("cpu", torch.float64)
+    if t.numel() == 0:
+        return "label"
+    idx = bins.bin_index(t, clamp=clamp)
+    lo = torch.full((bins.num_bins,), math.inf, dtype=torch.float64).scatter_reduce(
+        0, idx, t, "amin")
+    hi = torch.full((bins.num_bins,), -math.inf, dtype=torch.float64).scatter_reduce(
+        0, idx, t, "amax")
+    return "bin" if bool((hi > lo).any()) else "label"
 
 
 class RegressionMetrics:
@@ -55,9 +78,12 @@ class RegressionMetrics:
 
     Args:
         bins: the :class:`LabelBins` of the *training* labels.
-        many, few: region thresholds on the training count (``> many``: many; ``< few``: few).
+        many, few: region thresholds on the training count (``> many``: many; ``< few``: few);
+            ``None`` (default) takes the bins' own (``bins.many``, ``bins.few``).
         depth: add the depth metrics (delta1-3, abs_rel, log10).
-        balance: ``"label"`` or ``"bin"``: what ``bmae`` averages over.
+        balance: ``"auto"`` (default), ``"label"`` or ``"bin"``: what ``bmae`` averages over
+            (see the module docstring); after :meth:`compute`, :attr:`balance_used` says which
+            one applied.
         gm_eps: floor of the absolute error inside the GM's log (``0``: reference behaviour).
         min_depth: floor of the prediction for the depth ratio metrics.
         clamp: map test labels outside the bin range to the end bins instead of raising.
@@ -66,26 +92,29 @@ class RegressionMetrics:
     def __init__(
         self,
         bins: LabelBins,
-        many: int = 100,
-        few: int = 20,
+        many: float | None = None,
+        few: float | None = None,
         *,
         depth: bool = False,
-        balance: str = "label",
+        balance: str = "auto",
         gm_eps: float = 1e-8,
         min_depth: float = 1e-3,
         clamp: bool | None = None,
     ) -> None:
         if not isinstance(bins, LabelBins):
             raise TypeError(f"bins must be a LabelBins, got {type(bins).__name__}")
-        if balance not in ("label", "bin"):
-            raise ValueError(f"balance must be 'label' or 'bin', got {balance!r}")
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
         if not gm_eps >= 0:
             raise ValueError(f"gm_eps must be >= 0, got {gm_eps!r}")
         self.bins = bins
-        self.many, self.few = many, few
-        self.region_code = bins.region_index(many, few)
+        self.many = bins.many if many is None else many
+        self.few = bins.few if few is None else few
+        self.region_code = bins.region_index(self.many, self.few)
         self.depth = depth
         self.balance = balance
+        #: ``"label"`` or ``"bin"``: how the last :meth:`compute` balanced ``bmae``
+        self.balance_used: str | None = None
         self.gm_eps = float(gm_eps)
         self.min_depth = float(min_depth)
         self.clamp = clamp
@@ -101,6 +130,9 @@ class RegressionMetrics:
         self._labels = torch.zeros(0, dtype=torch.float64)
         self._label_n = torch.zeros(0, dtype=torch.float64)
         self._label_abs = torch.zeros(0, dtype=torch.float64)
+        self._lab_lo = torch.full((k,), math.inf, dtype=torch.float64)
+        self._lab_hi = torch.full((k,), -math.inf, dtype=torch.float64)
+        self.balance_used = None
 
     @torch.no_grad()
     def update(self, preds: torch.Tensor, targets: torch.Tensor,
@@ -145,6 +177,8 @@ class RegressionMetrics:
                 s[name].index_add_(0, idx, (ratio < 1.25**k).to(torch.float64))
             s["rel"].index_add_(0, idx, ae / t)
             s["l10"].index_add_(0, idx, (pd.log10() - t.log10()).abs())
+        self._lab_lo.scatter_reduce_(0, idx, t, "amin")
+        self._lab_hi.scatter_reduce_(0, idx, t, "amax")
         if self.balance == "label":
             labels = torch.cat([self._labels, t])
             uniq, inv = torch.unique(labels, return_inverse=True)
@@ -164,9 +198,16 @@ class RegressionMetrics:
         return self.region_code == REGIONS.index(region)
 
     def compute(self) -> Report:
-        """The report ``{region: {metric: value}}`` for region in all/many/medium/few."""
+        """The report ``{region: {metric: value}}`` for region in all/many/medium/few (every
+        value a number; how ``bmae`` was balanced is :attr:`balance_used`)."""
         s = self._sums
-        if self.balance == "label" and self._labels.numel():
+        if self.balance == "auto":
+            # discrete labels: one label per bin, so per-bin MAE is per-label MAE
+            self.balance_used = "bin" if bool((self._lab_hi > self._lab_lo).any()) else "label"
+        else:
+            self.balance_used = self.balance
+        per_label = self.balance == "label"
+        if per_label and self._labels.numel():
             lab_bin = self.bins.bin_index(self._labels, clamp=self.clamp)
             lab_mae = self._label_abs / self._label_n
         out: Report = {}
@@ -187,7 +228,7 @@ class RegressionMetrics:
                 r["gm"] = 0.0
             else:
                 r["gm"] = math.exp(float(s["log"][sel].sum()) / n)
-            if self.balance == "label":
+            if per_label:
                 in_region = sel[lab_bin]
                 r["bmae"] = float(lab_mae[in_region].mean())
             else:
@@ -215,8 +256,8 @@ def regression_report(
     preds: torch.Tensor,
     targets: torch.Tensor,
     bins: LabelBins,
-    many: int = 100,
-    few: int = 20,
+    many: float | None = None,
+    few: float | None = None,
     *,
     mask: torch.Tensor | None = None,
     **kwargs: Any,
@@ -229,7 +270,8 @@ def regression_report(
 
 
 def depth_report(preds: torch.Tensor, targets: torch.Tensor, bins: LabelBins,
-                 many: int = 100, few: int = 20, *, mask: torch.Tensor | None = None,
+                 many: float | None = None, few: float | None = None, *,
+                 mask: torch.Tensor | None = None,
                  **kwargs: Any) -> Report:
     """:func:`regression_report` with the depth metrics (delta1-3, abs_rel, log10) added."""
     return regression_report(preds, targets, bins, many, few, mask=mask, depth=True, **kwargs)

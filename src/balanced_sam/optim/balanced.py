@@ -39,15 +39,21 @@ class BalancedSAM(SAM):
         bins: :class:`~balanced_sam.LabelBins` built from the *training* labels.
         scheme: perturbation weighting, one of ``"sqrt_inv"`` (default), ``"inv"``, ``"lds"``,
             ``"none"`` (``"none"`` makes it plain SAM).
+        perturbation_weighting: the same as ``scheme`` under the name that pairs with
+            ``update_weighting`` (give one of the two; both with different values is an error).
         normalize: ``"mean"`` (weights average 1 over training samples; default) or ``"none"``
             (raw :math:`1/\sqrt{N_k}`, the reference code: mean 0.0765 on AgeDB-DIR, which is
             why its recipe uses lr 0.2). Rescaling the weights does not change
             :math:`\hat\epsilon` but does change the update's effective learning rate.
         update_weighting: ``"same"`` (default), ``None`` or a scheme name.
 
-    All other keyword arguments (``adaptive``, ``model``, ``bn_second_pass``, ``weight_kwargs``)
-    are those of :class:`~balanced_sam.SAM`. A zero weighted gradient (e.g. every weight 0)
-    skips the perturbation instead of producing NaN.
+    All other keyword arguments (``adaptive``, ``model``, ``bn_second_pass``, ``weight_kwargs``,
+    ``interval``, ``max_grad_norm``) are those of :class:`~balanced_sam.SAM`, and so are the
+    calling forms: ``step(loss_fn, targets)``, ``step(closure)`` and ``first_step()`` /
+    ``second_step()``, the last two with ``opt.reduce(losses, targets)`` computing the loss of
+    each pass (else the step is plain SAM and a
+    :class:`~balanced_sam.optim.BalancingNotAppliedWarning` says so). A zero weighted gradient
+    (e.g. every weight 0) skips the perturbation instead of producing NaN.
     """
 
     def __init__(
@@ -55,18 +61,28 @@ class BalancedSAM(SAM):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         base_optimizer: type[Optimizer] | Callable[..., Optimizer],
         bins: LabelBins,
-        scheme: str = "sqrt_inv",
+        scheme: str | None = None,
         normalize: str = "mean",
         update_weighting: str | None = "same",
         rho: float = 0.05,
         p: float | int | str = 2,
+        *,
+        perturbation_weighting: str | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(bins, LabelBins):
             raise TypeError("bins must be a balanced_sam.LabelBins built from the training "
                             f"labels, got {type(bins).__name__}")
+        if scheme is not None and perturbation_weighting is not None \
+                and scheme != perturbation_weighting:
+            raise ValueError(f"scheme={scheme!r} and perturbation_weighting="
+                             f"{perturbation_weighting!r} name the same setting; give one")
+        scheme = scheme if scheme is not None else perturbation_weighting
+        if scheme is None:
+            scheme = "sqrt_inv"
         if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+            raise ValueError(f"scheme (perturbation_weighting) must be one of {SCHEMES}, "
+                             f"got {scheme!r}")
         self.perturbation_weighting = None if scheme == "none" else scheme
         super().__init__(params, base_optimizer, rho=rho, p=p, bins=bins,
                          update_weighting=update_weighting, normalize=normalize, **kwargs)
