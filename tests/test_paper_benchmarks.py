@@ -1,24 +1,25 @@
 """prepare -> train -> eval for each of the paper's benchmarks, on miniature on-disk copies.
 
-The configs under configs/ are used as they are, with overrides that shrink the images, the
-model input and the epochs; so these tests also check that every shipped config builds.
+The shipped configs (package data, balanced_sam/configs/) are used as they are, with overrides
+that shrink the images, the model input and the epochs; so these tests also check that every
+shipped config builds.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from _vision_fixtures import make_age_root, make_nyud2_root
 
 from balanced_sam.cli import main
+from balanced_sam.configs import CONFIG_DIR
 from balanced_sam.data import prepare
 from balanced_sam.experiment import build_experiment, load_config
 from balanced_sam.train import load_checkpoint
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR  # the installed package's configs, wherever the tests run from
 SMALL_AGE = ["data.img_size=16", "train.epochs=2", "train.batch_size=4", "train.num_workers=0",
              "train.eval_batch_size=8", "train.progress=false"]
 
