@@ -93,3 +93,27 @@ def test_bad_mode(fake_wandb):
 def test_flatten_row_leaves_out_what_is_not_a_number():
     assert flatten_row({"a": 1, "b": None, "c": False, "d": {"e": 2.0, "f": "s"},
                         "g": float("-inf")}) == {"a": 1, "d/e": 2.0}
+
+
+def test_bsam_train_wandb_flag_logs_every_epoch(fake_wandb, tmp_path):
+    """`bsam train --wandb PROJECT` hands each epoch's row to a WandbLogger (loop interface
+    log_epoch) and finishes the run."""
+    import pandas as pd
+
+    from balanced_sam.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=g)
+    frame = pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2],
+                          "y": (x[:, 0] * 10 + 50).round()})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{name: csv, path: {tmp_path / 't.csv'}, target: y}}\n"
+                   "train: {method: sqinv, epochs: 2, batch_size: 64, progress: false}\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                 "--wandb", "dir-project"]) == 0
+    (run,) = fake_wandb.runs
+    assert run.init_kwargs["project"] == "dir-project"
+    assert [step for _, step in run.logged] == [1, 2]
+    assert all("train_loss" in data for data, _ in run.logged)
+    assert run.finished == [0]

@@ -42,7 +42,8 @@ _SPELLINGS: dict[str, dict[str, str]] = {
 }
 #: optional packages and the extra that installs them
 _EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli", "plotnine": "cli",
-           "PIL": "cli", "torchvision": "cli", "scipy": "cli"}
+           "PIL": "cli", "torchvision": "cli", "scipy": "cli", "wandb": "wandb",
+           "torchmetrics": "torchmetrics", "lightning": "lightning", "accelerate": "accelerate"}
 
 
 def _csv_list(kind: type = str) -> Callable[[str], list[Any]]:
@@ -87,8 +88,9 @@ _ABOUT = {
               "seeds. Writes results.json, results.csv and plots into --out. Re-running with the "
               "same --out reuses finished runs (and trains again those whose data changed)."),
     "train": ("train one model from a YAML config",
-              "Train one model from a YAML config (sections data, model, bins, train, out; see "
-              "configs/). Overrides: section.key=value, e.g. train.epochs=2 data.root=/data/agedb "
+              "Train one model from a YAML config (sections data, model, bins, train, out): a file "
+              "or the name of a shipped config (`bsam configs` lists them). Overrides: "
+              "section.key=value, e.g. train.epochs=2 data.root=/data/agedb "
               "(a bare key goes to train). Writes last.pt every epoch, best.pt, log.csv and "
               "result.json into the output folder."),
     "eval": ("evaluate a checkpoint on its test (or val) split",
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_bench, _add_train, _add_eval, _add_analyze, _add_data, _add_list):
         add(sub)
+    from balanced_sam.configs import add_parser as add_configs_parser
+
+    add_configs_parser(sub)
     return p
 
 
@@ -180,7 +185,8 @@ def _add_bench(sub: Any) -> None:
 
 def _add_train(sub: Any) -> None:
     t = _command(sub, "train")
-    t.add_argument("--config", required=True, help="YAML config file")
+    t.add_argument("--config", required=True,
+                   help="YAML config file, or the name of a shipped config (bsam configs)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, anywhere on the line (e.g. train.epochs=2)")
     t.add_argument("--out", help="output folder (default: the config's out, else "
@@ -194,6 +200,9 @@ def _add_train(sub: Any) -> None:
                    help="remove the run in the output folder (result.json, best.pt, last.pt, "
                         "log.csv, tb/) and start again")
     _allow_data_change(t, "resume on")
+    t.add_argument("--wandb", metavar="PROJECT",
+                   help="also log every epoch to this Weights & Biases project (needs the "
+                        "wandb extra; WANDB_MODE=offline logs without an account)")
 
 
 def _add_eval(sub: Any) -> None:
@@ -296,9 +305,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from balanced_sam.metrics import format_table
 
     spec = apply_overrides(load_config(args.config), args.overrides)
-    out = Path(args.out or spec.get("out") or Path("runs") / Path(args.config).stem)
+    out = Path(args.out or spec.get("out") or Path("runs") / Path(args.config).stem)  # a name too
+    loggers = []
+    if args.wandb and int(os.environ.get("RANK", "0")) == 0:  # rank 0 logs, as for log.csv
+        from balanced_sam.integrations.wandb import WandbLogger
+
+        loggers.append(WandbLogger(out.name, config=spec, project=args.wandb))
     res = run_training(spec, out=out, resume=args.resume, overwrite=args.overwrite,
-                       allow_data_change=args.allow_data_change)
+                       allow_data_change=args.allow_data_change, loggers=loggers)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
     if res.test is not None:
@@ -365,7 +379,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"  {m.name:<14} {m.description}  [{m.paper}]")
     for title, paper in (("datasets (bsam bench --dataset NAME, or data.name in a config)",
                           False), ("paper benchmarks (bsam data prepare NAME --root DIR; "
-                                   "bsam train --config configs/...)", True)):
+                                   "bsam train --config NAME; bsam configs lists them)", True)):
         print(f"\n{title}:")
         for e in REGISTRY.values():
             if e.prepare == paper:
@@ -373,8 +387,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from balanced_sam.configs import run
+
+    return run(args)
+
+
 COMMANDS = {"bench": _cmd_bench, "train": _cmd_train, "eval": _cmd_eval,
-            "analyze": _cmd_analyze, "data": _cmd_data, "list": _cmd_list}
+            "analyze": _cmd_analyze, "data": _cmd_data, "list": _cmd_list,
+            "configs": _cmd_configs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,7 +426,7 @@ def _run(args: argparse.Namespace) -> int:
             raise
         top = (exc.name or "").split(".")[0]
         hint = (f"; install it with: pip install 'balanced-sam[{_EXTRAS[top]}]'"
-                if top in _EXTRAS else "")
+                if top in _EXTRAS and "pip install" not in str(exc) else "")
         print(f"bsam {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, FileNotFoundError, FileExistsError,
@@ -415,6 +436,9 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"bsam {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`bsam configs | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command with --resume (train) or the same --out "
               "(bench) to continue", file=sys.stderr)

@@ -92,12 +92,13 @@ class Experiment:
 
 # ---------------------------------------------------------------------------- configs
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file (clear errors for a missing file or bad YAML)."""
+    """Read a YAML config: a file, or the name of a config shipped with the package (``bsam
+    configs`` lists them); clear errors for a missing file or bad YAML."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file {p} does not exist")
+    from balanced_sam.configs import config_path
+
+    p = config_path(path)  # a file that exists, else a config shipped with the package
     try:
         spec = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:

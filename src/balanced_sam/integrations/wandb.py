@@ -100,6 +100,11 @@ class WandbLogger:
         data["epoch"] = int(epoch)
         self.run.log(data, step=int(epoch))
 
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        """The training loop's logger interface (``fit(..., loggers=[...])``): the row carries
+        its ``epoch``."""
+        self.log_row(int(row["epoch"]), row)
+
     def summary(self, values: Mapping[str, Any]) -> None:
         """Store final figures (e.g. ``{"test": report}``) in the run's summary."""
         if self._closed:
