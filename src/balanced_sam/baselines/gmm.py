@@ -127,19 +127,7 @@ def fit_gmm_1d(
             sitting on one repeated value keeps a finite density.
         kmeans_iter: Lloyd iterations of the initialisation.
     """
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    if x.size == 0:
-        raise ValueError("values is empty: a mixture needs at least one label")
-    if not np.isfinite(x).all():
-        raise ValueError(f"values holds {int((~np.isfinite(x)).sum())} NaN/inf value(s)")
-    if counts is None:
-        c = np.ones_like(x)
-    else:
-        c = np.asarray(counts, dtype=np.float64).reshape(-1)
-        if c.size != x.size:
-            raise ValueError(f"counts must have one entry per value ({x.size}), got {c.size}")
-        if not np.isfinite(c).all() or (c < 0).any() or not c.sum() > 0:
-            raise ValueError("counts must be finite, non-negative and not all zero")
+    x, c = _checked_values(values, counts)
     if not isinstance(n_components, (int, np.integer)) or n_components < 1:
         raise ValueError(f"n_components must be a positive integer, got {n_components!r}")
     if not reg_covar >= 0 or not tol >= 0:
@@ -153,9 +141,31 @@ def fit_gmm_1d(
     k = int(n_components)
     if k > x.size:
         raise ValueError(f"n_components={k} exceeds the {x.size} distinct label value(s)")
-    total = c.sum()
+    gmm = _initial_mixture(x, c, k, reg_covar, kmeans_iter)
+    return _expectation_maximisation(x, c, gmm, max_iter, tol, reg_covar)
 
-    # ---- initialisation: weighted quantiles, then weighted Lloyd iterations
+
+def _checked_values(values: Any, counts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The values flattened to float64 and their counts (1 each when ``counts`` is None)."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("values is empty: a mixture needs at least one label")
+    if not np.isfinite(x).all():
+        raise ValueError(f"values holds {int((~np.isfinite(x)).sum())} NaN/inf value(s)")
+    if counts is None:
+        return x, np.ones_like(x)
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if c.size != x.size:
+        raise ValueError(f"counts must have one entry per value ({x.size}), got {c.size}")
+    if not np.isfinite(c).all() or (c < 0).any() or not c.sum() > 0:
+        raise ValueError("counts must be finite, non-negative and not all zero")
+    return x, c
+
+
+def _initial_mixture(x: np.ndarray, c: np.ndarray, k: int, reg_covar: float,
+                     kmeans_iter: int) -> GaussianMixture1D:
+    """Centres at the weighted quantiles, refined by weighted Lloyd iterations; each component
+    starts from its cluster's share, mean and variance. ``x`` is sorted and distinct."""
     centres = _weighted_quantiles(x, c, (np.arange(k) + 0.5) / k).astype(np.float64)
     centres = np.unique(centres)
     if centres.size < k:  # quantiles collided on heavy values: add the farthest distinct ones
@@ -178,9 +188,15 @@ def fit_gmm_1d(
     spread = float(np.average((x - np.average(x, weights=c)) ** 2, weights=c))
     var0 = np.where(mass > 0, sq / np.maximum(mass, 1e-300), spread) + reg_covar
     var0 = np.maximum(var0, max(reg_covar, 1e-12))
-    gmm = GaussianMixture1D(np.maximum(mass, 1e-12), centres, var0)
+    return GaussianMixture1D(np.maximum(mass, 1e-12), centres, var0)
 
-    # ---- EM
+
+def _expectation_maximisation(x: np.ndarray, c: np.ndarray, gmm: GaussianMixture1D,
+                              max_iter: int, tol: float, reg_covar: float
+                              ) -> GaussianMixture1D:
+    """EM from ``gmm`` until the mean log-likelihood per sample improves by less than ``tol``
+    (or ``max_iter`` iterations); the result carries the likelihood history."""
+    total = c.sum()
     history: list[float] = []
     converged = False
     tiny = 10.0 * np.finfo(np.float64).eps

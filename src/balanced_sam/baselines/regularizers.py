@@ -229,6 +229,35 @@ def conr_loss(
     multiplies each anchor's loss by its weight again (``weight_anchors=True`` reproduces
     that); an anchor without positives gives NaN there.
     """
+    z, y, p, w = _conr_views(features, targets, preds, weights, features2, preds2)
+    omega = _positive(omega, "omega", allow_zero=True)
+    tau = _positive(tau, "tau")
+    e = _positive(e, "e", allow_zero=True)
+    if pushing not in PUSHING:
+        raise ValueError(f"pushing must be one of {PUSHING}, got {pushing!r}")
+    z = F.normalize(z, dim=1)
+    dl = _l1_distances(y).to(z.dtype)
+    dp = _l1_distances(p).to(z.dtype)
+    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    pos = (dl <= omega) & ~eye
+    neg = (dl > omega) & (dp <= omega)
+    w = w.to(z.dtype)
+    if pushing == "exp":
+        log_push = torch.log(w)[:, None] + e * dl
+    else:
+        log_push = torch.log(w[:, None] * e * dl)
+    per_anchor, anchor = _conr_per_anchor((z @ z.T) / tau, pos, neg, log_push)
+    if weight_anchors:
+        per_anchor = per_anchor * w
+    return torch.where(anchor, per_anchor, torch.zeros_like(per_anchor)).sum() / z.shape[0]
+
+
+def _conr_views(features: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
+                weights: torch.Tensor | None, features2: torch.Tensor | None,
+                preds2: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat features, label matrix, detached predictions and weights of the ``N`` samples: the
+    batch, or both views concatenated (checked)."""
     z = _flat_features(features)
     n1 = z.shape[0]
     y = _label_matrix(targets, n1)
@@ -239,34 +268,21 @@ def conr_loss(
                          f"{tuple(weights.shape)}")  # type: ignore[union-attr]
     if (features2 is None) != (preds2 is None):
         raise ValueError("give features2 and preds2 together (the second view), or neither")
-    if features2 is not None:
-        z2 = _flat_features(features2, "features2")
-        if z2.shape != z.shape:
-            raise ValueError(f"features2 must have the shape of features {tuple(z.shape)}, got "
-                             f"{tuple(z2.shape)}")
-        z = torch.cat([z, z2])
-        y = torch.cat([y, y])
-        p = torch.cat([p, _label_matrix(preds2.detach(), n1, "preds2")])  # type: ignore[union-attr]
-        w = torch.cat([w, w])
-    omega = _positive(omega, "omega", allow_zero=True)
-    tau = _positive(tau, "tau")
-    e = _positive(e, "e", allow_zero=True)
-    if pushing not in PUSHING:
-        raise ValueError(f"pushing must be one of {PUSHING}, got {pushing!r}")
-    n = z.shape[0]
-    z = F.normalize(z, dim=1)
-    dl = _l1_distances(y).to(z.dtype)
-    dp = _l1_distances(p).to(z.dtype)
-    eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    pos = (dl <= omega) & ~eye
-    neg = (dl > omega) & (dp <= omega)
+    if features2 is None:
+        return z, y, p, w
+    z2 = _flat_features(features2, "features2")
+    if z2.shape != z.shape:
+        raise ValueError(f"features2 must have the shape of features {tuple(z.shape)}, got "
+                         f"{tuple(z2.shape)}")
+    p2 = _label_matrix(preds2.detach(), n1, "preds2")  # type: ignore[union-attr]
+    return torch.cat([z, z2]), torch.cat([y, y]), torch.cat([p, p2]), torch.cat([w, w])
+
+
+def _conr_per_anchor(logits: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                     log_push: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ConR term ``L_j`` (positives weight 1 in the denominator, negatives
+    ``S_jq``) and which rows are anchors."""
     anchor = neg.any(1) & pos.any(1)
-    logits = (z @ z.T) / tau
-    w = w.to(z.dtype)
-    if pushing == "exp":
-        log_push = torch.log(w)[:, None] + e * dl
-    else:
-        log_push = torch.log(w[:, None] * e * dl)
     # log of the denominator: positives with weight 1, negatives with S_jq; rows that are not
     # anchors get a dummy all-valid row so every log-sum-exp (and its gradient) stays finite
     valid = pos | neg
@@ -274,10 +290,7 @@ def conr_loss(
     terms = torch.where(valid | ~anchor[:, None], terms, torch.full_like(terms, -math.inf))
     log_denom = torch.logsumexp(terms, dim=1, keepdim=True)
     log_prob = torch.where(pos, logits - log_denom, torch.zeros_like(logits))
-    per_anchor = -log_prob.sum(1) / pos.sum(1).clamp_min(1)
-    if weight_anchors:
-        per_anchor = per_anchor * w
-    return torch.where(anchor, per_anchor, torch.zeros_like(per_anchor)).sum() / n
+    return -log_prob.sum(1) / pos.sum(1).clamp_min(1), anchor
 
 
 class ConR(nn.Module):
