@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from balanced_sam.baselines.plugins import check_options as check_plugin_options
 from balanced_sam.errors import ConfigError
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import get_method
@@ -79,12 +80,15 @@ class TrainConfig:
     progress: bool = True
     checkpoint: str = "all"  # all (last.pt every epoch + best.pt) | best | none
     balance: str = "auto"  # what bMAE averages over: label | bin | auto
+    # options of the baseline plug-ins, {name: {key: value}} (balanced_sam.baselines.plugins)
+    baselines: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, section: str = "train") -> TrainConfig:
         """Check every value's type, then its range; errors name ``section.key``."""
         _check_types(self, section)
         get_method(self.method)
         get_loss(self.loss)
+        check_plugin_options(self.baselines, f"{section}.baselines")
         for ok, key, allowed in self._ranges():
             if not ok:
                 raise ConfigError(f"{section}.{key} = {getattr(self, key)!r}: {allowed}")

@@ -24,7 +24,7 @@ extra=...)`` and the attributes ``method.optimizer``, ``.weighting``, ``.perturb
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +32,15 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from balanced_sam.baselines.plugins import PLUGINS, check_combination
 from balanced_sam.bins import SCHEMES, LabelBins
-from balanced_sam.losses import weighted_mean
+from balanced_sam.losses import reduce_losses
 from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
 
 __all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "build_stepper",
-           "build_base_optimizer", "DEFAULT_METHODS", "StepFn"]
+           "build_base_optimizer", "DEFAULT_METHODS", "StepFn", "parse_method", "rho_for",
+           "recipe_rhos", "describe_methods", "BASELINE_METHODS", "WEIGHTING_PARTS",
+           "OPTIMIZER_PARTS", "GRAMMAR"]
 
 StepFn = Callable[..., torch.Tensor]
 
@@ -62,6 +65,10 @@ class Method:
         paper: where the paper uses it.
         optimizer_options: keyword arguments for the optimizer that override the config's
             (e.g. ``{"eta": 10}`` for an ImbSAM variant); old name ``extra``.
+        plugins: the baseline plug-ins the training loop runs with this method (see
+            :mod:`balanced_sam.baselines.plugins`): ``("ranksim",)``, ``("conr", "fds")``...
+        plugin_options: options the method fixes for its plug-ins, over the config's
+            ``train.baselines`` (``bni+lds``: ``{"bni": {"lds": True}}``, the smoothed prior).
     """
 
     name: str
@@ -72,11 +79,15 @@ class Method:
     description: str = ""
     paper: str = ""
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
+    plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __init__(self, name: str, sharpness: str = "none", update_weighting: str | None = None,
                  perturbation_weighting: str | None = None, loss: str | None = None,
                  description: str = "", paper: str = "",
                  optimizer_options: Mapping[str, Any] | None = None, *,
+                 plugins: Sequence[str] = (),
+                 plugin_options: Mapping[str, Mapping[str, Any]] | None = None,
                  optimizer: str | None = None, weighting: str | None = None,
                  perturbation: str | None = None,
                  extra: Mapping[str, Any] | None = None) -> None:
@@ -89,7 +100,10 @@ class Method:
                                        else perturbation_weighting),
             "loss": loss, "description": description, "paper": paper,
             "optimizer_options": dict(extra if extra is not None else optimizer_options or {}),
+            "plugins": tuple(plugins),
+            "plugin_options": {k: dict(v) for k, v in (plugin_options or {}).items()},
         }
+        check_combination(values["plugins"], f"method {name!r}")
         if values["sharpness"] not in SHARPNESS:
             raise ValueError(f"method {name!r}: sharpness must be one of {SHARPNESS} (or 'base' "
                              f"for 'none'), got {sharpness!r}")
@@ -168,11 +182,166 @@ DEFAULT_METHODS = ("vanilla", "sqinv", "inv", "lds", "sam", "imbsam", "bsam", "i
                    "vanilla-bsam")
 
 
+# ---------------------------------------------------------------------------- composed methods
+#: the weighting part of a composed name -> the weighting scheme (``vanilla``: unweighted)
+WEIGHTING_PARTS: dict[str, str | None] = {"vanilla": None, "sqinv": "sqrt_inv", "inv": "inv",
+                                          "lds": "lds"}
+#: the optimizer part of a composed name (the sharpness-aware step)
+OPTIMIZER_PARTS = ("sam", "bsam", "imbsam")
+GRAMMAR = "PLUGIN[+PLUGIN...][+WEIGHTING][+OPTIMIZER]"
+_COMPOSED: dict[str, Method] = {}
+
+
+def _parts_of(name: str) -> tuple[list[str], str | None, str | None]:
+    """Split a composed name into plug-ins, weighting part and optimizer part (in that order)."""
+    plugins: list[str] = []
+    weighting: str | None = None
+    optimizer: str | None = None
+    for part in name.split("+"):
+        if part in PLUGINS and weighting is None and optimizer is None:
+            plugins.append(part)
+        elif part in WEIGHTING_PARTS and weighting is None and optimizer is None and plugins:
+            weighting = part
+        elif part in OPTIMIZER_PARTS and optimizer is None and plugins:
+            optimizer = part
+        else:
+            known = part in PLUGINS or part in WEIGHTING_PARTS or part in OPTIMIZER_PARTS
+            why = (f"{part!r} is out of place (the order is {GRAMMAR}, each part once)" if known
+                   else f"unknown part {part!r}")
+            raise ValueError(
+                f"method {name!r}: {why}; a composed method is {GRAMMAR} with plug-ins "
+                f"{', '.join(PLUGINS)}; weightings {', '.join(WEIGHTING_PARTS)}; optimizers "
+                f"{', '.join(OPTIMIZER_PARTS)}; or one of the registered methods "
+                f"{', '.join(METHODS)}")
+    return plugins, weighting, optimizer
+
+
+def parse_method(name: str, description: str = "", paper: str = "") -> Method:
+    """The :class:`Method` a composed name describes (``bsam list`` shows the parts):
+
+    * ``PLUGIN[+PLUGIN...]``: the baseline plug-ins (at most one loss and one calibration;
+      ``rnc`` alone), on the config's loss (L1) unless a loss plug-in replaces it;
+    * ``+WEIGHTING`` (``vanilla``, ``sqinv``, ``inv``, ``lds``): the per-sample weights of the
+      update loss. Without it the update is unweighted, the plug-in on the plain loss of its
+      own publication; with an optimizer part it is SQINV, as in the paper's SAM, ImbSAM and
+      BSAM rows, except for Balanced MSE (``bni``, ``gai``), which balances by itself.
+      For ``bni``/``gai``, ``+lds`` smooths the loss's label prior instead (the Balanced MSE
+      code's "+ LDS") and weights no sample;
+    * ``+OPTIMIZER`` (``sam``, ``bsam``, ``imbsam``): the sharpness-aware step; ``bsam``
+      perturbs with the named weighting, SQINV when none is named (BSAM's defining choice).
+
+    So ``ranksim`` is plain L1 + RankSim; ``ranksim+sqinv`` is the RankSim paper's SQINV +
+    RankSim; ``ranksim+bsam`` is the BSAM paper's method (SQINV-weighted perturbation and
+    update) with the RankSim regulariser added in both passes.
+    """
+    plugins, weighting, optimizer = _parts_of(name)
+    balances = any(PLUGINS[p].balances for p in plugins)
+    options: dict[str, dict[str, Any]] = {}
+    if weighting == "lds" and balances:
+        options = {p: {"lds": True} for p in plugins if PLUGINS[p].balances}
+        update = None
+    elif weighting is not None:
+        update = WEIGHTING_PARTS[weighting]
+    else:
+        update = "sqrt_inv" if optimizer is not None and not balances else None
+    perturbation = None
+    if optimizer == "bsam":
+        perturbation = (WEIGHTING_PARTS[weighting] if weighting not in (None, "vanilla")
+                        else "sqrt_inv")
+    kinds = ", ".join(f"{p} ({PLUGINS[p].kind})" for p in plugins)
+    return Method(name, optimizer or "none", update, perturbation,
+                  description=description or _composed_text(kinds, update, optimizer),
+                  paper=paper, plugins=plugins, plugin_options=options)
+
+
+def _composed_text(kinds: str, update: str | None, optimizer: str | None) -> str:
+    step = {"sam": "SAM", "bsam": "BSAM", "imbsam": "ImbSAM", None: "plain step"}[optimizer]
+    return f"{kinds}; update weighting {update or 'none'}; {step}"
+
+
 def get_method(name: str) -> Method:
-    try:
+    """A registered method, or the composed method its name describes (:func:`parse_method`),
+    built on demand."""
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}") from None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
+    if name not in _COMPOSED:
+        if "+" not in name and name not in PLUGINS:
+            raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}, or "
+                             f"compose {GRAMMAR} (bsam list shows the parts)")
+        _COMPOSED[name] = parse_method(name)
+    return _COMPOSED[name]
+
+
+def rho_for(name: str, table: Mapping[str, float]) -> float | None:
+    """A method's rho from a recipe's ``rho_by_method``: its own entry; for a composed method,
+    that of the registered plain method with the same step and weightings (``ranksim+bsam``
+    takes ``bsam``'s), else of its optimizer part; ``None`` when there is none."""
+    if name in table:
+        return table[name]
+    m = get_method(name)
+    if not m.uses_rho:
+        return None
+    key = (m.sharpness, m.update_weighting, m.perturbation_weighting)
+    for other in METHODS.values():
+        if not other.plugins and other.name in table and (
+                other.sharpness, other.update_weighting, other.perturbation_weighting) == key:
+            return table[other.name]
+    return table.get(m.sharpness)
+
+
+def recipe_rhos(table: Mapping[str, float], names: Iterable[str]) -> dict[str, float]:
+    """``table`` with an entry for every method of ``names`` that :func:`rho_for` finds."""
+    out = dict(table)
+    for n in names:
+        r = rho_for(n, table)
+        if r is not None:
+            out[n] = r
+    return out
+
+
+def describe_methods() -> str:
+    """What ``bsam list`` prints about methods: the registered ones, the composition grammar
+    and its building blocks."""
+    lines = ["methods (registered):"]
+    lines += [f"  {m.name:<16} {m.description}  [{m.paper}]" for m in METHODS.values()]
+    lines += ["", f"composed methods ({GRAMMAR}; e.g. ranksim+bsam, conr+lds+sam, "
+              "focal-l1+sqinv):", "  plug-ins:"]
+    lines += [f"    {s.name:<16} {s.kind:<12} {s.description}" for s in PLUGINS.values()]
+    lines += ["  weightings: vanilla (none), sqinv (1/sqrt(N_k)), inv (1/N_k, clipped), lds "
+              "(1 / LDS-smoothed sqrt(N_k), the DIR code's; for bni/gai: the smoothed label prior)",
+              "  optimizers: sam (SAM perturbation), bsam (weighted perturbation), imbsam "
+              "(SAM on the tail)",
+              "  defaults: no weighting part = unweighted update, SQINV with an optimizer part "
+              "(bni/gai: unweighted); bsam perturbs with the named weighting, else SQINV;",
+              "            options per plug-in: train.baselines.NAME.KEY in a config"]
+    return "\n".join(lines)
+
+
+# the baselines of issue 11, on their own (plain L1 unless they bring their loss) and the
+# paper's combinations; any other combination is composed on demand (get_method)
+_BASELINE_ROWS = (
+    ("fds", "FDS on plain L1 (DIR)", "Tables 1-3 (FDS *)"),
+    ("ranksim", "RankSim on plain L1", "Tables 1-2 (RankSim *: SQINV + RankSim, ranksim+sqinv)"),
+    ("conr", "ConR on plain L1 (contrastive, label-window positives)",
+     "Tables 1-3 only combined (conr+lds, conr+fds)"),
+    ("rnc", "Rank-N-Contrast: contrastive pre-training, then a linear L1 head",
+     "Tables 1-2 (RnC)"),
+    ("ordinal-entropy", "Ordinal Entropy on plain L1", "Tables 1-2 (Ordinal Entropy)"),
+    ("bni", "Balanced MSE, bin-based numerical integration", "Table 3 (Balanced MSE (BNI) *)"),
+    ("gai", "Balanced MSE, Gaussian-mixture prior", "no row (Ren et al., CVPR 2022)"),
+    ("focal-l1", "focal-R on the L1 error", "no row (Yang et al., ICML 2021)"),
+    ("conr+lds", "ConR + LDS-weighted L1 (ConR's density weights: the LDS weights)",
+     "Tables 1-3 (ConR + LDS *)"),
+    ("conr+fds", "ConR + FDS on plain L1", "Tables 1-3 (ConR + FDS *)"),
+    ("bni+lds", "BNI with the LDS-smoothed label prior", "Table 3 (Balanced MSE (BNI) + LDS *)"),
+)
+for _name, _text, _paper in _BASELINE_ROWS:
+    register_method(parse_method(_name, _text, _paper))
+
+#: the baselines of issue 11 (plug-ins alone and the paper's combinations)
+BASELINE_METHODS = tuple(n for n, _, _ in _BASELINE_ROWS)
 
 
 def build_base_optimizer(name: str) -> type[Optimizer]:
@@ -247,7 +416,7 @@ def _plain_stepper(opt: Optimizer, method: Method, bins: LabelBins, normalize: s
              first_pass_context: Any = None) -> torch.Tensor:
         w = None if scheme is None else bins.sample_weights(targets, scheme, normalize, **wkw)
         opt.zero_grad(set_to_none=True)
-        loss = weighted_mean(SAM._check_losses(loss_fn(), targets), w, mask)
+        loss = reduce_losses(loss_fn(), targets, w, mask)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)

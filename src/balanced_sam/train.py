@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from balanced_sam.baselines.plugins import MethodPlugin, fit_stages, is_staged
 from balanced_sam.bins import LabelBins
 from balanced_sam.config import DEVICES, SAFE_TO_CHANGE, TrainConfig
 from balanced_sam.data.loader import EpochLoader, batches, is_tensor_data
@@ -231,11 +232,14 @@ def train_one_epoch(
     desc: str = "",
     target_scaler: TargetScaler | None = None,
     loader: EpochLoader | None = None,
+    plugin: MethodPlugin | None = None,
 ) -> float:
     """One pass over the training data; returns the mean first-pass loss.
 
     ``scaler`` is the AMP ``GradScaler``; ``target_scaler`` (or the older ``target_stats``
-    pair) scales the targets for the loss; ``loader`` is the run's :class:`EpochLoader`."""
+    pair) scales the targets for the loss; ``loader`` is the run's :class:`EpochLoader`;
+    ``plugin`` (the method's :class:`~balanced_sam.baselines.plugins.MethodPlugin`) builds each
+    batch's ``loss_fn`` (features, regularisers, FDS) instead of the plain loss."""
     loss_elem = get_loss(cfg.loss)
     units = target_scaler or TargetScaler.from_stats(target_stats)
     rank, world = _dist()
@@ -252,10 +256,15 @@ def train_one_epoch(
         x, y, mask = _unpack(batch, device)
         y_scaled = units.scale(y)
 
-        def loss_fn(x: torch.Tensor = x, y_scaled: torch.Tensor = y_scaled) -> torch.Tensor:
-            with _autocast(device, cfg.amp):
-                pred = model(x)
-            return loss_elem(_match(pred.float(), y_scaled), y_scaled)
+        if plugin is not None:
+            loss_fn = plugin.batch_loss(model, x, y, mask, epoch=epoch, index=count,
+                                        autocast=lambda: _autocast(device, cfg.amp),
+                                        match=_match)
+        else:
+            def loss_fn(x: torch.Tensor = x, y_scaled: torch.Tensor = y_scaled) -> torch.Tensor:
+                with _autocast(device, cfg.amp):
+                    pred = model(x)
+                return loss_elem(_match(pred.float(), y_scaled), y_scaled)
 
         loss = step(loss_fn, y, mask=mask, scaler=scaler, first_pass_context=first_pass_context)
         if scaler is not None:
@@ -387,6 +396,7 @@ class _Run:
     depth: bool
     meta: dict[str, Any]
     fingerprint: str | None
+    plugin: MethodPlugin | None = None  # the method's baseline parts (features, FDS, ...)
 
 
 @dataclass
@@ -439,8 +449,15 @@ def fit(
 
     Under ``torchrun`` the model is wrapped in DDP; ``cfg.scope="global"`` all-reduces the first
     pass's weighted gradient (the perturbation of the single-process run with the global batch),
-    ``"local"`` perturbs each replica with its own. Only rank 0 evaluates and writes.
+    ``"local"`` perturbs each replica with its own. Only rank 0 evaluates and writes. A
+    two-stage method (``rnc``) runs as :func:`~balanced_sam.baselines.plugins.fit_stages`.
     """
+    if is_staged(get_method(cfg.method), cfg):
+        return fit_stages(fit, model, train_data, val_data, bins, cfg, test_data=test_data,
+                          out_dir=out_dir, resume=resume, overwrite=overwrite, log=log,
+                          target_stats=target_stats, target_scaler=target_scaler, depth=depth,
+                          meta=meta, data_fingerprint=data_fingerprint, loggers=loggers,
+                          allow_data_change=allow_data_change, on_epoch_end=on_epoch_end)
     cfg = _resolved(cfg, bins, train_data)
     rank, world = _dist()
     folder = RunFolder(out_dir, rank=rank, log=log)
@@ -522,17 +539,29 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt, step = build_stepper(method, model.parameters(), bins, cfg,
+    plugin = MethodPlugin(method, cfg, model, bins, units, device, world=world)
+    opt, step = build_stepper(plugin.stepper_method, plugin.param_groups(), bins, cfg,
                               model=model if cfg.bn_second_pass == "freeze" else None)
     plan = LRPlan.of(cfg)
     loader = EpochLoader(_on(train_data, device), cfg.batch_size, shuffle=True, seed=cfg.seed,
                          rank=rank, world_size=world, num_workers=cfg.num_workers,
                          pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch_factor)
     return _Run(cfg, device, rank, world, model, net, opt, step, plan,
-                torch.optim.lr_scheduler.LambdaLR(opt, plan),
+                torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(opt, plan)),
                 torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-                net.no_sync if (world > 1 and cfg.scope == "local") else None,
-                loader, bins, units, depth, meta, fingerprint)
+                plugin.first_pass_context(net.no_sync if (world > 1 and cfg.scope == "local")
+                                          else None),
+                loader, bins, units, depth, meta, fingerprint, plugin)
+
+
+def _unscheduled(epoch: int) -> float:
+    return 1.0
+
+
+def _lr_lambdas(opt: torch.optim.Optimizer, plan: LRPlan) -> list[Callable[[int], float]]:
+    """The plan for every parameter group, except those marked ``scheduled: False`` (a
+    plug-in's own parameter, e.g. Balanced MSE's noise scale), whose lr stays fixed."""
+    return [plan if g.get("scheduled", True) else _unscheduled for g in opt.param_groups]
 
 
 def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
@@ -551,12 +580,14 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
     saved = LRPlan(**ck["lr_plan"]) if ck.get("lr_plan") else LRPlan.of(
         TrainConfig.from_dict(ck["config"]))
     run.plan = saved.extended(cfg.epochs, start)
-    run.sched.lr_lambdas = [run.plan] * len(run.opt.param_groups)
-    for group, base in zip(run.opt.param_groups, run.sched.base_lrs):
-        group["lr"] = base * run.plan(start)  # the LR of the next epoch under the (new) plan
+    run.sched.lr_lambdas = _lr_lambdas(run.opt, run.plan)
+    for group, base, lam in zip(run.opt.param_groups, run.sched.base_lrs, run.sched.lr_lambdas):
+        group["lr"] = base * lam(start)  # the LR of the next epoch under the (new) plan
     if run.plan != saved and run.rank == 0:
         log(f"resume: {saved.epochs} -> {cfg.epochs} epochs; the {cfg.schedule} schedule "
             f"continues from lr {run.opt.param_groups[0]['lr']:.3g} at epoch {start + 1}")
+    if run.plugin is not None:
+        run.plugin.load_state_dict(ck.get("plugin") or {})
     _set_rng_state(ck["rng"])
     if run.rank == 0:
         log(f"resumed from {ckpt.folder.last} at epoch {start}/{cfg.epochs}")
@@ -571,8 +602,10 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     loss = train_one_epoch(run.net, run.loader.data, run.step, run.cfg, epoch=epoch,
                            device=run.device, scaler=run.amp_scaler,
                            first_pass_context=run.first_ctx, target_scaler=run.units,
-                           loader=run.loader,
+                           loader=run.loader, plugin=run.plugin,
                            desc=f"{run.cfg.method} epoch {epoch + 1}/{run.cfg.epochs}")
+    if run.plugin is not None:
+        run.plugin.end_epoch(epoch)
     run.sched.step()
     return {"epoch": epoch + 1, "lr": lr, "train_loss": loss,
             "seconds": time.perf_counter() - t0}
@@ -631,7 +664,8 @@ def _write_epoch(run: _Run, state: _State, ckpt: Checkpointer, row: dict[str, An
             "scaler": run.amp_scaler.state_dict() if run.amp_scaler is not None else None,
             "best_metric": state.best_metric, "best_epoch": state.best_epoch,
             "history": state.history, "train_seconds": state.train_seconds,
-            "rng": _rng_state(), "best_state": state.best_state})
+            "rng": _rng_state(), "best_state": state.best_state,
+            "plugin": run.plugin.state_dict() if run.plugin is not None else {}})
 
 
 def _final_evaluation(run: _Run, state: _State, val_data: Any, test_data: Any,
