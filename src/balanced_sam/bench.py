@@ -47,7 +47,7 @@ from balanced_sam.data.registry import DataSplits, load_data
 from balanced_sam.errors import spell
 from balanced_sam.experiment import train_config
 from balanced_sam.io import FolderLock, nan_for_null, read_json, to_json, write_csv, write_json
-from balanced_sam.methods import DEFAULT_METHODS, get_method
+from balanced_sam.methods import DEFAULT_METHODS, get_method, recipe_rhos
 from balanced_sam.metrics import aggregate_reports, format_table
 from balanced_sam.train import (
     RunExistsError,
@@ -169,7 +169,7 @@ def run_bench(
                               **(overrides or {})})
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     plan = _Plan(data, spec, cfg, list(methods), seeds, rhos or [cfg.rho],
-                 {} if rhos else dict(data.recipe.rho_by_method),
+                 {} if rhos else recipe_rhos(data.recipe.rho_by_method, methods),
                  Path(out) if out is not None else Path("runs") / f"bench-{stamp}", quick)
     with FolderLock(plan.out, name=".bench.lock", what="bench"):
         results = _header(plan, log)

@@ -156,7 +156,9 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--max-categories", type=int, metavar="N",
                    help="the most categories a --csv column may have (default 200)")
     b.add_argument("--methods", type=_csv_list(), default=list(DEFAULT_METHODS),
-                   help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})")
+                   help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}); "
+                        "baselines and composed names too, e.g. ranksim,conr+lds,ranksim+bsam "
+                        "(bsam list shows them)")
     b.add_argument("--seeds", type=_seeds, default=None,
                    help="a count (3 = seeds 0,1,2; the default) or a comma-separated list")
     b.add_argument("--epochs", type=int, help="epochs per run (default: the dataset's recipe)")
@@ -372,11 +374,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from balanced_sam.data.registry import REGISTRY
-    from balanced_sam.methods import METHODS
+    from balanced_sam.methods import describe_methods
 
-    print("methods:")
-    for m in METHODS.values():
-        print(f"  {m.name:<14} {m.description}  [{m.paper}]")
+    print(describe_methods())
     for title, paper in (("datasets (bsam bench --dataset NAME, or data.name in a config)",
                           False), ("paper benchmarks (bsam data prepare NAME --root DIR; "
                                    "bsam train --config NAME; bsam configs lists them)", True)):

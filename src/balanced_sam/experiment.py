@@ -44,6 +44,7 @@ from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError, spell
 from balanced_sam.io import write_json, write_text
 from balanced_sam.losses import get_loss
+from balanced_sam.methods import rho_for
 from balanced_sam.train import (
     FitResult,
     evaluate,
@@ -152,8 +153,9 @@ def train_config(data: DataSplits, train: Mapping[str, Any] | None = None) -> Tr
     auto`` becomes the data's."""
     train = dict(train or {})
     values = {**data.recipe.train, **train}
-    if "rho" not in train and train.get("method") in data.recipe.rho_by_method:
-        values["rho"] = data.recipe.rho_by_method[train["method"]]
+    rho = rho_for(train["method"], data.recipe.rho_by_method) if "method" in train else None
+    if "rho" not in train and rho is not None:  # a composed method: its optimizer part's rho
+        values["rho"] = rho
     cfg = TrainConfig.from_dict(values)
     if cfg.balance == "auto":
         cfg.balance = data.balance

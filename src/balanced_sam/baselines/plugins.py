@@ -318,10 +318,12 @@ class MethodPlugin:
 
     def _gai(self, o: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
         values, counts = self._prior_values(o)
-        try:
-            gmm = fit_gmm_1d(values.numpy(), o["n_components"], counts=counts.numpy())
-        except ValueError as exc:
-            raise ValueError(f"gai (train.baselines.gai.n_components): {exc}") from None
+        filled = int((counts > 0).sum())
+        if o["n_components"] > filled:
+            raise ValueError(f"gai fits its mixture to the training histogram: "
+                             f"train.baselines.gai.n_components={o['n_components']} exceeds its "
+                             f"{filled} non-empty label bins; lower it or use narrower bins")
+        gmm = fit_gmm_1d(values.numpy(), o["n_components"], counts=counts.numpy())
         std = float(getattr(self.units, "std", 1.0))
         w = torch.as_tensor(gmm.weights, dtype=torch.float32, device=self.device)
         mu = self.units.scale(torch.as_tensor(gmm.means)).to(self.device, torch.float32)
@@ -548,8 +550,10 @@ def fit_stages(fit: Callable[..., Any], model: nn.Module, train_data: Any, val_d
     ``OUT/pretrain``; no validation, the last epoch kept) and the linear head on the frozen
     encoder (into ``OUT``, validated and tested as any run). Resuming continues the stage that
     was interrupted: a run whose head stage has a ``last.pt`` skips the pre-training (its
-    weights are in that checkpoint). The result is the head stage's, with the pre-training's
-    epochs first in ``history`` (marked ``stage: pretrain``) and its seconds added."""
+    weights are in that checkpoint). ``on_epoch_end`` sees the epochs of both stages (the
+    pre-training's rows marked ``stage: pretrain``); ``loggers`` the head stage's. The result
+    is the head stage's, with the pre-training's epochs first in ``history`` (marked) and its
+    seconds added."""
     from balanced_sam.outputs import RunExistsError
 
     out = Path(out_dir) if out_dir is not None else None
@@ -561,10 +565,13 @@ def fit_stages(fit: Callable[..., Any], model: nn.Module, train_data: Any, val_d
     first = None
     if not (out is not None and resume and (out / "last.pt").exists()):
         log(f"rnc stage 1/2: contrastive pre-training of the encoder, {pre_cfg.epochs} epochs")
+        hook = common.get("on_epoch_end")
+        pre_common = {k: v for k, v in common.items() if k not in ("on_epoch_end", "loggers")}
         first = fit(model, train_data, None, bins, pre_cfg, test_data=None,
                     out_dir=None if out is None else out / "pretrain", resume=resume,
-                    overwrite=overwrite, log=log,
-                    **{k: v for k, v in common.items() if k not in ("on_epoch_end", "loggers")})
+                    overwrite=overwrite, log=log, **pre_common,
+                    on_epoch_end=None if hook is None else (
+                        lambda epoch, row: hook(epoch, {**row, "stage": "pretrain"})))
     log(f"rnc stage 2/2: linear head on the frozen encoder, {head_cfg.epochs} epochs")
     res = fit(model, train_data, val_data, bins, head_cfg, test_data=test_data, out_dir=out,
               resume=resume, overwrite=overwrite, log=log, **common)
