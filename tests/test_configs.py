@@ -63,7 +63,7 @@ def test_unknown_names_list_close_ones(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="agedb_bsam") as info:
         config_path("agedb_bsm")
     assert "close names" in str(info.value)
-    with pytest.raises(FileNotFoundError, match="shipped configs: agedb_bsam"):
+    with pytest.raises(FileNotFoundError, match="shipped configs: agedb_bni, agedb_bsam"):
         config_path("zzzzzzzz")
     # a path in another folder is never replaced by the shipped file of the same name
     with pytest.raises(FileNotFoundError, match="--config agedb_bsam") as info:
