@@ -1,20 +1,37 @@
-"""Step time of plain SGD, SAM, BalancedSAM and ImbSAM (also with interval=5), one process.
+"""Step time against plain SGD: the sharpness-aware optimizers and every baseline, one process.
 
-    python benchmarks/step_cost.py            # ResNet-18 at 32x32 (batch 64) and MLP (batch 256)
-    python benchmarks/step_cost.py --smoke    # a few steps on tiny models, seconds
+    python benchmarks/step_cost.py                 # both tables, all models (minutes)
+    python benchmarks/step_cost.py --only baselines --models mlp,cnn
+    python benchmarks/step_cost.py --smoke         # a few steps on small models, seconds
 
-The optimizers are timed round-robin (one step of each in turn), so a slow phase of the machine
-hits all of them alike. Each optimizer's cost is the mean time per step over ``--steps`` steps
-after ``--warmup`` steps (a multiple of 5 steps, so ``interval=5`` runs whole cycles of one
-fresh perturbation and four reuses; its median would show only the cheap steps); the median
-is printed beside it. The ResNet is torchvision's resnet18 with a one-output head at 32x32
-input (its standard stem). Goals: BalancedSAM / SAM <= 1.03 and BalancedSAM / SGD <= 2.1
-(issue 2); BalancedSAM with interval=5 <= 1.3x SGD (issue 13), on the ResNet.
+Two tables per model, each timed round-robin (one step of each entry in turn, so a slow phase
+of the machine hits all of them alike); each entry's cost is the mean time per step over
+``--steps`` steps after ``--warmup`` (a multiple of 5 steps, so ``interval=5`` runs whole cycles
+of one fresh perturbation and four reuses; its median would show only the cheap steps), the
+median printed beside it.
+
+* optimizers: plain SGD, SAM, BalancedSAM and ImbSAM (also with ``interval=5``) on a
+  hand-written L1 step. Goals on the ResNet: BalancedSAM / SAM <= 1.03 and BalancedSAM / SGD
+  <= 2.1 (issue 2); BalancedSAM with interval=5 <= 1.3x SGD (issue 13).
+* baselines: one training step of each method exactly as ``bsam`` runs it (the method's
+  :class:`~balanced_sam.baselines.plugins.MethodPlugin` builds the batch's ``loss_fn`` and the
+  parameter groups, :func:`~balanced_sam.methods.build_stepper` the step), against ``vanilla``
+  (plain SGD on L1 through the same machinery). ``fds`` calibrates (statistics of a first
+  epoch are in place) and collects every step; its once-per-epoch update is timed apart.
+  ``rnc:pretrain`` is a step of RnC's contrastive stage (one view per sample, the loop's),
+  ``rnc:head`` one of its linear-head stage (frozen encoder).
+
+Labels are long-tailed integers 0..99 (about 60 distinct values in a batch of 256), so
+ImbSAM's tail, RankSim's unique-label subset and ConR's pairs are realistic; the first 4 labels
+of each batch are tail labels so that ImbSAM does its full step. Models: torchvision's
+ResNet-18 with a one-output head at 32x32 (our ``ResNetRegressor``; the standard stem), the
+rotated-MNIST SmallCNN (8 and 16 channels, hidden 64) at 28x28, and an MLP 30-256-256-1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -24,27 +41,27 @@ import torch
 from torch import nn
 
 from balanced_sam import SAM, BalancedSAM, ImbSAM, LabelBins
-from balanced_sam.models import MLP
+from balanced_sam.baselines.plugins import MethodPlugin
+from balanced_sam.config import TrainConfig
+from balanced_sam.data.scaling import TargetScaler
+from balanced_sam.methods import build_stepper, get_method
+from balanced_sam.models import MLP, ResNetRegressor, SmallCNN
+from balanced_sam.train import _match
+
+OPTIMIZERS = ["sgd", "sam", "bsam", "imbsam", "sam-k5", "bsam-k5", "imbsam-k5"]
+BASELINES = ["vanilla", "focal-l1", "bmse", "bni", "gai", "ranksim", "conr", "ordinal-entropy",
+             "fds", "conr+fds", "rnc:pretrain", "rnc:head", "ranksim+bsam"]
+KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
 
 
-def make_resnet(small: bool) -> nn.Module:
-    import torchvision
-
-    if small:
-        return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock,
-                                                [1, 1, 1, 1], num_classes=1)
-    return torchvision.models.resnet18(num_classes=1)
-
-
-def make_step(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-              bins: LabelBins) -> Callable[[], None]:
-    kw = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
-
+def optimizer_step(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   bins: LabelBins) -> Callable[[], None]:
+    """A hand-written L1 step with plain SGD or a sharpness-aware optimizer."""
     def loss_fn() -> torch.Tensor:
         return (model(x).reshape(-1) - y).abs()
 
     if kind == "sgd":
-        opt = torch.optim.SGD(model.parameters(), **kw)
+        opt = torch.optim.SGD(model.parameters(), **KW)
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -55,27 +72,46 @@ def make_step(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     name, _, k = kind.partition("-k")
     interval = int(k) if k else 1
     if name == "sam":
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, interval=interval, **kw)
+        sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, interval=interval, **KW)
     elif name == "bsam":
-        opt = BalancedSAM(model.parameters(), torch.optim.SGD, bins, rho=0.05,
-                          interval=interval, **kw)
+        sam = BalancedSAM(model.parameters(), torch.optim.SGD, bins, rho=0.05,
+                          interval=interval, **KW)
     elif name == "imbsam":
-        opt = ImbSAM(model.parameters(), torch.optim.SGD, bins, rho=0.05, interval=interval,
-                     **kw)
+        sam = ImbSAM(model.parameters(), torch.optim.SGD, bins, rho=0.05, interval=interval,
+                     **KW)
     else:
         raise ValueError(kind)
-    return lambda: opt.step(loss_fn, y)
+    return lambda: sam.step(loss_fn, y)
 
 
-def measure(name: str, build_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
-            bins: LabelBins, steps: int, warmup: int) -> dict[str, float]:
-    kinds = ["sgd", "sam", "bsam", "imbsam", "sam-k5", "bsam-k5", "imbsam-k5"]
-    steppers = {}
-    for k in kinds:
-        torch.manual_seed(0)
-        model = build_model()
-        model.train()
-        steppers[k] = make_step(k, model, x, y, bins)
+def baseline_step(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  bins: LabelBins) -> tuple[Callable[[], None], MethodPlugin]:
+    """One training step of a method as the loop runs it (``NAME`` or ``rnc:STAGE``)."""
+    name, _, stage = kind.partition(":")
+    cfg = TrainConfig(method=name, rho=0.05, device="cpu", progress=False,
+                      baselines={"rnc": {"stage": stage}} if stage else {}, **KW)
+    plugin = MethodPlugin(get_method(name), cfg, model, bins, TargetScaler.from_stats(None),
+                          torch.device("cpu"))
+    _, step = build_stepper(plugin.stepper_method, plugin.param_groups(), bins, cfg)
+    first = plugin.first_pass_context(None)
+    if plugin.fds is not None:  # statistics of a first epoch, so that calibration runs
+        with torch.no_grad():
+            plugin.fds.collect(model.forward_features(x), y, 0)
+        plugin.end_epoch(0)
+    count = [0]
+
+    def run() -> None:
+        fn = plugin.batch_loss(model, x, y, None, epoch=1, index=count[0],
+                               autocast=contextlib.nullcontext, match=_match)
+        count[0] += 1
+        step(fn, y, first_pass_context=first)
+
+    return run, plugin
+
+
+def measure(title: str, kinds: list[str], make: Callable[[str], Callable[[], None]],
+            steps: int, warmup: int, reference: str) -> dict[str, dict[str, float]]:
+    steppers = {k: make(k) for k in kinds}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(warmup + steps):
         for k in kinds:
@@ -86,64 +122,110 @@ def measure(name: str, build_model: Callable[[], nn.Module], x: torch.Tensor, y:
                 times[k].append(dt)
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{name}: mean seconds per step over {steps} steps (after {warmup} warm-up)")
-    print(f"{'optimizer':<12}{'s/step':>10}{'/ SGD':>9}{'/ SAM':>9}{'median':>10}")
+    print(f"\n{title}: mean ms per step over {steps} steps (after {warmup} warm-up)")
+    print(f"{'':<16}{'ms/step':>10}{'/ SGD':>8}{'median':>10}")
     for k in kinds:
-        print(f"{k:<12}{mean[k]:>10.4f}{mean[k] / mean['sgd']:>9.3f}"
-              f"{mean[k] / mean['sam']:>9.3f}{med[k]:>10.4f}")
+        print(f"{k:<16}{1e3 * mean[k]:>10.2f}{mean[k] / mean[reference]:>8.2f}"
+              f"{1e3 * med[k]:>10.2f}")
     return {"mean": mean, "median": med}
 
 
-def main() -> None:
+def fds_end_epoch_ms(factory: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
+                     bins: LabelBins) -> float:
+    """FDS's once-per-epoch update after an epoch's worth (20 batches) of statistics."""
+    from balanced_sam.baselines import FDS
+
+    torch.manual_seed(0)
+    model = factory()
+    fds = FDS(model.feature_dim, bins)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    for _ in range(20):
+        fds.collect(feats, y, 0)
+    t0 = time.perf_counter()
+    fds.end_epoch(0)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def run_model(label: str, factory: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
+              bins: LabelBins, args: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {}
+
+    def fresh(make: Callable[..., object]) -> Callable[[str], Callable[[], None]]:
+        def build(kind: str) -> Callable[[], None]:
+            torch.manual_seed(0)  # the same initial weights for every entry
+            model = factory().train()
+            made = make(kind, model, x, y, bins)
+            return made[0] if isinstance(made, tuple) else made  # type: ignore[return-value]
+        return build
+
+    if args.only in ("all", "optimizers"):
+        out["optimizers"] = measure(f"{label}, optimizers", OPTIMIZERS, fresh(optimizer_step),
+                                    args.steps, args.warmup, "sgd")
+    if args.only in ("all", "baselines"):
+        out["baselines"] = measure(f"{label}, baselines (as the loop runs them)", BASELINES,
+                                   fresh(baseline_step), args.steps, args.warmup, "vanilla")
+        ms = fds_end_epoch_ms(factory, x, y, bins)
+        print(f"{'(fds end_epoch)':<16}{ms:>10.2f}   once per epoch")
+        out["fds_end_epoch_ms"] = ms
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--smoke", action="store_true", help="tiny models, few steps")
-    ap.add_argument("--json", help="also write the medians to this JSON file")
-    args = ap.parse_args()
+    ap.add_argument("--only", choices=["all", "optimizers", "baselines"], default="all")
+    ap.add_argument("--models", default="resnet,cnn,mlp",
+                    help="comma-separated: resnet, cnn, mlp (default all three)")
+    ap.add_argument("--smoke", action="store_true", help="small batches, few steps")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
         args.steps, args.warmup = min(args.steps, 5), 1
     if args.steps % 5:
         ap.error("--steps must be a multiple of 5 (whole interval=5 cycles)")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - {"resnet", "cnn", "mlp"}:
+        ap.error("--models takes a comma-separated list of resnet, cnn, mlp")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     g = torch.Generator().manual_seed(0)
-    # long-tailed integer labels 0..99 so ImbSAM's tail is non-empty in most batches
     train_labels = (torch.distributions.Exponential(0.05).sample((20000,)).clamp(max=99)).floor()
     bins = LabelBins.from_labels(train_labels, bin_width=1, lower=0, upper=100)
-
     tail_label = float(torch.nonzero(bins.counts < 20).reshape(-1)[0])
 
     def batch_labels(n: int) -> torch.Tensor:
-        # labels of the training distribution, plus 4 tail labels so that ImbSAM does its
-        # full two-pass step (a batch without tail samples is a plain step for ImbSAM)
-        y = train_labels[torch.randint(0, 20000, (n,), generator=g)]
-        y[:4] = tail_label
-        return y
+        yb = train_labels[torch.randint(0, 20000, (n,), generator=g)]
+        yb[:4] = tail_label  # ImbSAM takes its full step only when the batch has tail samples
+        return yb
 
-    res = {}
-    batch = 16 if args.smoke else 64
-    x = torch.randn(batch, 3, 32, 32, generator=g)
-    y = batch_labels(batch)
-    res["resnet18_32px"] = measure(
-        f"ResNet-18{' (small)' if args.smoke else ''}, 32x32, batch {batch}",
-        lambda: make_resnet(args.smoke), x, y, bins, args.steps, args.warmup)
-
-    batch = 64 if args.smoke else 256
-    x = torch.randn(batch, 30, generator=g)
-    y = batch_labels(batch)
-    res["mlp_256x256"] = measure(f"MLP 30-256-256-1, batch {batch}",
-                                 lambda: MLP(30, (256, 256)), x, y, bins, args.steps,
-                                 args.warmup)
-    r = res["resnet18_32px"]["mean"]
-    print(f"\nResNet: BalancedSAM / SAM = {r['bsam'] / r['sam']:.3f} (goal <= 1.03), "
-          f"BalancedSAM / SGD = {r['bsam'] / r['sgd']:.3f} (goal <= 2.1), "
-          f"BalancedSAM interval=5 / SGD = {r['bsam-k5'] / r['sgd']:.3f} (goal <= 1.3)")
+    specs = {
+        "resnet": ("ResNet-18, 32x32", 16 if args.smoke else 64,
+                   lambda b: torch.randn(b, 3, 32, 32, generator=g), ResNetRegressor),
+        "cnn": ("SmallCNN (8, 16 channels), 28x28", 32 if args.smoke else 128,
+                lambda b: torch.randn(b, 1, 28, 28, generator=g),
+                lambda: SmallCNN(channels=(8, 16), hidden=64)),
+        "mlp": ("MLP 30-256-256-1", 64 if args.smoke else 256,
+                lambda b: torch.randn(b, 30, generator=g), lambda: MLP(30, (256, 256))),
+    }
+    res: dict[str, object] = {}
+    for m in models:
+        title, batch, inputs, factory = specs[m]
+        y = batch_labels(batch)
+        print(f"\n== {title}, batch {batch} ({int(torch.unique(y).numel())} distinct labels)")
+        res[m] = run_model(f"{title}, batch {batch}", factory, inputs(batch), y, bins, args)
+    if "resnet" in res and "optimizers" in res["resnet"]:
+        r = res["resnet"]["optimizers"]["mean"]  # type: ignore[index]
+        print(f"\nResNet: BalancedSAM / SAM = {r['bsam'] / r['sam']:.3f} (goal <= 1.03), "
+              f"BalancedSAM / SGD = {r['bsam'] / r['sgd']:.3f} (goal <= 2.1), "
+              f"BalancedSAM interval=5 / SGD = {r['bsam-k5'] / r['sgd']:.3f} (goal <= 1.3)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
+    return res
 
 
 if __name__ == "__main__":

@@ -415,3 +415,20 @@ def test_every_baseline_trains_on_the_image_benchmark(tmp_path):
                   target_scaler=data.scaler, log=lambda s: None)
         assert np.isfinite(res.test["all"]["mae"]), name
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), name
+
+
+def test_step_cost_times_every_baseline_as_the_loop_runs_it(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+    spec = importlib.util.spec_from_file_location("step_cost_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--smoke", "--only", "baselines", "--models", "mlp", "--json",
+                    str(tmp_path / "r.json")])
+    mean = res["mlp"]["baselines"]["mean"]
+    assert set(mean) == set(mod.BASELINES)
+    assert {m.partition(":")[0] for m in mod.BASELINES} >= set(PLUGINS) | {"vanilla"}
+    assert all(np.isfinite(v) and v > 0 for v in mean.values())
+    assert "ranksim+bsam" in capsys.readouterr().out
