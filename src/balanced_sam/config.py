@@ -44,7 +44,9 @@ class TrainConfig:
     ``none``; ``warmup_epochs`` ramp up linearly first. ``many`` / ``few``: region thresholds on a
     bin's training count (``None``: those of the bins, 100 / 20 by default). ``balance``: what
     bMAE averages over, ``label``, ``bin`` or ``auto`` (decided once from the training labels,
-    see :func:`balanced_sam.metrics.balance_of`).
+    see :func:`balanced_sam.metrics.balance_of`). ``baselines``: options of the method's baseline
+    plug-ins, ``{name: {key: value}}`` (e.g. ``{"ranksim": {"gamma": 100}}``; defaults and keys
+    in :data:`balanced_sam.baselines.plugins.PLUGINS`).
     """
 
     method: str = "bsam"

@@ -11,11 +11,17 @@ vocabulary (the optimizers use the same two weighting names):
 * ``update_weighting``: the per-sample weights of the loss whose gradient updates the weights
   (``None``: unweighted).
 
-A baseline plugs in with one :func:`register_method` call. :func:`build_stepper` turns a method
+The baselines of issue 11 are *plug-ins* (:mod:`balanced_sam.baselines.plugins`: losses,
+feature regularisers, FDS, RnC's two stages) that a method names in ``plugins``; any plug-in
+composes with a weighting and an optimizer by name, ``PLUGIN[+PLUGIN...][+WEIGHTING][+OPTIMIZER]``
+(``ranksim+bsam``, ``conr+lds``, ``fds+sqinv+imbsam``), built on demand by :func:`get_method`
+(:func:`parse_method` says what each part means); ``bsam list`` shows the parts.
+
+A method plugs in with one :func:`register_method` call. :func:`build_stepper` turns a method
 into an optimizer and a step function with one signature for all of them::
 
     opt, step = build_stepper(METHODS["bsam"], model.parameters(), bins, cfg)
-    loss = step(loss_fn, targets)          # loss_fn() -> unreduced per-sample losses
+    loss = step(loss_fn, targets)          # loss_fn() -> per-sample losses [, regulariser]
 
 Older spellings still work: ``Method(optimizer="base"|"sam"|..., weighting=..., perturbation=...,
 extra=...)`` and the attributes ``method.optimizer``, ``.weighting``, ``.perturbation``,
