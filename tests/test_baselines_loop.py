@@ -213,12 +213,18 @@ def test_balanced_mse_sigma_has_its_own_group_is_never_perturbed_and_keeps_its_l
     x, y = _data(128, integer=False)
     tr, va, te = _split(x, y)
     bins = LabelBins.from_labels(tr[1], bin_width=4, lower=0, upper=40)
-    cfg = _cfg(rho=0.5)
+    cfg = _cfg(rho=0.5, baselines={"bni": {"learn_noise": True}})
     seed_everything(0)
     model = MLP(5, (16,))
+    assert _plugin("bni", model, bins, _cfg()).noise_sigma is None  # fixed unless asked
     plugin = _plugin("bni+bsam", model, bins, cfg)
     groups = plugin.param_groups()
     assert len(groups) == 2 and groups[1]["params"] == [plugin.noise_sigma]
+    # sigma starts at one bin width (label units), expressed in the standardised loss units
+    assert plugin.noise_sigma.item() == pytest.approx(4.0 / plugin.units.std)
+    given = _plugin("bni", model, bins, _cfg(baselines={"bni": {"init_noise_sigma": 10.0,
+                                                                 "learn_noise": True}}))
+    assert given.noise_sigma.item() == pytest.approx(10.0 / plugin.units.std)
     assert {k: groups[1][k] for k in ("lr", "weight_decay", "rho", "scheduled")} == {
         "lr": 1e-2, "weight_decay": 0.0, "rho": 0.0, "scheduled": False}
     opt, step = build_stepper(plugin.stepper_method, groups, bins, cfg)
@@ -246,7 +252,8 @@ def test_balanced_mse_sigma_has_its_own_group_is_never_perturbed_and_keeps_its_l
     assert plugin.noise_sigma.item() != sigma0.item()  # but it is learned
     # through fit: a cosine schedule decays the model's lr, not sigma's
     seed_everything(0)
-    res = fit(MLP(5, (16,)), tr, va, bins, _cfg(method="bni+bsam", epochs=3, schedule="cosine"),
+    res = fit(MLP(5, (16,)), tr, va, bins, _cfg(method="bni+bsam", epochs=3, schedule="cosine",
+                                                 baselines={"bni": {"learn_noise": True}}),
               test_data=te, log=lambda s: None)
     assert np.isfinite(res.test["all"]["mae"])
     assert [r["lr"] for r in res.history][-1] < 0.05
@@ -263,7 +270,10 @@ def test_the_bmse_method_trains_with_its_own_loss():
     from balanced_sam.losses import balanced_mse_loss
 
     y_s = plugin.units.scale(y)
-    torch.testing.assert_close(fn(), balanced_mse_loss(model(x), y_s))
+    # sigma: one bin width in label units (4), in the loss's standardised units
+    var = (4.0 / plugin.units.std) ** 2
+    torch.testing.assert_close(fn(), balanced_mse_loss(model(x), y_s, noise_var=var))
+    assert not torch.allclose(fn(), balanced_mse_loss(model(x), y_s, noise_var=1.0))
 
 
 # ---------------------------------------------------------------------------- FDS
@@ -392,11 +402,16 @@ def test_every_baseline_runs_in_bsam_bench_on_a_table(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--csv", str(csv), "--target", "target", "--methods",
                  ",".join(methods), "--seeds", "1", "--epochs", "1", "--bin-width", "4",
-                 "--cap", "10", "--out", str(out), "--no-plots"]) == 0
+                 "--cap", "10", "--out", str(out), "--no-plots",
+                 "--baseline-option", "conr.beta=2", "--baseline-option", "fds.ks=3"]) == 0
     res = json.loads((out / "results.json").read_text())
+    assert res["config"]["train"]["baselines"] == {"conr": {"beta": 2}, "fds": {"ks": 3}}
     assert list(res["methods"]) == methods
     for name, m in res["methods"].items():
         assert np.isfinite(m["mean"]["all"]["mae"]), name
+    assert main(["bench", "--csv", str(csv), "--target", "target", "--methods", "conr",
+                 "--baseline-option", "conr.bta=2", "--out", str(tmp_path / "bad")]) == 2
+    assert "conr.bta is not an option of conr" in capsys.readouterr().err
     # composed SAM-family methods take their optimizer part's rho from the recipe (0.05)
     assert res["methods"]["ranksim+bsam"]["runs"][0]["rho"] == 0.05
     assert res["methods"]["ranksim"]["runs"][0]["rho"] is None

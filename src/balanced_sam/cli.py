@@ -30,7 +30,7 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "features": "--features COL,COL,...", "max_categories": "--max-categories N",
               "bin_width": "--bin-width W", "train_fraction": "--train-fraction F",
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
-              "device": "--device cpu"},
+              "device": "--device cpu", "baselines": "--baseline-option NAME.KEY=VALUE"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
               "bin_width": "data.bin_width=W", "train_fraction": "data.train_fraction=F",
@@ -57,6 +57,22 @@ def _csv_list(kind: type = str) -> Callable[[str], list[Any]]:
             raise argparse.ArgumentTypeError(f"bad list {text!r}: {exc}") from None
 
     return parse
+
+
+def _baseline_option(text: str) -> tuple[str, str, Any]:
+    """``NAME.KEY=VALUE`` (the value read as YAML: 10, 0.5, true, null, exp)."""
+    import yaml
+
+    key, eq, raw = text.partition("=")
+    name, dot, option = key.strip().rpartition(".")
+    if not (eq and dot and name and option):
+        raise argparse.ArgumentTypeError(f"expected NAME.KEY=VALUE (e.g. ranksim.gamma=10), got "
+                                         f"{text!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return name, option, value
 
 
 def _seeds(text: str) -> list[int]:
@@ -176,6 +192,10 @@ def _add_bench(sub: Any) -> None:
                    help="validation metric that picks the best epoch (default mae, as the "
                         "paper's code)")
     b.add_argument("--lr", type=float, help="learning rate (default: the dataset's recipe)")
+    b.add_argument("--baseline-option", action="append", default=[], type=_baseline_option,
+                   metavar="NAME.KEY=VALUE",
+                   help="an option of a baseline plug-in, e.g. ranksim.gamma=10 (repeatable; "
+                        "train.baselines in a config; bsam list names the plug-ins)")
     b.add_argument("--batch-size", type=int, help="batch size (default: the dataset's recipe)")
     b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     b.add_argument("--out", help="output folder (default runs/bench-<timestamp>)")
@@ -285,8 +305,11 @@ def _add_list(sub: Any) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from balanced_sam.bench import run_bench
 
-    overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size))
-                 if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("lr", args.lr),
+                                                   ("batch_size", args.batch_size))
+                                 if v is not None}
+    for name, key, value in args.baseline_option:
+        overrides.setdefault("baselines", {}).setdefault(name, {})[key] = value
     rho = args.rho if args.rho is None or len(args.rho) > 1 else args.rho[0]
     table = {k: v for k, v in (("impute", args.impute), ("features", args.features),
                                ("categorical", args.categorical),

@@ -52,8 +52,8 @@ from balanced_sam.baselines.losses import FOCAL_ACTIVATIONS, bni_loss, focal_l1_
 from balanced_sam.baselines.regularizers import PUSHING, ConR, OrdinalEntropy, RankSim
 from balanced_sam.baselines.rnc import rnc_loss
 from balanced_sam.bins import LabelBins, lds_kernel
-from balanced_sam.errors import ConfigError
-from balanced_sam.losses import get_loss
+from balanced_sam.errors import ConfigError, spell
+from balanced_sam.losses import balanced_mse_loss, get_loss
 
 if TYPE_CHECKING:
     from balanced_sam.methods import Method
@@ -90,15 +90,18 @@ PLUGINS: dict[str, PluginSpec] = {s.name: s for s in (
                choices={"activation": FOCAL_ACTIVATIONS}),
     PluginSpec("bni", "loss", "Balanced MSE, bin-based numerical integration (label prior = "
                "the training histogram)", "Table 3 (Balanced MSE (BNI) *)",
-               {"init_noise_sigma": 1.0, "learn_noise": True, "noise_lr": 1e-2,
+               {"init_noise_sigma": None, "learn_noise": False, "noise_lr": 1e-2,
                 "bin_value": "center"},
-               "the Balanced MSE code: sigma starts at 1, its own lr 1e-2 (not scheduled)",
+               "the Balanced MSE code: sigma learned with its own lr 1e-2 (not scheduled) under "
+               "Adam, or fixed (its NYUD2 command); sigma starts at 1 label unit there (a year, a "
+               "metre), here at one bin width unless given (label units). Fixed by default: "
+               "learned under SGD it ran away (see the notes)",
                balances=True, choices={"bin_value": ("center", "lower")}),
     PluginSpec("gai", "loss", "Balanced MSE, Gaussian-mixture form (label prior = a GMM fitted "
                "to the training histogram)", "no row (Ren et al., CVPR 2022)",
-               {"n_components": 8, "init_noise_sigma": 1.0, "learn_noise": True,
+               {"n_components": 8, "init_noise_sigma": None, "learn_noise": False,
                 "noise_lr": 1e-2, "bin_value": "center"},
-               "the Balanced MSE code: 8 components (IMDB-WIKI), sigma 1, its lr 1e-2",
+               "the Balanced MSE code: 8 components (IMDB-WIKI), its lr 1e-2; sigma as bni",
                balances=True, choices={"bin_value": ("center", "lower")}),
     PluginSpec("ranksim", "regularizer", "RankSim: feature-similarity ranks follow label "
                "ranks", "Tables 1-2 (RankSim *, run with SQINV: ranksim+sqinv)",
@@ -164,6 +167,15 @@ def check_options(options: Any, section: str = "train.baselines") -> None:
     if not isinstance(options, Mapping):
         raise ConfigError(f"{section} must be a mapping of plug-in name to its options, got "
                           f"{options!r}")
+    try:
+        _check_each(options, section)
+    except ConfigError as exc:
+        hint = spell("baselines")  # the command's own spelling, when it has one
+        raise ConfigError(str(exc) if hint.startswith("baselines=") else
+                          f"{exc} (set with {hint})") from None
+
+
+def _check_each(options: Mapping[str, Any], section: str) -> None:
     for name, opts in options.items():
         if name not in PLUGINS:
             raise ConfigError(f"{section}.{name} is not a baseline plug-in; known: "
@@ -270,7 +282,11 @@ class MethodPlugin:
         for name in ("focal-l1", "bni", "gai"):
             if name in self.options:
                 return getattr(self, "_" + name.replace("-", "_"))(self.options[name])
-        return get_loss(self.method.loss or self.cfg.loss)
+        name = self.method.loss or self.cfg.loss
+        if name == "bmse":  # batch Monte-Carlo Balanced MSE: fixed sigma, one bin width
+            var = (self._bin_width() / float(getattr(self.units, "std", 1.0))) ** 2
+            return functools.partial(balanced_mse_loss, noise_var=var)
+        return get_loss(name)
 
     def _focal_l1(self, o: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
         focal_l1_loss(torch.zeros(1), torch.zeros(1), o["beta"], o["gamma"], o["activation"])
@@ -292,11 +308,19 @@ class MethodPlugin:
             counts = torch.from_numpy(np.convolve(counts.numpy(), window, mode="same"))
         return values.to(torch.float64), counts
 
+    def _bin_width(self) -> float:
+        return float((self.bins.edges[1:] - self.bins.edges[:-1]).mean())
+
     def _noise(self, o: Mapping[str, Any]) -> torch.Tensor:
-        init = o["init_noise_sigma"]
+        """sigma in the loss units: ``init_noise_sigma`` is in label units (default: one bin
+        width), divided by the target scaler's std. With standardised targets a sigma of 1 in
+        loss units would be the whole label spread, where Balanced MSE's balancing term no
+        longer depends on the prediction's neighbourhood and pushes predictions off the range."""
+        init = self._bin_width() if o["init_noise_sigma"] is None else o["init_noise_sigma"]
         if not init > 0:
             raise ValueError(f"train.baselines: init_noise_sigma must be > 0, got {init!r}")
-        sigma = torch.tensor(float(init), device=self.device)
+        scale = float(getattr(self.units, "std", 1.0))
+        sigma = torch.tensor(float(init) / scale, device=self.device)
         if o["learn_noise"]:
             if not o["noise_lr"] > 0:
                 raise ValueError(f"train.baselines: noise_lr must be > 0, got {o['noise_lr']!r}")
@@ -333,7 +357,7 @@ class MethodPlugin:
 
     def _regularizers(self) -> list[Callable[..., torch.Tensor]]:
         out: list[Callable[..., torch.Tensor]] = []
-        width = float((self.bins.edges[1:] - self.bins.edges[:-1]).mean())
+        width = self._bin_width()
         if "ranksim" in self.options:
             o = self.options["ranksim"]
             rs = RankSim(o["gamma"], o["lambda_val"], o["unique_labels"])
@@ -425,6 +449,9 @@ class MethodPlugin:
             with autocast():
                 pred, feats = self._forward(model, x, y, mask, epoch, first)
             if self.stage == "pretrain":
+                if y.dim() > 1 and y[0].numel() > 1:
+                    raise ValueError("rnc contrasts samples by one label each; dense targets "
+                                     f"(shape {tuple(y.shape)}) are not supported")
                 losses = self.elem(y_scaled, y_scaled)
                 return losses, rnc_loss(feats.float(), y, temperature=float(
                     self.options["rnc"]["temperature"]))
