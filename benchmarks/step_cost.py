@@ -8,7 +8,7 @@ Two tables per model, each timed round-robin (one step of each entry in turn, so
 of the machine hits all of them alike); each entry's cost is the mean time per step over
 ``--steps`` steps after ``--warmup`` (a multiple of 5 steps, so ``interval=5`` runs whole cycles
 of one fresh perturbation and four reuses; its median would show only the cheap steps), the
-median printed beside it.
+median and its ratio printed beside it (steadier when the machine is shared).
 
 * optimizers: plain SGD, SAM, BalancedSAM and ImbSAM (also with ``interval=5``) on a
   hand-written L1 step. Goals on the ResNet: BalancedSAM / SAM <= 1.03 and BalancedSAM / SGD
@@ -123,10 +123,10 @@ def measure(title: str, kinds: list[str], make: Callable[[str], Callable[[], Non
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{title}: mean ms per step over {steps} steps (after {warmup} warm-up)")
-    print(f"{'':<16}{'ms/step':>10}{'/ SGD':>8}{'median':>10}")
+    print(f"{'':<16}{'ms/step':>10}{'/ SGD':>8}{'median':>10}{'/ SGD':>8}")
     for k in kinds:
         print(f"{k:<16}{1e3 * mean[k]:>10.2f}{mean[k] / mean[reference]:>8.2f}"
-              f"{1e3 * med[k]:>10.2f}")
+              f"{1e3 * med[k]:>10.2f}{med[k] / med[reference]:>8.2f}")
     return {"mean": mean, "median": med}
 
 

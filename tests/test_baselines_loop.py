@@ -447,3 +447,21 @@ def test_step_cost_times_every_baseline_as_the_loop_runs_it(tmp_path, capsys):
     assert {m.partition(":")[0] for m in mod.BASELINES} >= set(PLUGINS) | {"vanilla"}
     assert all(np.isfinite(v) and v > 0 for v in mean.values())
     assert "ranksim+bsam" in capsys.readouterr().out
+
+
+def test_plugin_options_change_the_recipes_key_by_key(tmp_path):
+    from test_train import write_csv
+
+    from balanced_sam.data.registry import Recipe
+    from balanced_sam.experiment import train_config
+
+    csv = tmp_path / "t.csv"
+    write_csv(csv, n=300)
+    data = load_data({"name": "csv", "path": str(csv), "target": "target"})
+    data.recipe = Recipe({**data.recipe.train, "baselines": {"ranksim": {"gamma": 0.1},
+                                                             "conr": {"beta": 0.4}}},
+                         data.recipe.rho_by_method, data.recipe.model)
+    assert train_config(data, {}).baselines == {"ranksim": {"gamma": 0.1}, "conr": {"beta": 0.4}}
+    cfg = train_config(data, {"baselines": {"conr": {"tau": 0.2}, "fds": {"ks": 3}}})
+    assert cfg.baselines == {"ranksim": {"gamma": 0.1}, "conr": {"beta": 0.4, "tau": 0.2},
+                             "fds": {"ks": 3}}

@@ -149,10 +149,16 @@ def _check_sections(spec: Mapping[str, Any]) -> None:
 
 def train_config(data: DataSplits, train: Mapping[str, Any] | None = None) -> TrainConfig:
     """The ``TrainConfig`` of ``data``'s recipe changed by ``train`` (a config's section): a
-    ``train`` that names a method and no rho gets the recipe's rho for that method; ``balance:
-    auto`` becomes the data's."""
+    ``train`` that names a method and no rho gets the recipe's rho for that method; plug-in
+    options (``baselines``) change the recipe's key by key; ``balance: auto`` becomes the
+    data's."""
     train = dict(train or {})
     values = {**data.recipe.train, **train}
+    if "baselines" in train and data.recipe.train.get("baselines"):  # per plug-in, key by key
+        mine, recipe = train["baselines"] or {}, data.recipe.train["baselines"]
+        if isinstance(mine, dict):
+            values["baselines"] = {p: {**(recipe.get(p) or {}), **(mine.get(p) or {})}
+                                   for p in dict.fromkeys([*recipe, *mine])}
     rho = rho_for(train["method"], data.recipe.rho_by_method) if "method" in train else None
     if "rho" not in train and rho is not None:  # a composed method: its optimizer part's rho
         values["rho"] = rho
