@@ -7,8 +7,10 @@ their own recipes (Adam, batch 64-256, ResNet-50 on ages). On a bench dataset tr
 recipe they can swamp the L1 term (on diamonds, SGD lr 0.2: RankSim with gamma 10 or 100 makes
 the MLP diverge), so each regulariser's weight is chosen once, like the SAM family's rho
 (benchmarks/tune_diamonds.py): the authors' value times 1, 0.1, 0.01 and 0.001, each plug-in on
-plain L1, the dataset's recipe, mean validation MAE over the seeds. A run that diverges scores
-infinity. Prints every cell and the choice; test numbers are not looked at.
+plain L1, the dataset's recipe, mean validation MAE over the seeds. RnC's linear head is tuned
+the same way (its lr, as a factor of the recipe's lr, which the contrastive pre-training keeps).
+A run that diverges scores infinity. Prints every cell and the choice; test numbers are not
+looked at.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from pathlib import Path
 
 from balanced_sam.baselines.plugins import PLUGINS
 from balanced_sam.bench import run_bench
+from balanced_sam.data.registry import get_entry
 
-#: the weight of each regulariser, and which options it sets
-WEIGHTS = {"ranksim": ("gamma",), "conr": ("beta",), "ordinal-entropy": ("lambda_d", "lambda_t")}
+#: the weight of each regulariser, and which options it sets (rnc: its linear head's lr, as a
+#: factor of the recipe's lr, which its contrastive pre-training keeps)
+WEIGHTS = {"ranksim": ("gamma",), "conr": ("beta",), "ordinal-entropy": ("lambda_d", "lambda_t"),
+           "rnc": ("head_lr",)}
 
 
 def val_mae(dataset: str, method: str, options: dict, seeds: list[int], epochs: int | None,
@@ -39,6 +44,12 @@ def val_mae(dataset: str, method: str, options: dict, seeds: list[int], epochs: 
         return math.inf
     runs = res["methods"][method]["runs"]
     return sum(r["val"]["all"]["mae"] for r in runs) / len(runs)
+
+
+def base_value(dataset: str, method: str, key: str) -> float:
+    """The authors' weight, or for a null default (rnc's head lr) the recipe's lr."""
+    value = PLUGINS[method].defaults[key]
+    return float(get_entry(dataset).recipe.train["lr"] if value is None else value)
 
 
 def main() -> None:
@@ -62,13 +73,13 @@ def main() -> None:
         keys = WEIGHTS[method]
         scores = {}
         for f in factors:
-            opts = {k: PLUGINS[method].defaults[k] * f for k in keys}
+            opts = {k: base_value(args.dataset, method, k) * f for k in keys}
             scores[f] = val_mae(args.dataset, method, opts, seeds, args.epochs,
                                 out / f"{method}-x{f:g}", args.data_root)
             shown = ", ".join(f"{k} {v:g}" for k, v in opts.items())
             print(f"  {method:<16} {shown:<28} {scores[f]:.4g}", flush=True)
         best = min(scores, key=scores.get)
-        choice = ", ".join(f"{k} {PLUGINS[method].defaults[k] * best:g}" for k in keys)
+        choice = ", ".join(f"{k} {base_value(args.dataset, method, k) * best:g}" for k in keys)
         print(f"  choice for {method}: {choice}", flush=True)
 
 

@@ -338,7 +338,7 @@ def test_rnc_trains_the_encoder_then_only_the_head_and_resumes_either_stage(tmp_
     tr, va, te = _split(x, y)
     bins = LabelBins.from_labels(tr[1], bin_width=4, lower=0, upper=40)
     cfg = _cfg(method="rnc+sqinv", epochs=2, seed=2,
-               baselines={"rnc": {"pretrain_epochs": 2, "pretrain_lr": 0.02}})
+               baselines={"rnc": {"pretrain_epochs": 2, "pretrain_lr": 0.02, "head_lr": 0.03}})
 
     def run(out, kill_at=None, resume=False):
         seed_everything(2)
@@ -362,6 +362,8 @@ def test_rnc_trains_the_encoder_then_only_the_head_and_resumes_either_stage(tmp_
     pre = torch.load(tmp_path / "a" / "pretrain" / "last.pt", weights_only=False)
     assert pre["config"]["lr"] == 0.02 and pre["config"]["baselines"]["rnc"]["stage"] == \
         "pretrain"
+    head_ck = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    assert head_ck["config"]["lr"] == 0.03 and head_ck["config"]["weight_decay"] == 0.0
     # stage 1 moved the encoder, not the head; stage 2 moved the head, not the encoder
     enc = [k for k in pre["model"] if not k.startswith("net.2")]
     assert all(torch.equal(pre["model"][k], init.state_dict()[k]) for k in ("net.2.weight",

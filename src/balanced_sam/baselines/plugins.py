@@ -129,8 +129,10 @@ PLUGINS: dict[str, PluginSpec] = {s.name: s for s in (
                "then a linear head on the frozen encoder", "Tables 1-2 (RnC)",
                {"temperature": 2.0, "pretrain_epochs": None, "pretrain_lr": None,
                 "pretrain_weight_decay": None, "pretrain_batch_size": None,
-                "pretrain_lr_min_factor": None, "stage": "both"},
-               "the RnC code (temperature 2); pretrain_* null = the train section's value",
+                "pretrain_lr_min_factor": None, "head_lr": None, "head_weight_decay": None,
+                "stage": "both"},
+               "the RnC code (temperature 2); pretrain_* / head_* null = the train section's "
+               "value (the train section describes the head stage unless head_* is given)",
                choices={"stage": RNC_STAGES}),
 )}
 
@@ -567,7 +569,10 @@ def _stage_configs(cfg: Any) -> tuple[Any, Any]:
                   batch_size=int(pick("batch_size", cfg.batch_size)),
                   lr_min_factor=float(pick("lr_min_factor", cfg.lr_min_factor)),
                   select_by="last", baselines=staged("pretrain"))
-    return pre, replace(cfg, baselines=staged("head"))
+    head = replace(cfg, lr=float(cfg.lr if o["head_lr"] is None else o["head_lr"]),
+                   weight_decay=float(cfg.weight_decay if o["head_weight_decay"] is None
+                                      else o["head_weight_decay"]), baselines=staged("head"))
+    return pre, head
 
 
 def fit_stages(fit: Callable[..., Any], model: nn.Module, train_data: Any, val_data: Any,
