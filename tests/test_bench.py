@@ -469,3 +469,17 @@ def test_a_recipe_with_an_unknown_data_option_is_refused():
         registry.register(registry.DatasetEntry("bad-recipe", registry._tables(_tiny), bad, "",
                                                 "x", options=("n",)))
     assert "bad-recipe" not in registry.REGISTRY
+
+
+def test_default_jobs_is_what_the_machine_offers(monkeypatch):
+    from balanced_sam import parallel
+
+    monkeypatch.setattr(parallel, "usable_cpus", lambda: 8)
+    assert parallel.default_jobs("cpu") == 8
+    assert parallel.default_jobs("cpu", threads=2) == 4
+    assert parallel.default_jobs("cpu", threads=16) == 1
+    assert parallel.default_jobs("mps") == 1 and parallel.default_jobs("cuda:1") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert parallel.default_jobs("auto") == 3  # one run per GPU unless asked for more
+    assert parallel.default_jobs("cuda:0") == 1
