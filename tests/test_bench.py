@@ -4,6 +4,7 @@ diverged runs left out, `bsam compare`, and the default dataset a recipe can poi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -387,6 +388,19 @@ def test_a_folder_of_an_older_bench_is_still_the_same_bench(table, tmp_path):
     assert any("read back" in s for s in logs)
     with pytest.raises(FileExistsError, match="another configuration"):
         run_bench(None, log=lambda s: None, overrides={"max_grad_norm": 1.0}, **kw)
+
+
+def test_an_interval_variant_takes_its_base_methods_rho_from_the_recipe(tiny_default, tmp_path):
+    from balanced_sam.experiment import train_config
+
+    recipe = registry.Recipe(train={"epochs": 1, "batch_size": 64, "rho": 0.3},
+                             rho_by_method={"bsam": 0.07}, model={"name": "mlp", "hidden": [8]})
+    registry.REGISTRY["tiny-default"] = dataclasses.replace(tiny_default, recipe=recipe)
+    res = run_bench(methods=["sqinv", "bsam", "bsam-i3", "sam-i3"], seeds=[0],
+                    out=tmp_path / "r", plots=False, log=lambda s: None)
+    assert res["config"]["rho_by_method"] == {"bsam": 0.07, "bsam-i3": 0.07, "sam-i3": 0.3}
+    data = registry.load_data({"name": "tiny-default"})
+    assert train_config(data, {"method": "bsam-i3"}).rho == 0.07
 
 
 def test_bench_cli_passes_clipping_interval_and_jobs(table, tmp_path, capsys):

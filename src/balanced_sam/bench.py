@@ -84,7 +84,7 @@ from balanced_sam.data.registry import DataSplits, default_bench_dataset, get_en
 from balanced_sam.errors import spell
 from balanced_sam.experiment import train_config
 from balanced_sam.io import FolderLock, nan_for_null, read_json, to_json, write_csv, write_json
-from balanced_sam.methods import DEFAULT_METHODS, get_method
+from balanced_sam.methods import DEFAULT_METHODS, base_method, get_method
 from balanced_sam.metrics import aggregate_reports, format_table
 from balanced_sam.train import (
     RunExistsError,
@@ -311,8 +311,14 @@ def _make_plan(a: dict[str, Any]) -> _Plan:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(a["out"]) if a["out"] is not None else Path("runs") / f"bench-{stamp}"
     return _Plan(data, spec, cfg, methods, seeds, rhos or [cfg.rho],
-                 {} if rhos else dict(data.recipe.rho_by_method), out, a["quick"], baseline,
+                 {} if rhos else _recipe_rhos(data, methods), out, a["quick"], baseline,
                  jobs, threads, a["device"], a["status"])
+
+
+def _recipe_rhos(data: DataSplits, methods: Sequence[str]) -> dict[str, float]:
+    """The recipe's rho of each method (an interval variant, ``bsam-i5``, takes its base's)."""
+    chosen = data.recipe.rho_by_method
+    return {m: chosen[base_method(m)] for m in methods if base_method(m) in chosen}
 
 
 def _checked_runs(methods: Sequence[str], seeds: Sequence[int]) -> list[int]:

@@ -44,6 +44,7 @@ from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError, spell
 from balanced_sam.io import write_json, write_text
 from balanced_sam.losses import get_loss
+from balanced_sam.methods import base_method
 from balanced_sam.train import (
     FitResult,
     evaluate,
@@ -151,8 +152,9 @@ def train_config(data: DataSplits, train: Mapping[str, Any] | None = None) -> Tr
     auto`` becomes the data's."""
     train = dict(train or {})
     values = {**data.recipe.train, **train}
-    if "rho" not in train and train.get("method") in data.recipe.rho_by_method:
-        values["rho"] = data.recipe.rho_by_method[train["method"]]
+    rho_of = base_method(str(train.get("method")))  # bsam-i5 takes bsam's rho
+    if "rho" not in train and rho_of in data.recipe.rho_by_method:
+        values["rho"] = data.recipe.rho_by_method[rho_of]
     cfg = TrainConfig.from_dict(values)
     if cfg.balance == "auto":
         cfg.balance = data.balance

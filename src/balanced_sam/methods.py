@@ -38,7 +38,8 @@ from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.losses import weighted_mean
 from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
 
-__all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "build_stepper",
+__all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "base_method",
+           "build_stepper",
            "build_base_optimizer", "DEFAULT_METHODS", "StepFn"]
 
 StepFn = Callable[..., torch.Tensor]
@@ -172,6 +173,13 @@ DEFAULT_METHODS = ("vanilla", "sqinv", "inv", "lds", "sam", "imbsam", "bsam", "i
 
 #: ``NAME-iK``: a SAM-family method with a fresh perturbation every K steps (issue 13)
 _INTERVAL = re.compile(r"^(?P<base>.+)-i(?P<k>[0-9]+)$")
+
+
+def base_method(name: str) -> str:
+    """The registered method a name derives from (``bsam-i5`` -> ``bsam``), else the name: a
+    recipe's rho for ``bsam`` is also ``bsam-i5``'s."""
+    m = _INTERVAL.match(str(name))
+    return m["base"] if name not in METHODS and m and m["base"] in METHODS else name
 
 
 def get_method(name: str) -> Method:
