@@ -44,6 +44,7 @@ from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError, spell
 from balanced_sam.io import write_json, write_text
 from balanced_sam.losses import get_loss
+from balanced_sam.methods import base_method
 from balanced_sam.train import (
     FitResult,
     evaluate,
@@ -152,8 +153,9 @@ def train_config(data: DataSplits, train: Mapping[str, Any] | None = None) -> Tr
     auto`` becomes the data's."""
     train = dict(train or {})
     values = {**data.recipe.train, **train}
-    if "rho" not in train and train.get("method") in data.recipe.rho_by_method:
-        values["rho"] = data.recipe.rho_by_method[train["method"]]
+    rho_of = base_method(str(train.get("method")))  # bsam-i5 takes bsam's rho
+    if "rho" not in train and rho_of in data.recipe.rho_by_method:
+        values["rho"] = data.recipe.rho_by_method[rho_of]
     cfg = TrainConfig.from_dict(values)
     if cfg.balance == "auto":
         cfg.balance = data.balance
@@ -197,7 +199,8 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     if rank == 0:
         write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
                     "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
-                    "config": exp.cfg.to_dict(), "balance": exp.cfg.balance,
+                    "skipped_steps": res.skipped_steps, "config": exp.cfg.to_dict(),
+                    "balance": exp.cfg.balance,
                     "data_fingerprint": exp.data.fingerprint}, folder / "result.json")
     return res
 

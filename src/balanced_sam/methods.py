@@ -24,6 +24,8 @@ extra=...)`` and the attributes ``method.optimizer``, ``.weighting``, ``.perturb
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +38,8 @@ from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.losses import weighted_mean
 from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
 
-__all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "build_stepper",
+__all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "base_method",
+           "build_stepper",
            "build_base_optimizer", "DEFAULT_METHODS", "StepFn"]
 
 StepFn = Callable[..., torch.Tensor]
@@ -168,11 +171,38 @@ DEFAULT_METHODS = ("vanilla", "sqinv", "inv", "lds", "sam", "imbsam", "bsam", "i
                    "vanilla-bsam")
 
 
+#: ``NAME-iK``: a SAM-family method with a fresh perturbation every K steps (issue 13)
+_INTERVAL = re.compile(r"^(?P<base>.+)-i(?P<k>[0-9]+)$")
+
+
+def base_method(name: str) -> str:
+    """The registered method a name derives from (``bsam-i5`` -> ``bsam``), else the name: a
+    recipe's rho for ``bsam`` is also ``bsam-i5``'s."""
+    m = _INTERVAL.match(str(name))
+    return m["base"] if name not in METHODS and m and m["base"] in METHODS else name
+
+
 def get_method(name: str) -> Method:
-    try:
+    """The registered method ``name``, or an interval variant of one: ``NAME-iK`` (e.g.
+    ``bsam-i5``, ``sam-i10``) is the SAM-family method ``NAME`` computing a fresh perturbation
+    only every ``K`` steps and reusing it in between (the optimizers' ``interval=K``; it wins
+    over ``train.interval``). A bench can so compare ``bsam`` with ``bsam-i5`` side by side."""
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}") from None
+    m = _INTERVAL.match(str(name))
+    if m and m["base"] in METHODS:
+        base, k = METHODS[m["base"]], int(m["k"])
+        if not base.uses_rho:
+            raise ValueError(f"method {name!r}: the -iK suffix (a perturbation every K steps) "
+                             f"needs a SAM-family method, and {base.name!r} takes no "
+                             "perturbation")
+        if k < 1:
+            raise ValueError(f"method {name!r}: the interval K in -iK must be >= 1")
+        return Method(name, base.sharpness, base.update_weighting, base.perturbation_weighting,
+                      base.loss, f"{base.description}; a fresh perturbation every {k} steps",
+                      base.paper, {**base.optimizer_options, "interval": k})
+    raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)} (a "
+                     "SAM-family name with -iK, e.g. bsam-i5, perturbs every K steps)")
 
 
 def build_base_optimizer(name: str) -> type[Optimizer]:
@@ -202,18 +232,25 @@ def build_stepper(
 
     ``cfg`` needs ``optimizer``, ``lr``, ``momentum``, ``weight_decay``, ``rho``, ``p``,
     ``normalize``, ``eta``, ``bn_second_pass`` and ``lds`` (kernel options) attributes, as
-    :class:`balanced_sam.train.TrainConfig` has; ``method.optimizer_options`` override them.
+    :class:`balanced_sam.train.TrainConfig` has (``interval`` and ``max_grad_norm`` too, when
+    present); ``method.optimizer_options`` override them.
+
+    Every optimizer returned counts the steps it skipped because a gradient was not finite in
+    ``opt.skipped_steps`` (the SAM family's own counter; the plain step keeps one likewise):
+    such a step leaves the parameters and the optimizer's state untouched.
     """
     base = build_base_optimizer(cfg.optimizer)
     kw = _base_kwargs(cfg)
     uses_lds = "lds" in (method.update_weighting, method.perturbation_weighting)
     wkw = dict(cfg.lds) if uses_lds else {}
+    clip = getattr(cfg, "max_grad_norm", None)
     if method.sharpness == "none":
         return _plain_stepper(base(params, **kw, **method.optimizer_options), method, bins,
-                              cfg.normalize, wkw)
+                              cfg.normalize, wkw, clip)
     common: dict[str, Any] = dict(rho=cfg.rho, p=cfg.p, normalize=cfg.normalize,
                                   weight_kwargs=wkw, model=model,
-                                  bn_second_pass=cfg.bn_second_pass, **kw)
+                                  bn_second_pass=cfg.bn_second_pass,
+                                  interval=getattr(cfg, "interval", 1), max_grad_norm=clip, **kw)
     if method.sharpness == "sam":
         opt: SAM = SAM(params, base, bins=bins, update_weighting=method.update_weighting,
                        **{**common, **method.optimizer_options})
@@ -236,11 +273,16 @@ def build_stepper(
 
 
 def _plain_stepper(opt: Optimizer, method: Method, bins: LabelBins, normalize: str,
-                   wkw: dict[str, Any]) -> tuple[Optimizer, StepFn]:
-    """One forward/backward per step with the update weighting (no perturbation)."""
+                   wkw: dict[str, Any], max_grad_norm: float | None = None
+                   ) -> tuple[Optimizer, StepFn]:
+    """One forward/backward per step with the update weighting (no perturbation); the gradient
+    clipped to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``), a non-finite one
+    skipped and counted in ``opt.skipped_steps``."""
     scheme = method.update_weighting
     if scheme is not None:  # validate now, not at the first step
         bins.weights(scheme, normalize, **wkw)
+    opt.skipped_steps = 0  # type: ignore[attr-defined]
+    params = [p for g in opt.param_groups for p in g["params"]]
 
     def step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
              mask: torch.Tensor | None = None, scaler: Any = None,
@@ -248,12 +290,28 @@ def _plain_stepper(opt: Optimizer, method: Method, bins: LabelBins, normalize: s
         w = None if scheme is None else bins.sample_weights(targets, scheme, normalize, **wkw)
         opt.zero_grad(set_to_none=True)
         loss = weighted_mean(SAM._check_losses(loss_fn(), targets), w, mask)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-        else:
-            loss.backward()
-            opt.step()
+            scaler.unscale_(opt)
+        if _finite_clipped(params, max_grad_norm):
+            scaler.step(opt) if scaler is not None else opt.step()
+        else:  # the parameters and the optimizer's state stay as they were
+            opt.skipped_steps += 1  # type: ignore[attr-defined]
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.step(opt)  # finds the inf itself and skips; update() lowers the scale
         return loss.detach()
 
     return opt, step
+
+
+def _finite_clipped(params: list[torch.Tensor], max_grad_norm: float | None) -> bool:
+    """Whether the gradients are finite (one host sync); clipped to ``max_grad_norm`` if so."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    if max_grad_norm is None:
+        norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return math.isfinite(float(norm))

@@ -74,6 +74,7 @@ class FitResult:
     train_seconds: float
     out_dir: str | None
     config: dict[str, Any] | None = None  # the run's TrainConfig (balance resolved)
+    skipped_steps: int = 0  # steps skipped for a non-finite gradient (optimizer's count)
 
 
 # ---------------------------------------------------------------------------- set-up helpers
@@ -568,6 +569,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     """Train one epoch and step the schedule; the row of figures starts here."""
     t0 = time.perf_counter()
     lr = run.opt.param_groups[0]["lr"]
+    skipped = getattr(run.opt, "skipped_steps", 0)
     loss = train_one_epoch(run.net, run.loader.data, run.step, run.cfg, epoch=epoch,
                            device=run.device, scaler=run.amp_scaler,
                            first_pass_context=run.first_ctx, target_scaler=run.units,
@@ -575,6 +577,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
                            desc=f"{run.cfg.method} epoch {epoch + 1}/{run.cfg.epochs}")
     run.sched.step()
     return {"epoch": epoch + 1, "lr": lr, "train_loss": loss,
+            "skipped_steps": getattr(run.opt, "skipped_steps", 0) - skipped,
             "seconds": time.perf_counter() - t0}
 
 
@@ -649,7 +652,8 @@ def _final_evaluation(run: _Run, state: _State, val_data: Any, test_data: Any,
                      test_per_bin=per_bin, history=state.history,
                      train_seconds=state.train_seconds,
                      out_dir=str(folder.path) if folder.path is not None else None,
-                     config=run.cfg.to_dict())
+                     config=run.cfg.to_dict(),
+                     skipped_steps=sum(int(r.get("skipped_steps") or 0) for r in state.history))
 
 
 def _log_line(row: dict[str, Any], improved: bool) -> str:
@@ -657,5 +661,7 @@ def _log_line(row: dict[str, Any], improved: bool) -> str:
     for k in ("val_mae", "val_bmae", "val_gm", "val_few_mae"):
         if k in row and row[k] is not None and math.isfinite(row[k]):
             parts.append(f"{k} {row[k]:.4g}")
+    if row.get("skipped_steps"):
+        parts.append(f"skipped {row['skipped_steps']} step(s): non-finite gradient")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts) + ("  *" if improved else "")
