@@ -197,7 +197,7 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     if rank == 0:
         write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
                     "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
-                    "config": exp.cfg.to_dict(), "balance": exp.cfg.balance,
+                    "config": res.config or exp.cfg.to_dict(), "balance": exp.cfg.balance,
                     "data_fingerprint": exp.data.fingerprint}, folder / "result.json")
     return res
 
