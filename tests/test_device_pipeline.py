@@ -171,7 +171,8 @@ def test_eval_batches_are_the_recipe_test_transform(root):
     pipe = dp.device_pipeline(splits["train"], torch.device("cpu"), log=lambda s: None)
     view, transform = pipe.view(splits["test"])
     assert transform == pipe.eval_batch and pipe.view(splits["test"])[0] is view
-    x, y = transform(torch.utils.data.default_collate([view[i] for i in range(len(view))]))
+    assert view[0].dtype == torch.uint8 and view[0].shape == (5, 256, 256, 3)
+    x, y = transform(view)
     tf = age_test_transform(224)
     want = torch.stack([tf(open_rgb(root / p)) for p in splits["test"].paths])
     assert x.shape == want.shape == (5, 3, 224, 224)

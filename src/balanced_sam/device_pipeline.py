@@ -97,32 +97,39 @@ class DevicePipeline:
         return (f"{type(self).__name__}({len(self.train)} training pictures on {self.device}, "
                 f"{self.augment})")
 
-    def _images(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
         # (B, S, S, 3) -> (B, 3, S, S): a view, channels_last in memory
-        return batch["image"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
 
     def train_batch(self, batch: Mapping[str, torch.Tensor], *, epoch: int, step: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, targets)`` of a training batch: augmented on the device with the
         generator of ``(seed, epoch, step, rank)``."""
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, step, self.rank))
-        x = self.augment(self._images(batch), sizes=batch["size"], generator=g)
+        x = self.augment(self._images(batch["image"]), sizes=batch["size"], generator=g)
         return x, batch["target"]
 
-    def eval_batch(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, targets)`` of an evaluation batch (centre squares -> the test crop)."""
-        return self.evaluation(self._images(batch)), batch["target"]
+    def eval_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` of an evaluation batch, ``(pictures, targets)`` or a
+        :class:`~balanced_sam.data.images.CachedPictures` batch (centre squares -> the test
+        crop, an exact slice)."""
+        images, targets = ((batch["image"], batch["target"]) if isinstance(batch, Mapping)
+                           else batch)
+        return self.evaluation(self._images(images)), targets
 
     def view(self, data: Any) -> tuple[Any, Callable[[Any], Any] | None]:
-        """``(pictures, eval_batch)`` for an evaluation split with a picture store of this
-        geometry (its cache filled on first use), else ``(data, None)``."""
+        """``((pictures, targets), eval_batch)`` for an evaluation split with a picture store of
+        this geometry, its cache filled on first use; the pictures are one tensor on the cache's
+        memory map, sliced in order without DataLoader workers (none to start per evaluation).
+        Other data: ``(data, None)``."""
         store = getattr(data, "store", None)
         if (store is None or not hasattr(data, "pictures") or store.whole
                 or (store.img_size, store.side) != (self.img_size, self.side)):
             return data, None
         key = id(data)
         if key not in self._views:
-            self._views[key] = (data, data.pictures(self.processes, self.progress))
+            pictures = data.pictures(self.processes, self.progress)
+            self._views[key] = (data, pictures.as_tensors())
         return self._views[key][1], self.eval_batch
 
     def prepare(self, *datasets: Any) -> None:

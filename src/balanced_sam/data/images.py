@@ -432,6 +432,16 @@ class CachedPictures(torch.utils.data.Dataset):
     def targets(self) -> torch.Tensor:
         return self.ages
 
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pictures (n, S, S, 3) uint8, targets (n,))``: the pictures as one tensor on the
+        cache's memory map (nothing is copied until a batch is sliced), for evaluation splits
+        read in order without DataLoader workers."""
+        maps = self.cache._open()
+        if int(maps["filled"].sum()) != self.cache.n:
+            raise RuntimeError(f"the picture cache {self.cache.prefix} is not filled: fill it "
+                               "first (images.fill_cache)")
+        return torch.from_numpy(maps["rgb"]), self.ages
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rec = self.cache.get(i)
         if rec is None:
