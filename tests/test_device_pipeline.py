@@ -83,6 +83,24 @@ def test_an_unfilled_record_is_an_error_not_a_lazy_fill(root):
         view[0]
 
 
+def test_a_cache_being_filled_is_never_replaced(tmp_path, monkeypatch):
+    """Two runs that start together both find no cache file and both create one: the second
+    must not replace the file the first is already filling (its workers would read the empty
+    one)."""
+    from balanced_sam.data.images import ArrayCache
+
+    fields = {"rgb": ((2, 2, 3), np.uint8)}
+    first = ArrayCache(tmp_path / "c", 3, fields)
+    first.put(1, {"rgb": np.full((2, 2, 3), 7, np.uint8)})
+    monkeypatch.setattr(Path, "is_file", lambda self: False)  # the race: nothing seen yet
+    second = ArrayCache(tmp_path / "c", 3, fields)
+    monkeypatch.undo()
+    assert second.num_filled == 1 and int(second.get(1)["rgb"][0, 0, 0]) == 7
+    first.put(2, {"rgb": np.full((2, 2, 3), 9, np.uint8)})  # the first's map is the file
+    assert int(ArrayCache(tmp_path / "c", 3, fields).get(2)["rgb"][1, 1, 2]) == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.filled.npy", "c.rgb.npy"]
+
+
 def test_fill_with_processes_writes_what_one_process_writes(root, tmp_path):
     one = _splits(root, cache=tmp_path / "c1")["train"].pictures(processes=1)
     two = _splits(root, cache=tmp_path / "c2")["train"].pictures(processes=2)

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from balanced_sam.io import atomic_write
 
 __all__ = [
     "DatasetNotFoundError",
@@ -279,6 +278,25 @@ def _new_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
     del mm
 
 
+def _create_once(path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
+    """Create a zero-filled ``.npy`` at ``path`` unless it exists: written beside it, then
+    hard-linked into place, which fails rather than replaces when another process created it
+    first (that process may already be filling its memory map; a replaced file would take its
+    records away from its DataLoader workers)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npy")
+    try:
+        _new_npy(tmp, dtype, shape)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class ArrayCache:
     """Fixed-shape records per sample in memory-mapped ``.npy`` files, filled on first read.
 
@@ -312,7 +330,7 @@ class ArrayCache:
                 raise ValueError(f"cache file {path} does not match this dataset "
                                  f"(expected shape {(self.n, *shape)}, dtype {dt}); delete it "
                                  "or choose another cache_dir")
-            atomic_write(path, lambda tmp, dt=dt, shape=shape: _new_npy(tmp, dt, (self.n, *shape)))
+            _create_once(path, dt, (self.n, *shape))
 
     def _path(self, name: str) -> Path:
         return self.prefix.with_name(f"{self.prefix.name}.{name}.npy")
