@@ -262,7 +262,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
                           source=str(checkpoint))
     rep = evaluate(exp.model, exp.data.split(split), exp.bins, device=dev,
                    target_scaler=exp.scaler, depth=exp.depth, balance=exp.cfg.balance,
-                   batch_size=exp.cfg.eval_batch_size)
+                   batch_size=exp.cfg.eval_batch_size,  # on CUDA in the training's precision
+                   amp=exp.cfg.amp if dev.type == "cuda" else "none")
     return Evaluation(rep, str(ck.get("config", {}).get("method", "?")),
                       int(ck.get("epoch", -1)) + 1, split, exp.depth, str(checkpoint))
 
