@@ -536,13 +536,14 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
     if world > 1 and method.sharpness == "imbsam":
         raise ValueError("method imbsam does not support distributed training (its head "
                          "gradient is not all-reduced); run it in one process")
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    # (the picture cache is filled, by forked processes, before the model goes to the GPU)
     pipeline = device_pipeline(train_data, device, seed=cfg.seed, rank=rank, world=world,
                                amp=cfg.amp, channels_last=bool(cfg.channels_last),
                                processes=max(1, cfg.num_workers), progress=cfg.progress,
                                log=log if rank == 0 else (lambda s: None))
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
