@@ -34,7 +34,7 @@ from balanced_sam.data.images import (
 from balanced_sam.data.loader import EpochLoader
 from balanced_sam.errors import ConfigError
 from balanced_sam.experiment import run_training
-from balanced_sam.models import SmallCNN
+from balanced_sam.models import MLP, DepthResNet, ResNetRegressor, SmallCNN
 from balanced_sam.train import fit, seed_everything
 
 CUDA = torch.cuda.is_available()
@@ -274,6 +274,35 @@ def test_bsam_train_on_the_device_path_logs_it_and_evaluates(root, tmp_path):
     assert res.test["all"]["count"] == 5 and np.isfinite(res.test["all"]["mae"])
     result = yaml.safe_load((tmp_path / "run" / "result.json").read_text())
     assert result["config"]["amp"] == "none" and result["config"]["channels_last"] is False
+
+
+# ------------------------------------------------------------------------------ bf16
+@pytest.mark.parametrize("make,x", [
+    (lambda: SmallCNN(3, (4,), 8, input_size=16), torch.rand(8, 3, 16, 16)),
+    (lambda: MLP(5, (16,)), torch.rand(8, 5)),
+    (lambda: ResNetRegressor("resnet18"), torch.rand(4, 3, 32, 32)),
+    (lambda: DepthResNet("resnet18", pretrained=None), torch.rand(2, 3, 32, 40)),
+])
+def test_heads_run_in_float32_under_bf16_autocast(make, x):
+    """A bf16 output has 8 significant bits (steps of 0.25 for ages of 32-64): an exact-zero
+    error becomes common and the GM drops; so the head runs in float32, the body in bf16."""
+    torch.manual_seed(0)
+    model = make()
+    with torch.no_grad():  # predictions at the scale of ages, so the bf16 grid is coarse
+        model.head.bias.fill_(45.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, feats = model(x, return_features=True)
+        assert feats.dtype == torch.bfloat16  # the body in the autocast dtype
+        assert out.dtype == torch.float32
+        assert torch.equal(out, model.forward_head(feats))
+        control = model.head(feats)  # (no dropout in these models)
+    assert control.dtype == torch.bfloat16  # what the head gives when autocast reaches it
+    off_grid = out != out.bfloat16().float()
+    assert float(off_grid.float().mean()) > 0.9
+    out.float().sum().backward()  # gradients flow through the cast
+    assert model.head.weight.grad is not None and torch.isfinite(model.head.weight.grad).all()
+    fp32 = model(x).detach()  # the same model in float32: close (bf16 body), not equal
+    assert float((fp32 - out.detach()).abs().mean() / fp32.abs().mean()) < 0.1
 
 
 # ------------------------------------------------------------------------------ auto settings
