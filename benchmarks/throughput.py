@@ -8,8 +8,9 @@ alone, the optimizer alone, and the ratios between them.
 Stand-in data: an AgeDB-DIR root written to a temporary folder (``--data-dir`` keeps it): one JPEG
 of a random smooth colour field with texture (``--picture``, default 240 x 200 pixels, height x
 width, quality 90) at the path of each training row of the split, and ``agedb.csv`` listing those
-rows. The split is ``--csv`` (default: the first of ``../shared/data/agedb.csv`` and
-``../../shared/data/agedb.csv`` relative to the repository that exists: 12,208 training rows),
+rows. The split is ``--csv`` (default: the first of ``shared/data/agedb.csv``,
+``../shared/data/agedb.csv`` and ``../../shared/data/agedb.csv`` relative to the repository that
+exists: 12,208 training rows),
 else a synthetic long-tailed split of the same size (ages ``1 + floor(100 * Beta(2.5, 3.5))``);
 ``--limit N`` keeps the first N training rows. Only training rows are written, so the timed
 epochs train and do nothing else.
@@ -68,8 +69,8 @@ PIPELINES = {
     "cache": ("(cache) cached squares + PIL transforms, workers", "cpu", True),
     "jpeg": ("(jpeg) JPEG + PIL transforms, workers", "cpu", False),
 }
-DEFAULT_CSVS = (REPO.parent / "shared" / "data" / "agedb.csv",
-                REPO.parent.parent / "shared" / "data" / "agedb.csv")
+DEFAULT_CSVS = tuple(base / "shared" / "data" / "agedb.csv"
+                     for base in (REPO, REPO.parent, REPO.parent.parent))
 
 
 # ----------------------------------------------------------------------------- stand-in data
@@ -312,7 +313,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     ap.add_argument("--csv", default=None, help="AgeDB-DIR split CSV (age,path,split); default: "
-                    "../shared/data/agedb.csv (or ../../) relative to the repository, if present")
+                    "shared/data/agedb.csv (or ../, ../../) relative to the repository, if "
+                    "present")
     ap.add_argument("--limit", type=int, default=None, help="use the first N training rows")
     ap.add_argument("--picture", default=None, help="stand-in JPEG size HxW (240x200)")
     ap.add_argument("--data-dir", default=None, help="keep the JPEGs here (default: temp)")
