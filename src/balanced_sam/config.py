@@ -27,7 +27,7 @@ SCHEDULES = ("cosine", "cosine_ref", "step", "none")
 #: settings a resumed run may change: they decide where and how fast it runs, not what it learns
 #: (``epochs`` may change too: the schedule is re-planned, see :meth:`LRPlan.extended`)
 SAFE_TO_CHANGE = frozenset({"device", "num_workers", "progress", "eval_batch_size",
-                            "prefetch_factor", "checkpoint"})
+                            "prefetch_factor", "checkpoint", "channels_last"})
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps(:\d+)?)$")
 
 
@@ -52,6 +52,10 @@ class TrainConfig:
     2-norm before the base step, in every method (the SAM family clips the gradient at the
     perturbed point; the perturbation itself keeps norm ``rho``). A step whose gradient is not
     finite is skipped in every method and counted (``FitResult.skipped_steps``).
+    ``amp``: ``none``, ``bf16``, ``fp16`` (CUDA only) or ``auto`` (bf16 on a CUDA device that
+    supports it, none elsewhere); ``channels_last``: the model's memory layout, ``true``,
+    ``false`` or ``auto`` (on for CUDA, off elsewhere). A run decides ``auto`` for its device
+    (:func:`balanced_sam.device_pipeline.auto_settings`) and records what it decided.
     """
 
     method: str = "bsam"
@@ -81,7 +85,8 @@ class TrainConfig:
     few: int | None = None
     seed: int = 0
     device: str = "auto"
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only) | auto (bf16 on CUDA, else none)
+    channels_last: bool | str = False  # true | false | auto (on for CUDA, else off)
     scope: str = "global"  # data-parallel perturbation scope: global | local
     num_workers: int = 0
     prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
@@ -117,7 +122,10 @@ class TrainConfig:
             (0 < self.lr_min_factor <= 1, "lr_min_factor", "must be in (0, 1]"),
             (self.step_size >= 1, "step_size", "must be >= 1"),
             (self.select_by in ("mae", "bmae", "last"), "select_by", "must be mae, bmae or last"),
-            (self.amp in ("none", "bf16", "fp16"), "amp", "must be none, bf16 or fp16"),
+            (self.amp in ("none", "bf16", "fp16", "auto"), "amp",
+             "must be none, bf16, fp16 or auto"),
+            (self.channels_last in (True, False, "auto"), "channels_last",
+             "must be true, false or auto"),
             (self.scope in ("global", "local"), "scope", "must be global or local"),
             (self.normalize in ("mean", "none"), "normalize", "must be mean or none"),
             (self.bn_second_pass in ("update", "freeze"), "bn_second_pass",

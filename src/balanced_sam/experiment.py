@@ -199,8 +199,8 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     if rank == 0:
         write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
                     "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
-                    "skipped_steps": res.skipped_steps, "config": exp.cfg.to_dict(),
-                    "balance": exp.cfg.balance,
+                    "skipped_steps": res.skipped_steps,
+                    "config": res.config or exp.cfg.to_dict(), "balance": exp.cfg.balance,
                     "data_fingerprint": exp.data.fingerprint}, folder / "result.json")
     return res
 
@@ -265,7 +265,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
                           source=str(checkpoint))
     rep = evaluate(exp.model, exp.data.split(split), exp.bins, device=dev,
                    target_scaler=exp.scaler, depth=exp.depth, balance=exp.cfg.balance,
-                   batch_size=exp.cfg.eval_batch_size)
+                   batch_size=exp.cfg.eval_batch_size,  # on CUDA in the training's precision
+                   amp=exp.cfg.amp if dev.type == "cuda" else "none")
     return Evaluation(rep, str(ck.get("config", {}).get("method", "?")),
                       int(ck.get("epoch", -1)) + 1, split, exp.depth, str(checkpoint))
 

@@ -404,11 +404,13 @@ ROTATED_RECIPE = Recipe(
 
 def _age_recipe(rho: float) -> Recipe:
     """The reference code's age recipe: ResNet-18 from scratch, SGD lr 0.2, batch 256, 400
-    epochs, its per-epoch cosine to lr * 1e-3 (``cosine_ref``), raw SQINV weights."""
+    epochs, its per-epoch cosine to lr * 1e-3 (``cosine_ref``), raw SQINV weights; on a CUDA
+    device bf16 autocast and channels_last (``auto``; the reference trained in fp32)."""
     return Recipe(
         train={"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4,
                "batch_size": 256, "epochs": 400, "schedule": "cosine_ref",
-               "lr_min_factor": 1e-3, "rho": rho, "normalize": "none", "select_by": "mae"},
+               "lr_min_factor": 1e-3, "rho": rho, "normalize": "none", "select_by": "mae",
+               "amp": "auto", "channels_last": "auto"},
         rho_by_method={m: rho for m in ("sam", "imbsam", "bsam")},
         model={"name": "resnet18"},
         source="the BSAM reference code")
@@ -417,7 +419,8 @@ def _age_recipe(rho: float) -> Recipe:
 NYUD2_RECIPE = Recipe(
     train={"loss": "mse", "optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4,
            "batch_size": 32, "epochs": 10, "schedule": "step", "step_size": 5, "gamma": 0.1,
-           "rho": 0.05, "normalize": "mean", "select_by": "last"},
+           "rho": 0.05, "normalize": "mean", "select_by": "last", "amp": "auto",
+           "channels_last": "auto"},
     rho_by_method={"bsam": 0.05},
     model={"name": "depth-resnet50", "pretrained": True},
     source="the DIR NYUD2 pipeline (Hu et al. 2019); rho 0.05 is our choice")
@@ -437,7 +440,7 @@ DEFAULT_BENCH_DATASET = "diamonds"
 _TABLE_SPLIT = ("bin_width", "cap", "train_fraction", "split_seed")
 _ROTATED = ("data_root", "split_seed", "seed", "cap", "n_train", "val_per_bin", "test_per_bin",
             "bin_width", "tau", "classes", "download", "image_size")
-_AGE = ("root", "img_size", "cache", "csv", "verify")
+_AGE = ("root", "img_size", "cache", "csv", "verify", "augment")
 
 for _entry in (
     DatasetEntry("diamonds", _tables(_load_diamonds), DIAMONDS_RECIPE, "$",
