@@ -89,7 +89,7 @@ def baseline_step(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """One training step of a method as the loop runs it (``NAME`` or ``rnc:STAGE``)."""
     name, _, stage = kind.partition(":")
     cfg = TrainConfig(method=name, rho=0.05, device="cpu", progress=False,
-                      baselines={"rnc": {"stage": stage}} if stage else {}, **KW)
+                      plugins={"rnc": {"stage": stage}} if stage else {}, **KW)
     plugin = MethodPlugin(get_method(name), cfg, model, bins, TargetScaler.from_stats(None),
                           torch.device("cpu"))
     _, step = build_stepper(plugin.stepper_method, plugin.param_groups(), bins, cfg)

@@ -36,7 +36,7 @@ def val_mae(dataset: str, method: str, options: dict, seeds: list[int], epochs: 
     try:
         res = run_bench(dataset, methods=[method], seeds=seeds, epochs=epochs, plots=False,
                         data_root=data_root,
-                        overrides={"device": "cpu", **({"baselines": {method: options}}
+                        overrides={"device": "cpu", **({"plugins": {method: options}}
                                                          if options else {})}, out=out,
                         log=lambda s: None)
     except ValueError as exc:  # a diverged run (NaN predictions)

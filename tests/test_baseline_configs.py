@@ -78,14 +78,14 @@ def test_paper_config_builds_with_its_plugins_and_cites_the_paper(name, roots):
     method = get_method(exp.cfg.method)
     plugin = MethodPlugin(method, exp.cfg, exp.model, exp.bins, exp.scaler, torch.device("cpu"))
     for p in method.plugins:  # the config's options reach the plug-in
-        assert plugin.options[p].items() >= (spec["train"].get("baselines") or {}).get(
+        assert plugin.options[p].items() >= (spec["train"].get("plugins") or {}).get(
             p, {}).items()
 
 
 @pytest.mark.parametrize("name,extra", [
     ("agedb_ranksim", []),                                     # a feature regulariser
     ("imdb_wiki_bni", []),                                     # a loss with a learned sigma
-    ("agedb_rnc", ["train.baselines.rnc.pretrain_epochs=1"]),  # the two-stage recipe
+    ("agedb_rnc", ["train.plugins.rnc.pretrain_epochs=1"]),  # the two-stage recipe
     ("nyud2_conr_fds", []),            # calibration of a dense map + a regulariser per image
     ("nyud2_bni_lds", []),                                     # a loss per pixel
 ])

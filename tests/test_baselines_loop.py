@@ -111,7 +111,7 @@ def test_composed_methods_take_their_optimizer_parts_rho():
 
 def test_plugin_options_are_checked_by_name_key_and_type():
     check_options({"ranksim": {"gamma": 10}, "conr": {"omega": None}, "fds": None})
-    with pytest.raises(ConfigError, match="train.baselines.ranksm is not a baseline plug-in"):
+    with pytest.raises(ConfigError, match="train.plugins.ranksm is not a baseline plug-in"):
         check_options({"ranksm": {}})
     with pytest.raises(ConfigError, match="ranksim.gama is not an option of ranksim; it takes: "
                                           "gamma, lambda_val"):
@@ -120,8 +120,8 @@ def test_plugin_options_are_checked_by_name_key_and_type():
         check_options({"ranksim": {"gamma": "big"}})
     with pytest.raises(ConfigError, match="must be one of exp, linear"):
         check_options({"conr": {"pushing": "cubic"}})
-    with pytest.raises(ConfigError, match="train.baselines.bni.lds is not an option"):
-        TrainConfig(baselines={"bni": {"lds": True}}).validate()  # the method name decides it
+    with pytest.raises(ConfigError, match="train.plugins.bni.lds is not an option"):
+        TrainConfig(plugins={"bni": {"lds": True}}).validate()  # the method name decides it
 
 
 # ---------------------------------------------------------------------------- the perturbation
@@ -139,7 +139,7 @@ def test_ranksim_bsam_perturbs_with_the_balanced_weights_plus_the_regulariser():
     bins = LabelBins.from_labels(y, bin_width=1, lower=0, upper=40)
     # gamma 0.1: the regulariser and the weighted L1 both shape the gradient (at the default
     # 100 RankSim's term dominates this small MLP's gradient)
-    cfg = _cfg(rho=0.5, lr=0.1, baselines={"ranksim": {"gamma": 0.1}})
+    cfg = _cfg(rho=0.5, lr=0.1, plugins={"ranksim": {"gamma": 0.1}})
     seed_everything(0)
     model = MLP(5, (16, 8))
     start = [p.detach().clone() for p in model.parameters()]
@@ -213,7 +213,7 @@ def test_balanced_mse_sigma_has_its_own_group_is_never_perturbed_and_keeps_its_l
     x, y = _data(128, integer=False)
     tr, va, te = _split(x, y)
     bins = LabelBins.from_labels(tr[1], bin_width=4, lower=0, upper=40)
-    cfg = _cfg(rho=0.5, baselines={"bni": {"learn_noise": True}})
+    cfg = _cfg(rho=0.5, plugins={"bni": {"learn_noise": True}})
     seed_everything(0)
     model = MLP(5, (16,))
     assert _plugin("bni", model, bins, _cfg()).noise_sigma is None  # fixed unless asked
@@ -222,7 +222,7 @@ def test_balanced_mse_sigma_has_its_own_group_is_never_perturbed_and_keeps_its_l
     assert len(groups) == 2 and groups[1]["params"] == [plugin.noise_sigma]
     # sigma starts at one bin width (label units), expressed in the standardised loss units
     assert plugin.noise_sigma.item() == pytest.approx(4.0 / plugin.units.std)
-    given = _plugin("bni", model, bins, _cfg(baselines={"bni": {"init_noise_sigma": 10.0,
+    given = _plugin("bni", model, bins, _cfg(plugins={"bni": {"init_noise_sigma": 10.0,
                                                                  "learn_noise": True}}))
     assert given.noise_sigma.item() == pytest.approx(10.0 / plugin.units.std)
     assert {k: groups[1][k] for k in ("lr", "weight_decay", "rho", "scheduled")} == {
@@ -253,7 +253,7 @@ def test_balanced_mse_sigma_has_its_own_group_is_never_perturbed_and_keeps_its_l
     # through fit: a cosine schedule decays the model's lr, not sigma's
     seed_everything(0)
     res = fit(MLP(5, (16,)), tr, va, bins, _cfg(method="bni+bsam", epochs=3, schedule="cosine",
-                                                 baselines={"bni": {"learn_noise": True}}),
+                                                 plugins={"bni": {"learn_noise": True}}),
               test_data=te, log=lambda s: None)
     assert np.isfinite(res.test["all"]["mae"])
     assert [r["lr"] for r in res.history][-1] < 0.05
@@ -297,7 +297,7 @@ def test_fds_resumed_run_equals_the_unbroken_one(tmp_path):
     x, y = _data(240)
     tr, va, te = _split(x, y)
     bins = LabelBins.from_labels(tr[1], bin_width=2, lower=0, upper=40)
-    cfg = _cfg(method="fds", epochs=4, seed=1, baselines={"fds": {"ks": 3, "sigma": 1.0}})
+    cfg = _cfg(method="fds", epochs=4, seed=1, plugins={"fds": {"ks": 3, "sigma": 1.0}})
 
     def run(out, kill_after=None, resume=False):
         seed_everything(1)
@@ -338,7 +338,7 @@ def test_rnc_trains_the_encoder_then_only_the_head_and_resumes_either_stage(tmp_
     tr, va, te = _split(x, y)
     bins = LabelBins.from_labels(tr[1], bin_width=4, lower=0, upper=40)
     cfg = _cfg(method="rnc+sqinv", epochs=2, seed=2,
-               baselines={"rnc": {"pretrain_epochs": 2, "pretrain_lr": 0.02, "head_lr": 0.03}})
+               plugins={"rnc": {"pretrain_epochs": 2, "pretrain_lr": 0.02, "head_lr": 0.03}})
 
     def run(out, kill_at=None, resume=False):
         seed_everything(2)
@@ -360,7 +360,7 @@ def test_rnc_trains_the_encoder_then_only_the_head_and_resumes_either_stage(tmp_
     assert [r.get("stage") for r in res.history] == ["pretrain", "pretrain", None, None]
     assert calls == [("pretrain", 0), ("pretrain", 1), ("head", 0), ("head", 1)]
     pre = torch.load(tmp_path / "a" / "pretrain" / "last.pt", weights_only=False)
-    assert pre["config"]["lr"] == 0.02 and pre["config"]["baselines"]["rnc"]["stage"] == \
+    assert pre["config"]["lr"] == 0.02 and pre["config"]["plugins"]["rnc"]["stage"] == \
         "pretrain"
     head_ck = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
     assert head_ck["config"]["lr"] == 0.03 and head_ck["config"]["weight_decay"] == 0.0
@@ -405,14 +405,16 @@ def test_every_baseline_runs_in_bsam_bench_on_a_table(tmp_path, capsys):
     assert main(["bench", "--csv", str(csv), "--target", "target", "--methods",
                  ",".join(methods), "--seeds", "1", "--epochs", "1", "--bin-width", "4",
                  "--cap", "10", "--out", str(out), "--no-plots",
-                 "--baseline-option", "conr.beta=2", "--baseline-option", "fds.ks=3"]) == 0
+                 "--set", "train.plugins.conr.beta=2", "--set", "train.plugins.fds.ks=3"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["config"]["train"]["baselines"] == {"conr": {"beta": 2}, "fds": {"ks": 3}}
+    plugins = res["config"]["train"]["plugins"]  # the table recipe's, changed key by key
+    assert plugins["conr"] == {"beta": 2} and plugins["fds"] == {"ks": 3}
+    assert plugins["ranksim"] == {"gamma": 0.001}
     assert list(res["methods"]) == methods
     for name, m in res["methods"].items():
         assert np.isfinite(m["mean"]["all"]["mae"]), name
     assert main(["bench", "--csv", str(csv), "--target", "target", "--methods", "conr",
-                 "--baseline-option", "conr.bta=2", "--out", str(tmp_path / "bad")]) == 2
+                 "--set", "train.plugins.conr.bta=2", "--out", str(tmp_path / "bad")]) == 2
     assert "conr.bta is not an option of conr" in capsys.readouterr().err
     # composed SAM-family methods take their optimizer part's rho from the recipe (0.05)
     assert res["methods"]["ranksim+bsam"]["runs"][0]["rho"] == 0.05
@@ -452,18 +454,18 @@ def test_step_cost_times_every_baseline_as_the_loop_runs_it(tmp_path, capsys):
 
 
 def test_plugin_options_change_the_recipes_key_by_key(tmp_path):
+    from dataclasses import replace
+
     from test_train import write_csv
 
-    from balanced_sam.data.registry import Recipe
     from balanced_sam.experiment import train_config
 
     csv = tmp_path / "t.csv"
     write_csv(csv, n=300)
     data = load_data({"name": "csv", "path": str(csv), "target": "target"})
-    data.recipe = Recipe({**data.recipe.train, "baselines": {"ranksim": {"gamma": 0.1},
-                                                             "conr": {"beta": 0.4}}},
-                         data.recipe.rho_by_method, data.recipe.model)
-    assert train_config(data, {}).baselines == {"ranksim": {"gamma": 0.1}, "conr": {"beta": 0.4}}
-    cfg = train_config(data, {"baselines": {"conr": {"tau": 0.2}, "fds": {"ks": 3}}})
-    assert cfg.baselines == {"ranksim": {"gamma": 0.1}, "conr": {"beta": 0.4, "tau": 0.2},
+    data.recipe = replace(data.recipe, train={**data.recipe.train, "plugins": {
+        "ranksim": {"gamma": 0.1}, "conr": {"beta": 0.4}}})
+    assert train_config(data, {}).plugins == {"ranksim": {"gamma": 0.1}, "conr": {"beta": 0.4}}
+    cfg = train_config(data, {"plugins": {"conr": {"tau": 0.2}, "fds": {"ks": 3}}})
+    assert cfg.plugins == {"ranksim": {"gamma": 0.1}, "conr": {"beta": 0.4, "tau": 0.2},
                              "fds": {"ks": 3}}

@@ -1,7 +1,8 @@
 """The ``bsam`` command: a thin parser over one library call per command.
 
     bsam bench [--quick] [--dataset NAME | --csv FILE --target COL] [--methods ...] [--rho ...]
-                                                   -> balanced_sam.bench.run_bench
+               [--baseline M] [--jobs N]           -> balanced_sam.bench.run_bench
+    bsam compare RESULTS.json [--baseline M]       -> balanced_sam.bench.compare_results
     bsam train --config FILE.yaml [section.key=value ...] [--resume]
                                                    -> balanced_sam.experiment.run_training
     bsam eval --checkpoint PATH [--split test]     -> balanced_sam.experiment.evaluate_checkpoint
@@ -30,13 +31,16 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "features": "--features COL,COL,...", "max_categories": "--max-categories N",
               "bin_width": "--bin-width W", "train_fraction": "--train-fraction F",
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
-              "device": "--device cpu", "baselines": "--baseline-option NAME.KEY=VALUE"},
+              "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
+              "plugins": "--set train.plugins.NAME.KEY=VALUE"},
+    "compare": {"baseline": "--baseline M"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
               "bin_width": "data.bin_width=W", "train_fraction": "data.train_fraction=F",
               "cap": "data.cap=C", "target": "data.target=COL", "csv_path": "data.path=FILE",
               "resume": "--resume", "overwrite": "--overwrite",
-              "allow_data_change": "--allow-data-change", "device": "train.device=cpu"},
+              "allow_data_change": "--allow-data-change", "device": "train.device=cpu",
+              "plugins": "train.plugins.NAME.KEY=VALUE"},
     "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
     "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
 }
@@ -57,22 +61,6 @@ def _csv_list(kind: type = str) -> Callable[[str], list[Any]]:
             raise argparse.ArgumentTypeError(f"bad list {text!r}: {exc}") from None
 
     return parse
-
-
-def _baseline_option(text: str) -> tuple[str, str, Any]:
-    """``NAME.KEY=VALUE`` (the value read as YAML: 10, 0.5, true, null, exp)."""
-    import yaml
-
-    key, eq, raw = text.partition("=")
-    name, dot, option = key.strip().rpartition(".")
-    if not (eq and dot and name and option):
-        raise argparse.ArgumentTypeError(f"expected NAME.KEY=VALUE (e.g. ranksim.gamma=10), got "
-                                         f"{text!r}")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    return name, option, value
 
 
 def _seeds(text: str) -> list[int]:
@@ -97,12 +85,24 @@ def _seeds(text: str) -> list[int]:
 # ---------------------------------------------------------------------------- the parser
 #: each command's one-line help and its description
 _ABOUT = {
-    "bench": ("run the methods over seeds on built-in data; print a paper-style table",
-              "Train every method over several seeds on a benchmark (default: the diamonds "
-              "prices bundled with plotnine, no download) and print the paper's Table-1-style "
+    "bench": ("run the methods over seeds; a paper-style table and paired comparisons",
+              "Train every method over several seeds on a benchmark (default: {default}; "
+              "--dataset NAME or --csv FILE for others) and print the paper's Table-1-style "
               "results: MAE and GM for All / Many / Medium / Few, plus bMAE, as mean ± std over "
-              "seeds. Writes results.json, results.csv and plots into --out. Re-running with the "
-              "same --out reuses finished runs (and trains again those whose data changed)."),
+              "seeds, then every method against --baseline seed by seed (mean difference, 95% "
+              "Student-t interval, wins), saying where an interval includes 0. Runs train "
+              "--jobs at a time in worker processes, one CPU thread each (--threads), with the "
+              "same figures for any --jobs. A run that diverges (NaN/inf metrics, steps skipped "
+              "for a non-finite gradient, or test MAE above --diverge-factor times its method's "
+              "median) is marked † and left out of the means and comparisons. Writes "
+              "results.json, results.csv and plots (paired_differences.png among them) into "
+              "--out. Re-running with the same --out reuses finished runs (and trains again "
+              "those whose data changed); Ctrl-C stops cleanly and says how to resume."),
+    "compare": ("paired comparisons of a finished bench, recomputed",
+                "Read a bench's results.json, mark diverged runs and compare every method with "
+                "--baseline seed by seed (mean difference, Student-t interval, wins); print "
+                "the table and the comparisons. --write updates results.json, --plot redraws "
+                "paired_differences.png beside it."),
     "train": ("train one model from a YAML config",
               "Train one model from a YAML config (sections data, model, bins, train, out): a file "
               "or the name of a shipped config (`bsam configs` lists them). Overrides: "
@@ -125,9 +125,10 @@ _ABOUT = {
 }
 
 
-def _command(sub: Any, name: str) -> argparse.ArgumentParser:
+def _command(sub: Any, name: str, **fill: str) -> argparse.ArgumentParser:
     help_, description = _ABOUT[name]
-    return sub.add_parser(name, help=help_, description=description)
+    return sub.add_parser(name, help=help_, description=description.format(**fill) if fill
+                          else description)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `bsam COMMAND --help` for the options of a command.")
     p.add_argument("--version", action="version", version=f"balanced-sam {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_bench, _add_train, _add_eval, _add_analyze, _add_data, _add_list):
+    for add in (_add_bench, _add_compare, _add_train, _add_eval, _add_analyze, _add_data,
+                _add_list):
         add(sub)
     from balanced_sam.configs import add_parser as add_configs_parser
 
@@ -150,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench(sub: Any) -> None:
-    from balanced_sam.data.registry import dataset_names
-    from balanced_sam.methods import DEFAULT_METHODS
+    from balanced_sam.data.registry import dataset_names, default_bench_dataset
 
-    b = _command(sub, "bench")
+    default = default_bench_dataset()
+    b = _command(sub, "bench", default=default)
     b.add_argument("--dataset", default=None,
                    help=f"a registered dataset: {', '.join(dataset_names())} (default "
-                        "diamonds; see `bsam list`)")
+                        f"{default}; see `bsam list`)")
     b.add_argument("--csv", dest="csv_path", metavar="FILE",
                    help="any CSV table instead of a built-in dataset (needs --target); numeric "
                         "and categorical features, DIR-style split built from it")
@@ -171,16 +173,7 @@ def _add_bench(sub: Any) -> None:
                    help="--csv columns to one-hot encode even if numeric")
     b.add_argument("--max-categories", type=int, metavar="N",
                    help="the most categories a --csv column may have (default 200)")
-    b.add_argument("--methods", type=_csv_list(), default=list(DEFAULT_METHODS),
-                   help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}); "
-                        "baselines and composed names too, e.g. ranksim,conr+lds,ranksim+bsam "
-                        "(bsam list shows them)")
-    b.add_argument("--seeds", type=_seeds, default=None,
-                   help="a count (3 = seeds 0,1,2; the default) or a comma-separated list")
-    b.add_argument("--epochs", type=int, help="epochs per run (default: the dataset's recipe)")
-    b.add_argument("--rho", type=_csv_list(float),
-                   help="SAM radius; a comma-separated list runs the rho sweep (Figure 2) and "
-                        "plots it")
+    _bench_runs(b)
     b.add_argument("--bin-width", type=float, help="label bin width (default: the dataset's)")
     b.add_argument("--train-fraction", type=float,
                    help="fraction of the rows left after the val/test split kept for training "
@@ -188,21 +181,87 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--cap", type=int, help="C: at most this many rows per bin in val and test")
     b.add_argument("--data-root", help="folder with the data files (MNIST IDX files; the root "
                                        "of a paper benchmark)")
+    _bench_training(b)
+    _bench_output(b)
+
+
+def _bench_runs(b: argparse.ArgumentParser) -> None:
+    """Which runs: methods, seeds, epochs, rho, and the baseline of the comparisons."""
+    from balanced_sam.bench import DEFAULT_BASELINE
+    from balanced_sam.methods import DEFAULT_METHODS
+
+    b.add_argument("--methods", type=_csv_list(), default=None,
+                   help="comma-separated methods (default: the dataset's choice, else "
+                        f"{','.join(DEFAULT_METHODS)}); NAME-iK, e.g. bsam-i5, is a SAM-family "
+                        "method with a fresh perturbation every K steps; the baselines and "
+                        "composed names too, e.g. ranksim,conr+lds,ranksim+bsam (bsam list)")
+    b.add_argument("--seeds", type=_seeds, default=None,
+                   help="a count (3 = seeds 0,1,2) or a comma-separated list (default: the "
+                        "dataset's choice, else 3)")
+    b.add_argument("--epochs", type=int, help="epochs per run (default: the dataset's recipe)")
+    b.add_argument("--rho", type=_csv_list(float),
+                   help="SAM radius; a comma-separated list runs the rho sweep (Figure 2) and "
+                        "plots it")
+    b.add_argument("--baseline", metavar="M", default=None,
+                   help=f"the method every other one is compared with, seed by seed (default "
+                        f"{DEFAULT_BASELINE} when among --methods; it must be one of them)")
+    b.add_argument("--confidence", type=float, default=0.95,
+                   help="level of the paired intervals (default 0.95)")
+    b.add_argument("--quick", action="store_true",
+                   help="the dataset's short variant (default: 1 seed and 12 epochs): a look "
+                        "at the table in about a minute")
+
+
+def _bench_training(b: argparse.ArgumentParser) -> None:
+    """How each run trains: selection, lr, batch, clipping, device, parallel runs."""
     b.add_argument("--select-by", choices=["mae", "bmae"], default="mae",
                    help="validation metric that picks the best epoch (default mae, as the "
                         "paper's code)")
     b.add_argument("--lr", type=float, help="learning rate (default: the dataset's recipe)")
-    b.add_argument("--baseline-option", action="append", default=[], type=_baseline_option,
-                   metavar="NAME.KEY=VALUE",
-                   help="an option of a baseline plug-in, e.g. ranksim.gamma=10 (repeatable; "
-                        "train.baselines in a config; bsam list names the plug-ins)")
     b.add_argument("--batch-size", type=int, help="batch size (default: the dataset's recipe)")
+    b.add_argument("--max-grad-norm", type=float, metavar="G",
+                   help="clip every update gradient to this 2-norm (default: no clipping)")
+    b.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="any training option, e.g. --set warmup_epochs=1 --set interval=5 "
+                        "(train.KEY=VALUE also works; repeatable)")
+    b.add_argument("--diverge-factor", type=float, default=3.0, metavar="K",
+                   help="a run whose test MAE exceeds K times its method's median over seeds "
+                        "is marked diverged and left out (default 3; needs 3+ seeds)")
     b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
-    b.add_argument("--out", help="output folder (default runs/bench-<timestamp>)")
-    b.add_argument("--quick", action="store_true",
-                   help="1 seed and 12 epochs: a look at the table in about a minute")
+    b.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="runs trained at once, each in its own process (default: what the "
+                        "machine offers: one per CPU core / --threads, or one per GPU on CUDA; "
+                        "several runs share a GPU only when asked). The figures are the same "
+                        "for any N")
+    b.add_argument("--threads", type=int, default=1, metavar="T",
+                   help="CPU threads per run (default 1; the figures depend on T, not on "
+                        "--jobs)")
+
+
+def _bench_output(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--out", help="output folder (default runs/bench-<timestamp>); the same "
+                                 "--out resumes a stopped bench")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    b.add_argument("--progress", action="store_true", help="progress bar per epoch")
+    b.add_argument("--progress", action="store_true",
+                   help="a progress bar per epoch (runs trained in one process only, --jobs 1)")
+
+
+def _add_compare(sub: Any) -> None:
+    c = _command(sub, "compare")
+    c.add_argument("results", metavar="RESULTS.json", help="a bench's results.json")
+    c.add_argument("--baseline", metavar="M", default=None,
+                   help="the method the others are compared with (default: the bench's "
+                        "baseline, else sqinv)")
+    c.add_argument("--confidence", type=float, default=None,
+                   help="level of the intervals (default: the bench's, else 0.95)")
+    c.add_argument("--diverge-factor", type=float, default=None, metavar="K",
+                   help="divergence threshold over the method's median test MAE (default: "
+                        "the bench's, else 3)")
+    c.add_argument("--write", action="store_true",
+                   help="write the recomputed comparisons (and flags) into RESULTS.json")
+    c.add_argument("--plot", action="store_true",
+                   help="(re)draw paired_differences.png beside RESULTS.json")
 
 
 def _add_train(sub: Any) -> None:
@@ -305,11 +364,9 @@ def _add_list(sub: Any) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from balanced_sam.bench import run_bench
 
-    overrides: dict[str, Any] = {k: v for k, v in (("lr", args.lr),
-                                                   ("batch_size", args.batch_size))
-                                 if v is not None}
-    for name, key, value in args.baseline_option:
-        overrides.setdefault("baselines", {}).setdefault(name, {})[key] = value
+    overrides = _train_overrides(args.overrides)
+    overrides.update({k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size),
+                                        ("max_grad_norm", args.max_grad_norm)) if v is not None})
     rho = args.rho if args.rho is None or len(args.rho) > 1 else args.rho[0]
     table = {k: v for k, v in (("impute", args.impute), ("features", args.features),
                                ("categorical", args.categorical),
@@ -319,7 +376,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               csv_path=args.csv_path, target=args.target, train_fraction=args.train_fraction,
               cap=args.cap, data_root=args.data_root, dropna=args.dropna,
               select_by=args.select_by, quick=args.quick, overrides=overrides,
-              progress=args.progress, plots=not args.no_plots, **table)
+              progress=args.progress, plots=not args.no_plots, baseline=args.baseline,
+              jobs=args.jobs, threads=args.threads, diverge_factor=args.diverge_factor,
+              confidence=args.confidence, **table)
+    return 0
+
+
+def _train_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` (or ``train.KEY=VALUE``) -> TrainConfig fields."""
+    from balanced_sam.experiment import apply_overrides
+
+    spec = apply_overrides({}, items)
+    other = sorted(set(spec) - {"train"})
+    if other:
+        raise ValueError(f"--set takes training options (KEY=VALUE or train.KEY=VALUE), not "
+                         f"{other[0]}.*; the bench's data options have their own flags")
+    return dict(spec.get("train") or {})
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from balanced_sam.bench import compare_results
+
+    compare_results(args.results, baseline=args.baseline, confidence=args.confidence,
+                    diverge_factor=args.diverge_factor, write=args.write, plot=args.plot)
     return 0
 
 
@@ -416,7 +495,7 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"bench": _cmd_bench, "train": _cmd_train, "eval": _cmd_eval,
+COMMANDS = {"bench": _cmd_bench, "compare": _cmd_compare, "train": _cmd_train, "eval": _cmd_eval,
             "analyze": _cmd_analyze, "data": _cmd_data, "list": _cmd_list,
             "configs": _cmd_configs}
 
@@ -462,9 +541,9 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader went away (`bsam configs | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command with --resume (train) or the same --out "
-              "(bench) to continue", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"\n{exc}" if str(exc) else "\ninterrupted; run the same command with --resume "
+              "(train) or the same --out (bench) to continue", file=sys.stderr)
         return 130
 
 

@@ -150,17 +150,18 @@ def _check_sections(spec: Mapping[str, Any]) -> None:
 def train_config(data: DataSplits, train: Mapping[str, Any] | None = None) -> TrainConfig:
     """The ``TrainConfig`` of ``data``'s recipe changed by ``train`` (a config's section): a
     ``train`` that names a method and no rho gets the recipe's rho for that method; plug-in
-    options (``baselines``) change the recipe's key by key; ``balance: auto`` becomes the
+    options (``plugins``) change the recipe's key by key; ``balance: auto`` becomes the
     data's."""
     train = dict(train or {})
     values = {**data.recipe.train, **train}
-    if "baselines" in train and data.recipe.train.get("baselines"):  # per plug-in, key by key
-        mine, recipe = train["baselines"] or {}, data.recipe.train["baselines"]
+    if "plugins" in train and data.recipe.train.get("plugins"):  # per plug-in, key by key
+        mine, recipe = train["plugins"] or {}, data.recipe.train["plugins"]
         if isinstance(mine, dict):
-            values["baselines"] = {p: {**(recipe.get(p) or {}), **(mine.get(p) or {})}
+            values["plugins"] = {p: {**(recipe.get(p) or {}), **(mine.get(p) or {})}
                                    for p in dict.fromkeys([*recipe, *mine])}
+    # a composed or interval method (ranksim+bsam, bsam-i5) takes its optimizer part's rho
     rho = rho_for(train["method"], data.recipe.rho_by_method) if "method" in train else None
-    if "rho" not in train and rho is not None:  # a composed method: its optimizer part's rho
+    if "rho" not in train and rho is not None:
         values["rho"] = rho
     cfg = TrainConfig.from_dict(values)
     if cfg.balance == "auto":
@@ -205,7 +206,8 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     if rank == 0:
         write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
                     "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
-                    "config": exp.cfg.to_dict(), "balance": exp.cfg.balance,
+                    "skipped_steps": res.skipped_steps,
+                    "config": res.config or exp.cfg.to_dict(), "balance": exp.cfg.balance,
                     "data_fingerprint": exp.data.fingerprint}, folder / "result.json")
     return res
 
@@ -270,7 +272,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
                           source=str(checkpoint))
     rep = evaluate(exp.model, exp.data.split(split), exp.bins, device=dev,
                    target_scaler=exp.scaler, depth=exp.depth, balance=exp.cfg.balance,
-                   batch_size=exp.cfg.eval_batch_size)
+                   batch_size=exp.cfg.eval_batch_size,  # on CUDA in the training's precision
+                   amp=exp.cfg.amp if dev.type == "cuda" else "none")
     return Evaluation(rep, str(ck.get("config", {}).get("method", "?")),
                       int(ck.get("epoch", -1)) + 1, split, exp.depth, str(checkpoint))
 

@@ -30,6 +30,8 @@ extra=...)`` and the attributes ``method.optimizer``, ``.weighting``, ``.perturb
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,9 +45,9 @@ from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.losses import reduce_losses
 from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
 
-__all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "build_stepper",
-           "build_base_optimizer", "DEFAULT_METHODS", "StepFn", "parse_method", "rho_for",
-           "recipe_rhos", "describe_methods", "BASELINE_METHODS", "WEIGHTING_PARTS",
+__all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "base_method",
+           "build_stepper", "build_base_optimizer", "DEFAULT_METHODS", "StepFn", "parse_method",
+           "rho_for", "recipe_rhos", "describe_methods", "BASELINE_METHODS", "WEIGHTING_PARTS",
            "OPTIMIZER_PARTS", "GRAMMAR"]
 
 StepFn = Callable[..., torch.Tensor]
@@ -74,7 +76,7 @@ class Method:
         plugins: the baseline plug-ins the training loop runs with this method (see
             :mod:`balanced_sam.baselines.plugins`): ``("ranksim",)``, ``("conr", "fds")``...
         plugin_options: options the method fixes for its plug-ins, over the config's
-            ``train.baselines`` (``bni+lds``: ``{"bni": {"lds": True}}``, the smoothed prior).
+            ``train.plugins`` (``bni+lds``: ``{"bni": {"lds": True}}``, the smoothed prior).
     """
 
     name: str
@@ -195,7 +197,9 @@ WEIGHTING_PARTS: dict[str, str | None] = {"vanilla": None, "sqinv": "sqrt_inv", 
 #: the optimizer part of a composed name (the sharpness-aware step)
 OPTIMIZER_PARTS = ("sam", "bsam", "imbsam")
 GRAMMAR = "PLUGIN[+PLUGIN...][+WEIGHTING][+OPTIMIZER]"
-_COMPOSED: dict[str, Method] = {}
+#: ``NAME-iK``: a SAM-family method with a fresh perturbation every K steps (issue 13)
+_INTERVAL = re.compile(r"^(?P<base>.+)-i(?P<k>[0-9]+)$")
+_DERIVED: dict[str, Method] = {}  # composed and interval methods, built once
 
 
 def _parts_of(name: str) -> tuple[list[str], str | None, str | None]:
@@ -265,19 +269,54 @@ def _composed_text(kinds: str, update: str | None, optimizer: str | None) -> str
     return f"{kinds}; update weighting {update or 'none'}; {step}"
 
 
+def base_method(name: str) -> str:
+    """The registered method a name derives from (``bsam-i5`` -> ``bsam``), else the name: a
+    recipe's rho for ``bsam`` is also ``bsam-i5``'s (:func:`rho_for` also covers composed
+    names)."""
+    m = _INTERVAL.match(str(name))
+    return m["base"] if name not in METHODS and m and m["base"] in METHODS else name
+
+
 def get_method(name: str) -> Method:
-    """A registered method, or the composed method its name describes (:func:`parse_method`),
-    built on demand."""
+    """A registered method, or one derived from a name, built on demand (once):
+
+    * ``NAME-iK`` (e.g. ``bsam-i5``, ``ranksim+bsam-i5``): the SAM-family method ``NAME``
+      computing a fresh perturbation only every ``K`` steps and reusing it in between (the
+      optimizers' ``interval=K``; it wins over ``train.interval``);
+    * a composed name ``PLUGIN[+PLUGIN...][+WEIGHTING][+OPTIMIZER]`` (:func:`parse_method`).
+    """
     if name in METHODS:
         return METHODS[name]
     if not isinstance(name, str) or not name:
         raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
-    if name not in _COMPOSED:
-        if "+" not in name and name not in PLUGINS:
-            raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}, or "
-                             f"compose {GRAMMAR} (bsam list shows the parts)")
-        _COMPOSED[name] = parse_method(name)
-    return _COMPOSED[name]
+    if name not in _DERIVED:
+        _DERIVED[name] = _derived(name)
+    return _DERIVED[name]
+
+
+def _composed(name: str) -> bool:
+    return "+" in name or name in PLUGINS
+
+
+def _derived(name: str) -> Method:
+    m = _INTERVAL.match(name)
+    if m and (m["base"] in METHODS or _composed(m["base"])):
+        base, k = get_method(m["base"]), int(m["k"])
+        if not base.uses_rho:
+            raise ValueError(f"method {name!r}: the -iK suffix (a perturbation every K steps) "
+                             f"needs a SAM-family method, and {base.name!r} takes no "
+                             "perturbation")
+        if k < 1:
+            raise ValueError(f"method {name!r}: the interval K in -iK must be >= 1")
+        return Method(name, base.sharpness, base.update_weighting, base.perturbation_weighting,
+                      base.loss, f"{base.description}; a fresh perturbation every {k} steps",
+                      base.paper, {**base.optimizer_options, "interval": k},
+                      plugins=base.plugins, plugin_options=base.plugin_options)
+    if _composed(name):
+        return parse_method(name)
+    raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}; compose "
+                     f"{GRAMMAR} (bsam list shows the parts); or add -iK to a SAM-family "
+                     "name (e.g. bsam-i5) to perturb every K steps")
 
 
 def rho_for(name: str, table: Mapping[str, float]) -> float | None:
@@ -318,10 +357,10 @@ def describe_methods() -> str:
     lines += ["  weightings: vanilla (none), sqinv (1/sqrt(N_k)), inv (1/N_k, clipped), lds "
               "(1 / LDS-smoothed sqrt(N_k), the DIR code's; for bni/gai: the smoothed label prior)",
               "  optimizers: sam (SAM perturbation), bsam (weighted perturbation), imbsam "
-              "(SAM on the tail)",
+              "(SAM on the tail); NAME-iK (e.g. bsam-i5, ranksim+bsam-i5) perturbs every K steps",
               "  defaults: no weighting part = unweighted update, SQINV with an optimizer part "
               "(bni/gai: unweighted); bsam perturbs with the named weighting, else SQINV;",
-              "            options per plug-in: train.baselines.NAME.KEY in a config"]
+              "            options per plug-in: train.plugins.NAME.KEY in a config"]
     return "\n".join(lines)
 
 
@@ -348,6 +387,7 @@ for _name, _text, _paper in _BASELINE_ROWS:
 
 #: the baselines of issue 11 (plug-ins alone and the paper's combinations)
 BASELINE_METHODS = tuple(n for n, _, _ in _BASELINE_ROWS)
+
 
 
 def build_base_optimizer(name: str) -> type[Optimizer]:
@@ -377,18 +417,25 @@ def build_stepper(
 
     ``cfg`` needs ``optimizer``, ``lr``, ``momentum``, ``weight_decay``, ``rho``, ``p``,
     ``normalize``, ``eta``, ``bn_second_pass`` and ``lds`` (kernel options) attributes, as
-    :class:`balanced_sam.train.TrainConfig` has; ``method.optimizer_options`` override them.
+    :class:`balanced_sam.train.TrainConfig` has (``interval`` and ``max_grad_norm`` too, when
+    present); ``method.optimizer_options`` override them.
+
+    Every optimizer returned counts the steps it skipped because a gradient was not finite in
+    ``opt.skipped_steps`` (the SAM family's own counter; the plain step keeps one likewise):
+    such a step leaves the parameters and the optimizer's state untouched.
     """
     base = build_base_optimizer(cfg.optimizer)
     kw = _base_kwargs(cfg)
     uses_lds = "lds" in (method.update_weighting, method.perturbation_weighting)
     wkw = dict(cfg.lds) if uses_lds else {}
+    clip = getattr(cfg, "max_grad_norm", None)
     if method.sharpness == "none":
         return _plain_stepper(base(params, **kw, **method.optimizer_options), method, bins,
-                              cfg.normalize, wkw)
+                              cfg.normalize, wkw, clip)
     common: dict[str, Any] = dict(rho=cfg.rho, p=cfg.p, normalize=cfg.normalize,
                                   weight_kwargs=wkw, model=model,
-                                  bn_second_pass=cfg.bn_second_pass, **kw)
+                                  bn_second_pass=cfg.bn_second_pass,
+                                  interval=getattr(cfg, "interval", 1), max_grad_norm=clip, **kw)
     if method.sharpness == "sam":
         opt: SAM = SAM(params, base, bins=bins, update_weighting=method.update_weighting,
                        **{**common, **method.optimizer_options})
@@ -411,11 +458,16 @@ def build_stepper(
 
 
 def _plain_stepper(opt: Optimizer, method: Method, bins: LabelBins, normalize: str,
-                   wkw: dict[str, Any]) -> tuple[Optimizer, StepFn]:
-    """One forward/backward per step with the update weighting (no perturbation)."""
+                   wkw: dict[str, Any], max_grad_norm: float | None = None
+                   ) -> tuple[Optimizer, StepFn]:
+    """One forward/backward per step with the update weighting (no perturbation); the gradient
+    clipped to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``), a non-finite one
+    skipped and counted in ``opt.skipped_steps``."""
     scheme = method.update_weighting
     if scheme is not None:  # validate now, not at the first step
         bins.weights(scheme, normalize, **wkw)
+    opt.skipped_steps = 0  # type: ignore[attr-defined]
+    params = [p for g in opt.param_groups for p in g["params"]]
 
     def step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
              mask: torch.Tensor | None = None, scaler: Any = None,
@@ -423,12 +475,28 @@ def _plain_stepper(opt: Optimizer, method: Method, bins: LabelBins, normalize: s
         w = None if scheme is None else bins.sample_weights(targets, scheme, normalize, **wkw)
         opt.zero_grad(set_to_none=True)
         loss = reduce_losses(loss_fn(), targets, w, mask)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-        else:
-            loss.backward()
-            opt.step()
+            scaler.unscale_(opt)
+        if _finite_clipped(params, max_grad_norm):
+            scaler.step(opt) if scaler is not None else opt.step()
+        else:  # the parameters and the optimizer's state stay as they were
+            opt.skipped_steps += 1  # type: ignore[attr-defined]
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.step(opt)  # finds the inf itself and skips; update() lowers the scale
         return loss.detach()
 
     return opt, step
+
+
+def _finite_clipped(params: list[torch.Tensor], max_grad_norm: float | None) -> bool:
+    """Whether the gradients are finite (one host sync); clipped to ``max_grad_norm`` if so."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    if max_grad_norm is None:
+        norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return math.isfinite(float(norm))

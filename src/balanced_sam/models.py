@@ -1,4 +1,10 @@
-"""Regressors: an MLP for tables, small CNNs, torchvision ResNets, the depth encoder-decoder."""
+"""Regressors: an MLP for tables, small CNNs, torchvision ResNets, the depth encoder-decoder.
+
+Every model's last layer (its ``head``) runs in float32 even under autocast: a bf16 output has 8
+significant bits, so an age of 32-64 years comes out in steps of 0.25 and an exact prediction
+becomes common; that made the geometric mean of the errors 20-30% lower in a simulation on
+AgeDB-DIR's test labels (the MAE did not move). The body keeps the autocast dtype.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,16 @@ from torch import nn
 
 __all__ = ["MLP", "SmallCNN", "ResNetRegressor", "DepthResNet", "UpProjection", "build_model",
            "imagenet_weights_path", "MODEL_NAMES"]
+
+
+def _full_precision(head: Any, features: torch.Tensor) -> torch.Tensor:
+    """``head(features)`` in float32 when autocast is on for the features' device (see the
+    module docstring); unchanged otherwise."""
+    device = features.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return head(features.float())
+    return head(features)
 
 
 class MLP(nn.Module):
@@ -65,17 +81,14 @@ class MLP(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """The prediction from (possibly calibrated) features: what follows
         :meth:`forward_features` in :meth:`forward`."""
-        for layer in self.net[self._body:]:
-            features = layer(features)
+        features = _full_precision(self.net[self._body:], features)
         return features.squeeze(-1) if self.out_features == 1 else features
 
     def forward(self, x: torch.Tensor, return_features: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if return_features:
-            feats = self.forward_features(x)
-            return self.forward_head(feats), feats
-        out = self.net(x)
-        return out.squeeze(-1) if self.out_features == 1 else out
+        feats = self.forward_features(x)
+        out = self.forward_head(feats)
+        return (out, feats) if return_features else out
 
 
 # ---------------------------------------------------------------------------------- vision models
@@ -201,12 +214,12 @@ class ResNetRegressor(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Dropout and the linear head: the prediction ``(batch,)`` from (possibly calibrated)
         features."""
-        return self.head(self.dropout(features)).squeeze(-1)
+        return _full_precision(lambda f: self.head(self.dropout(f)), features).squeeze(-1)
 
     def forward(self, x: torch.Tensor, return_features: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         feats = self.backbone(x)
-        out = self.head(self.dropout(feats)).squeeze(-1)
+        out = self.forward_head(feats)
         return (out, feats) if return_features else out
 
 
@@ -258,12 +271,12 @@ class SmallCNN(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Dropout and the linear head: the prediction ``(batch,)`` from features."""
-        return self.head(self.dropout(features)).squeeze(-1)
+        return _full_precision(lambda f: self.head(self.dropout(f)), features).squeeze(-1)
 
     def forward(self, x: torch.Tensor, return_features: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         feats = self.hidden(self.features(x))
-        out = self.head(self.dropout(feats)).squeeze(-1)
+        out = self.forward_head(feats)
         return (out, feats) if return_features else out
 
 
@@ -395,14 +408,13 @@ class DepthResNet(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """The final convolution: depth ``(batch, 1, H // 2, W // 2)`` from features."""
-        return self.refine[-1](features)
+        return _full_precision(self.refine[-1], features)
 
     def forward(self, x: torch.Tensor, return_features: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if return_features:
-            feats = self.forward_features(x)
-            return self.forward_head(feats), feats
-        return self.refine(self._refine_input(x))
+        feats = self.forward_features(x)
+        out = self.forward_head(feats)
+        return (out, feats) if return_features else out
 
 
 MODEL_NAMES = ("mlp", "small-cnn", "resnet18", "resnet34", "resnet50", "depth-resnet50")

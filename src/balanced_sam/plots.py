@@ -119,11 +119,13 @@ def _rho_key(rho: Any) -> float | None:
 
 def group_runs(results: Mapping[str, Any]) -> dict[tuple[str, float | None], list[dict]]:
     """Runs of a results dictionary grouped by ``(method, rho)`` (rho ``None`` when absent),
-    in the order they first appear."""
+    in the order they first appear; runs marked ``diverged`` are left out (as from the bench's
+    means), a group of diverged runs only is absent."""
     groups: dict[tuple[str, float | None], list[dict]] = {}
     for method, entry in _check_results(results).items():
         for run in entry.get("runs", []):
-            groups.setdefault((method, _rho_key(run.get("rho"))), []).append(run)
+            if not run.get("diverged"):
+                groups.setdefault((method, _rho_key(run.get("rho"))), []).append(run)
     return groups
 
 
@@ -362,7 +364,7 @@ def plot_paired_differences(
         for j, method in enumerate(methods):
             c = comparisons[method].get(key)
             color = f"C{j % 10}"
-            if c is None:
+            if c is None or c.get("mean") is None:  # empty region / no pair left
                 ax.text(0.0, y[j], " n/a", va="center", fontsize=8, color="0.4")
                 ticks.append(method)
                 continue

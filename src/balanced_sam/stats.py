@@ -23,7 +23,11 @@ every method but the baseline::
               "mae_medium": ..., "mae_few": ..., "gm_all": ..., "bmae_all": ...}}
 
 (an entry is ``None`` when the region is empty, i.e. the metric is missing or NaN, in one of the
-paired runs). :func:`format_comparisons` prints it. The Student-t quantile (:func:`t_ppf`) is
+paired runs; ``{"mean": None, ..., "n": 0}`` when no pair is left). A run marked
+``"diverged": true`` (``bsam bench`` marks them) is left out of every pair it belongs to: that
+seed drops out of the method's comparison (or, for the baseline's run, out of every
+comparison), and ``n`` says how many pairs remain; :func:`left_out_seeds` names them.
+:func:`format_comparisons` prints it. The Student-t quantile (:func:`t_ppf`) is
 computed here from the regularised incomplete beta function, so no SciPy is needed.
 """
 
@@ -42,6 +46,7 @@ __all__ = [
     "t_ppf",
     "paired_difference",
     "paired_comparisons",
+    "left_out_seeds",
     "format_comparisons",
     "COMPARISON_METRICS",
     "UnpairedRunsError",
@@ -236,6 +241,32 @@ def _by_seed(name: str, runs: Iterable[Mapping[str, Any]]) -> dict[int, Mapping[
     return out
 
 
+def _diverged(run: Mapping[str, Any]) -> bool:
+    return bool(run.get("diverged"))
+
+
+def left_out_seeds(results: Mapping[str, Any], baseline: str = "sqinv",
+                   methods: Sequence[str] | None = None) -> dict[str, dict[int, str]]:
+    """``{METHOD: {seed: why}}``: the seeds that :func:`paired_comparisons` leaves out of each
+    method's comparison with ``baseline`` because a run of the pair is marked diverged (at the
+    runs' selected rho); methods with nothing left out are absent."""
+    all_methods = results["methods"]
+    base = _by_seed(baseline, _selected_runs(baseline, all_methods[baseline]))
+    out: dict[str, dict[int, str]] = {}
+    for name in methods if methods is not None else [m for m in all_methods if m != baseline]:
+        if name == baseline:
+            continue
+        mine = _by_seed(name, _selected_runs(name, all_methods[name]))
+        gone = {}
+        for s in sorted(set(mine) & set(base)):
+            who = [m for m, r in ((name, mine[s]), (baseline, base[s])) if _diverged(r)]
+            if who:
+                gone[s] = f"{' and '.join(who)} diverged"
+        if gone:
+            out[name] = gone
+    return out
+
+
 def _metric(run: Mapping[str, Any], split: str, region: str, metric: str) -> float | None:
     v = run.get(split, {}).get(region, {}).get(metric)
     return float(v) if _finite(v) else None
@@ -254,7 +285,8 @@ def paired_comparisons(
     """Every method against ``baseline`` on the seeds both ran, from a ``results.json`` dict.
 
     Each method is taken at its ``selected_rho`` (the rho chosen on validation; methods without
-    rho have ``None``) and paired with the baseline seed by seed.
+    rho have ``None``) and paired with the baseline seed by seed. A pair with a run marked
+    ``diverged`` is left out (see :func:`left_out_seeds`); ``n`` counts the pairs used.
 
     Args:
         results: ``bsam bench``'s results (``{"methods": {NAME: {"runs": [{"seed", "rho",
@@ -304,10 +336,15 @@ def paired_comparisons(
                                         "unpaired='skip' to compare the shared ones")
             warnings.warn(f"{name} vs {baseline}: comparing the {len(shared)} shared seed(s) "
                           f"{shared} and leaving out the unpaired ones: {detail}", stacklevel=2)
+        shared = [s for s in shared if not (_diverged(mine[s]) or _diverged(base[s]))]
         cmp: dict[str, dict[str, Any] | None] = {}
         for metric, region in metrics:
             a = [_metric(mine[s], split, region, metric) for s in shared]
             b = [_metric(base[s], split, region, metric) for s in shared]
+            if not shared:  # every pair had a diverged run
+                cmp[f"{metric}_{region}"] = {"mean": None, "ci_low": None, "ci_high": None,
+                                             "wins": 0, "n": 0}
+                continue
             if any(v is None for v in a + b):
                 cmp[f"{metric}_{region}"] = None
                 continue
@@ -329,9 +366,11 @@ def _verdict(c: Mapping[str, Any], name: str, baseline: str) -> str:
 
 def format_comparisons(comparisons: Mapping[str, Mapping[str, Mapping[str, Any] | None]],
                        baseline: str = "sqinv", *, unit: str = "", digits: int = 2,
-                       confidence: float = 0.95, split: str = "test") -> str:
+                       confidence: float = 0.95, split: str = "test",
+                       left_out: Mapping[str, Mapping[int, str]] | None = None) -> str:
     """The comparisons as text, one line per method and metric: mean difference, interval,
-    wins, and in words whether the interval excludes 0."""
+    wins, and in words whether the interval excludes 0; ``left_out`` (as
+    :func:`left_out_seeds` returns) adds a line per method naming the seeds left out."""
     if not comparisons:
         return f"no methods to compare with {baseline}"
     pct = f"{confidence * 100:g}%"
@@ -342,11 +381,18 @@ def format_comparisons(comparisons: Mapping[str, Mapping[str, Mapping[str, Any] 
     lines = [head]
     width = max(len(m) for m in comparisons)
     for name, cmp in comparisons.items():
+        gone = (left_out or {}).get(name)
+        if gone:
+            lines.append(f"  {name:<{width}}  left out: " + "; ".join(
+                f"seed {s} ({why})" for s, why in gone.items()) + " - n counts the pairs kept")
         for key, c in cmp.items():
             metric, _, region = key.partition("_")
             label = f"{_LABELS.get(metric, metric)} {_LABELS.get(region, region)}"
             if c is None:
                 lines.append(f"  {name:<{width}}  {label:<9}  n/a (empty region in some run)")
+                continue
+            if c["mean"] is None:
+                lines.append(f"  {name:<{width}}  {label:<9}  n/a (no pair left: diverged runs)")
                 continue
             if c["ci_low"] is None:
                 ci = "[undefined]"

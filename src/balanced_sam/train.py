@@ -44,6 +44,7 @@ from balanced_sam.bins import LabelBins
 from balanced_sam.config import DEVICES, SAFE_TO_CHANGE, TrainConfig
 from balanced_sam.data.loader import EpochLoader, batches, is_tensor_data
 from balanced_sam.data.scaling import TargetScaler
+from balanced_sam.device_pipeline import DevicePipeline, auto_settings, device_pipeline
 from balanced_sam.errors import spell
 from balanced_sam.io import progress_bar
 from balanced_sam.losses import get_loss
@@ -75,6 +76,7 @@ class FitResult:
     train_seconds: float
     out_dir: str | None
     config: dict[str, Any] | None = None  # the run's TrainConfig (balance resolved)
+    skipped_steps: int = 0  # steps skipped for a non-finite gradient (optimizer's count)
 
 
 # ---------------------------------------------------------------------------- set-up helpers
@@ -212,6 +214,7 @@ def _match(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    amp = auto_settings(amp, False, device)[0]
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -232,14 +235,18 @@ def train_one_epoch(
     desc: str = "",
     target_scaler: TargetScaler | None = None,
     loader: EpochLoader | None = None,
+    batch_transform: Callable[..., Sequence[torch.Tensor]] | None = None,
     plugin: MethodPlugin | None = None,
 ) -> float:
     """One pass over the training data; returns the mean first-pass loss.
 
     ``scaler`` is the AMP ``GradScaler``; ``target_scaler`` (or the older ``target_stats``
     pair) scales the targets for the loss; ``loader`` is the run's :class:`EpochLoader`;
+    ``batch_transform(batch, epoch=, step=)`` turns each loaded batch into ``(inputs, targets)``
+    on the device (the image augmentation of :class:`~balanced_sam.device_pipeline.DevicePipeline`);
     ``plugin`` (the method's :class:`~balanced_sam.baselines.plugins.MethodPlugin`) builds each
-    batch's ``loss_fn`` (features, regularisers, FDS) instead of the plain loss."""
+    batch's ``loss_fn`` (features, regularisers, FDS) instead of the plain loss.
+    """
     loss_elem = get_loss(cfg.loss)
     units = target_scaler or TargetScaler.from_stats(target_stats)
     rank, world = _dist()
@@ -252,7 +259,9 @@ def train_one_epoch(
     bar = progress_bar(loader.epoch(epoch), enabled=cfg.progress and rank == 0,
                        total=len(loader), desc=desc, leave=False, dynamic_ncols=True,
                        disable=not sys.stderr.isatty())
-    for batch in bar:
+    for i, batch in enumerate(bar):
+        if batch_transform is not None:
+            batch = batch_transform(batch, epoch=epoch, step=i)
         x, y, mask = _unpack(batch, device)
         y_scaled = units.scale(y)
 
@@ -280,14 +289,18 @@ def train_one_epoch(
 def predict(model: nn.Module, data: Any, device: torch.device, *, batch_size: int = 1024,
             target_stats: tuple[float, float] | None = None, amp: str = "none",
             num_workers: int = 0, target_scaler: TargetScaler | None = None,
+            batch_transform: Callable[[Any], Sequence[torch.Tensor]] | None = None,
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Yield ``(prediction, target, mask)`` per batch, predictions in label units."""
+    """Yield ``(prediction, target, mask)`` per batch, predictions in label units
+    (``batch_transform(batch)``: each loaded batch to ``(inputs, targets)`` first)."""
     units = target_scaler or TargetScaler.from_stats(target_stats)
     was_training = model.training
     model.eval()
     try:
         for batch in batches(data, batch_size, shuffle=False, num_workers=num_workers,
                              pin_memory=device.type == "cuda"):
+            if batch_transform is not None:
+                batch = batch_transform(batch)
             x, y, mask = _unpack(batch, device)
             with _autocast(device, amp):
                 pred = model(x)
@@ -301,7 +314,8 @@ def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.devi
              many: int | None = None, few: int | None = None, depth: bool = False,
              balance: str = "label", amp: str = "none", num_workers: int = 0,
              per_bin: bool = False, clamp: bool | None = None,
-             target_scaler: TargetScaler | None = None) -> Any:
+             target_scaler: TargetScaler | None = None,
+             batch_transform: Callable[[Any], Sequence[torch.Tensor]] | None = None) -> Any:
     """The metrics report of ``model`` on ``data`` (and the per-bin MAE when ``per_bin``);
     regions by the bins' thresholds unless ``many`` / ``few`` are given."""
     device = torch.device(device)
@@ -309,7 +323,7 @@ def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.devi
     metrics = RegressionMetrics(bins, m, f, depth=depth, balance=balance, clamp=clamp)
     for pred, y, mask in predict(model, data, device, batch_size=batch_size,
                                  target_stats=target_stats, amp=amp, num_workers=num_workers,
-                                 target_scaler=target_scaler):
+                                 target_scaler=target_scaler, batch_transform=batch_transform):
         metrics.update(pred, y, mask)
     report = metrics.compute()
     return (report, metrics.per_bin()) if per_bin else report
@@ -396,6 +410,7 @@ class _Run:
     depth: bool
     meta: dict[str, Any]
     fingerprint: str | None
+    pipeline: DevicePipeline | None = None  # images augmented on the device, per batch
     plugin: MethodPlugin | None = None  # the method's baseline parts (features, FDS, ...)
 
 
@@ -467,7 +482,9 @@ def fit(
     try:
         seed_everything(cfg.seed)
         run = _build_run(model, train_data, bins, cfg, target_scaler or TargetScaler.from_stats(
-            target_stats), depth, meta or {}, data_fingerprint)
+            target_stats), depth, meta or {}, data_fingerprint, log)
+        if run.pipeline is not None and rank == 0:
+            run.pipeline.prepare(val_data, test_data)  # fill their caches now
         ckpt = Checkpointer(folder, cfg.checkpoint)
         state = _restore(run, ckpt, allow_data_change, log) if resume else _State()
         sinks = run_loggers(folder, loggers) if rank == 0 else []
@@ -492,6 +509,8 @@ def _resolved(cfg: TrainConfig, bins: LabelBins, train_data: Any) -> TrainConfig
     """The config validated, ``balance: auto`` decided from the training labels, the region
     thresholds set on the bins."""
     cfg.validate()
+    amp, channels_last = auto_settings(cfg.amp, cfg.channels_last, resolve_device(cfg.device))
+    cfg = replace(cfg, amp=amp, channels_last=channels_last)  # "auto" decided for the device
     if cfg.balance == "auto":
         cfg = replace(cfg, balance=balance_of(_labels_of(train_data), bins))
     bins.set_thresholds(cfg.many, cfg.few)
@@ -524,8 +543,9 @@ def _on(data: Any, device: torch.device) -> Any:
 
 def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainConfig,
                units: TargetScaler, depth: bool, meta: dict[str, Any],
-               fingerprint: str | None) -> _Run:
-    """Device, DDP wrapper, optimizer and step, schedule, AMP scaler and the loader."""
+               fingerprint: str | None, log: Callable[[str], None] = print) -> _Run:
+    """Device, DDP wrapper, optimizer and step, schedule, AMP scaler, the loader and the device
+    pipeline of image data augmented per batch on the device."""
     method = get_method(cfg.method)
     device = resolve_device(cfg.device)
     if cfg.amp != "none" and device.type != "cuda":
@@ -534,7 +554,14 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
     if world > 1 and method.sharpness == "imbsam":
         raise ValueError("method imbsam does not support distributed training (its head "
                          "gradient is not all-reduced); run it in one process")
+    # (the picture cache is filled, by forked processes, before the model goes to the GPU)
+    pipeline = device_pipeline(train_data, device, seed=cfg.seed, rank=rank, world=world,
+                               amp=cfg.amp, channels_last=bool(cfg.channels_last),
+                               processes=max(1, cfg.num_workers), progress=cfg.progress,
+                               log=log if rank == 0 else (lambda s: None))
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -543,7 +570,8 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
     opt, step = build_stepper(plugin.stepper_method, plugin.param_groups(), bins, cfg,
                               model=model if cfg.bn_second_pass == "freeze" else None)
     plan = LRPlan.of(cfg)
-    loader = EpochLoader(_on(train_data, device), cfg.batch_size, shuffle=True, seed=cfg.seed,
+    loader = EpochLoader(pipeline.train if pipeline is not None else _on(train_data, device),
+                         cfg.batch_size, shuffle=True, seed=cfg.seed,
                          rank=rank, world_size=world, num_workers=cfg.num_workers,
                          pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch_factor)
     return _Run(cfg, device, rank, world, model, net, opt, step, plan,
@@ -551,7 +579,7 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
                 torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
                 plugin.first_pass_context(net.no_sync if (world > 1 and cfg.scope == "local")
                                           else None),
-                loader, bins, units, depth, meta, fingerprint, plugin)
+                loader, bins, units, depth, meta, fingerprint, pipeline, plugin)
 
 
 def _unscheduled(epoch: int) -> float:
@@ -599,24 +627,28 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     """Train one epoch and step the schedule; the row of figures starts here."""
     t0 = time.perf_counter()
     lr = run.opt.param_groups[0]["lr"]
+    skipped = getattr(run.opt, "skipped_steps", 0)
     loss = train_one_epoch(run.net, run.loader.data, run.step, run.cfg, epoch=epoch,
                            device=run.device, scaler=run.amp_scaler,
                            first_pass_context=run.first_ctx, target_scaler=run.units,
-                           loader=run.loader, plugin=run.plugin,
+                           loader=run.loader, batch_transform=None if run.pipeline is None
+                           else run.pipeline.train_batch, plugin=run.plugin,
                            desc=f"{run.cfg.method} epoch {epoch + 1}/{run.cfg.epochs}")
     if run.plugin is not None:
         run.plugin.end_epoch(epoch)
     run.sched.step()
     return {"epoch": epoch + 1, "lr": lr, "train_loss": loss,
+            "skipped_steps": getattr(run.opt, "skipped_steps", 0) - skipped,
             "seconds": time.perf_counter() - t0}
 
 
 def _evaluate(run: _Run, data: Any, per_bin: bool = False) -> Any:
     cfg = run.cfg
+    data, transform = run.pipeline.view(data) if run.pipeline is not None else (data, None)
     return evaluate(run.model, data, run.bins, device=run.device,
                     batch_size=cfg.eval_batch_size, target_scaler=run.units, depth=run.depth,
                     balance=cfg.balance, amp=cfg.amp, num_workers=cfg.num_workers,
-                    per_bin=per_bin)
+                    per_bin=per_bin, batch_transform=transform)
 
 
 def _validate(run: _Run, state: _State, row: dict[str, Any], val_data: Any
@@ -683,7 +715,8 @@ def _final_evaluation(run: _Run, state: _State, val_data: Any, test_data: Any,
                      test_per_bin=per_bin, history=state.history,
                      train_seconds=state.train_seconds,
                      out_dir=str(folder.path) if folder.path is not None else None,
-                     config=run.cfg.to_dict())
+                     config=run.cfg.to_dict(),
+                     skipped_steps=sum(int(r.get("skipped_steps") or 0) for r in state.history))
 
 
 def _log_line(row: dict[str, Any], improved: bool) -> str:
@@ -691,5 +724,7 @@ def _log_line(row: dict[str, Any], improved: bool) -> str:
     for k in ("val_mae", "val_bmae", "val_gm", "val_few_mae"):
         if k in row and row[k] is not None and math.isfinite(row[k]):
             parts.append(f"{k} {row[k]:.4g}")
+    if row.get("skipped_steps"):
+        parts.append(f"skipped {row['skipped_steps']} step(s): non-finite gradient")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts) + ("  *" if improved else "")

@@ -379,7 +379,8 @@ def loss_landscape(
         k0 = next(k for k, (a, b) in enumerate(points) if a == 0.0 and (b is None or b == 0.0))
         origin = {n: {m: float(means[k0, i, j]) for j, m in enumerate(METRICS)}
                   for i, n in enumerate(names)}
-    many, few = bins.thresholds(many, few)
+    if bins is not None:  # without bins there are no regions to name
+        many, few = bins.thresholds(many, few)
     meta = {"seed": seed if directions is None else None, "norm": norm, "ignore": ignore,
             "loss": loss_name, "num_parameters": int(sum(p.numel() for p in params)),
             "random_directions": directions is None, "many": many, "few": few, "label": label,

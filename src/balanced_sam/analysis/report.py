@@ -74,7 +74,8 @@ def analyze_model(
     t_start = time.perf_counter()
     regions = _checked_regions(regions, bins)
     loss, loss_name = resolve_loss(loss_fn)
-    many, few = bins.thresholds(many, few)
+    if bins is not None:  # without bins there are no regions to name
+        many, few = bins.thresholds(many, few)
     label = name or "model"
     settings = {"iters": iters, "tol": tol, "method": method, "probes": probes,
                 "trace_tol": trace_tol, "grid": grid if isinstance(grid, int) else

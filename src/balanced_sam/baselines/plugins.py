@@ -20,7 +20,7 @@ plug-in             kind           what the loop gets
 ==================  =============  ==============================================================
 
 Hyper-parameters: :data:`PLUGINS` holds each plug-in's defaults (with their source); a run
-changes them in ``train.baselines.NAME.KEY`` (checked by :func:`check_options`).
+changes them in ``train.plugins.NAME.KEY`` (checked by :func:`check_options`).
 
 Units: the loss plug-ins work in the loop's loss units (the targets as the
 :class:`~balanced_sam.data.scaling.TargetScaler` scales them: label units for images, standardised
@@ -162,8 +162,8 @@ def _type_ok(value: Any, default: Any) -> bool:
     return True
 
 
-def check_options(options: Any, section: str = "train.baselines") -> None:
-    """Check a ``train.baselines`` mapping: plug-in names, their keys, types and choices. Options
+def check_options(options: Any, section: str = "train.plugins") -> None:
+    """Check a ``train.plugins`` mapping: plug-in names, their keys, types and choices. Options
     of a plug-in the run's method does not use are allowed (one config can serve a bench of
     several methods) and ignored."""
     if not isinstance(options, Mapping):
@@ -172,8 +172,8 @@ def check_options(options: Any, section: str = "train.baselines") -> None:
     try:
         _check_each(options, section)
     except ConfigError as exc:
-        hint = spell("baselines")  # the command's own spelling, when it has one
-        raise ConfigError(str(exc) if hint.startswith("baselines=") else
+        hint = spell("plugins")  # the command's own spelling, when it has one
+        raise ConfigError(str(exc) if hint.startswith("plugins=") else
                           f"{exc} (set with {hint})") from None
 
 
@@ -205,7 +205,7 @@ def _check_each(options: Mapping[str, Any], section: str) -> None:
 
 def plugin_options(name: str, cfg_options: Mapping[str, Any] | None,
                    method_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A plug-in's options: its defaults, changed by the run's ``train.baselines.NAME`` and
+    """A plug-in's options: its defaults, changed by the run's ``train.plugins.NAME`` and
     then by what the method itself fixes (e.g. ``bni+lds`` smooths the prior)."""
     out = dict(PLUGINS[name].defaults)
     out.update((cfg_options or {}).get(name) or {})
@@ -256,7 +256,7 @@ class MethodPlugin:
         self.method, self.cfg, self.model, self.bins, self.units = method, cfg, model, bins, units
         self.device = device
         where = f"method {method.name!r}"
-        self.options = {p: plugin_options(p, cfg.baselines, method.plugin_options)
+        self.options = {p: plugin_options(p, cfg.plugins, method.plugin_options)
                         for p in method.plugins}
         self.stage = self.options["rnc"]["stage"] if "rnc" in self.options else None
         if world > 1 and ({"fds", "rnc"} & set(self.options)):
@@ -320,12 +320,12 @@ class MethodPlugin:
         longer depends on the prediction's neighbourhood and pushes predictions off the range."""
         init = self._bin_width() if o["init_noise_sigma"] is None else o["init_noise_sigma"]
         if not init > 0:
-            raise ValueError(f"train.baselines: init_noise_sigma must be > 0, got {init!r}")
+            raise ValueError(f"train.plugins: init_noise_sigma must be > 0, got {init!r}")
         scale = float(getattr(self.units, "std", 1.0))
         sigma = torch.tensor(float(init) / scale, device=self.device)
         if o["learn_noise"]:
             if not o["noise_lr"] > 0:
-                raise ValueError(f"train.baselines: noise_lr must be > 0, got {o['noise_lr']!r}")
+                raise ValueError(f"train.plugins: noise_lr must be > 0, got {o['noise_lr']!r}")
             self.noise_sigma = nn.Parameter(sigma)
             return self.noise_sigma
         return sigma
@@ -347,7 +347,7 @@ class MethodPlugin:
         filled = int((counts > 0).sum())
         if o["n_components"] > filled:
             raise ValueError(f"gai fits its mixture to the training histogram: "
-                             f"train.baselines.gai.n_components={o['n_components']} exceeds its "
+                             f"train.plugins.gai.n_components={o['n_components']} exceeds its "
                              f"{filled} non-empty label bins; lower it or use narrower bins")
         gmm = fit_gmm_1d(values.numpy(), o["n_components"], counts=counts.numpy())
         std = float(getattr(self.units, "std", 1.0))
@@ -552,26 +552,26 @@ class MethodPlugin:
 def is_staged(method: Method, cfg: Any) -> bool:
     """Whether a run is a whole two-stage recipe (``rnc`` with ``stage: both``)."""
     return "rnc" in method.plugins and plugin_options(
-        "rnc", cfg.baselines, method.plugin_options)["stage"] == "both"
+        "rnc", cfg.plugins, method.plugin_options)["stage"] == "both"
 
 
 def _stage_configs(cfg: Any) -> tuple[Any, Any]:
-    o = plugin_options("rnc", cfg.baselines)
+    o = plugin_options("rnc", cfg.plugins)
 
     def pick(key: str, current: Any) -> Any:
         return current if o[f"pretrain_{key}"] is None else o[f"pretrain_{key}"]
 
     def staged(stage: str) -> dict[str, Any]:
-        return {**cfg.baselines, "rnc": {**(cfg.baselines.get("rnc") or {}), "stage": stage}}
+        return {**cfg.plugins, "rnc": {**(cfg.plugins.get("rnc") or {}), "stage": stage}}
 
     pre = replace(cfg, epochs=int(pick("epochs", cfg.epochs)), lr=float(pick("lr", cfg.lr)),
                   weight_decay=float(pick("weight_decay", cfg.weight_decay)),
                   batch_size=int(pick("batch_size", cfg.batch_size)),
                   lr_min_factor=float(pick("lr_min_factor", cfg.lr_min_factor)),
-                  select_by="last", baselines=staged("pretrain"))
+                  select_by="last", plugins=staged("pretrain"))
     head = replace(cfg, lr=float(cfg.lr if o["head_lr"] is None else o["head_lr"]),
                    weight_decay=float(cfg.weight_decay if o["head_weight_decay"] is None
-                                      else o["head_weight_decay"]), baselines=staged("head"))
+                                      else o["head_weight_decay"]), plugins=staged("head"))
     return pre, head
 
 

@@ -11,6 +11,13 @@ Rank-N-Contrast code (see :mod:`balanced_sam.data.images`): train ``RandomResize
 colour jitter + grayscale, test ``Resize(img_size * 256 / 224)`` + ``CenterCrop(img_size)``, both
 normalised with mean = std = 0.5.
 
+``augment`` says where a training run applies that recipe: ``cpu`` (per image with PIL in the
+DataLoader workers, the samples above), ``device`` (the training loop reads ``uint8`` pictures
+from a cache filled before training, :meth:`AgeImageDataset.pictures`, and augments whole
+batches on the training device with :class:`~balanced_sam.data.gpu_augment.BatchAugment`) or
+``auto`` (``device`` on a CUDA device, ``cpu`` elsewhere; decided by the loop, which knows the
+device). Indexing a dataset always gives the ``cpu`` samples, whatever ``augment`` says.
+
 The module also holds :class:`AgeImageDataset` and :func:`build_age_splits`, shared with
 :mod:`balanced_sam.data.imdb_wiki`.
 """
@@ -27,8 +34,11 @@ import torch
 from torch.utils.data import Dataset
 
 from balanced_sam.data.images import (
+    AUGMENT_MODES,
     ArrayCache,
+    CachedPictures,
     CSVFormatError,
+    PictureStore,
     age_test_transform,
     age_train_transform,
     check_files_exist,
@@ -67,6 +77,10 @@ class AgeImageDataset(Dataset):
     ``(S, S, 3)``) each image is decoded once, resized so that its shorter side is ``S`` and
     centre-cropped to ``S x S``; the stored array is what ``transform`` sees from then on (the
     random crop of the training recipe then draws from that square, not from the full picture).
+
+    ``augment`` (``auto``, ``device`` or ``cpu``, see the module docstring) and ``store`` (a
+    :class:`~balanced_sam.data.images.PictureStore`) serve the device path: :meth:`pictures`
+    gives the split as ``uint8`` pictures from a filled cache.
     """
 
     def __init__(
@@ -76,7 +90,17 @@ class AgeImageDataset(Dataset):
         ages: Sequence[float] | np.ndarray,
         transform: Callable[[Any], torch.Tensor],
         cache: ArrayCache | None = None,
+        *,
+        augment: str = "cpu",
+        store: PictureStore | None = None,
     ) -> None:
+        if augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got "
+                             f"{augment!r}")
+        if augment == "device" and store is None:
+            raise ValueError("augment='device' needs a picture store (store=PictureStore(...))")
+        self.augment = augment
+        self.store = store
         self.root = Path(root)
         self.paths = [str(p) for p in paths]
         self.ages = torch.tensor(np.array(ages, dtype=np.float32))
@@ -113,6 +137,32 @@ class AgeImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.load_image(i)), self.ages[i]
 
+    # -- the device path: uint8 pictures from a cache filled before training
+    def picture_cache(self) -> ArrayCache:
+        """The :class:`~balanced_sam.data.images.ArrayCache` of :attr:`store` (opened or
+        created; not filled)."""
+        if self.store is None:
+            raise ValueError("this dataset has no picture store (build it with augment='auto' "
+                             "or 'device')")
+        return self.store.open(len(self))
+
+    def picture_record(self, i: int) -> dict[str, np.ndarray]:
+        """Decode sample ``i`` into the store's layout."""
+        assert self.store is not None
+        return self.store.record(open_rgb(self.root / self.paths[i]))
+
+    def pictures(self, processes: int = 1, progress: bool = False) -> CachedPictures:
+        """The split as ``uint8`` pictures (:class:`~balanced_sam.data.images.CachedPictures`),
+        after filling whatever the cache lacks with ``processes`` processes."""
+        from balanced_sam.data.images import fill_cache
+
+        cache = self.picture_cache()
+        assert self.store is not None
+        report = fill_cache(cache, self.picture_record, processes=processes,
+                            record_bytes=self.store.record_bytes, progress=progress,
+                            desc=f"caching {cache.prefix.name}")
+        return CachedPictures(cache, self.ages, fill_report=report)
+
 
 def read_age_csv(csv_path: str | os.PathLike[str], what: str) -> Any:
     """Read an ``age,path,split`` CSV and validate it (numeric finite ages >= 0, known splits)."""
@@ -145,10 +195,19 @@ def build_age_splits(
     verify: str = "exists",
     transform_train: Callable[[Any], torch.Tensor] | None = None,
     transform_test: Callable[[Any], torch.Tensor] | None = None,
+    augment: str = "auto",
 ) -> dict[str, AgeImageDataset | None]:
     """Shared body of the age benchmarks' ``build_splits`` (see :func:`build_splits`)."""
     if verify not in ("none", "exists", "decode"):
         raise ValueError(f"verify must be 'none', 'exists' or 'decode', got {verify!r}")
+    if augment not in AUGMENT_MODES:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)} (where a training "
+                         f"run applies the recipe's augmentation), got {augment!r}")
+    if transform_train is not None or transform_test is not None:
+        if augment == "device":
+            raise ValueError("augment='device' applies the recipe's augmentation on the device; "
+                             "custom transform_train / transform_test need augment='cpu'")
+        augment = "cpu"
     if not isinstance(img_size, int) or img_size < 1:
         raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
     r = require_root(root, what, hint)
@@ -163,6 +222,8 @@ def build_age_splits(
     cache_dir: Path | None = None
     if cache:
         cache_dir = Path(cache) if not isinstance(cache, bool) else r / ".bsam_cache"
+    # the device path always reads a filled cache: data.cache's folder, else root/.bsam_cache
+    picture_dir = cache_dir or r / ".bsam_cache"
     size = round(img_size * 256 / 224)
     out: dict[str, AgeImageDataset | None] = {}
     for split in SPLITS:
@@ -171,12 +232,19 @@ def build_age_splits(
             out[split] = None
             continue
         paths = part["path"].tolist()
-        store = None
+        square = f"{Path(csv_name).stem}-{split}-{size}-{list_digest(paths, size)}"
+        arrays = None
         if cache_dir is not None:
-            prefix = cache_dir / f"{Path(csv_name).stem}-{split}-{size}-{list_digest(paths, size)}"
-            store = ArrayCache(prefix, len(paths), {"rgb": ((size, size, 3), np.uint8)})
+            arrays = ArrayCache(cache_dir / square, len(paths),
+                                {"rgb": ((size, size, 3), np.uint8)})
+        pictures = None
+        if augment != "cpu":  # training: whole pictures; evaluation: the squares above
+            name = (f"{Path(csv_name).stem}-{split}-{size}-whole-"
+                    f"{list_digest(paths, size, 'whole')}") if split == "train" else square
+            pictures = PictureStore(picture_dir / name, size, split == "train", img_size)
         out[split] = AgeImageDataset(r, paths, part["age"].to_numpy(np.float32),
-                                     tf_train if split == "train" else tf_test, store)
+                                     tf_train if split == "train" else tf_test, arrays,
+                                     augment=augment, store=pictures)
     if out["train"] is None:
         raise CSVFormatError(f"{what} split CSV {csv_path} has no 'train' rows")
     return out
@@ -194,7 +262,11 @@ def build_splits(
         root: folder holding ``agedb.csv`` and the ``AgeDB/`` images.
         img_size: side of the square network input (224 in the paper).
         cache: ``True`` to keep decoded, resized images in memory-mapped files under
-            ``root/.bsam_cache``; a path to put them elsewhere; ``False`` to decode every time.
+            ``root/.bsam_cache``; a path to put them elsewhere; ``False`` to decode every time
+            (on the ``cpu`` path; the device path always reads a cache, in this folder when one
+            is given, else under ``root/.bsam_cache``).
+        augment: ``auto`` (default), ``device`` or ``cpu``: where a training run applies the
+            recipe's augmentation (see the module docstring).
         csv: another split CSV (same columns) instead of ``root/agedb.csv``.
         verify: ``"exists"`` (default) checks that every listed image exists; ``"decode"`` also
             decodes each (slow); ``"none"`` checks nothing up front.

@@ -13,19 +13,31 @@ The cache (:class:`ArrayCache`) keeps one fixed-shape record per sample (e.g. an
 array after the deterministic resize) in memory-mapped ``.npy`` files next to a ``filled`` flag per
 sample. Records are written the first time a sample is read, so the first epoch decodes JPEGs and
 later epochs read arrays; DataLoader workers share the files (each opens its own memory map).
+
+For augmentation on the training device (:mod:`balanced_sam.data.gpu_augment`) a split is read as
+``uint8`` pictures from a cache filled *before* training (:func:`fill_cache`, several processes)
+through :class:`CachedPictures`. :class:`PictureStore` says where and in which layout:
+:func:`whole_picture_record` (training: the whole picture stretched to ``S x S`` plus its size, so
+random crops are drawn from the whole picture in its own coordinates) or
+:func:`centre_square_record` (evaluation: ``Resize(S)`` + ``CenterCrop(S)``, the layout of
+``cache: true``, from which the test crop is an exact slice).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
+import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from balanced_sam.io import atomic_write
+import torch
 
 __all__ = [
     "DatasetNotFoundError",
@@ -41,10 +53,19 @@ __all__ = [
     "age_train_transform",
     "age_test_transform",
     "ArrayCache",
+    "PictureStore",
+    "CachedPictures",
+    "whole_picture_record",
+    "centre_square_record",
+    "fill_cache",
+    "AUGMENT_MODES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
 
+#: where a training run applies an image dataset's augmentation (``data.augment``): see
+#: :func:`balanced_sam.device_pipeline.augment_mode`
+AUGMENT_MODES = ("auto", "device", "cpu")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _SHOW = 5  # how many missing / bad files an error message names
@@ -257,6 +278,25 @@ def _new_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
     del mm
 
 
+def _create_once(path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
+    """Create a zero-filled ``.npy`` at ``path`` unless it exists: written beside it, then
+    hard-linked into place, which fails rather than replaces when another process created it
+    first (that process may already be filling its memory map; a replaced file would take its
+    records away from its DataLoader workers)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npy")
+    try:
+        _new_npy(tmp, dtype, shape)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class ArrayCache:
     """Fixed-shape records per sample in memory-mapped ``.npy`` files, filled on first read.
 
@@ -290,7 +330,7 @@ class ArrayCache:
                 raise ValueError(f"cache file {path} does not match this dataset "
                                  f"(expected shape {(self.n, *shape)}, dtype {dt}); delete it "
                                  "or choose another cache_dir")
-            atomic_write(path, lambda tmp, dt=dt, shape=shape: _new_npy(tmp, dt, (self.n, *shape)))
+            _create_once(path, dt, (self.n, *shape))
 
     def _path(self, name: str) -> Path:
         return self.prefix.with_name(f"{self.prefix.name}.{name}.npy")
@@ -328,3 +368,163 @@ class ArrayCache:
         state = self.__dict__.copy()
         state["_maps"] = None
         return state
+
+
+# --------------------------------------------------------------------------- decoded pictures
+def whole_picture_record(img: Any, side: int) -> dict[str, np.ndarray]:
+    """The whole RGB ``PIL.Image`` resized (bilinear, antialiased, like ``Resize``) to ``side x
+    side`` regardless of its aspect, plus its size ``hw = (height, width)``: a random crop drawn
+    in the picture's own coordinates maps to this square (``BatchAugment(..., sizes=hw)``)."""
+    from torchvision.transforms import functional as TF
+
+    w, h = img.size
+    rgb = np.array(TF.resize(img, [side, side]), dtype=np.uint8)
+    return {"rgb": rgb, "hw": np.array([h, w], dtype=np.int32)}
+
+
+def centre_square_record(img: Any, side: int) -> dict[str, np.ndarray]:
+    """``Resize(side)`` of the shorter side and ``CenterCrop(side)`` (what ``cache: true``
+    stores); the evaluation crop ``CenterCrop(size)`` of ``Resize(side)`` is a slice of it."""
+    from torchvision.transforms import functional as TF
+
+    sq = TF.center_crop(TF.resize(img, side), [side, side])
+    return {"rgb": np.array(sq, dtype=np.uint8)}
+
+
+@dataclass(frozen=True)
+class PictureStore:
+    """Where the ``uint8`` pictures of one split live for augmentation on the device.
+
+    ``prefix``: the :class:`ArrayCache` files; ``side``: the stored square side ``S``;
+    ``whole``: the layout, :func:`whole_picture_record` (training) or
+    :func:`centre_square_record` (evaluation); ``img_size``: the network input side.
+    """
+
+    prefix: Path
+    side: int
+    whole: bool
+    img_size: int
+
+    def fields(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        out: dict[str, tuple[tuple[int, ...], Any]] = {
+            "rgb": ((self.side, self.side, 3), np.uint8)}
+        if self.whole:
+            out["hw"] = ((2,), np.int32)
+        return out
+
+    def open(self, n: int) -> ArrayCache:
+        return ArrayCache(self.prefix, n, self.fields())
+
+    def record(self, img: Any) -> dict[str, np.ndarray]:
+        maker = whole_picture_record if self.whole else centre_square_record
+        return maker(img, self.side)
+
+    @property
+    def record_bytes(self) -> int:
+        return self.side * self.side * 3 + (8 if self.whole else 0) + 1
+
+
+class CachedPictures(torch.utils.data.Dataset):
+    """The pictures of a *filled* :class:`ArrayCache` as ``uint8``, for batch augmentation on
+    the training device. Item ``i``: ``{"image": (S, S, 3) uint8, "size": (2,) int64 (height,
+    width) of the picture, "target": float32 scalar}`` (``size`` is ``(S, S)`` for the centre-
+    square layout). A record that was never filled raises: fill the cache first
+    (:func:`fill_cache`), never lazily in the first epoch."""
+
+    def __init__(self, cache: ArrayCache, targets: torch.Tensor, *,
+                 fill_report: dict[str, float] | None = None) -> None:
+        self.fill_report = fill_report  # what filling it took (see fill_cache)
+        if "rgb" not in cache.fields:
+            raise ValueError(f"cache {cache.prefix} has no 'rgb' field")
+        self.cache = cache
+        self.ages = torch.as_tensor(targets, dtype=torch.float32).reshape(-1)
+        if len(self.ages) != cache.n:
+            raise ValueError(f"{len(self.ages)} targets for a cache of {cache.n} records")
+        side = cache.fields["rgb"][0][0]
+        self._square = torch.tensor([side, side], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return self.cache.n
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.ages
+
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pictures (n, S, S, 3) uint8, targets (n,))``: the pictures as one tensor on the
+        cache's memory map (nothing is copied until a batch is sliced), for evaluation splits
+        read in order without DataLoader workers."""
+        maps = self.cache._open()
+        if int(maps["filled"].sum()) != self.cache.n:
+            raise RuntimeError(f"the picture cache {self.cache.prefix} is not filled: fill it "
+                               "first (images.fill_cache)")
+        return torch.from_numpy(maps["rgb"]), self.ages
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rec = self.cache.get(i)
+        if rec is None:
+            raise RuntimeError(f"record {i} of the picture cache {self.cache.prefix} was never "
+                               "filled: fill it before training (images.fill_cache)")
+        size = (torch.from_numpy(rec["hw"]).to(torch.int64) if "hw" in rec
+                else self._square.clone())
+        return {"image": torch.from_numpy(rec["rgb"]), "size": size, "target": self.ages[i]}
+
+
+def _fill_chunk(job: tuple[ArrayCache, Callable[[int], dict[str, Any]], np.ndarray]) -> int:
+    cache, make, idx = job
+    for i in idx.tolist():
+        rec = make(i)
+        if not cache.put(i, rec):
+            shapes = {k: np.shape(v) for k, v in rec.items()}
+            raise ValueError(f"record {i} has shapes {shapes}, the cache {cache.prefix} holds "
+                             f"{ {k: s for k, (s, _) in cache.fields.items()} }")
+    return len(idx)
+
+
+def fill_cache(cache: ArrayCache, make_record: Callable[[int], dict[str, Any]], *,
+               processes: int = 1, record_bytes: int | None = None, progress: bool = False,
+               desc: str = "decoding") -> dict[str, float]:
+    """Write every record the cache lacks, now, with ``processes`` worker processes.
+
+    ``make_record(i)`` decodes sample ``i`` (picklable when ``processes > 1``: a module-level
+    function or a dataset's bound method). Refuses to start when the disk lacks room for the
+    missing records (``record_bytes`` each). Returns ``{"records", "filled", "seconds"}``: how
+    many records the cache holds, how many this call wrote and how long it took.
+    """
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+    t0 = time.perf_counter()
+    todo = np.flatnonzero(cache._open()["filled"] == 0)
+    if len(todo) and record_bytes:
+        need = len(todo) * int(record_bytes)
+        free = shutil.disk_usage(cache.prefix.parent).free
+        if free < need:
+            raise OSError(f"the picture cache {cache.prefix} needs {need / 2**30:.1f} GiB for "
+                          f"{len(todo)} pictures but {cache.prefix.parent} has "
+                          f"{free / 2**30:.1f} GiB free: put it elsewhere with data.cache=DIR, "
+                          "or use data.augment=cpu")
+    if len(todo):
+        from balanced_sam.io import progress_bar
+
+        procs = min(processes, len(todo))
+        chunks = np.array_split(todo, min(len(todo), procs * 8 if procs > 1 else 1))
+        jobs = [(cache, make_record, c) for c in chunks]
+        bar = progress_bar(total=len(todo), enabled=progress, desc=desc, leave=False,
+                           disable=not sys.stderr.isatty())
+        if procs == 1:
+            for job in jobs:
+                bar.update(_fill_chunk(job))
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            with ctx.Pool(procs) as pool:
+                for done in pool.imap_unordered(_fill_chunk, jobs):
+                    bar.update(done)
+        bar.close()
+    filled = cache.num_filled
+    if filled != cache.n:
+        raise RuntimeError(f"the picture cache {cache.prefix} holds {filled} of {cache.n} "
+                           "records after filling")
+    return {"records": float(cache.n), "filled": float(len(todo)),
+            "seconds": time.perf_counter() - t0}

@@ -174,6 +174,7 @@ def load_rotated(
     tau: float = 30.0,
     classes: list[int] | tuple[int, ...] | None = None,
     download: bool = True,
+    image_size: int = 28,
 ) -> BenchData:
     """Build the rotated benchmark (see the module docstring).
 
@@ -187,6 +188,10 @@ def load_rotated(
         tau: decay of the training angle density, degrees.
         classes: keep only these class labels (default: all).
         download: allow torchvision's downloader.
+        image_size: side of the images the network sees: each image is rotated at full
+            resolution, then area-averaged down to ``image_size`` x ``image_size`` (a cheaper
+            variant of the benchmark; the default 28 keeps the originals). The model's input
+            size follows the data (:func:`balanced_sam.data.registry.build_model`).
     """
     from balanced_sam.bins import LabelBins
 
@@ -198,6 +203,7 @@ def load_rotated(
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     data, source = find_images(kind, data_root, download)
+    side = _checked_size(image_size, int(data["train"][0].shape[-1]))
     gen = torch.Generator().manual_seed(int(seed))
     nbins = int(round(k))
     sizes = {"train": n_train, "val": val_per_bin * nbins, "test": test_per_bin * nbins}
@@ -205,10 +211,7 @@ def load_rotated(
     angles = (long_tailed_angles(n_train, tau, gen), balanced_angles(val_per_bin, bin_width, gen),
               balanced_angles(test_per_bin, bin_width, gen))
 
-    def prep(imgs: np.ndarray, a: torch.Tensor) -> torch.Tensor:
-        return rotate_images(torch.from_numpy(imgs.astype(np.float32) / 255.0)[:, None], a)
-
-    xs = [prep(imgs, a) for imgs, a in zip(picks, angles)]
+    xs = [_rotated(imgs, a, image_size) for imgs, a in zip(picks, angles)]
     mean, std = float(xs[0].mean()), float(xs[0].std())
     x_tr, x_va, x_te = ((x - mean) / std for x in xs)
     bins = {"bin_width": float(bin_width), "lower": 0.0, "upper": ANGLE_RANGE}
@@ -216,14 +219,14 @@ def load_rotated(
     kept = None if classes is None else sorted(set(int(c) for c in classes))
     params = {"kind": kind, "seed": int(seed), "n_train": n_train, "val_per_bin": val_per_bin,
               "test_per_bin": test_per_bin, "bin_width": float(bin_width), "tau": float(tau),
-              "classes": kept}
+              "classes": kept, **({"image_size": image_size} if image_size != side else {})}
     info = {
         "source": source, "kind": kind, "target": "rotation angle (degrees, counter-clockwise)",
         "split": "train: truncated exponential angles; val/test: balanced, uniform in each bin",
         "tau": float(tau), "bin_width": float(bin_width), "num_bins": nbins, "classes": kept,
         "sizes": sizes, "val_per_bin": val_per_bin, "test_per_bin": test_per_bin,
         "regions": lb.region_counts(), "empty_train_bins": int((lb.counts == 0).sum()),
-        "pixel_mean": mean, "pixel_std": std, "seed": int(seed),
+        "pixel_mean": mean, "pixel_std": std, "seed": int(seed), "image_size": image_size,
         "files": {stem: file_digest(find_idx_file(source, stem))  # type: ignore[arg-type]
                   for pair in IDX_SPLITS.values() for stem in pair},
         "split_params": params,
@@ -232,6 +235,23 @@ def load_rotated(
                      x_train=x_tr.contiguous(), y_train=angles[0], x_val=x_va.contiguous(),
                      y_val=angles[1], x_test=x_te.contiguous(), y_test=angles[2], bins=bins,
                      info=info, standardize_target=True, target_unit="deg")
+
+
+def _checked_size(image_size: Any, side: int) -> int:
+    """``side`` (of the stored images) after checking that ``image_size`` fits in it."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) \
+            or not 1 <= image_size <= side:
+        raise ValueError(f"image_size must be an integer in [1, {side}] (the images are "
+                         f"{side} x {side}), got {image_size!r}")
+    return side
+
+
+def _rotated(images: np.ndarray, angles: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images rotated at full resolution, then area-averaged to ``size`` x ``size``."""
+    x = rotate_images(torch.from_numpy(images.astype(np.float32) / 255.0)[:, None], angles)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return x
 
 
 def _pick_images(data: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -276,7 +296,8 @@ def load_fashion(seed: int = 0, data_root: str | os.PathLike[str] | None = None,
     return load_rotated("fashion-mnist", seed, data_root, **opts)
 
 
-_OPTIONS = ("n_train", "val_per_bin", "test_per_bin", "bin_width", "tau", "classes", "download")
+_OPTIONS = ("n_train", "val_per_bin", "test_per_bin", "bin_width", "tau", "classes", "download",
+            "image_size")
 
 
 def _known(seed: int, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
