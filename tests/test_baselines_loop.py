@@ -75,6 +75,15 @@ def test_composed_names_build_the_method_they_say(name, sharpness, update, pertu
     assert get_method(name) is m  # built once
 
 
+def test_interval_variants_compose_with_plugins():
+    m = get_method("ranksim+bsam-i5")
+    assert m.plugins == ("ranksim",) and m.sharpness == "bsam"
+    assert m.optimizer_options["interval"] == 5
+    assert rho_for("ranksim+bsam-i5", {"bsam": 0.01}) == 0.01
+    with pytest.raises(ValueError, match="needs a SAM-family method"):
+        get_method("ranksim-i5")
+
+
 @pytest.mark.parametrize("name,message", [
     ("ranksim+sharp", "unknown part 'sharp'"),
     ("ranksim+bsam+sqinv", "'sqinv' is out of place"),
