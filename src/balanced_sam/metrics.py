@@ -50,6 +50,15 @@ __all__ = [
     "REPORT_REGIONS",
     "BASE_METRICS",
     "DEPTH_METRICS",
+    "report_from_sums",
+    "add_batch",
+    "flat_batch",
+    "merge_labels",
+    "used_balance",
+    "check_options",
+    "sum_names",
+    "SUM_NAMES",
+    "DEPTH_SUM_NAMES",
 ]
 
 REPORT_REGIONS = ("all",) + REGIONS
@@ -84,6 +93,158 @@ def balance_of(train_labels: Any, bins: LabelBins) -> str:
     return resolve_balance(train_labels, bins, clamp=True)
 
 
+# The running sums, one float64 tensor of shape (num_bins,) each: the sample count and the sums
+# of |e|, e^2, log max(|e|, gm_eps) and of exact zeros; depth adds the delta hits, |e|/g and
+# |log10 p - log10 g|. RegressionMetrics keeps them in a dict, the torchmetrics class as
+# metric states; both fill them with add_batch and read them with report_from_sums.
+SUM_NAMES = ("n", "abs", "sq", "log", "zero")
+DEPTH_SUM_NAMES = ("d1", "d2", "d3", "rel", "l10")
+
+
+def sum_names(depth: bool) -> tuple[str, ...]:
+    """The names of the per-bin sums kept for plain (``depth=False``) or depth metrics."""
+    return SUM_NAMES + (DEPTH_SUM_NAMES if depth else ())
+
+
+def check_options(bins: Any, balance: str, gm_eps: float) -> None:
+    """Raise for a ``bins`` that is not a :class:`LabelBins`, an unknown ``balance`` or a
+    negative ``gm_eps`` (the checks of both metrics classes)."""
+    if not isinstance(bins, LabelBins):
+        raise TypeError(f"bins must be a LabelBins, got {type(bins).__name__}")
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+    if not gm_eps >= 0:
+        raise ValueError(f"gm_eps must be >= 0, got {gm_eps!r}")
+
+
+def flat_batch(preds: Any, targets: Any, mask: Any = None,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``preds`` and ``targets`` of the elements that count (``mask``), flattened to float64 on
+    ``device``. Predictions of another shape but as many elements are reshaped; otherwise, and
+    for NaN/inf predictions, ``ValueError``."""
+    preds = torch.as_tensor(preds)
+    targets = torch.as_tensor(targets)
+    if preds.shape != targets.shape:
+        if preds.numel() == targets.numel():
+            preds = preds.reshape(targets.shape)
+        else:
+            raise ValueError(f"preds shape {tuple(preds.shape)} does not match targets "
+                             f"shape {tuple(targets.shape)}")
+    p = preds.detach().reshape(-1).to(device, torch.float64)
+    t = targets.detach().reshape(-1).to(device, torch.float64)
+    if mask is not None:
+        m = torch.as_tensor(mask).detach().to(device, torch.bool)
+        m = m.expand(targets.shape).reshape(-1)
+        p, t = p[m], t[m]
+    if t.numel() and not bool(torch.isfinite(p).all()):
+        raise ValueError("preds hold NaN/inf values: the model diverged or the input is bad")
+    return p, t
+
+
+def add_batch(sums: Mapping[str, torch.Tensor], idx: torch.Tensor, p: torch.Tensor,
+              t: torch.Tensor, *, gm_eps: float, min_depth: float) -> torch.Tensor:
+    """Add a batch (flat float64 predictions ``p``, targets ``t`` and their bin indices
+    ``idx``) to the per-bin ``sums`` in place (the depth sums when ``sums`` holds them).
+    Returns the absolute errors, for per-label bookkeeping."""
+    err = p - t
+    ae = err.abs()
+    sums["n"].add_(torch.bincount(idx, minlength=sums["n"].numel()).to(torch.float64))
+    sums["abs"].index_add_(0, idx, ae)
+    sums["sq"].index_add_(0, idx, err.square())
+    zero = ae == 0
+    sums["zero"].index_add_(0, idx, zero.to(torch.float64))
+    if gm_eps > 0:
+        sums["log"].index_add_(0, idx, ae.clamp_min(gm_eps).log())
+    else:
+        sums["log"].index_add_(0, idx, torch.where(zero, 0.0, ae.log()))
+    if "d1" in sums:
+        pd = p.clamp_min(min_depth)
+        ratio = torch.maximum(pd / t, t / pd)
+        for k in (1, 2, 3):
+            sums[f"d{k}"].index_add_(0, idx, (ratio < 1.25**k).to(torch.float64))
+        sums["rel"].index_add_(0, idx, ae / t)
+        sums["l10"].index_add_(0, idx, (pd.log10() - t.log10()).abs())
+    return ae
+
+
+def merge_labels(values: torch.Tensor, n: torch.Tensor, a: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-label bookkeeping: the distinct ``values`` (sorted) with the summed counts ``n`` and
+    absolute errors ``a`` of the entries holding each."""
+    uniq, inv = torch.unique(values, return_inverse=True)
+    nn = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device)
+    aa = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device)
+    nn.index_add_(0, inv, n)
+    aa.index_add_(0, inv, a)
+    return uniq, nn, aa
+
+
+def used_balance(balance: str, label_lo: torch.Tensor, label_hi: torch.Tensor) -> str:
+    """``"label"`` or ``"bin"``: what ``balance`` means given the smallest and largest test
+    label seen per bin. ``"auto"`` is ``"label"`` when no bin holds two distinct labels (then
+    per-bin MAE is per-label MAE), else ``"bin"``."""
+    if balance != "auto":
+        return balance
+    return "bin" if bool((label_hi > label_lo).any()) else "label"
+
+
+def report_from_sums(
+    sums: Mapping[str, torch.Tensor],
+    region_code: torch.Tensor,
+    *,
+    gm_eps: float,
+    labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    label_bin: torch.Tensor | None = None,
+) -> Report:
+    """The report ``{region: {metric: value}}`` from the per-bin ``sums`` (depth metrics when
+    they hold the depth sums); ``region_code`` is the per-bin region (0 many, 1 medium, 2 few,
+    :meth:`LabelBins.region_index`). ``bmae`` averages the per-bin MAE of the bins holding test
+    samples, or, given ``labels`` (distinct values, counts, absolute-error sums: the
+    ``balance="label"`` bookkeeping) and ``label_bin`` (each value's bin), the per-label MAE."""
+    s = {name: v.to("cpu", torch.float64) for name, v in sums.items()}
+    depth = "d1" in s
+    lab_mae = None
+    if labels is not None:
+        if label_bin is None:
+            raise ValueError("label_bin is needed with labels")
+        lab_mae = labels[2].to("cpu", torch.float64) / labels[1].to("cpu", torch.float64)
+        label_bin = label_bin.to("cpu")
+    region_code = region_code.to("cpu")
+    out: Report = {}
+    for region in REPORT_REGIONS:
+        if region == "all":
+            sel = torch.ones_like(region_code, dtype=torch.bool)
+        else:
+            sel = region_code == REGIONS.index(region)
+        n = float(s["n"][sel].sum())
+        r: dict[str, float] = {"count": int(n)}
+        if n == 0:
+            for m in BASE_METRICS + (DEPTH_METRICS if depth else ()):
+                if m != "count":
+                    r[m] = math.nan
+            out[region] = r
+            continue
+        r["mae"] = float(s["abs"][sel].sum()) / n
+        r["mse"] = float(s["sq"][sel].sum()) / n
+        r["rmse"] = math.sqrt(r["mse"])
+        if gm_eps == 0 and float(s["zero"][sel].sum()) > 0:
+            r["gm"] = 0.0
+        else:
+            r["gm"] = math.exp(float(s["log"][sel].sum()) / n)
+        if lab_mae is not None and label_bin is not None:
+            r["bmae"] = float(lab_mae[sel[label_bin]].mean())
+        else:
+            nb = s["n"][sel]
+            r["bmae"] = float((s["abs"][sel][nb > 0] / nb[nb > 0]).mean())
+        if depth:
+            for k in (1, 2, 3):
+                r[f"delta{k}"] = float(s[f"d{k}"][sel].sum()) / n
+            r["abs_rel"] = float(s["rel"][sel].sum()) / n
+            r["log10"] = float(s["l10"][sel].sum()) / n
+        out[region] = r
+    return out
+
+
 class RegressionMetrics:
     """Streaming DIR metrics: ``update(preds, targets[, mask])`` then ``compute()``.
 
@@ -112,12 +273,7 @@ class RegressionMetrics:
         min_depth: float = 1e-3,
         clamp: bool | None = None,
     ) -> None:
-        if not isinstance(bins, LabelBins):
-            raise TypeError(f"bins must be a LabelBins, got {type(bins).__name__}")
-        if balance not in BALANCES:
-            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
-        if not gm_eps >= 0:
-            raise ValueError(f"gm_eps must be >= 0, got {gm_eps!r}")
+        check_options(bins, balance, gm_eps)
         self.bins = bins
         self.many = bins.many if many is None else many
         self.few = bins.few if few is None else few
@@ -131,13 +287,10 @@ class RegressionMetrics:
         self.clamp = clamp
         self.reset()
 
-    _SUMS = ("n", "abs", "sq", "log", "zero")
-    _DEPTH_SUMS = ("d1", "d2", "d3", "rel", "l10")
-
     def reset(self) -> None:
+        """Forget every batch added so far."""
         k = self.bins.num_bins
-        names = self._SUMS + (self._DEPTH_SUMS if self.depth else ())
-        self._sums = {n: torch.zeros(k, dtype=torch.float64) for n in names}
+        self._sums = {n: torch.zeros(k, dtype=torch.float64) for n in sum_names(self.depth)}
         self._labels = torch.zeros(0, dtype=torch.float64)
         self._label_n = torch.zeros(0, dtype=torch.float64)
         self._label_abs = torch.zeros(0, dtype=torch.float64)
@@ -150,108 +303,28 @@ class RegressionMetrics:
                mask: torch.Tensor | None = None) -> None:
         """Add a batch. ``preds`` and ``targets`` have the same shape (any); ``mask`` selects
         the elements that count (e.g. the balanced depth test mask)."""
-        preds = torch.as_tensor(preds)
-        targets = torch.as_tensor(targets)
-        if preds.shape != targets.shape:
-            if preds.numel() == targets.numel():
-                preds = preds.reshape(targets.shape)
-            else:
-                raise ValueError(f"preds shape {tuple(preds.shape)} does not match targets "
-                                 f"shape {tuple(targets.shape)}")
-        p = preds.detach().reshape(-1).to("cpu", torch.float64)
-        t = targets.detach().reshape(-1).to("cpu", torch.float64)
-        if mask is not None:
-            m = torch.as_tensor(mask).detach().to("cpu", torch.bool)
-            m = m.expand(targets.shape).reshape(-1)
-            p, t = p[m], t[m]
+        p, t = flat_batch(preds, targets, mask)
         if t.numel() == 0:
             return
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError("preds hold NaN/inf values: the model diverged or the input is bad")
         idx = self.bins.bin_index(t, clamp=self.clamp)
-        err = p - t
-        ae = err.abs()
-        s = self._sums
-        s["n"] += torch.bincount(idx, minlength=self.bins.num_bins).to(torch.float64)
-        s["abs"].index_add_(0, idx, ae)
-        s["sq"].index_add_(0, idx, err.square())
-        zero = ae == 0
-        s["zero"].index_add_(0, idx, zero.to(torch.float64))
-        if self.gm_eps > 0:
-            s["log"].index_add_(0, idx, ae.clamp_min(self.gm_eps).log())
-        else:
-            s["log"].index_add_(0, idx, torch.where(zero, 0.0, ae.log()))
-        if self.depth:
-            pd = p.clamp_min(self.min_depth)
-            ratio = torch.maximum(pd / t, t / pd)
-            for k, name in enumerate(("d1", "d2", "d3"), start=1):
-                s[name].index_add_(0, idx, (ratio < 1.25**k).to(torch.float64))
-            s["rel"].index_add_(0, idx, ae / t)
-            s["l10"].index_add_(0, idx, (pd.log10() - t.log10()).abs())
+        ae = add_batch(self._sums, idx, p, t, gm_eps=self.gm_eps, min_depth=self.min_depth)
         self._lab_lo.scatter_reduce_(0, idx, t, "amin")
         self._lab_hi.scatter_reduce_(0, idx, t, "amax")
         if self.balance == "label":
-            labels = torch.cat([self._labels, t])
-            uniq, inv = torch.unique(labels, return_inverse=True)
-            n = torch.zeros(uniq.numel(), dtype=torch.float64)
-            a = torch.zeros(uniq.numel(), dtype=torch.float64)
-            old = inv[: self._labels.numel()]
-            new = inv[self._labels.numel():]
-            n.index_add_(0, old, self._label_n)
-            a.index_add_(0, old, self._label_abs)
-            n.index_add_(0, new, torch.ones_like(t))
-            a.index_add_(0, new, ae)
-            self._labels, self._label_n, self._label_abs = uniq, n, a
-
-    def _region_bins(self, region: str) -> torch.Tensor:
-        if region == "all":
-            return torch.ones(self.bins.num_bins, dtype=torch.bool)
-        return self.region_code == REGIONS.index(region)
+            self._labels, self._label_n, self._label_abs = merge_labels(
+                torch.cat([self._labels, t]), torch.cat([self._label_n, torch.ones_like(t)]),
+                torch.cat([self._label_abs, ae]))
 
     def compute(self) -> Report:
         """The report ``{region: {metric: value}}`` for region in all/many/medium/few (every
         value a number; how ``bmae`` was balanced is :attr:`balance_used`)."""
-        s = self._sums
-        if self.balance == "auto":
-            # discrete labels: one label per bin, so per-bin MAE is per-label MAE
-            self.balance_used = "bin" if bool((self._lab_hi > self._lab_lo).any()) else "label"
-        else:
-            self.balance_used = self.balance
-        per_label = self.balance == "label"
-        if per_label and self._labels.numel():
-            lab_bin = self.bins.bin_index(self._labels, clamp=self.clamp)
-            lab_mae = self._label_abs / self._label_n
-        out: Report = {}
-        for region in REPORT_REGIONS:
-            sel = self._region_bins(region)
-            n = float(s["n"][sel].sum())
-            r: dict[str, float] = {"count": int(n)}
-            if n == 0:
-                for m in BASE_METRICS + (DEPTH_METRICS if self.depth else ()):
-                    if m != "count":
-                        r[m] = math.nan
-                out[region] = r
-                continue
-            r["mae"] = float(s["abs"][sel].sum()) / n
-            r["mse"] = float(s["sq"][sel].sum()) / n
-            r["rmse"] = math.sqrt(r["mse"])
-            if self.gm_eps == 0 and float(s["zero"][sel].sum()) > 0:
-                r["gm"] = 0.0
-            else:
-                r["gm"] = math.exp(float(s["log"][sel].sum()) / n)
-            if per_label:
-                in_region = sel[lab_bin]
-                r["bmae"] = float(lab_mae[in_region].mean())
-            else:
-                nb = s["n"][sel]
-                r["bmae"] = float((s["abs"][sel][nb > 0] / nb[nb > 0]).mean())
-            if self.depth:
-                for k in (1, 2, 3):
-                    r[f"delta{k}"] = float(s[f"d{k}"][sel].sum()) / n
-                r["abs_rel"] = float(s["rel"][sel].sum()) / n
-                r["log10"] = float(s["l10"][sel].sum()) / n
-            out[region] = r
-        return out
+        self.balance_used = used_balance(self.balance, self._lab_lo, self._lab_hi)
+        if self.balance != "label":
+            return report_from_sums(self._sums, self.region_code, gm_eps=self.gm_eps)
+        return report_from_sums(
+            self._sums, self.region_code, gm_eps=self.gm_eps,
+            labels=(self._labels, self._label_n, self._label_abs),
+            label_bin=self.bins.bin_index(self._labels, clamp=self.clamp))
 
     def per_bin(self) -> dict[str, list[Any]]:
         """Per-bin ``count`` and ``mae`` (None where the bin has no test sample)."""

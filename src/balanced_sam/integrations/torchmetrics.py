@@ -40,30 +40,25 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
         "balanced_sam.integrations.torchmetrics needs the torchmetrics package: "
         "pip install 'balanced-sam[torchmetrics]'", name=exc.name) from exc
 
-from balanced_sam.bins import REGIONS, LabelBins
-from balanced_sam.metrics import BASE_METRICS, DEPTH_METRICS, REPORT_REGIONS
+from balanced_sam.bins import LabelBins
+from balanced_sam.metrics import (
+    BASE_METRICS,
+    DEPTH_METRICS,
+    REPORT_REGIONS,
+    Report,
+    add_batch,
+    check_options,
+    flat_batch,
+    merge_labels,
+    report_from_sums,
+    sum_names,
+    used_balance,
+)
 
 __all__ = ["RegressionMetrics", "RegionMetric", "flatten_report"]
 
-BALANCES = ("auto", "label", "bin")
-
-Report = dict[str, dict[str, float]]
-
-_SUMS = ("n", "abs", "sq", "log", "zero")
-_DEPTH_SUMS = ("d1", "d2", "d3", "rel", "l10")
 # compact the per-label lists once they hold this many batches
 _COMPACT_EVERY = 32
-
-
-def _merge_labels(values: torch.Tensor, n: torch.Tensor, a: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum the counts and absolute errors of equal label values."""
-    uniq, inv = torch.unique(values, return_inverse=True)
-    nn = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device)
-    aa = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device)
-    nn.index_add_(0, inv, n)
-    aa.index_add_(0, inv, a)
-    return uniq, nn, aa
 
 
 class RegressionMetrics(Metric):
@@ -73,9 +68,9 @@ class RegressionMetrics(Metric):
     Args:
         bins: the :class:`~balanced_sam.LabelBins` of the *training* labels.
         many: region threshold on the training count (``> many``: many-shot); ``None``
-            (default) takes the bins' own (``bins.many``, 100 where the bins have none).
+            (default) takes the bins' own (``bins.many``).
         few: region threshold on the training count (``< few``: few-shot); ``None`` (default)
-            takes ``bins.few`` (else 20).
+            takes the bins' own (``bins.few``).
         depth: add the depth metrics (delta1-3, abs_rel, log10).
         balance: ``"auto"`` (default), ``"label"`` (bMAE over distinct test labels) or
             ``"bin"`` (over test bins); after :meth:`compute`, :attr:`balance_used` says which
@@ -113,15 +108,10 @@ class RegressionMetrics(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(bins, LabelBins):
-            raise TypeError(f"bins must be a LabelBins, got {type(bins).__name__}")
-        if balance not in BALANCES:
-            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
-        if not gm_eps >= 0:
-            raise ValueError(f"gm_eps must be >= 0, got {gm_eps!r}")
+        check_options(bins, balance, gm_eps)
         self.bins = bins
-        self.many: float = getattr(bins, "many", 100) if many is None else many
-        self.few: float = getattr(bins, "few", 20) if few is None else few
+        self.many: float = bins.many if many is None else many
+        self.few: float = bins.few if few is None else few
         #: ``"label"`` or ``"bin"``: how the last :meth:`compute` balanced ``bmae``
         self.balance_used: str | None = None
         self.depth = bool(depth)
@@ -129,9 +119,9 @@ class RegressionMetrics(Metric):
         self.gm_eps = float(gm_eps)
         self.min_depth = float(min_depth)
         self.clamp = clamp
-        self._region_code = bins.region_index(self.many, self.few)  # type: ignore[arg-type]
+        self._region_code = bins.region_index(self.many, self.few)
         k = bins.num_bins
-        for name in _SUMS + (_DEPTH_SUMS if self.depth else ()):
+        for name in sum_names(self.depth):
             self.add_state(f"sum_{name}", default=torch.zeros(k, dtype=torch.float64),
                            dist_reduce_fx="sum")
         self.add_state("label_lo", default=torch.full((k,), math.inf, dtype=torch.float64),
@@ -145,63 +135,30 @@ class RegressionMetrics(Metric):
         # gathers from a rank that saw no data
         self.set_dtype(torch.float64)
 
-    def _sum(self, name: str) -> torch.Tensor:
-        state: torch.Tensor = getattr(self, f"sum_{name}")
-        return state
+    def _sum_states(self) -> dict[str, torch.Tensor]:
+        """The per-bin sum states by the names of :func:`balanced_sam.metrics.sum_names`."""
+        return {name: getattr(self, f"sum_{name}") for name in sum_names(self.depth)}
 
     @torch.no_grad()
     def update(self, preds: torch.Tensor, targets: torch.Tensor,
                mask: torch.Tensor | None = None) -> None:
         """Add a batch: ``preds`` and ``targets`` of one shape (any); ``mask`` selects the
         elements that count."""
-        preds = torch.as_tensor(preds)
-        targets = torch.as_tensor(targets)
-        if preds.shape != targets.shape:
-            if preds.numel() == targets.numel():
-                preds = preds.reshape(targets.shape)
-            else:
-                raise ValueError(f"preds shape {tuple(preds.shape)} does not match targets "
-                                 f"shape {tuple(targets.shape)}")
-        dev = self.sum_n.device
-        p = preds.detach().reshape(-1).to(dev, torch.float64)
-        t = targets.detach().reshape(-1).to(dev, torch.float64)
-        if mask is not None:
-            m = torch.as_tensor(mask).detach().to(dev, torch.bool)
-            m = m.expand(targets.shape).reshape(-1)
-            p, t = p[m], t[m]
+        p, t = flat_batch(preds, targets, mask, device=self.sum_n.device)
         if t.numel() == 0:
             return
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError("preds hold NaN/inf values: the model diverged or the input is bad")
         idx = self.bins.bin_index(t, clamp=self.clamp)
-        err = p - t
-        ae = err.abs()
-        zero = ae == 0
-        self.sum_n += torch.bincount(idx, minlength=self.bins.num_bins).to(torch.float64)
-        self._sum("abs").index_add_(0, idx, ae)
-        self._sum("sq").index_add_(0, idx, err.square())
-        self._sum("zero").index_add_(0, idx, zero.to(torch.float64))
-        if self.gm_eps > 0:
-            self._sum("log").index_add_(0, idx, ae.clamp_min(self.gm_eps).log())
-        else:
-            self._sum("log").index_add_(0, idx, torch.where(zero, 0.0, ae.log()))
-        if self.depth:
-            pd = p.clamp_min(self.min_depth)
-            ratio = torch.maximum(pd / t, t / pd)
-            for k in (1, 2, 3):
-                self._sum(f"d{k}").index_add_(0, idx, (ratio < 1.25**k).to(torch.float64))
-            self._sum("rel").index_add_(0, idx, ae / t)
-            self._sum("l10").index_add_(0, idx, (pd.log10() - t.log10()).abs())
+        ae = add_batch(self._sum_states(), idx, p, t, gm_eps=self.gm_eps, min_depth=self.min_depth)
         self.label_lo.scatter_reduce_(0, idx, t, "amin")
         self.label_hi.scatter_reduce_(0, idx, t, "amax")
         if self.balance == "label":
-            v, n, a = _merge_labels(t, torch.ones_like(t), ae)
+            v, n, a = merge_labels(t, torch.ones_like(t), ae)
             self.label_values.append(v)
             self.label_n.append(n)
             self.label_abs.append(a)
             if len(self.label_values) >= _COMPACT_EVERY:
-                v, n, a = _merge_labels(dim_zero_cat(self.label_values),
-                                        dim_zero_cat(self.label_n), dim_zero_cat(self.label_abs))
+                v, n, a = merge_labels(dim_zero_cat(self.label_values),
+                                       dim_zero_cat(self.label_n), dim_zero_cat(self.label_abs))
                 self.label_values[:] = [v]
                 self.label_n[:] = [n]
                 self.label_abs[:] = [a]
@@ -218,56 +175,19 @@ class RegressionMetrics(Metric):
             empty = torch.zeros(0, dtype=torch.float64)
             return empty, empty, empty
         v, n, a = (dim_zero_cat(x).to("cpu", torch.float64) for x in parts)
-        return _merge_labels(v, n, a)
+        return merge_labels(v, n, a)
 
     def compute(self) -> Report:
         """The report ``{region: {metric: value}}`` for region in all/many/medium/few (values
-        are Python floats; ``count`` an int; an empty region reports NaN)."""
-        s = {name: self._sum(name).to("cpu", torch.float64)
-             for name in _SUMS + (_DEPTH_SUMS if self.depth else ())}
-        if self.balance == "auto":
-            # discrete labels (one per bin): per-bin MAE is per-label MAE
-            self.balance_used = "bin" if bool((self.label_hi > self.label_lo).any()) else "label"
-        else:
-            self.balance_used = self.balance
-        per_label = self.balance == "label"
-        if per_label:
-            labels, label_n, label_abs = self._labels()
-            lab_bin = self.bins.bin_index(labels, clamp=self.clamp)
-            lab_mae = label_abs / label_n
-        out: Report = {}
-        for region in REPORT_REGIONS:
-            if region == "all":
-                sel = torch.ones(self.bins.num_bins, dtype=torch.bool)
-            else:
-                sel = self._region_code == REGIONS.index(region)
-            n = float(s["n"][sel].sum())
-            r: dict[str, float] = {"count": int(n)}
-            if n == 0:
-                for m in BASE_METRICS + (DEPTH_METRICS if self.depth else ()):
-                    if m != "count":
-                        r[m] = math.nan
-                out[region] = r
-                continue
-            r["mae"] = float(s["abs"][sel].sum()) / n
-            r["mse"] = float(s["sq"][sel].sum()) / n
-            r["rmse"] = math.sqrt(r["mse"])
-            if self.gm_eps == 0 and float(s["zero"][sel].sum()) > 0:
-                r["gm"] = 0.0
-            else:
-                r["gm"] = math.exp(float(s["log"][sel].sum()) / n)
-            if per_label:
-                r["bmae"] = float(lab_mae[sel[lab_bin]].mean())
-            else:
-                nb = s["n"][sel]
-                r["bmae"] = float((s["abs"][sel][nb > 0] / nb[nb > 0]).mean())
-            if self.depth:
-                for k in (1, 2, 3):
-                    r[f"delta{k}"] = float(s[f"d{k}"][sel].sum()) / n
-                r["abs_rel"] = float(s["rel"][sel].sum()) / n
-                r["log10"] = float(s["l10"][sel].sum()) / n
-            out[region] = r
-        return out
+        are Python floats; ``count`` an int; an empty region reports NaN), computed by
+        :func:`balanced_sam.metrics.report_from_sums` as the in-process class does."""
+        self.balance_used = used_balance(self.balance, self.label_lo, self.label_hi)
+        if self.balance != "label":
+            return report_from_sums(self._sum_states(), self._region_code, gm_eps=self.gm_eps)
+        labels = self._labels()
+        return report_from_sums(self._sum_states(), self._region_code, gm_eps=self.gm_eps,
+                                labels=labels,
+                                label_bin=self.bins.bin_index(labels[0], clamp=self.clamp))
 
 
 class RegionMetric(RegressionMetrics):
