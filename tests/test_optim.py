@@ -5,51 +5,27 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from _optim_helpers import data as _data
+from _optim_helpers import (
+    flat_params,
+    float64_default,  # noqa: F401  (autouse: hand computations compare at 1e-12 in float64)
+    grad_of,
+    skewed_bins,
+)
+from _optim_helpers import tiny_model as _tiny_model
 from torch import nn
 
 from balanced_sam import SAM, BalancedSAM, ImbSAM, LabelBins
 from balanced_sam.optim import BalancingNotAppliedWarning, dual_norm_direction, frozen_bn_stats
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    """Hand computations compare at 1e-12: run this module in float64."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def data(n=32, d=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g).to(torch.get_default_dtype())
-    return x, y
-
-
-def tiny_model(d=4, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, 5), nn.Tanh(), nn.Linear(5, 1))
-
-
-def skewed_bins():
-    # bins 0..9 with counts from 200 down to 1: real imbalance, some tail bins
-    counts = [200, 150, 100, 60, 30, 19, 10, 5, 2, 1]
-    labels = torch.cat([torch.full((c,), float(k)) for k, c in enumerate(counts)])
-    return LabelBins.from_labels(labels, bin_width=1, lower=0, upper=10)
-
-
-def flat_params(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def grad_of(model, loss):
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    return torch.cat([g.reshape(-1) for g in grads])
+# this module's defaults: 32 samples, 5 hidden units
+data = partial(_data, n=32)
+tiny_model = partial(_tiny_model, hidden=5)
 
 
 def hand_eps(g: np.ndarray, rho: float, p: float) -> np.ndarray:

@@ -5,60 +5,27 @@ from __future__ import annotations
 
 import copy
 import warnings
+from functools import partial
 
 import pytest
 import torch
-from torch import nn
+from _optim_helpers import (
+    KINDS,
+    data,
+    flat_params,
+    float64_default,  # noqa: F401  (autouse: this module runs in float64)
+    grad_of,
+    make_optimizer,
+    skewed_bins,
+    tiny_model,
+)
 
-from balanced_sam import SAM, BalancedSAM, ImbSAM, LabelBins
+from balanced_sam import SAM, BalancedSAM, ImbSAM
 from balanced_sam.losses import check_losses, check_mask, reduce_losses, weighted_mean
 from balanced_sam.optim import BalancingNotAppliedWarning
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def data(n=64, d=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g).to(torch.get_default_dtype())
-    return x, y
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
-
-
-def skewed_bins():
-    counts = [200, 150, 100, 60, 30, 19, 10, 5, 2, 1]
-    labels = torch.cat([torch.full((c,), float(k)) for k, c in enumerate(counts)])
-    return LabelBins.from_labels(labels, bin_width=1, lower=0, upper=10)
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def grad_of(model, loss):
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
-
-
-def make(kind, model, bins, base=torch.optim.SGD, **kw):
-    kw = {"lr": 0.1, "rho": 0.2, **kw}
-    if kind == "sam":
-        return SAM(model.parameters(), base, bins=bins, update_weighting="sqrt_inv", **kw)
-    if kind == "bsam":
-        return BalancedSAM(model.parameters(), base, bins, **kw)
-    return ImbSAM(model.parameters(), base, bins, eta=20, **kw)
-
-
-KINDS = ["sam", "bsam", "imbsam"]
+# SAM here carries the sqrt_inv update weighting, so that every kind has weights to apply
+make = partial(make_optimizer, weighted_sam=True)
 
 
 # ---------------------------------------------------------------------- 1. loss shapes
@@ -73,7 +40,7 @@ def test_column_losses_are_squeezed_and_weighted(kind):
     for _ in range(2):
         o1.step(lambda: (m1(x) - y[:, None]).abs(), y)
         o2.step(lambda: (m2(x).squeeze(-1) - y).abs(), y)
-    assert torch.equal(flat(m1), flat(m2))
+    assert torch.equal(flat_params(m1), flat_params(m2))
 
 
 def test_bsam_column_losses_match_the_definition():
@@ -84,11 +51,11 @@ def test_bsam_column_losses_match_the_definition():
     opt = BalancedSAM(model.parameters(), torch.optim.SGD, bins, rho=0.1, lr=0.3)
     opt.step(lambda: (model(x) - y[:, None]).abs(), y)
     w = bins.sample_weights(y)
-    theta = flat(ref)
+    theta = flat_params(ref)
     g = grad_of(ref, (w * (ref(x).squeeze(-1) - y).abs()).mean())
     torch.nn.utils.vector_to_parameters(theta + 0.1 * g / g.norm(), ref.parameters())
     g2 = grad_of(ref, (w * (ref(x).squeeze(-1) - y).abs()).mean())
-    torch.testing.assert_close(flat(model), theta - 0.3 * g2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_params(model), theta - 0.3 * g2, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -101,10 +68,10 @@ def test_broadcastable_loss_shapes_are_refused(kind, bad):
     shapes = {"square": lambda: (model(x) - y[None, :]).abs(),  # (B, B)
               "row": lambda: (model(x).reshape(1, -1) - y).abs(),  # (1, B)
               "one": lambda: (model(x)[:1, 0] - y[:1]).abs()}  # (1,)
-    before = flat(model)
+    before = flat_params(model)
     with pytest.raises(ValueError, match=r"shape \(.*\) for targets of shape \(64,\)"):
         opt.step(shapes[bad], y)
-    assert torch.equal(flat(model), before)
+    assert torch.equal(flat_params(model), before)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -116,7 +83,7 @@ def test_mask_shapes(kind):
     mask = torch.arange(64) % 3 != 0
     o1.step(lambda: (m1(x).squeeze(-1) - y).abs(), y, mask=mask)
     o2.step(lambda: (m2(x).squeeze(-1) - y).abs(), y, mask=mask[:, None])  # (B, 1): squeezed
-    assert torch.equal(flat(m1), flat(m2))
+    assert torch.equal(flat_params(m1), flat_params(m2))
     with pytest.raises(ValueError, match=r"mask has shape \(64, 64\) but the targets have "
                                          r"shape \(64,\)"):
         o1.step(lambda: (m1(x).squeeze(-1) - y).abs(), y, mask=mask[:, None] & mask[None, :])
@@ -172,8 +139,8 @@ def test_closure_with_reduce_equals_one_call(kind, base, kw):
             l1 = o1.step(lambda x=x, y=y: (m1(x).squeeze(-1) - y).abs(), y)
             l2 = o2.step(closure=closure_for(o2, m2, x, y))  # the keyword, as Lightning calls it
             assert l2.item() == pytest.approx(l1.item(), rel=1e-12)
-    assert torch.equal(flat(m1), flat(m2))
-    assert not torch.equal(flat(m1), flat(tiny_model()))
+    assert torch.equal(flat_params(m1), flat_params(m2))
+    assert not torch.equal(flat_params(m1), flat_params(tiny_model()))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -194,7 +161,7 @@ def test_two_step_form_with_reduce_equals_one_call(kind):
                 o2.second_step(zero_grad=True)
             else:
                 o2.step()  # a bare step() after first_step() finishes the step too
-    torch.testing.assert_close(flat(m1), flat(m2), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(flat_params(m1), flat_params(m2), rtol=1e-12, atol=1e-14)
 
 
 def test_reduce_uses_the_weights_of_the_pass_in_progress():
@@ -266,7 +233,7 @@ def test_bypassed_bsam_is_plain_sam():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             o.step(closure)
-    assert torch.equal(flat(m1), flat(m2))
+    assert torch.equal(flat_params(m1), flat_params(m2))
 
 
 def test_plain_sam_closure_does_not_warn():
@@ -331,13 +298,13 @@ def test_regulariser_pair_is_added_unweighted_in_every_pass(kind):
     loss = opt.step(lambda: ((model(x).squeeze(-1) - y).abs(), reg_of(model)), y)
     w = bins.sample_weights(y)
     wp = w if kind == "bsam" else torch.ones_like(w)
-    theta = flat(ref)
+    theta = flat_params(ref)
     l0 = (wp * (ref(x).squeeze(-1) - y).abs()).mean() + reg_of(ref)
     assert loss.item() == pytest.approx(l0.item())
     g = grad_of(ref, l0)
     torch.nn.utils.vector_to_parameters(theta + 0.1 * g / g.norm(), ref.parameters())
     g2 = grad_of(ref, (w * (ref(x).squeeze(-1) - y).abs()).mean() + reg_of(ref))
-    torch.testing.assert_close(flat(model), theta - 0.2 * g2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_params(model), theta - 0.2 * g2, rtol=1e-10, atol=1e-12)
 
 
 def test_imbsam_regulariser_goes_to_the_head_loss_at_theta():
@@ -352,13 +319,13 @@ def test_imbsam_regulariser_goes_to_the_head_loss_at_theta():
 
     opt.step(lambda: ((model(x).squeeze(-1) - y).abs(), reg_of(model)), y)
     tail = bins.counts[y.long()] < 20
-    theta = flat(ref)
+    theta = flat_params(ref)
     per = (ref(x).squeeze(-1) - y).abs()
     g_head = grad_of(ref, per[~tail].sum() / 64 + reg_of(ref))
     g_tail = grad_of(ref, (ref(x).squeeze(-1) - y).abs()[tail].sum() / 64)
     torch.nn.utils.vector_to_parameters(theta + 0.3 * g_tail / g_tail.norm(), ref.parameters())
     g_tail2 = grad_of(ref, (ref(x).squeeze(-1) - y).abs()[tail].sum() / 64)
-    torch.testing.assert_close(flat(model), theta - 0.1 * (g_head + g_tail2))
+    torch.testing.assert_close(flat_params(model), theta - 0.1 * (g_head + g_tail2))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -385,8 +352,8 @@ def test_regulariser_in_closure_and_two_step_forms(kind):
     o3.first_step(zero_grad=True)
     o3.reduce(out(m3), y).backward()
     o3.second_step()
-    assert torch.equal(flat(m1), flat(m2))
-    torch.testing.assert_close(flat(m1), flat(m3), rtol=1e-12, atol=1e-14)
+    assert torch.equal(flat_params(m1), flat_params(m2))
+    torch.testing.assert_close(flat_params(m1), flat_params(m3), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="twice"):
         o2.reduce(out(m2), y, regularizer=torch.tensor(1.0))
 

@@ -8,55 +8,19 @@ import math
 
 import pytest
 import torch
+from _optim_helpers import (
+    KINDS,
+    data,
+    flat_params,
+    float64_default,  # noqa: F401  (autouse: this module runs in float64)
+    grad_of,
+    skewed_bins,
+    tiny_model,
+)
+from _optim_helpers import make_optimizer as make
 from torch import nn
 
-from balanced_sam import SAM, BalancedSAM, ImbSAM, LabelBins
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def data(n=64, d=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g).to(torch.get_default_dtype())
-    return x, y
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
-
-
-def skewed_bins():
-    counts = [200, 150, 100, 60, 30, 19, 10, 5, 2, 1]
-    labels = torch.cat([torch.full((c,), float(k)) for k, c in enumerate(counts)])
-    return LabelBins.from_labels(labels, bin_width=1, lower=0, upper=10)
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def grad_of(model, loss):
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
-
-
-def make(kind, model, bins, base=torch.optim.SGD, **kw):
-    kw = {"lr": 0.1, "rho": 0.2, **kw}
-    if kind == "sam":
-        return SAM(model.parameters(), base, **kw)
-    if kind == "bsam":
-        return BalancedSAM(model.parameters(), base, bins, **kw)
-    return ImbSAM(model.parameters(), base, bins, eta=20, **kw)
-
-
-KINDS = ["sam", "bsam", "imbsam"]
+from balanced_sam import SAM, BalancedSAM, ImbSAM
 
 
 def losses_of(model, x, y):
@@ -93,11 +57,11 @@ def test_nonfinite_gradient_skips_the_whole_step(kind, bad_call, value):
     ref_opt = make(kind, ref, bins, momentum=0.9)
     for m, o in ((model, opt), (ref, ref_opt)):  # a first good step: momentum buffers exist
         o.step(lambda m=m: losses_of(m, x, y), y)
-    before, state = flat(model), base_state(opt)
+    before, state = flat_params(model), base_state(opt)
     loss_fn, calls = poisoned(model, x, y, bad_call, value)
     opt.step(loss_fn, y)
     assert len(calls) >= bad_call
-    assert torch.equal(flat(model), before)  # no NaN written, perturbation undone
+    assert torch.equal(flat_params(model), before)  # no NaN written, perturbation undone
     after = base_state(opt)
     assert all(torch.equal(after[k]["momentum_buffer"], state[k]["momentum_buffer"])
                for k in state)
@@ -107,7 +71,7 @@ def test_nonfinite_gradient_skips_the_whole_step(kind, bad_call, value):
     x2, y2 = data(seed=1)
     opt.step(lambda: losses_of(model, x2, y2), y2)
     ref_opt.step(lambda: losses_of(ref, x2, y2), y2)
-    assert torch.equal(flat(model), flat(ref))
+    assert torch.equal(flat_params(model), flat_params(ref))
     assert opt.state_dict()["sam"]["skipped_steps"] == 1
 
 
@@ -116,17 +80,17 @@ def test_nonfinite_in_two_step_and_closure_forms():
     x, y = data()
     model = tiny_model()
     opt = BalancedSAM(model.parameters(), torch.optim.SGD, bins, rho=0.1, lr=0.1)
-    before = flat(model)
+    before = flat_params(model)
     opt.reduce(losses_of(model, x, y) * math.nan, y).backward()
     assert opt.first_step(zero_grad=True) is False
     opt.reduce(losses_of(model, x, y), y).backward()
     opt.second_step()
-    assert torch.equal(flat(model), before) and opt.skipped_steps == 1
+    assert torch.equal(flat_params(model), before) and opt.skipped_steps == 1
     opt.reduce(losses_of(model, x, y), y).backward()
     assert opt.first_step(zero_grad=True) is True
     opt.reduce(losses_of(model, x, y) * math.inf, y).backward()
     opt.second_step()
-    assert torch.equal(flat(model), before) and opt.skipped_steps == 2
+    assert torch.equal(flat_params(model), before) and opt.skipped_steps == 2
     calls = []
 
     def closure():
@@ -137,9 +101,9 @@ def test_nonfinite_in_two_step_and_closure_forms():
         return loss
 
     opt.step(closure)
-    assert torch.equal(flat(model), before) and opt.skipped_steps == 3
+    assert torch.equal(flat_params(model), before) and opt.skipped_steps == 3
     opt.step(lambda: losses_of(model, x, y), y)
-    assert opt.skipped_steps == 3 and not torch.equal(flat(model), before)
+    assert opt.skipped_steps == 3 and not torch.equal(flat_params(model), before)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -150,27 +114,27 @@ def test_grad_scaler_skips_are_counted(kind):
     opt = make(kind, model, bins)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     for bad_call in (1, 2):
-        before = flat(model)
+        before = flat_params(model)
         loss_fn, _ = poisoned(model, x, y, bad_call, math.inf)
         opt.step(loss_fn, y, scaler=scaler)
-        assert torch.equal(flat(model), before)
+        assert torch.equal(flat_params(model), before)
         scale = scaler.get_scale()
         scaler.update()
         assert scaler.get_scale() < scale
     assert opt.skipped_steps == 2
     opt.step(lambda: losses_of(model, x, y), y, scaler=scaler)
     scaler.update()
-    assert opt.skipped_steps == 2 and not torch.equal(flat(model), before)
+    assert opt.skipped_steps == 2 and not torch.equal(flat_params(model), before)
 
 
 def test_zero_gradient_still_steps_without_perturbation():
     x, y = data()
     model = tiny_model()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, weight_decay=0.1)
-    before = flat(model)
+    before = flat_params(model)
     opt.step(lambda: 0.0 * losses_of(model, x, y), y)
     assert opt.skipped_steps == 0 and opt.last_step_perturbed is False
-    torch.testing.assert_close(flat(model), before * (1 - 0.1 * 0.1))  # weight decay only
+    torch.testing.assert_close(flat_params(model), before * (1 - 0.1 * 0.1))  # weight decay only
 
 
 # ---------------------------------------------------------------------- interval
@@ -194,14 +158,14 @@ def test_interval_reuses_the_last_perturbation():
         opt.step(loss_fn, y)
         assert len(calls) - n0 == (2 if t % k == 0 else 1)
         assert opt.last_step_perturbed
-        theta = flat(ref)
+        theta = flat_params(ref)
         if t % k == 0:
             g = grad_of(ref, losses_of(ref, x, y).mean())
             eps = rho * g / g.norm()
         torch.nn.utils.vector_to_parameters(theta + eps, ref.parameters())
         g2 = grad_of(ref, losses_of(ref, x, y).mean())
         torch.nn.utils.vector_to_parameters(theta - lr * g2, ref.parameters())
-        torch.testing.assert_close(flat(model), flat(ref), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(flat_params(model), flat_params(ref), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -225,7 +189,7 @@ def test_interval_closure_and_one_call_agree(kind):
 
         o2.step(closure)
         counts.append(len(n))
-    assert torch.equal(flat(m1), flat(m2))
+    assert torch.equal(flat_params(m1), flat_params(m2))
     full = 3 if kind == "imbsam" else 2
     assert counts == [full, full - 1, full, full - 1, full]
 
@@ -251,7 +215,7 @@ def test_interval_state_dict_round_trip(kind):
     opt2 = make(kind, model2, bins, base=torch.optim.Adam, lr=1e-2, interval=3)
     opt2.load_state_dict(saved[1])
     run(model2, opt2, range(4, 9))
-    assert torch.equal(flat(model2), flat(model))
+    assert torch.equal(flat_params(model2), flat_params(model))
     # an old state dict (no "sam" entry, no stored eps) loads and refreshes at once
     old = copy.deepcopy(saved[1])
     del old["sam"]
@@ -290,7 +254,7 @@ def test_accumulated_step_equals_full_batch_step(kind, masked):
 
         l2 = o2.step(loss_fn, y, mask=mask, accumulate=3)
         assert l2.item() == pytest.approx(l1.item(), rel=1e-12)
-    torch.testing.assert_close(flat(m1), flat(m2), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(flat_params(m1), flat_params(m2), rtol=1e-12, atol=1e-13)
     assert chunks_seen[:3] == [(0, 22), (22, 43), (43, 64)]
 
 
@@ -304,7 +268,7 @@ def test_accumulate_with_scaler_and_errors():
     o1.step(lambda: losses_of(m1, x, y), y)
     o2.step(lambda c: losses_of(m2, x[c], y[c]), y, accumulate=4, scaler=scaler)
     scaler.update()
-    torch.testing.assert_close(flat(m1), flat(m2), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(flat_params(m1), flat_params(m2), rtol=1e-12, atol=1e-13)
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="accumulate must be"):
             o2.step(lambda c: losses_of(m2, x[c], y[c]), y, accumulate=bad)
@@ -327,13 +291,13 @@ def test_max_grad_norm_clips_the_update_gradient(where):
     opt.step(lambda: losses_of(model, x, y), y,
              **({"max_grad_norm": c} if where == "step" else {}))
     w = bins.sample_weights(y)
-    theta = flat(ref)
+    theta = flat_params(ref)
     g = grad_of(ref, (w * losses_of(ref, x, y)).mean())
     torch.nn.utils.vector_to_parameters(theta + rho * g / g.norm(), ref.parameters())
     g2 = grad_of(ref, (w * losses_of(ref, x, y)).mean())
     assert g2.norm() > c  # the clip is active
     expected = theta - lr * g2 * (c / (g2.norm() + 1e-6))
-    torch.testing.assert_close(flat(model), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_max_grad_norm_after_unscaling_and_validation():
@@ -345,11 +309,11 @@ def test_max_grad_norm_after_unscaling_and_validation():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     o1.step(lambda: losses_of(m1, x, y), y)
     o2.step(lambda: losses_of(m2, x, y), y, scaler=scaler)
-    torch.testing.assert_close(flat(m1), flat(m2), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(flat_params(m1), flat_params(m2), rtol=1e-12, atol=1e-13)
     m3 = tiny_model()
     o3 = ImbSAM(m3.parameters(), torch.optim.SGD, bins, rho=0.1, lr=0.5)
     o3.step(lambda: losses_of(m3, x, y), y)
-    assert not torch.allclose(flat(m1), flat(m3))  # the clip changed the step
+    assert not torch.allclose(flat_params(m1), flat_params(m3))  # the clip changed the step
     for bad in (0, -1.0, math.nan, math.inf, "1"):
         with pytest.raises(ValueError, match="max_grad_norm"):
             SAM(m1.parameters(), torch.optim.SGD, lr=0.1, max_grad_norm=bad)
