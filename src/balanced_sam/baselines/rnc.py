@@ -130,6 +130,32 @@ def _to(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
     return t if device is None else t.to(device, non_blocking=True)
 
 
+def _run_epochs(
+    batches: Iterable[Sequence[torch.Tensor]],
+    epochs: int,
+    scheduler: Any,
+    step: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, int]],
+    start_epoch: Callable[[], Any],
+) -> list[float]:
+    """The loop of both stages: per epoch ``start_epoch()`` (the model's mode), ``step(batch)``
+    on every batch (it trains and returns the batch's loss and size), ``scheduler.step()``;
+    returns each epoch's mean loss, weighted by batch size (summed on the loss's device, so
+    no host sync per step)."""
+    history: list[float] = []
+    for _ in range(epochs):
+        start_epoch()
+        total: torch.Tensor | float = 0.0
+        count = 0
+        for batch in batches:
+            loss, n = step(batch)
+            total = total + loss.detach() * n
+            count += n
+        if scheduler is not None:
+            scheduler.step()
+        history.append(float(total) / max(count, 1))
+    return history
+
+
 def rnc_pretrain(
     model: nn.Module,
     batches: Iterable[Sequence[torch.Tensor]],
@@ -160,31 +186,27 @@ def rnc_pretrain(
     """
     _check_reiterable(batches, epochs)
     encode = _encoder_of(model)
-    history: list[float] = []
-    for _ in range(epochs):
+
+    def train_mode() -> None:
         if isinstance(model, nn.Module):
             model.train()
-        total: torch.Tensor | float = 0.0  # summed on the loss's device: no sync per step
-        count = 0
-        for batch in batches:
-            if len(batch) != 3:
-                raise ValueError("each batch must be (view1, view2, labels)")
-            x1, x2, y = (_to(t, device) for t in batch)
-            if x1.shape != x2.shape:
-                raise ValueError(f"the two views must have one shape, got {tuple(x1.shape)} and "
-                                 f"{tuple(x2.shape)}")
-            feats = encode(torch.cat([x1, x2]))
-            f1, f2 = feats.split(x1.shape[0])
-            loss = rnc_loss(f1, y, f2, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total = total + loss.detach() * x1.shape[0]
-            count += x1.shape[0]
-        if scheduler is not None:
-            scheduler.step()
-        history.append(float(total) / max(count, 1))
-    return history
+
+    def step(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if len(batch) != 3:
+            raise ValueError("each batch must be (view1, view2, labels)")
+        x1, x2, y = (_to(t, device) for t in batch)
+        if x1.shape != x2.shape:
+            raise ValueError(f"the two views must have one shape, got {tuple(x1.shape)} and "
+                             f"{tuple(x2.shape)}")
+        feats = encode(torch.cat([x1, x2]))
+        f1, f2 = feats.split(x1.shape[0])
+        loss = rnc_loss(f1, y, f2, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, x1.shape[0]
+
+    return _run_epochs(batches, epochs, scheduler, step, train_mode)
 
 
 def fit_linear_head(
@@ -233,31 +255,24 @@ def fit_linear_head(
                          "None and configure its weighting instead")
     if reset_head and hasattr(head, "reset_parameters"):
         head.reset_parameters()
-    history: list[float] = []
-    for _ in range(epochs):
-        model.eval()
-        total: torch.Tensor | float = 0.0
-        count = 0
-        for batch in batches:
-            if len(batch) != 2:
-                raise ValueError("each batch must be (inputs, labels)")
-            x, y = (_to(t, device) for t in batch)
-            with torch.no_grad():
-                feats = model.forward_features(x)
 
-            def losses(feats: torch.Tensor = feats, y: torch.Tensor = y) -> torch.Tensor:
-                return loss_fn(model.forward_head(feats), y)
+    def step(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if len(batch) != 2:
+            raise ValueError("each batch must be (inputs, labels)")
+        x, y = (_to(t, device) for t in batch)
+        with torch.no_grad():
+            feats = model.forward_features(x)
 
-            if sam:
-                loss = optimizer.step(losses, y)
-            else:
-                loss = weighted_mean(losses(), None if weights_fn is None else weights_fn(y))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            total = total + loss.detach() * y.shape[0]
-            count += y.shape[0]
-        if scheduler is not None:
-            scheduler.step()
-        history.append(float(total) / max(count, 1))
-    return history
+        def losses(feats: torch.Tensor = feats, y: torch.Tensor = y) -> torch.Tensor:
+            return loss_fn(model.forward_head(feats), y)
+
+        if sam:
+            loss = optimizer.step(losses, y)
+        else:
+            loss = weighted_mean(losses(), None if weights_fn is None else weights_fn(y))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return loss, y.shape[0]
+
+    return _run_epochs(batches, epochs, scheduler, step, model.eval)
