@@ -3,18 +3,11 @@ mkdocstrings (the build itself runs in CI: mkdocs build --strict)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from _repo_scripts import load_repo_script
 
-EXT = Path(__file__).resolve().parents[1] / "docs" / "_ext" / "rst_docstrings.py"
 pytest.importorskip("griffe")
-if not EXT.is_file():
-    pytest.skip("docs/ is not next to the tests", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("rst_docstrings", EXT)
-ext = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ext)
+ext = load_repo_script("docs/_ext/rst_docstrings.py", "rst_docstrings")
 convert = ext.rst_to_markdown
 
 

@@ -4,12 +4,11 @@ gradient accumulation, matches ``step(loss_fn, targets)`` on the whole batch; th
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from _repo_scripts import load_repo_script
 
 pytest.importorskip("accelerate")
 
@@ -20,12 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from balanced_sam import BalancedSAM, LabelBins  # noqa: E402
 from balanced_sam.optim import BalancingNotAppliedWarning  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "accelerate_bsam.py"
-if not EXAMPLE.is_file():
-    pytest.skip("examples/ is not next to the tests", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("accelerate_bsam_example", EXAMPLE)
-ex = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ex)
+ex = load_repo_script("examples/accelerate_bsam.py", "accelerate_bsam_example")
 
 N, MICRO, K, EPOCHS = 200, 10, 4, 2  # 20 micro-batches per epoch: 5 steps of 4
 

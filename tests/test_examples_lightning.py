@@ -4,12 +4,11 @@ Skips without ``lightning`` (``pip install 'balanced-sam[lightning]'``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from _repo_scripts import load_repo_script
 
 pytest.importorskip("lightning")
 pytest.importorskip("torchmetrics")
@@ -19,12 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from balanced_sam import BalancedSAM, LabelBins  # noqa: E402
 from balanced_sam.optim import BalancingNotAppliedWarning  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_bsam.py"
-if not EXAMPLE.is_file():
-    pytest.skip("examples/ is not next to the tests", allow_module_level=True)
-_spec = importlib.util.spec_from_file_location("lightning_bsam_example", EXAMPLE)
-ex = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ex)
+ex = load_repo_script("examples/lightning_bsam.py", "lightning_bsam_example")
 
 BATCHES_PER_EPOCH = 8
 pytestmark = [
