@@ -48,6 +48,66 @@ def test_lower_layers_do_not_import_upper_ones(folder, forbidden):
         assert not bad, f"{path.name} imports {bad}"
 
 
+# the library core: optimizers, bins, losses, metrics. It must stay usable on its own (and is
+# type-checked strictly on its own), so it imports nothing of the application layer.
+CORE = ("optim", "bins.py", "losses.py", "metrics.py")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def _internal_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The modules of this package that ``path`` imports anywhere (top level, inside functions,
+    under TYPE_CHECKING): ``from pkg import name`` counts as pkg.name when that is a module."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in modules else node.module)
+    return out & set(modules)
+
+
+def test_the_core_imports_nothing_of_the_application_layer():
+    modules = _package_modules()
+    core = {m for m in modules if any(
+        m == f"balanced_sam.{c.removesuffix('.py')}" or m.startswith(f"balanced_sam.{c}.")
+        for c in CORE)}
+    assert {"balanced_sam.optim", "balanced_sam.optim.sam", "balanced_sam.bins",
+            "balanced_sam.metrics"} <= core
+    for name in sorted(core):
+        outside = _internal_imports(modules[name], modules) - core
+        assert not outside, f"{name} (core) imports {sorted(outside)}"
+
+
+def test_no_import_cycles():
+    modules = _package_modules()
+    graph = {m: _internal_imports(p, modules) - {m} for m, p in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycle = path[path.index(n):] + [n]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
 def test_no_function_of_the_application_layer_is_over_80_lines():
     # loss_landscape and plot_region_comparison belong to the analysis package, outside this
     # work package's files; they are listed in the notes for the coordinator

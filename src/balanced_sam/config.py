@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from balanced_sam.baselines.plugins import check_options as check_plugin_options
+from balanced_sam.baselines.specs import check_options as check_plugin_options
 from balanced_sam.errors import ConfigError
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import get_method
@@ -46,7 +46,7 @@ class TrainConfig:
     bMAE averages over, ``label``, ``bin`` or ``auto`` (decided once from the training labels,
     see :func:`balanced_sam.metrics.balance_of`). ``plugins``: options of the method's baseline
     plug-ins, ``{name: {key: value}}`` (e.g. ``{"ranksim": {"gamma": 100}}``; defaults and keys
-    in :data:`balanced_sam.baselines.plugins.PLUGINS`).
+    in :data:`balanced_sam.baselines.specs.PLUGINS`).
 
     ``interval``: the SAM-family optimizers compute a fresh perturbation only every ``interval``
     steps and reuse the stored one in between (one forward/backward at the old perturbation:

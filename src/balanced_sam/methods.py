@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from balanced_sam.baselines.plugins import PLUGINS, check_combination
+from balanced_sam.baselines.specs import PLUGINS, check_combination
 from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.losses import reduce_losses
 from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
