@@ -390,6 +390,29 @@ def test_a_folder_of_an_older_bench_is_still_the_same_bench(table, tmp_path):
         run_bench(None, log=lambda s: None, overrides={"max_grad_norm": 1.0}, **kw)
 
 
+def test_a_bench_may_add_methods_and_seeds_to_a_folder_and_reads_the_common_runs_back(
+        table, tmp_path):
+    kw = dict(csv_path=str(table), out=tmp_path / "b", plots=False, **TABLE)
+    first = run_bench(None, methods=["sqinv", "bsam"], seeds=[0], log=lambda s: None, **kw)
+    logs: list[str] = []
+    more = run_bench(None, methods=["sqinv", "bsam", "vanilla"], seeds=[0, 1], log=logs.append,
+                     **kw)
+    assert sum("read back" in s for s in logs) == 2  # sqinv-seed0, bsam-rho0.05-seed0
+    assert more["methods"]["bsam"]["runs"][0]["test"] == first["methods"]["bsam"]["runs"][0]["test"]
+    assert [r["seed"] for r in more["methods"]["vanilla"]["runs"]] == [0, 1]
+    # the earlier, smaller bench still runs from the same folder, training nothing
+    logs = []
+    run_bench(None, methods=["sqinv", "bsam"], seeds=[0], log=logs.append, **kw)
+    assert sum("read back" in s for s in logs) == 2
+    # a method's rho is part of the setting: another one is refused, as is another recipe
+    with pytest.raises(FileExistsError, match="another configuration"):
+        run_bench(None, methods=["bsam"], seeds=[0], log=lambda s: None,
+                  **{**kw, "rho": 0.2})
+    with pytest.raises(FileExistsError, match="another configuration"):
+        run_bench(None, methods=["sqinv"], seeds=[0], log=lambda s: None,
+                  overrides={"weight_decay": 0.0}, **kw)
+
+
 def test_an_interval_variant_takes_its_base_methods_rho_from_the_recipe(tiny_default, tmp_path):
     from balanced_sam.experiment import train_config
 
@@ -463,18 +486,28 @@ def test_bench_without_a_dataset_runs_the_registry_default(tiny_default, tmp_pat
     assert quick["split"]["train"] + quick["split"]["val"] + quick["split"]["test"] == 200
     assert bench_defaults(quick=True)["data"] == {"n": 200}
     # another dataset stays one option away, with the bench's own defaults
-    assert bench_defaults("diamonds")["seeds"] == [0, 1, 2]
+    assert bench_defaults("diamonds")["seeds"] == [0, 1, 2, 3, 4]
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     assert "(default tiny-default; see `bsam list`)" in capsys.readouterr().out
 
 
-def test_the_image_default_is_one_flip_away():
-    # what the coordinator flips once the image recipe is chosen on validation
-    assert registry.DEFAULT_BENCH_DATASET in registry.REGISTRY
-    entry = registry.get_entry("rotated-fashion-mnist")
-    assert entry.recipe is registry.IMAGE_BENCH_RECIPE
-    assert set(entry.recipe.data) <= set(entry.options)
+def test_the_default_bench_is_the_image_benchmark_in_the_methods_regime():
+    assert registry.DEFAULT_BENCH_DATASET == "rotated-fashion-mnist"
+    entry = registry.get_entry(registry.DEFAULT_BENCH_DATASET)
+    recipe = entry.recipe
+    assert recipe is registry.IMAGE_BENCH_RECIPE and entry.kind == "image"
+    assert set(recipe.data) <= set(entry.options)
+    defaults = bench_defaults()
+    assert len(defaults["seeds"]) >= 5  # paired seeds, enough for an interval
+    assert {"sqinv", "sam", "imbsam", "bsam"} <= set(defaults["methods"])
+    # every SAM-family method of the bench has its own rho, chosen on one grid
+    assert {"sam", "imbsam", "bsam"} <= set(recipe.rho_by_method)
+    assert all(0.005 <= r <= 0.2 for r in recipe.rho_by_method.values())
+    quick = bench_defaults(quick=True)
+    assert len(quick["seeds"]) < len(defaults["seeds"]) and quick["epochs"] < recipe.train["epochs"]
+    # the tabular regime stays one option away, with its own recipe
+    assert registry.get_entry("diamonds").recipe is registry.DIAMONDS_RECIPE
 
 
 def test_a_recipe_with_an_unknown_data_option_is_refused():

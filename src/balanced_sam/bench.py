@@ -101,7 +101,7 @@ __all__ = ["run_bench", "compare_results", "finish_results", "bench_defaults",
 #: what ``--quick`` changes unless the dataset's recipe says otherwise (``Recipe.bench["quick"]``)
 QUICK = {"seeds": (0,), "epochs": 12}
 #: seeds when neither the call nor the dataset's recipe names them
-DEFAULT_SEEDS = 3
+DEFAULT_SEEDS = 5
 #: the method every other one is compared with, when it is among the methods
 DEFAULT_BASELINE = "sqinv"
 #: a run whose test MAE exceeds this many times its method's median over seeds has diverged
@@ -434,18 +434,31 @@ def _header(plan: _Plan, log: Callable[[str], None]) -> dict[str, Any]:
             "methods": {}}
 
 
+#: what may differ between benches that share a folder: its runs are kept per method, rho and
+#: seed, so a bench may add methods or seeds to a finished one and reads the common runs back
+_MAY_GROW = ("methods", "seeds", "rho_by_method")
+
+
 def _same_bench(plan: _Plan, config: dict[str, Any]) -> None:
-    """A folder holds one bench: refuse another configuration (the data's content is not part
-    of it: runs on changed data are trained again instead)."""
+    """A folder holds one bench setting (data, recipe, bins, model): refuse another one. Methods
+    and seeds may be added (a method present in both must keep its rho); the data's content is
+    not part of the setting (runs on changed data are trained again instead)."""
     comparable = {k: v for k, v in config.items() if k not in ("train", "data")} | {
         "data_spec": plan.spec,
         "train": {k: v for k, v in plan.cfg.to_dict().items() if k not in ("progress", "device")}}
     path = plan.out / "bench_config.json"
-    if not path.exists():
-        write_json(comparable, path)
-    elif _with_new_defaults(read_json(path)) != json.loads(json.dumps(to_json(comparable))):
-        raise RunExistsError(f"{plan.out} holds a bench with another configuration; choose "
-                             "another output folder (or delete it yourself)")
+    if path.exists():
+        stored = _with_new_defaults(read_json(path))
+        now = json.loads(json.dumps(to_json(comparable)))
+        setting = {k: v for k, v in now.items() if k not in _MAY_GROW}
+        old_rho, new_rho = stored.get("rho_by_method") or {}, now.get("rho_by_method") or {}
+        if {k: v for k, v in stored.items() if k not in _MAY_GROW} != setting or any(
+                old_rho[m] != new_rho[m] for m in set(old_rho) & set(new_rho)):
+            raise RunExistsError(f"{plan.out} holds a bench with another configuration (data, "
+                                 "recipe, bins, model or a method's rho; methods and seeds may "
+                                 "be added); choose another output folder (or delete it "
+                                 "yourself)")
+    write_json(comparable, path)
 
 
 def _with_new_defaults(stored: dict[str, Any]) -> dict[str, Any]:
