@@ -6,6 +6,24 @@ set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.bsam-complete
+# The default benchmark's images (rotated Fashion-MNIST): Debian's dataset-fashion-mnist package
+# where apt is available to us (tried once per .venv; without it the bench falls back to
+# torchvision's download when online, and otherwise says what to do).
+FASHION=/usr/share/datasets/fashion-mnist
+TRIED=.venv/.fashion-mnist-tried
+if [ ! -d "$FASHION" ] && [ ! -f "$TRIED" ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && SUDO="sudo -n"; }
+  if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
+    echo "bootstrap: installing Debian's dataset-fashion-mnist (the default benchmark's images)" >&2
+    { $SUDO apt-get install -y -q dataset-fashion-mnist \
+      || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }; } \
+      >/dev/null 2>&1 || echo "bootstrap: dataset-fashion-mnist could not be installed; \`bsam bench\` will try torchvision's download" >&2
+  else
+    echo "bootstrap: for the default benchmark's images run \`sudo apt-get install dataset-fashion-mnist\` (else torchvision downloads them when online)" >&2
+  fi
+  mkdir -p .venv && : > "$TRIED"
+fi
 # The stamp records what the environment was built from; a change to pyproject.toml rebuilds it.
 WANT=$("$PY" -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')
 # Fast path (well under a second): the stamp matches and the main packages are findable; they

@@ -208,8 +208,9 @@ def _bench_runs(b: argparse.ArgumentParser) -> None:
     b.add_argument("--confidence", type=float, default=0.95,
                    help="level of the paired intervals (default 0.95)")
     b.add_argument("--quick", action="store_true",
-                   help="the dataset's short variant (default: 1 seed and 12 epochs): a look "
-                        "at the table in about a minute")
+                   help="the dataset's short variant (rotated-fashion-mnist: 4 methods, 3 seeds, "
+                        "5 epochs on 2,000 images; others: 1 seed, 12 epochs): a smoke test "
+                        "of the table in about a minute, not evidence")
 
 
 def _bench_training(b: argparse.ArgumentParser) -> None:
