@@ -31,11 +31,11 @@ WEIGHTS = {"ranksim": ("gamma",), "conr": ("beta",), "ordinal-entropy": ("lambda
 
 
 def val_mae(dataset: str, method: str, options: dict, seeds: list[int], epochs: int | None,
-            out: Path, data_root: str | None = None) -> float:
+            out: Path, data_root: str | None = None, jobs: int = 1) -> float:
     shutil.rmtree(out, ignore_errors=True)
     try:
         res = run_bench(dataset, methods=[method], seeds=seeds, epochs=epochs, plots=False,
-                        data_root=data_root,
+                        data_root=data_root, jobs=jobs,
                         overrides={"device": "cpu", **({"plugins": {method: options}}
                                                          if options else {})}, out=out,
                         log=lambda s: None)
@@ -61,13 +61,14 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(WEIGHTS))
     ap.add_argument("--out", default="runs/tune-baselines")
     ap.add_argument("--data-root", help="the dataset's files (MNIST IDX folder)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (bsam bench --jobs)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     factors = [float(f) for f in args.factors.split(",")]
     out = Path(args.out) / args.dataset
     print(f"{args.dataset}: validation MAE (mean over seeds {seeds}) against the weight")
     ref = val_mae(args.dataset, "vanilla", {}, seeds, args.epochs, out / "vanilla",
-                  args.data_root)
+                  args.data_root, args.jobs)
     print(f"  vanilla (no regulariser): {ref:.4g}", flush=True)
     for method in args.methods.split(","):
         keys = WEIGHTS[method]
@@ -75,7 +76,7 @@ def main() -> None:
         for f in factors:
             opts = {k: base_value(args.dataset, method, k) * f for k in keys}
             scores[f] = val_mae(args.dataset, method, opts, seeds, args.epochs,
-                                out / f"{method}-x{f:g}", args.data_root)
+                                out / f"{method}-x{f:g}", args.data_root, args.jobs)
             shown = ", ".join(f"{k} {v:g}" for k, v in opts.items())
             print(f"  {method:<16} {shown:<28} {scores[f]:.4g}", flush=True)
         best = min(scores, key=scores.get)
