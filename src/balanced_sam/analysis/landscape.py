@@ -310,30 +310,14 @@ def loss_landscape(
         raise ValueError(f"dim must be 1 or 2, got {dim!r}")
     if betas is not None and dim == 1:
         dim = 2
-    regions = list(dict.fromkeys(regions))
-    for r in regions:
-        if r not in ("all", "many", "medium", "few"):
-            raise ValueError(f"regions must be among 'all', 'many', 'medium', 'few'; got {r!r}")
-        if r != "all" and bins is None:
-            raise ValueError(f"region {r!r} needs bins (a LabelBins of the training labels)")
+    regions = _checked_regions(regions, bins)
     loss, loss_name = resolve_loss(loss_fn)
     data = Data(inputs, targets, batch_size)
     ag = _grid(alphas, steps, span, "alphas")
     bg = _grid(betas, steps, span, "betas") if dim == 2 else None
 
     params = list(model.parameters())
-    if directions is None:
-        gen = torch.Generator().manual_seed(int(seed))
-        dirs = [random_direction(params, gen, norm, ignore) for _ in range(dim)]
-    else:
-        if len(directions) != dim:
-            raise ValueError(f"directions must hold {dim} direction(s), got {len(directions)}")
-        dirs = []
-        for d in directions:
-            d = list(d)
-            if len(d) != len(params) or any(a.shape != p.shape for a, p in zip(d, params)):
-                raise ValueError("each direction must hold one tensor per parameter, same shapes")
-            dirs.append([a.detach().to(p.device, p.dtype) for a, p in zip(d, params)])
+    dirs = _directions(params, directions, dim, seed, norm, ignore)
 
     subsets: dict[str, Subset] = {r: Subset(bins, r, many=many, few=few) for r in regions}
     for name, m in (masks or {}).items():
@@ -341,9 +325,53 @@ def loss_landscape(
     names = list(subsets)
     shape = (ag.size,) if bg is None else (ag.size, bg.size)
     points = [(a, None) for a in ag] if bg is None else [(a, b) for a in ag for b in bg]
+    sums, origin_sums, counts = _sweep(model, params, dirs, points, loss, data, names, subsets,
+                                       progress, dim)
+    values, origin = _summaries(sums, origin_sums, counts, names, points, shape)
+    if bins is not None:  # without bins there are no regions to name
+        many, few = bins.thresholds(many, few)
+    meta = {"seed": seed if directions is None else None, "norm": norm, "ignore": ignore,
+            "loss": loss_name, "num_parameters": int(sum(p.numel() for p in params)),
+            "random_directions": directions is None, "many": many, "few": few, "label": label,
+            "bn": "eval mode (running statistics, not recomputed)"}
+    return Landscape(ag, bg, values, {n: int(c) for n, c in zip(names, counts)}, origin, meta)
+
+
+def _checked_regions(regions: Sequence[str], bins: LabelBins | None) -> list[str]:
+    out = list(dict.fromkeys(regions))
+    for r in out:
+        if r not in ("all", "many", "medium", "few"):
+            raise ValueError(f"regions must be among 'all', 'many', 'medium', 'few'; got {r!r}")
+        if r != "all" and bins is None:
+            raise ValueError(f"region {r!r} needs bins (a LabelBins of the training labels)")
+    return out
+
+
+def _directions(params: list[torch.Tensor], directions: Sequence[Sequence[torch.Tensor]] | None,
+                dim: int, seed: int, norm: str, ignore: str | None) -> list[list[torch.Tensor]]:
+    """``dim`` random filter-normalised directions, or the given ones checked and moved."""
+    if directions is None:
+        gen = torch.Generator().manual_seed(int(seed))
+        return [random_direction(params, gen, norm, ignore) for _ in range(dim)]
+    if len(directions) != dim:
+        raise ValueError(f"directions must hold {dim} direction(s), got {len(directions)}")
+    dirs = []
+    for d in directions:
+        d = list(d)
+        if len(d) != len(params) or any(a.shape != p.shape for a, p in zip(d, params)):
+            raise ValueError("each direction must hold one tensor per parameter, same shapes")
+        dirs.append([a.detach().to(p.device, p.dtype) for a, p in zip(d, params)])
+    return dirs
+
+
+def _sweep(model: nn.Module, params: list[torch.Tensor], dirs: list[list[torch.Tensor]],
+           points: list[tuple[float, float | None]], loss: Any, data: Data, names: list[str],
+           subsets: dict[str, Subset], progress: bool, dim: int
+           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Loss and MAE sums per grid point and subset (and at the origin when the grid misses it);
+    the trained parameters are restored exactly afterwards, even after an error."""
     sums = np.zeros((len(points), len(names), 2))
     counts = np.zeros(len(names), dtype=np.int64)
-
     device = params[0].device if params else torch.device("cpu")
     with torch.no_grad():
         trained = [p.detach().clone() for p in params]
@@ -365,7 +393,13 @@ def loss_landscape(
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, trained)
+    return sums, origin_sums, counts
 
+
+def _summaries(sums: np.ndarray, origin_sums: np.ndarray | None, counts: np.ndarray,
+               names: list[str], points: list[tuple[float, float | None]],
+               shape: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """Means per subset and metric on the grid, and at the origin."""
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / np.where(counts > 0, counts, np.nan)[None, :, None]
     values = {n: {m: means[:, i, j].reshape(shape) for j, m in enumerate(METRICS)}
@@ -373,19 +407,11 @@ def loss_landscape(
     if origin_sums is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
             o = origin_sums / np.where(counts > 0, counts, np.nan)[:, None]
-        origin = {n: {m: float(o[i, j]) for j, m in enumerate(METRICS)}
-                  for i, n in enumerate(names)}
     else:
         k0 = next(k for k, (a, b) in enumerate(points) if a == 0.0 and (b is None or b == 0.0))
-        origin = {n: {m: float(means[k0, i, j]) for j, m in enumerate(METRICS)}
-                  for i, n in enumerate(names)}
-    if bins is not None:  # without bins there are no regions to name
-        many, few = bins.thresholds(many, few)
-    meta = {"seed": seed if directions is None else None, "norm": norm, "ignore": ignore,
-            "loss": loss_name, "num_parameters": int(sum(p.numel() for p in params)),
-            "random_directions": directions is None, "many": many, "few": few, "label": label,
-            "bn": "eval mode (running statistics, not recomputed)"}
-    return Landscape(ag, bg, values, {n: int(c) for n, c in zip(names, counts)}, origin, meta)
+        o = means[k0]
+    origin = {n: {m: float(o[i, j]) for j, m in enumerate(METRICS)} for i, n in enumerate(names)}
+    return values, origin
 
 
 def _evaluate(model: nn.Module, loss: LossFn, data: Data, device: torch.device,

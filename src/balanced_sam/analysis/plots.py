@@ -221,6 +221,14 @@ def plot_landscape_surface(
 
 
 # ---------------------------------------------------------------------------------- Figure 1
+def _shared_limits(items: Sequence[tuple[str, Landscape]], region: str,
+                   metric: str) -> tuple[float | None, float | None]:
+    """The range of ``metric`` over every landscape's ``region`` (finite values only)."""
+    vals = np.concatenate([np.ravel(ls.values[region][metric]) for _, ls in items])
+    vals = vals[np.isfinite(vals)]
+    return (float(vals.min()), float(vals.max())) if vals.size else (None, None)
+
+
 def plot_region_comparison(
     landscapes: Landscape | Mapping[str, Landscape],
     path: str | Path | None = None,
@@ -266,13 +274,8 @@ def plot_region_comparison(
     for _, ls in items:
         _check(ls, regions, metric)
 
-    limits: dict[str, tuple[float | None, float | None]] = {}
-    for r in regions:
-        vals = np.concatenate([np.ravel(ls.values[r][metric]) for _, ls in items])
-        vals = vals[np.isfinite(vals)]
-        limits[r] = ((float(vals.min()), float(vals.max())) if share_scale and vals.size
-                     else (None, None))
-
+    limits = {r: _shared_limits(items, r, metric) if share_scale else (None, None)
+              for r in regions}
     nrow, ncol = len(items), len(regions)
     w, h = (4.6, 3.6) if kind == "curve" else (5.4, 4.4)
     fig = _figure(w * ncol, h * nrow + 0.6)
