@@ -316,6 +316,29 @@ def test_diverged_runs_are_flagged_and_left_out():
     assert re.search(r"inv +left out: seed 1 \(inv diverged\) - n counts the pairs kept", text)
 
 
+def test_a_run_that_stalled_early_is_marked_but_kept():
+    res = _results({"sqinv": [10.0, 11.0, 12.0], "inv": [10.5, 19.0, 12.0]})
+    res["config"]["train"]["epochs"] = 60
+    for name, best in (("sqinv", [60, 58, 59]), ("inv", [60, 18, 20])):
+        for run, b in zip(res["methods"][name]["runs"], best):
+            run["best_epoch"] = b
+    res["methods"]["inv"]["runs"][2]["test"] = _report(math.nan)  # diverged
+    finish_results(res, baseline="sqinv", factor=3.0)
+    inv = res["methods"]["inv"]["runs"]
+    assert [r["stalled"] for r in inv] == [False, True, False]  # a diverged run is not stalled
+    assert inv[2]["diverged"] and res["divergence"]["stalled"] == {"inv": [1]}
+    # kept in the mean and in the pairs: only the diverged seed leaves them
+    assert res["methods"]["inv"]["mean"]["all"]["mae"] == pytest.approx((10.5 + 19.0) / 2)
+    assert res["comparisons"]["inv"]["mae_all"]["n"] == 2
+    table = bench_table(res)
+    assert "| inv † ‡ |" in table and "| sqinv |" in table
+    assert "‡ inv: seed 1 stopped improving at epoch 18 of 60 (test MAE 19)" in table
+    # without the epoch count (an older results.json) nothing is marked
+    del res["config"]["train"]["epochs"]
+    finish_results(res, baseline="sqinv", factor=3.0)
+    assert not any(r["stalled"] for r in inv) and res["divergence"]["stalled"] == {}
+
+
 def test_a_diverged_baseline_seed_leaves_every_pair_and_fp16_skips_do_not_count():
     res = _results({"sqinv": [10.0, math.inf, 12.0], "bsam": [9.0, 10.0, 11.0]},
                    skipped={("bsam", 0): 2}, amp="fp16")

@@ -42,10 +42,12 @@ the flags and the comparisons of a finished ``results.json``.
      "fingerprint": {"digest", "files", "params"}, "warnings": [str],
      "methods": {NAME: {"runs": [{"seed", "rho", "best_epoch", "train_seconds",
                                   "skipped_steps", "val", "test", "test_per_bin",
-                                  "data_fingerprint", "diverged", "diverged_reason"?}],
+                                  "data_fingerprint", "diverged", "diverged_reason"?,
+                                  "stalled"}],
                         "mean": REPORT | null, "std": REPORT | null, "selected_rho": r,
                         "by_rho": {str(r): {"mean", "std", "val_mae", "n", "diverged"}}}},
-     "divergence": {"factor": k, "rule": str, "diverged": {NAME: [{"seed", "rho", "reason"}]}},
+     "divergence": {"factor": k, "rule": str, "diverged": {NAME: [{"seed", "rho", "reason"}]},
+                    "stalled": {NAME: [seed]}, "stalled_rule": str},
      "comparisons": {NAME: {"mae_all": {"mean", "ci_low", "ci_high", "wins", "n"},
                             "mae_many", "mae_medium", "mae_few", "gm_all", "bmae_all"}},
      "comparisons_info": {"baseline": str | null, "confidence": 0.95, "split": "test",
@@ -96,7 +98,7 @@ from balanced_sam.train import (
 
 __all__ = ["run_bench", "compare_results", "finish_results", "bench_defaults",
            "load_bench_data", "bench_data_spec", "bench_table", "comparison_text", "QUICK",
-           "DEFAULT_BASELINE", "DIVERGE_FACTOR", "CONFIDENCE", "BenchInterrupted"]
+           "DEFAULT_BASELINE", "DIVERGE_FACTOR", "CONFIDENCE", "STALLED_RULE", "BenchInterrupted"]
 
 #: what ``--quick`` changes unless the dataset's recipe says otherwise (``Recipe.bench["quick"]``)
 QUICK = {"seeds": (0,), "epochs": 12}
@@ -108,6 +110,9 @@ DEFAULT_BASELINE = "sqinv"
 DIVERGE_FACTOR = 3.0
 #: of the paired intervals
 CONFIDENCE = 0.95
+STALLED_RULE = ("not diverged, but the best validation epoch came in the first third of the "
+                "epochs: training went wrong early and did not recover; kept in the means and "
+                "pairs, marked ‡")
 DIVERGENCE_RULE = ("NaN/inf validation or test MAE; or optimizer steps skipped for a non-finite "
                    "gradient (not counted under fp16 AMP); or test MAE above factor x the "
                    "median test MAE of the method's seeds at the same rho")
@@ -739,12 +744,17 @@ def finish_results(results: dict[str, Any], *, baseline: str | None = None,
         for run in runs:
             run["val"], run["test"] = nan_for_null(run.get("val") or {}), nan_for_null(run["test"])
         _flag_divergence(runs, factor, count_skips=amp != "fp16")
+        _flag_stalled(runs, (results.get("config") or {}).get("train", {}).get("epochs"))
         entry.update(_summarise(runs))
         gone = [{"seed": r["seed"], "rho": r["rho"], "reason": r["diverged_reason"]}
                 for r in runs if r["diverged"]]
         if gone:
             diverged[name] = gone
-    results["divergence"] = {"factor": factor, "rule": DIVERGENCE_RULE, "diverged": diverged}
+    stalled = {name: [r["seed"] for r in entry["runs"] if r.get("stalled")]
+               for name, entry in results["methods"].items()}
+    results["divergence"] = {"factor": factor, "rule": DIVERGENCE_RULE, "diverged": diverged,
+                             "stalled": {m: s for m, s in stalled.items() if s},
+                             "stalled_rule": STALLED_RULE}
     info: dict[str, Any] = {"baseline": baseline, "confidence": confidence, "split": "test",
                             "difference": "method - baseline per paired seed (negative: lower "
                                           "error than the baseline)", "left_out": {}}
@@ -785,6 +795,15 @@ def _flag_divergence(runs: list[dict[str, Any]], factor: float, count_skips: boo
                 run["diverged_reason"] = "; ".join(why)
             else:
                 run.pop("diverged_reason", None)
+
+
+def _flag_stalled(runs: list[dict[str, Any]], epochs: Any) -> None:
+    """Set ``stalled`` on every run: not diverged, but its best validation epoch came in the
+    first third of training (see :data:`STALLED_RULE`). A warning only: the run stays in."""
+    for run in runs:
+        best = run.get("best_epoch")
+        run["stalled"] = bool(isinstance(epochs, int) and isinstance(best, int)
+                              and not run.get("diverged") and best <= epochs // 3)
 
 
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -853,7 +872,8 @@ def compare_results(results: str | Path | dict[str, Any], *, baseline: str | Non
 def _csv_row(name: str, run: dict[str, Any]) -> dict[str, Any]:
     row = {"method": name, "rho": run["rho"], "seed": run["seed"],
            "best_epoch": run["best_epoch"], "train_seconds": round(run["train_seconds"], 2),
-           "skipped_steps": run.get("skipped_steps"), "diverged": run.get("diverged", False)}
+           "skipped_steps": run.get("skipped_steps"), "diverged": run.get("diverged", False),
+           "stalled": run.get("stalled", False)}
     for split in ("val", "test"):
         for region, metrics in run[split].items():
             for m, v in metrics.items():
@@ -882,6 +902,14 @@ def bench_table(results: dict[str, Any], digits: int | None = None) -> str:
             notes.append(f"† {name}: " + "; ".join(
                 f"seed {r['seed']} diverged ({r.get('diverged_reason', '?')})" for r in runs
                 if r.get("diverged")) + f"; left out: {len(kept)} of {len(runs)} seeds shown")
+        stalled = [r for r in kept if r.get("stalled")]
+        if stalled:
+            label += " ‡"
+            epochs = results.get("config", {}).get("train", {}).get("epochs")
+            notes.append(f"‡ {name}: " + "; ".join(
+                f"seed {r['seed']} stopped improving at epoch {r['best_epoch']} of {epochs} "
+                f"(test MAE {r['test']['all']['mae']:.4g})" for r in stalled)
+                + "; kept in the mean: read its spread with that in mind")
         reports[label] = [nan_for_null(r["test"]) for r in kept] or [
             {region: {k: math.nan for k in v} for region, v in runs[0]["test"].items()}]
     digits = _digits(results) if digits is None else digits
