@@ -105,6 +105,7 @@ def _train(task: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from balanced_sam.bins import LabelBins
+    from balanced_sam.data.registry import IMAGE_BENCH_RECIPE, build_model
     from balanced_sam.train import TrainConfig, fit, seed_everything
 
     data = _data(json.dumps(task["data"], sort_keys=True))
@@ -113,7 +114,7 @@ def _train(task: dict[str, Any]) -> dict[str, Any]:
                       rho=task["rho"] if task["rho"] is not None else 0.05, device="cpu",
                       progress=False, checkpoint="none", balance="bin")
     seed_everything(task["seed"])
-    model = data.make_model()
+    model = build_model(data, IMAGE_BENCH_RECIPE.model)  # the SmallCNN sized to the images
     t0 = time.perf_counter()
     mean, std = data.y_train.mean().item(), data.y_train.std().item()
 
