@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from balanced_sam.baselines.plugins import PLUGINS
-from balanced_sam.bench import run_bench
+from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.data.registry import get_entry
 
 #: the weight of each regulariser, and which options it sets (rnc: its linear head's lr, as a
@@ -33,11 +33,11 @@ WEIGHTS = {"ranksim": ("gamma",), "conr": ("beta",), "ordinal-entropy": ("lambda
 def val_mae(dataset: str, method: str, options: dict, seeds: list[int], epochs: int | None,
             out: Path, data_root: str | None = None, jobs: int = 1) -> float:
     shutil.rmtree(out, ignore_errors=True)
+    plugins = {"plugins": {method: options}} if options else {}
     try:
-        res = run_bench(dataset, methods=[method], seeds=seeds, epochs=epochs, plots=False,
-                        data_root=data_root, jobs=jobs,
-                        overrides={"device": "cpu", **({"plugins": {method: options}}
-                                                         if options else {})}, out=out,
+        res = run_bench(BenchConfig(dataset=dataset, methods=[method], seeds=seeds, epochs=epochs,
+                                    plots=False, data_root=data_root, jobs=jobs,
+                                    overrides={"device": "cpu", **plugins}, out=out),
                         log=lambda s: None)
     except ValueError as exc:  # a diverged run (NaN predictions)
         print(f"    {method} {options}: {exc}", flush=True)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from balanced_sam.bench import run_bench
+from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
 from balanced_sam.experiment import run_training
 
@@ -49,17 +49,17 @@ def test_bench_trains_again_the_runs_whose_data_changed(tmp_path):
     csv = table(tmp_path / "t.csv")
     kw = dict(csv_path=str(csv), target="y", methods=["sqinv"], seeds=[0], epochs=2,
               bin_width=10, cap=20, plots=False)
-    first = run_bench(None, out=tmp_path / "b", log=lambda s: None, **kw)
+    first = run_bench(BenchConfig(out=tmp_path / "b", **kw), log=lambda s: None)
     table(csv, shift=3.0)  # same shape, other feature values
     logs = []
-    again = run_bench(None, out=tmp_path / "b", log=logs.append, **kw)
-    fresh = run_bench(None, out=tmp_path / "fresh", log=lambda s: None, **kw)
+    again = run_bench(BenchConfig(out=tmp_path / "b", **kw), log=logs.append)
+    fresh = run_bench(BenchConfig(out=tmp_path / "fresh", **kw), log=lambda s: None)
     assert any("data changed" in s and "training it again" in s for s in logs)
     assert again["fingerprint"]["digest"] != first["fingerprint"]["digest"]
     mae = [r["methods"]["sqinv"]["runs"][0]["test"]["all"]["mae"] for r in (again, fresh)]
     assert mae[0] == mae[1]  # before: the stale run was read back
     logs = []
-    run_bench(None, out=tmp_path / "b", log=logs.append, **kw)
+    run_bench(BenchConfig(out=tmp_path / "b", **kw), log=logs.append)
     assert any("read back" in s for s in logs)  # same data again: reused
 
 
@@ -85,8 +85,8 @@ def test_eval_and_resume_refuse_changed_data_unless_allowed(tmp_path, capsys):
 def test_an_outlier_no_longer_collapses_the_default_bins(tmp_path):
     csv = table(tmp_path / "t.csv", n=600, outlier=1e9)
     logs = []
-    res = run_bench(None, csv_path=str(csv), target="y", methods=["sqinv"], seeds=[0],
-                    epochs=2, out=tmp_path / "b", plots=False, log=logs.append)
+    res = run_bench(BenchConfig(csv_path=str(csv), target="y", methods=["sqinv"], seeds=[0],
+                                epochs=2, out=tmp_path / "b", plots=False), log=logs.append)
     counts = np.array(res["bins"]["counts"])
     assert (counts > 0).mean() > 0.5  # before: 99 of 101 bins empty
     assert res["config"]["bins"].get("clamp") is True
@@ -98,9 +98,9 @@ def test_an_outlier_no_longer_collapses_the_default_bins(tmp_path):
                                            (1000.0, "a single label bin")])
 def test_bench_warns_about_useless_bins(tmp_path, width, warning):
     logs = []
-    res = run_bench(None, csv_path=str(table(tmp_path / "t.csv")), target="y",
-                    methods=["vanilla"], seeds=[0], epochs=1, bin_width=width, cap=20,
-                    out=tmp_path / "b", plots=False, log=logs.append)
+    res = run_bench(BenchConfig(csv_path=str(table(tmp_path / "t.csv")), target="y",
+                                methods=["vanilla"], seeds=[0], epochs=1, bin_width=width, cap=20,
+                                out=tmp_path / "b", plots=False), log=logs.append)
     assert any(warning in w for w in res["warnings"])
     assert any(s.startswith("warning:") and warning in s for s in logs)
 
@@ -110,9 +110,9 @@ def test_bench_warns_about_useless_bins(tmp_path, width, warning):
 def test_bmae_balances_the_same_way_in_train_eval_and_bench(tmp_path, capsys, integer,
                                                              balance):
     csv = table(tmp_path / "t.csv", integer=integer)
-    bench = run_bench(None, csv_path=str(csv), target="y", methods=["bsam"], seeds=[0],
-                      epochs=2, bin_width=1 if integer else 10, cap=20, out=tmp_path / "b",
-                      plots=False, log=lambda s: None)
+    bench = run_bench(BenchConfig(csv_path=str(csv), target="y", methods=["bsam"], seeds=[0],
+                                  epochs=2, bin_width=1 if integer else 10, cap=20,
+                                  out=tmp_path / "b", plots=False), log=lambda s: None)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"data: {{name: csv, path: {csv}, target: y, bin_width: "
                    f"{1 if integer else 10}, cap: 20}}\ntrain: {{method: bsam, epochs: 2, "
@@ -241,7 +241,7 @@ def test_a_repeated_seed_is_refused(tmp_path, capsys):
         main(["bench", "--seeds", "0,0"])
     assert e.value.code == 2 and "repeated" in capsys.readouterr().err
     with pytest.raises(ValueError, match="repeats seed"):
-        run_bench(None, csv_path="x.csv", target="y", seeds=[1, 0, 1])
+        run_bench(BenchConfig(csv_path="x.csv", target="y", seeds=[1, 0, 1]))
 
 
 def test_a_missing_extra_gives_the_install_hint(tmp_path, capsys, monkeypatch):

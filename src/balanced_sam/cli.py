@@ -365,22 +365,24 @@ def _add_list(sub: Any) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from balanced_sam.bench import run_bench
 
+    run_bench(_bench_config(args))
+    return 0
+
+
+def _bench_config(args: argparse.Namespace) -> Any:
+    """``bsam bench``'s options -> the :class:`balanced_sam.bench.BenchConfig` (one field per
+    option; the training flags join ``--set``'s overrides)."""
+    from balanced_sam.bench import BenchConfig
+
     overrides = _train_overrides(args.overrides)
     overrides.update({k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size),
                                         ("max_grad_norm", args.max_grad_norm)) if v is not None})
-    rho = args.rho if args.rho is None or len(args.rho) > 1 else args.rho[0]
-    table = {k: v for k, v in (("impute", args.impute), ("features", args.features),
-                               ("categorical", args.categorical),
-                               ("max_categories", args.max_categories)) if v is not None}
-    run_bench(args.dataset, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
-              rho=rho, bin_width=args.bin_width, device=args.device, out=args.out,
-              csv_path=args.csv_path, target=args.target, train_fraction=args.train_fraction,
-              cap=args.cap, data_root=args.data_root, dropna=args.dropna,
-              select_by=args.select_by, quick=args.quick, overrides=overrides,
-              progress=args.progress, plots=not args.no_plots, baseline=args.baseline,
-              jobs=args.jobs, threads=args.threads, diverge_factor=args.diverge_factor,
-              confidence=args.confidence, **table)
-    return 0
+    same = ("dataset", "methods", "seeds", "epochs", "rho", "bin_width", "device", "out",
+            "csv_path", "target", "train_fraction", "cap", "data_root", "dropna", "select_by",
+            "quick", "progress", "baseline", "jobs", "threads", "diverge_factor", "confidence",
+            "impute", "features", "categorical", "max_categories")
+    return BenchConfig(**{k: getattr(args, k) for k in same}, overrides=overrides,
+                       plots=not args.no_plots)
 
 
 def _train_overrides(items: Sequence[str]) -> dict[str, Any]:

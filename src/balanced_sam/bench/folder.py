@@ -1,0 +1,163 @@
+"""A bench's folder: the setting it holds (``bench_config.json``; another bench setting is
+refused, more methods or seeds are welcome), the header of its ``results.json``, and the runs
+finished in it earlier, read back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
+
+from balanced_sam.bench.plan import BenchPlan, RunKey
+from balanced_sam.bench.summary import DEFAULT_BASELINE
+from balanced_sam.config import TrainConfig
+from balanced_sam.data.registry import DataSplits
+from balanced_sam.errors import spell
+from balanced_sam.io import nan_for_null, read_json, to_json, write_json
+from balanced_sam.train import RunExistsError, load_checkpoint
+
+__all__ = ["start_results", "read_back", "bin_warnings"]
+
+#: what may differ between benches that share a folder: its runs are kept per method, rho and
+#: seed, so a bench may add methods or seeds to a finished one and reads the common runs back
+_MAY_GROW = ("methods", "seeds", "rho_by_method")
+
+
+def _size(split: Any) -> int:
+    if split is None:
+        return 0
+    return len(split[1]) if isinstance(split, (tuple, list)) else len(split)
+
+
+def bin_warnings(data: DataSplits) -> list[str]:
+    """What makes the bins useless for balancing: one bin, mostly empty bins, outliers."""
+    bins, out = data.bins, []
+    k = bins.num_bins
+    empty = int((bins.counts == 0).sum())
+    hint = f"set the bin width yourself ({spell('bin_width', 1.0)})"
+    if k == 1:
+        out.append(f"a single label bin: every sample gets the same weight and region, so no "
+                   f"method can balance anything; {hint}")
+    elif empty > k / 2:
+        out.append(f"{empty} of {k} label bins hold no training sample: the bins are too narrow "
+                   f"for the data, or outliers stretch the range; {hint}")
+    outside = int(data.info.get("outside_bins", 0))
+    if outside:
+        out.append(f"{outside} target(s) lie beyond the default bins (outliers past the 0.5% / "
+                   "99.5% quantiles) and are counted in the first or last bin")
+    return out
+
+
+def _setting(plan: BenchPlan) -> dict[str, Any]:
+    """The ``config`` of ``results.json``: what the bench runs and on what."""
+    data, cfg = plan.data, plan.cfg
+    return {"dataset": data.name, "methods": plan.names, "seeds": plan.seeds,
+            "rho": plan.sweep, "rho_by_method": {m.name: plan.rhos(m)[0] for m in plan.methods
+                                                 if m.uses_rho},
+            "train": cfg.to_dict(), "quick": plan.config.quick, "data": data.info,
+            "bins": data.tables.bins if data.tables is not None else data.bins.to_dict(),
+            "target_unit": data.unit, "standardize_target": not data.scaler.is_identity,
+            "model": _model_text(plan)}
+
+
+def start_results(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Check the folder holds this bench (or none), say what runs, start results.json."""
+    data, cfg = plan.data, plan.cfg
+    config = _setting(plan)
+    _same_bench(plan, config)
+    many, few = data.bins.thresholds()
+    regions = data.bins.region_counts(many, few)
+    split = {**{s: _size(getattr(data, s)) for s in ("train", "val", "test")},
+             "bins": data.bins.num_bins, "regions": regions}
+    split.update({k: data.info[k] for k in ("C", "cap", "train_fraction") if k in data.info})
+    log(f"dataset {data.name}: train {split['train']}, val {split['val']}, test {split['test']}; "
+        f"{data.bins.num_bins} bins ({regions['many']} many / {regions['medium']} medium / "
+        f"{regions['few']} few with training samples)")
+    warnings = bin_warnings(data)
+    for w in warnings:
+        log(f"warning: {w}")
+    if data.info.get("train_fraction") not in (None, 1, 1.0):
+        log(f"training keeps {data.info['train_fraction']:.0%} of the rows left after the "
+            "validation/test split, so that the tail has few-shot bins")
+    quick = plan.config.quick
+    log(f"recipe: {cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, batch {cfg.batch_size}, "
+        f"{cfg.epochs} epochs, {cfg.schedule} schedule, rho {_rho_text(plan)}; seeds "
+        f"{plan.seeds}; best epoch by val {cfg.select_by}; bMAE by {cfg.balance}"
+        + (f" [--quick: {len(plan.seeds)} seed(s), {cfg.epochs} epochs]" if quick else ""))
+    if plan.baseline is None and len(plan.methods) > 1:
+        log(f"no paired comparisons: the default baseline {DEFAULT_BASELINE} is not among the "
+            f"methods; name one of them with {spell('baseline', plan.names[0])}")
+    return {"dataset": data.name, "config": config, "split": split,
+            "bins": data.bins.to_dict(), "fingerprint": data.fingerprint, "warnings": warnings,
+            "methods": {}}
+
+
+def _same_bench(plan: BenchPlan, config: dict[str, Any]) -> None:
+    """A folder holds one bench setting (data, recipe, bins, model): refuse another one. Methods
+    and seeds may be added (a method present in both must keep its rho); the data's content is
+    not part of the setting (runs on changed data are trained again instead)."""
+    comparable = {k: v for k, v in config.items() if k not in ("train", "data")} | {
+        "data_spec": plan.spec,
+        "train": {k: v for k, v in plan.cfg.to_dict().items() if k not in ("progress", "device")}}
+    path = plan.out / "bench_config.json"
+    if path.exists():
+        stored = _with_defaults(read_json(path))
+        now = json.loads(json.dumps(to_json(comparable)))
+        setting = {k: v for k, v in now.items() if k not in _MAY_GROW}
+        old_rho, new_rho = stored.get("rho_by_method") or {}, now.get("rho_by_method") or {}
+        if {k: v for k, v in stored.items() if k not in _MAY_GROW} != setting or any(
+                old_rho[m] != new_rho[m] for m in set(old_rho) & set(new_rho)):
+            raise RunExistsError(f"{plan.out} holds a bench with another configuration (data, "
+                                 "recipe, bins, model or a method's rho; methods and seeds may "
+                                 "be added); choose another output folder (or delete it "
+                                 "yourself)")
+    write_json(comparable, path)
+
+
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A training option the stored setting does not name ran with its default: a folder
+    written before the package gained an option stays the same bench after an upgrade."""
+    train = stored.get("train")
+    if isinstance(train, dict):
+        new = {f.name: f.default for f in fields(TrainConfig) if f.name not in train
+               and f.name not in ("progress", "device") and f.default is not MISSING}
+        stored["train"] = {**train, **to_json(new)}
+    return stored
+
+
+def _model_text(plan: BenchPlan) -> str:
+    spec = dict(plan.data.recipe.model)
+    if plan.data.tables is not None and plan.data.tables.make_model is not None:
+        return type(plan.data.tables.make_model()).__name__
+    name = spec.pop("name", "?")
+    return f"{name}({', '.join(f'{k}={v}' for k, v in spec.items())})"
+
+
+def _rho_text(plan: BenchPlan) -> str:
+    shown = {m: plan.rho_by_method[m] for m in plan.names if m in plan.rho_by_method}
+    if shown:
+        return (", ".join(f"{m} {r:g}" for m, r in shown.items())
+                + f" (the recipe's: {plan.data.recipe.source or 'per method'})")
+    return ", ".join(f"{r:g}" for r in plan.sweep)
+
+
+def read_back(plan: BenchPlan, key: RunKey, log: Callable[[str], None]
+              ) -> dict[str, Any] | bool:
+    """A finished run on the same data, read back; else whether the run starts afresh
+    (``True``: its folder holds a run on other data) or may resume from ``last.pt``."""
+    label = key.label
+    run_dir = plan.out / "runs" / label
+    res_path = run_dir / "result.json"
+    if res_path.exists():
+        run = read_json(res_path)
+        if run.get("data_fingerprint") == plan.digest:
+            run["val"], run["test"] = nan_for_null(run["val"]), nan_for_null(run["test"])
+            log(f"{label}: done earlier, read back")
+            return dict(run)
+        log(f"{label}: the data changed since this run was trained (other fingerprint): "
+            "training it again")
+        return True
+    if (run_dir / "last.pt").exists():
+        return load_checkpoint(run_dir / "last.pt").get("data_fingerprint") != plan.digest
+    return False
