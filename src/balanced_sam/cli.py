@@ -32,7 +32,8 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "bin_width": "--bin-width W", "train_fraction": "--train-fraction F",
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
               "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
-              "plugins": "--set train.plugins.NAME.KEY=VALUE"},
+              "plugins": "--set train.plugins.NAME.KEY=VALUE", "out": "--out",
+              "overwrite": "--overwrite"},
     "compare": {"baseline": "--baseline M"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
@@ -92,12 +93,15 @@ _ABOUT = {
               "seeds, then every method against --baseline seed by seed (mean difference, 95% "
               "Student-t interval, wins), saying where an interval includes 0. Runs train "
               "--jobs at a time in worker processes, one CPU thread each (--threads), with the "
-              "same figures for any --jobs. A run that diverges (NaN/inf metrics, steps skipped "
-              "for a non-finite gradient, or test MAE above --diverge-factor times its method's "
-              "median) is marked † and left out of the means and comparisons. Writes "
-              "results.json, results.csv and plots (paired_differences.png among them) into "
-              "--out. Re-running with the same --out reuses finished runs (and trains again "
-              "those whose data changed); Ctrl-C stops cleanly and says how to resume."),
+              "same figures for any --jobs. A run that diverges (NaN/inf predictions or metrics, "
+              "steps skipped for a non-finite gradient, or test MAE above --diverge-factor times "
+              "its method's median) is marked † and left out of the means and comparisons, and "
+              "the bench goes on. Writes results.json, results.csv and plots "
+              "(paired_differences.png among them) into --out, a new or empty folder or one a "
+              "bench made. Re-running with the same --out reuses finished runs (and trains again "
+              "those whose data changed); its results.json keeps every finished method, however "
+              "few --methods name; --overwrite removes the earlier bench's files first. Ctrl-C "
+              "stops cleanly and says how to resume."),
     "compare": ("paired comparisons of a finished bench, recomputed",
                 "Read a bench's results.json, mark diverged runs and compare every method with "
                 "--baseline seed by seed (mean difference, Student-t interval, wins); print "
@@ -241,8 +245,12 @@ def _bench_training(b: argparse.ArgumentParser) -> None:
 
 
 def _bench_output(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--out", help="output folder (default runs/bench-<timestamp>); the same "
-                                 "--out resumes a stopped bench")
+    b.add_argument("--out", help="output folder (default runs/bench-<timestamp>): new, empty or "
+                                 "one a bench made; the same --out resumes a stopped bench or "
+                                 "adds methods and seeds to it")
+    b.add_argument("--overwrite", action="store_true",
+                   help="first remove what an earlier bench wrote into --out (exactly the "
+                        "files its manifest lists, nothing else) and start afresh")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--progress", action="store_true",
                    help="a progress bar per epoch (runs trained in one process only, --jobs 1)")
@@ -380,7 +388,7 @@ def _bench_config(args: argparse.Namespace) -> Any:
     same = ("dataset", "methods", "seeds", "epochs", "rho", "bin_width", "device", "out",
             "csv_path", "target", "train_fraction", "cap", "data_root", "dropna", "select_by",
             "quick", "progress", "baseline", "jobs", "threads", "diverge_factor", "confidence",
-            "impute", "features", "categorical", "max_categories")
+            "impute", "features", "categorical", "max_categories", "overwrite")
     return BenchConfig(**{k: getattr(args, k) for k in same}, overrides=overrides,
                        plots=not args.no_plots)
 

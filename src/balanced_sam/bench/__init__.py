@@ -15,12 +15,21 @@ alone (the same for every method of a seed), so a run's figures are bit-identica
   the baseline, seed by seed, with its interval) and, for several rho values, ``rho_sweep.png``;
 * ``runs/<method>[-rho<r>]-seed<s>/``: each run's ``best.pt``, ``log.csv`` and ``result.json``.
 
+**The folder** is the project's: a bench writes only into a new or empty ``out`` or one a bench
+marked (``.bsam-manifest.json``, listing every file and run folder it wrote;
+:mod:`balanced_sam.outputs`); another non-empty folder is refused, naming ``--out``.
+``overwrite`` first removes exactly what the manifest lists, never following a link.
+
 A bench that dies (or is stopped with Ctrl-C) can be run again with the same ``out``: finished
 runs are read back from their ``result.json`` and an interrupted one resumes from its
 ``last.pt``, as long as the data have the same fingerprint; a run on data that changed since is
-trained again.
+trained again. The same folder may take more methods and seeds; its ``results.json`` and
+``results.csv`` always hold every run finished in it (``config.this_bench`` then names what the
+latest bench ran), while :func:`run_bench` prints and returns the methods it was asked for.
 
-**Diverged runs.** A run is marked ``diverged`` when its validation or test MAE is NaN/inf, when
+**Diverged runs.** A run is marked ``diverged`` when its predictions became NaN/inf during
+training (the run ends there with NaN figures and a ``failure``; the bench goes on), when its
+validation or test MAE is NaN/inf, when
 the optimizer skipped steps for a non-finite gradient (``skipped_steps``; not counted under fp16
 AMP, whose loss scaler skips steps by design), or when its test MAE exceeds ``diverge_factor``
 (default 3) times the median test MAE of its method's seeds at the same rho (so it needs 3+
@@ -44,7 +53,7 @@ the flags and the comparisons of a finished ``results.json``.
      "methods": {NAME: {"runs": [{"seed", "rho", "best_epoch", "train_seconds",
                                   "skipped_steps", "val", "test", "test_per_bin",
                                   "data_fingerprint", "diverged", "diverged_reason"?,
-                                  "stalled"}],
+                                  "failure"?, "stalled"}],
                         "mean": REPORT | null, "std": REPORT | null, "selected_rho": r,
                         "by_rho": {str(r): {"mean", "std", "val_mae", "n", "diverged"}}}},
      "divergence": {"factor": k, "rule": str, "diverged": {NAME: [{"seed", "rho", "reason"}]},

@@ -1,6 +1,7 @@
-"""A bench's folder: the setting it holds (``bench_config.json``; another bench setting is
-refused, more methods or seeds are welcome), the header of its ``results.json``, and the runs
-finished in it earlier, read back."""
+"""A bench's folder: the project's mark on it (:func:`claim_bench_folder`: a manifest listing
+what the bench wrote, :mod:`balanced_sam.outputs`), the setting it holds (``bench_config.json``;
+another bench setting is refused, more methods or seeds are welcome), the header of its
+``results.json``, and the runs finished in it, read back."""
 
 from __future__ import annotations
 
@@ -15,9 +16,39 @@ from balanced_sam.config import TrainConfig
 from balanced_sam.data.registry import DataSplits
 from balanced_sam.errors import spell
 from balanced_sam.io import nan_for_null, read_json, to_json, write_json
+from balanced_sam.outputs import FolderNotOursError, OwnedFolder, claim_folder
 from balanced_sam.train import RunExistsError, load_checkpoint
 
-__all__ = ["start_results", "read_back", "bin_warnings"]
+__all__ = ["claim_bench_folder", "start_results", "read_back", "folder_runs", "bin_warnings",
+           "BENCH_FILES"]
+
+#: the files a bench writes at the top of its folder (its runs go to ``runs/<label>/``)
+BENCH_FILES = ("bench_config.json", "results.json", "results.csv", "label_histogram.png",
+               "per_bin_mae.png", "paired_differences.png", "rho_sweep.png")
+
+
+def _out_option() -> str:
+    """How the user names the bench's folder here: ``--out`` on the command line."""
+    spelled = spell("out", "DIR")
+    return "out" if spelled == "out='DIR'" else spelled
+
+
+def claim_bench_folder(plan: BenchPlan, log: Callable[[str], None]) -> OwnedFolder:
+    """Make ``plan.out`` this bench's folder (:func:`balanced_sam.outputs.claim_folder`): an
+    empty or new folder is marked as a bench's; one the project marked continues (finished runs
+    are read back) or, with ``overwrite``, loses exactly what its manifest lists first; any other
+    non-empty folder is refused, naming ``--out``. Every run folder of the plan is listed in the
+    manifest before a run writes into it."""
+    overwrite = plan.config.overwrite
+    outputs = (*BENCH_FILES, *(f"runs/{k.label}" for k in plan.keys))
+    owned = claim_folder(plan.out, "bench", overwrite=overwrite, resume=not overwrite,
+                         option=_out_option(), outputs=outputs, log=log)
+    if (plan.out / "runs").is_symlink():
+        raise FolderNotOursError(f"{plan.out / 'runs'} is a symbolic link: bsam never writes "
+                                 f"through one; remove it or choose another {_out_option()}")
+    for key in plan.keys:
+        owned.record(f"runs/{key.label}", "folder")
+    return owned
 
 #: what may differ between benches that share a folder: its runs are kept per method, rho and
 #: seed, so a bench may add methods or seeds to a finished one and reads the common runs back
@@ -61,11 +92,14 @@ def _setting(plan: BenchPlan) -> dict[str, Any]:
             "model": _model_text(plan)}
 
 
-def start_results(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
-    """Check the folder holds this bench (or none), say what runs, start results.json."""
+def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]
+                  ) -> dict[str, Any]:
+    """Check the folder holds this bench (or none), say what runs, start results.json. Its
+    ``config`` is this bench's; ``record_config`` that of every bench the folder has held
+    (methods, seeds and rho per method together)."""
     data, cfg = plan.data, plan.cfg
     config = _setting(plan)
-    _same_bench(plan, config)
+    record = _same_bench(plan, owned, config)
     many, few = data.bins.thresholds()
     regions = data.bins.region_counts(many, few)
     split = {**{s: _size(getattr(data, s)) for s in ("train", "val", "test")},
@@ -90,13 +124,14 @@ def start_results(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]
             f"methods; name one of them with {spell('baseline', plan.names[0])}")
     return {"dataset": data.name, "config": config, "split": split,
             "bins": data.bins.to_dict(), "fingerprint": data.fingerprint, "warnings": warnings,
-            "methods": {}}
+            "methods": {}, "record_config": {k: record[k] for k in _MAY_GROW}}
 
 
-def _same_bench(plan: BenchPlan, config: dict[str, Any]) -> None:
+def _same_bench(plan: BenchPlan, owned: OwnedFolder, config: dict[str, Any]) -> dict[str, Any]:
     """A folder holds one bench setting (data, recipe, bins, model): refuse another one. Methods
     and seeds may be added (a method present in both must keep its rho); the data's content is
-    not part of the setting (runs on changed data are trained again instead)."""
+    not part of the setting (runs on changed data are trained again instead). Writes the
+    setting with the methods, seeds and rho of every bench the folder held; returns it."""
     comparable = {k: v for k, v in config.items() if k not in ("train", "data")} | {
         "data_spec": plan.spec,
         "train": {k: v for k, v in plan.cfg.to_dict().items() if k not in ("progress", "device")}}
@@ -110,9 +145,14 @@ def _same_bench(plan: BenchPlan, config: dict[str, Any]) -> None:
                 old_rho[m] != new_rho[m] for m in set(old_rho) & set(new_rho)):
             raise RunExistsError(f"{plan.out} holds a bench with another configuration (data, "
                                  "recipe, bins, model or a method's rho; methods and seeds may "
-                                 "be added); choose another output folder (or delete it "
-                                 "yourself)")
-    write_json(comparable, path)
+                                 "be added); choose another output folder, or pass "
+                                 f"{spell('overwrite')} to remove that bench's files first")
+        comparable["methods"] = list(dict.fromkeys([*stored.get("methods", []),
+                                                    *comparable["methods"]]))
+        comparable["seeds"] = sorted({*stored.get("seeds", []), *comparable["seeds"]})
+        comparable["rho_by_method"] = {**old_rho, **comparable["rho_by_method"]}
+    write_json(comparable, owned.record(path.name))
+    return comparable
 
 
 def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +180,31 @@ def _rho_text(plan: BenchPlan) -> str:
         return (", ".join(f"{m} {r:g}" for m, r in shown.items())
                 + f" (the recipe's: {plan.data.recipe.source or 'per method'})")
     return ", ".join(f"{r:g}" for r in plan.sweep)
+
+
+def folder_runs(plan: BenchPlan, owned: OwnedFolder) -> dict[str, list[dict[str, Any]]]:
+    """Every run finished in the folder on these data (a ``result.json`` with the data's
+    fingerprint, in a run folder of the manifest), by method, in label order."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    runs = plan.out / "runs"
+    if not runs.is_dir() or runs.is_symlink():
+        return found
+    for sub in sorted(runs.iterdir()):
+        path = sub / "result.json"
+        if sub.is_symlink() or not owned.owns(f"runs/{sub.name}") or path.is_symlink() \
+                or not path.is_file():
+            continue
+        try:
+            key = RunKey.parse(sub.name)
+            run = read_json(path)
+        except ValueError:
+            continue  # not a run label, or not JSON: not a finished run
+        if not isinstance(run, dict) or run.get("data_fingerprint") != plan.digest or not all(
+                isinstance(run.get(k), dict) for k in ("val", "test")):
+            continue
+        run["val"], run["test"] = nan_for_null(run["val"]), nan_for_null(run["test"])
+        found.setdefault(key.name, []).append(run)
+    return found
 
 
 def read_back(plan: BenchPlan, key: RunKey, log: Callable[[str], None]

@@ -109,7 +109,9 @@ class BenchConfig:
     ``status``: the one progress line on stderr; ``progress``: a bar per epoch (only when the
     runs train in this process). ``overrides``: ``TrainConfig`` fields (e.g.
     ``{"max_grad_norm": 1.0, "interval": 5}``). ``out``: the bench's folder (default
-    ``runs/bench-<timestamp>``)."""
+    ``runs/bench-<timestamp>``): new, empty, or one a bench made (its finished runs are read
+    back); ``overwrite``: first remove exactly what an earlier bench wrote there (the files its
+    manifest lists, nothing else)."""
 
     dataset: str | None = None
     methods: Sequence[str] | None = None
@@ -140,6 +142,7 @@ class BenchConfig:
     features: Sequence[str] | None = None
     categorical: Sequence[str] | None = None
     max_categories: int | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a bad device fails before any data is read

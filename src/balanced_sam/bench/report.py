@@ -49,9 +49,11 @@ def _method_notes(name: str, runs: list[dict[str, Any]], kept: list[dict[str, An
     marks, notes = "", []
     if len(kept) < len(runs):
         marks += " †"
+        shown = (f"left out: {len(kept)} of {len(runs)} seeds shown" if kept else
+                 f"every run of {name} diverged: no figures to show")
         notes.append(f"† {name}: " + "; ".join(
             f"seed {r['seed']} diverged ({r.get('diverged_reason', '?')})" for r in runs
-            if r.get("diverged")) + f"; left out: {len(kept)} of {len(runs)} seeds shown")
+            if r.get("diverged")) + f"; {shown}")
     stalled = [r for r in kept if r.get("stalled")]
     if stalled:
         marks += " ‡"
@@ -76,7 +78,8 @@ def bench_table(results: dict[str, Any], digits: int | None = None) -> str:
         notes += more
         label = (name if rho is None else f"{name} (rho {rho:g})") + marks
         reports[label] = [nan_for_null(r["test"]) for r in kept] or [
-            {region: {k: math.nan for k in v} for region, v in runs[0]["test"].items()}]
+            {region: {k: math.nan for k in (v if isinstance(v, dict) else {})}
+             for region, v in runs[0]["test"].items()}]
     digits = _digits(results) if digits is None else digits
     unit = results.get("config", {}).get("target_unit", "")
     after = ("differences between methods: see the paired comparisons below"
@@ -120,10 +123,12 @@ def compare_results(results: str | Path | dict[str, Any], *, baseline: str | Non
     if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (a bench's results.json)")
-        results = read_json(path)
-    assert isinstance(results, dict)
-    if not isinstance(results.get("methods"), dict) or not results["methods"]:
-        raise ValueError("not a bench results.json: it has no methods")
+        try:
+            results = read_json(path)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not a bench's results.json: not UTF-8 text "
+                             f"({exc.reason} at byte {exc.start})") from None
+    results = _checked_results(results, str(path) if path is not None else "results")
     info = results.get("comparisons_info") or {}
     baseline = baseline or info.get("baseline") or DEFAULT_BASELINE
     if baseline not in results["methods"]:
@@ -132,7 +137,8 @@ def compare_results(results: str | Path | dict[str, Any], *, baseline: str | Non
                          f"{spell('baseline', next(iter(results['methods'])))}")
     factor = diverge_factor or (results.get("divergence") or {}).get("factor", DIVERGE_FACTOR)
     finish_results(results, baseline=baseline, factor=factor,
-                   confidence=confidence or info.get("confidence") or CONFIDENCE)
+                   confidence=confidence or info.get("confidence") or CONFIDENCE,
+                   unpaired="skip")
     log(bench_table(results))
     log("")
     log(comparison_text(results))
@@ -141,6 +147,64 @@ def compare_results(results: str | Path | dict[str, Any], *, baseline: str | Non
     if plot and path is not None and results["comparisons"]:
         _plot_paired(results, path.parent / "paired_differences.png", log)
     return results
+
+
+def _checked_results(results: Any, where: str) -> dict[str, Any]:
+    """``results`` when it has the shape of a bench's ``results.json`` (what :func:`compare_results`
+    reads: methods, their runs, each run's seed, rho and val/test reports), else a one-line
+    ``ValueError`` naming ``where`` and what is wrong."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{where} is not a bench's results.json: {what}")
+
+    if not isinstance(results, dict):
+        raise bad(f"expected a JSON object with 'methods', got a {type(results).__name__}")
+    methods = results.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        raise bad("it has no methods (a 'methods' object naming each method's runs)")
+    for key in ("config", "comparisons_info", "divergence"):
+        if results.get(key) is not None and not isinstance(results[key], dict):
+            raise bad(f"'{key}' must be an object, got {results[key]!r:.60}")
+    info = results.get("comparisons_info") or {}
+    if info.get("confidence") is not None and not (
+            isinstance(info["confidence"], float) and 0 < info["confidence"] < 1):
+        raise bad(f"comparisons_info.confidence must be a number in (0, 1), got "
+                  f"{info['confidence']!r:.60}")
+    factor = (results.get("divergence") or {}).get("factor")
+    if factor is not None and not (stats.is_finite(factor) and factor > 1):
+        raise bad(f"divergence.factor must be a finite number > 1, got {factor!r:.60}")
+    for name, entry in methods.items():
+        runs = entry.get("runs") if isinstance(entry, dict) else None
+        if not isinstance(runs, list) or not runs:
+            raise bad(f"methods.{name} has no 'runs' list")
+        for i, run in enumerate(runs):
+            _check_run(run, f"methods.{name}.runs[{i}]", bad)
+    return results
+
+
+def _check_run(run: Any, at: str, bad: Callable[[str], ValueError]) -> None:
+    if not isinstance(run, dict):
+        raise bad(f"{at} must be an object, got {run!r:.60}")
+    if isinstance(run.get("seed"), bool) or not isinstance(run.get("seed"), int):
+        raise bad(f"{at}.seed must be an integer, got {run.get('seed')!r:.60}")
+    if "rho" not in run or not (run["rho"] is None or stats.is_finite(run["rho"])):
+        raise bad(f"{at}.rho must be a number or null, got {run.get('rho', 'nothing')!r:.60}")
+    for split in ("test", "val"):
+        report = run.get(split)
+        if report is None and split == "val":
+            continue
+        if not isinstance(report, dict) or not isinstance(report.get("all"), dict):
+            raise bad(f"{at}.{split} must be a report with an 'all' region, got "
+                      f"{report!r:.60}")
+        for region, metrics in report.items():
+            if metrics is not None and not isinstance(metrics, dict):
+                raise bad(f"{at}.{split}.{region} must be an object of metrics or null, got "
+                          f"{metrics!r:.60}")
+            for metric, v in (metrics or {}).items():
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise bad(f"{at}.{split}.{region}.{metric} must be a number or null, got "
+                              f"{v!r:.60}")
+        if "mae" not in report["all"]:
+            raise bad(f"{at}.{split}.all has no 'mae'")
 
 
 # ---------------------------------------------------------------------------- plots
@@ -156,10 +220,10 @@ def _plot_paired(results: Mapping[str, Any], path: Path, log: Callable[[str], No
                                   confidence=info["confidence"])
 
 
-def draw_plots(results: dict[str, Any], data: DataSplits, out: Path,
+def draw_plots(results: dict[str, Any], data: DataSplits, path: Callable[[str], Path],
                log: Callable[[str], None]) -> None:
-    """The bench's PNGs in ``out``: label histogram, per-bin MAE, rho sweep (several rho),
-    paired differences (with a baseline)."""
+    """The bench's PNGs: label histogram, per-bin MAE, rho sweep (several rho), paired
+    differences (with a baseline); ``path(name)`` gives (and records) each file's path."""
     try:
         from balanced_sam import plots
     except ImportError as exc:  # matplotlib missing
@@ -168,11 +232,12 @@ def draw_plots(results: dict[str, Any], data: DataSplits, out: Path,
     many, few = data.bins.thresholds()
     y_train, y_test = data.labels("train"), data.labels("test")
     if y_train is not None and y_test is not None:
-        plots.plot_label_histogram(data.bins, y_train, y_test, out / "label_histogram.png",
+        plots.plot_label_histogram(data.bins, y_train, y_test, path("label_histogram.png"),
                                    many=many, few=few, unit=data.unit)
-    plots.plot_per_bin_mae(results, data.bins, out / "per_bin_mae.png", many=many, few=few,
-                           unit=data.unit)
+    if any(r.get("test_per_bin") for m in results["methods"].values() for r in m["runs"]):
+        plots.plot_per_bin_mae(results, data.bins, path("per_bin_mae.png"), many=many, few=few,
+                               unit=data.unit)
     if len(results["config"]["rho"]) > 1:  # a sweep
-        plots.plot_rho_sweep(results, out / "rho_sweep.png", unit=data.unit)
+        plots.plot_rho_sweep(results, path("rho_sweep.png"), unit=data.unit)
     if results["comparisons"]:
-        _plot_paired(results, out / "paired_differences.png", log)
+        _plot_paired(results, path("paired_differences.png"), log)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import statistics
 import sys
 import time
@@ -19,12 +20,14 @@ import torch
 from torch import nn
 
 from balanced_sam import parallel
-from balanced_sam.bench.folder import read_back, start_results
+from balanced_sam.bench.folder import claim_bench_folder, folder_runs, read_back, start_results
 from balanced_sam.bench.plan import BenchConfig, BenchPlan, RunKey, make_plan
 from balanced_sam.bench.report import bench_table, comparison_text, csv_row, draw_plots
-from balanced_sam.bench.summary import finish_results
+from balanced_sam.bench.summary import DEFAULT_BASELINE, finish_results
 from balanced_sam.config import TrainConfig
 from balanced_sam.io import FolderLock, write_csv, write_json
+from balanced_sam.metrics import NonFinitePredictionsError
+from balanced_sam.outputs import OwnedFolder, output_path
 from balanced_sam.train import fit, seed_everything
 
 __all__ = ["run_bench", "BenchInterrupted", "train_task", "Context", "Task"]
@@ -36,11 +39,15 @@ class BenchInterrupted(KeyboardInterrupt):
 
 def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark that ``config`` describes and write its files into ``config.out``;
-    returns the ``results.json`` dictionary (see :mod:`balanced_sam.bench`)."""
+    returns the results of its methods, as printed (see :mod:`balanced_sam.bench`). The
+    folder's ``results.json`` and ``results.csv`` hold those and every other run finished in
+    the folder on the same data: a narrower ``methods`` never drops an earlier bench's."""
     t_start = time.perf_counter()
     plan = make_plan(config)
     with FolderLock(plan.out, name=".bench.lock", what="bench"):
-        results = start_results(plan, log)
+        owned = claim_bench_folder(plan, log)
+        results = start_results(plan, owned, log)
+        stored = results.pop("record_config")
         done = _run_all(plan, log)
         results["methods"] = {m.name: {"runs": [done[k] for k in plan.keys_of(m)]}
                               for m in plan.methods}
@@ -49,18 +56,58 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dic
         results["parallel"] = {"jobs": plan.jobs_used, "threads_per_run": config.threads,
                                "start_method": "spawn" if plan.jobs_used > 1 else "in-process"}
         results["total_seconds"] = time.perf_counter() - t_start
-        write_json(results, plan.out / "results.json")
-        write_csv([csv_row(name, run) for name, m in results["methods"].items()
-                   for run in m["runs"]], plan.out / "results.csv")
-    if config.plots:
-        draw_plots(results, plan.data, plan.out, log)
+        record = _folder_record(plan, owned, results, stored)
+        write_json(record, owned.record("results.json"))
+        write_csv([csv_row(name, run) for name, m in record["methods"].items()
+                   for run in m["runs"]], owned.record("results.csv"))
+        if config.plots:
+            draw_plots(results, plan.data, owned.record, log)
     log("")
     log(bench_table(results))
     log("")
     log(comparison_text(results))
+    more = [m for m in record["methods"] if m not in results["methods"]]
+    if more:
+        log(f"\n{plan.out}/results.json also holds the finished runs of {', '.join(more)} "
+            "(earlier benches in this folder); bsam compare shows them all")
     log(f"\nwrote {plan.out}/results.json, results.csv and plots "
         f"({results['total_seconds']:.0f}s in all)")
     return results
+
+
+def _run_order(run: dict[str, Any]) -> tuple[bool, float, int]:
+    rho = run.get("rho")
+    return (rho is not None, float(rho) if isinstance(rho, (int, float)) else 0.0,
+            int(run.get("seed") or 0))
+
+
+def _folder_record(plan: BenchPlan, owned: OwnedFolder, results: dict[str, Any],
+                   stored: dict[str, Any]) -> dict[str, Any]:
+    """What the folder's ``results.json`` holds: this bench's results, and every other run
+    finished in the folder (other methods, seeds or rho of earlier benches), summarised and
+    compared together. ``results`` itself when the folder holds nothing else."""
+    methods: dict[str, list[dict[str, Any]]] = {
+        name: list(entry["runs"]) for name, entry in results["methods"].items()}
+    extra = False
+    for name, runs in folder_runs(plan, owned).items():
+        mine = methods.setdefault(name, [])
+        seen = {(r["rho"], r["seed"]) for r in mine}
+        new = sorted((r for r in runs if (r.get("rho"), r.get("seed")) not in seen),
+                     key=_run_order)
+        mine += new
+        extra = extra or bool(new)
+    if not extra:
+        return results
+    record = copy.deepcopy({k: v for k, v in results.items() if k != "methods"})
+    record["methods"] = {name: {"runs": copy.deepcopy(runs)} for name, runs in methods.items()}
+    record["config"].update(methods=list(methods), seeds=stored["seeds"],
+                            rho_by_method=stored["rho_by_method"])
+    baseline = plan.baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in methods
+                                 and len(methods) > 1 else None)
+    finish_results(record, baseline=baseline, factor=plan.config.diverge_factor,
+                   confidence=plan.config.confidence, unpaired="skip")
+    record["config"]["this_bench"] = {"methods": plan.names, "seeds": plan.seeds}
+    return record
 
 
 # ---------------------------------------------------------------------------- one run
@@ -122,25 +169,45 @@ def _model(ctx: Context, task: Task) -> nn.Module:
 
 
 def train_task(ctx: Context, task: Task, device: str | None) -> dict[str, Any]:
-    """Train one run (here or in a worker process) and write its ``result.json``."""
+    """Train one run (here or in a worker process) and write its ``result.json``. A run whose
+    predictions turn NaN/inf (it diverged) is recorded as such, with NaN figures, and the bench
+    goes on: :func:`balanced_sam.bench.summary.finish_results` marks it † and leaves it out."""
     key = task.key
     cfg = replace(ctx.cfg, method=key.name, seed=key.seed,
                   rho=key.rho if key.rho is not None else ctx.cfg.rho,
                   **({"device": device} if device is not None else {}))
     run_dir = Path(ctx.out) / "runs" / task.label
-    res = fit(_model(ctx, task), ctx.train, ctx.val, ctx.bins, cfg, test_data=ctx.test,
-              out_dir=run_dir, resume=not task.fresh, overwrite=task.fresh,
-              target_scaler=ctx.scaler, depth=ctx.dense,
-              meta={"dataset": ctx.name, "bench_out": ctx.out,
-                    "spec": {"data": ctx.spec, "train": cfg.to_dict()}, "data": ctx.fingerprint},
-              data_fingerprint=ctx.fingerprint["digest"], log=lambda s: None)
-    run = {"seed": key.seed, "rho": key.rho, "best_epoch": res.best_epoch,
-           "train_seconds": res.train_seconds, "skipped_steps": res.skipped_steps,
-           "val": res.val, "test": res.test, "test_per_bin": res.test_per_bin,
-           "data_fingerprint": ctx.fingerprint["digest"]}
-    write_json(run, run_dir / "result.json")
+    t0 = time.perf_counter()
+    try:
+        res = fit(_model(ctx, task), ctx.train, ctx.val, ctx.bins, cfg, test_data=ctx.test,
+                  out_dir=run_dir, resume=not task.fresh, overwrite=task.fresh,
+                  target_scaler=ctx.scaler, depth=ctx.dense,
+                  meta={"dataset": ctx.name, "bench_out": ctx.out,
+                        "spec": {"data": ctx.spec, "train": cfg.to_dict()},
+                        "data": ctx.fingerprint},
+                  data_fingerprint=ctx.fingerprint["digest"], log=lambda s: None)
+    except NonFinitePredictionsError as exc:
+        run = _diverged_run(key, time.perf_counter() - t0, str(exc), ctx.fingerprint["digest"])
+    else:
+        run = {"seed": key.seed, "rho": key.rho, "best_epoch": res.best_epoch,
+               "train_seconds": res.train_seconds, "skipped_steps": res.skipped_steps,
+               "val": res.val, "test": res.test, "test_per_bin": res.test_per_bin,
+               "data_fingerprint": ctx.fingerprint["digest"]}
+    write_json(run, output_path(run_dir / "result.json"))
     (run_dir / "last.pt").unlink(missing_ok=True)  # finished: best.pt suffices
     return run
+
+
+#: the report of a run without figures (it diverged): every region and metric NaN
+_REGIONS, _METRICS = ("all", "many", "medium", "few"), ("mae", "mse", "rmse", "gm", "bmae")
+
+
+def _diverged_run(key: RunKey, seconds: float, error: str, digest: str) -> dict[str, Any]:
+    nan = {region: {m: math.nan for m in _METRICS} for region in _REGIONS}
+    return {"seed": key.seed, "rho": key.rho, "best_epoch": None, "train_seconds": seconds,
+            "skipped_steps": None, "val": copy.deepcopy(nan), "test": copy.deepcopy(nan),
+            "test_per_bin": None, "data_fingerprint": digest,
+            "failure": "training diverged: its predictions became NaN/inf", "error": error}
 
 
 # ---------------------------------------------------------------------------- every run
@@ -248,6 +315,8 @@ class _Status:
         t = run["test"]["all"]["mae"]
         what = f"{key.label}: test MAE {t:.4g} (few {run['test']['few']['mae']:.4g}), best " \
                f"epoch {run['best_epoch']}, {seconds:.1f}s"
+        if run.get("failure"):
+            what = f"{key.label}: {run['failure']}, {seconds:.1f}s"
         if not self.enabled:
             self.log(what)
             return

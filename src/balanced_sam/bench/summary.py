@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from typing import Any
 
 from balanced_sam import stats
@@ -24,18 +25,21 @@ CONFIDENCE = 0.95
 STALLED_RULE = ("not diverged, but the best validation epoch came in the first third of the "
                 "epochs: training went wrong early and did not recover; kept in the means and "
                 "pairs, marked ‡")
-DIVERGENCE_RULE = ("NaN/inf validation or test MAE; or optimizer steps skipped for a non-finite "
-                   "gradient (not counted under fp16 AMP); or test MAE above factor x the "
-                   "median test MAE of the method's seeds at the same rho")
+DIVERGENCE_RULE = ("NaN/inf predictions during training, or NaN/inf validation or test MAE; or "
+                   "optimizer steps skipped for a non-finite gradient (not counted under fp16 "
+                   "AMP); or test MAE above factor x the median test MAE of the method's seeds "
+                   "at the same rho")
 
 
 def finish_results(results: dict[str, Any], *, baseline: str | None = None,
-                   factor: float = DIVERGE_FACTOR, confidence: float = CONFIDENCE
-                   ) -> dict[str, Any]:
+                   factor: float = DIVERGE_FACTOR, confidence: float = CONFIDENCE,
+                   unpaired: str = "error") -> dict[str, Any]:
     """Complete a ``results.json`` dictionary whose methods hold their ``runs``: mark the
     diverged runs, summarise every method over the kept ones (mean ± std at the rho chosen on
     validation) and compare every method with ``baseline`` seed by seed. In place; returns
-    ``results``. ``baseline=None``: no comparisons."""
+    ``results``. ``baseline=None``: no comparisons. ``unpaired="skip"``: a method that ran other
+    seeds than the baseline (a folder's record of several benches) is compared on the seeds
+    they share, and left out of the comparisons when they share none."""
     train = (results.get("config") or {}).get("train", {})
     diverged: dict[str, list[dict[str, Any]]] = {}
     for name, entry in results["methods"].items():
@@ -59,11 +63,29 @@ def finish_results(results: dict[str, Any], *, baseline: str | None = None,
                                           "error than the baseline)", "left_out": {}}
     comparisons: dict[str, Any] = {}
     if baseline is not None and len(results["methods"]) > 1:
-        comparisons = stats.paired_comparisons(results, baseline, confidence=confidence)
+        comparisons = _compare(results, baseline, confidence, unpaired)
         info["left_out"] = {m: {str(s): why for s, why in gone.items()}
                             for m, gone in stats.left_out_seeds(results, baseline).items()}
     results["comparisons"], results["comparisons_info"] = comparisons, info
     return results
+
+
+def _compare(results: dict[str, Any], baseline: str, confidence: float, unpaired: str
+             ) -> dict[str, Any]:
+    if unpaired != "skip":
+        return stats.paired_comparisons(results, baseline, confidence=confidence)
+    out: dict[str, Any] = {}
+    for name in results["methods"]:
+        if name == baseline:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                out.update(stats.paired_comparisons(results, baseline, methods=[name],
+                                                    confidence=confidence, unpaired="skip"))
+        except stats.UnpairedRunsError:
+            continue  # no seed in common with the baseline: nothing to pair
+    return out
 
 
 def _by_rho(runs: list[dict[str, Any]]) -> dict[Any, list[dict[str, Any]]]:
@@ -82,7 +104,7 @@ def flag_divergence(runs: list[dict[str, Any]], factor: float, count_skips: bool
             why = []
             mae, val = run["test"]["all"]["mae"], run["val"].get("all", {}).get("mae", 0.0)
             if not (stats.is_finite(mae) and stats.is_finite(val)):
-                why.append("NaN/inf metrics")
+                why.append(run.get("failure") or "NaN/inf metrics")
             elif median > 0 and mae > factor * median:
                 why.append(f"test MAE {mae:.4g} > {factor:g} x the median {median:.4g} of its "
                            "seeds")
