@@ -79,6 +79,25 @@ def test_overwrite_removes_exactly_the_manifests_files(table, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["methods"]["sqinv"]["runs"]
 
 
+def test_a_bench_folder_of_the_previous_release_is_adopted_and_read_back(table, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "old"
+    assert _bench(table, out, "--methods", "sqinv,bsam") == 0
+    for m in out.rglob(MANIFEST):  # as the previous release left it: no manifest anywhere
+        m.unlink()
+    capsys.readouterr()
+    assert _bench(table, out, "--methods", "sqinv,bsam") == 0
+    text = capsys.readouterr().out
+    assert "adopted" in text and text.count("done earlier, read back") == 2
+    assert json.loads((out / MANIFEST).read_text())["kind"] == "bench"
+    # a folder with anything else in it is not taken for one
+    for m in out.rglob(MANIFEST):
+        m.unlink()
+    (out / "runs" / "notes").mkdir()
+    assert _bench(table, out, "--methods", "sqinv,bsam") == 2
+    assert "not written by bsam" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- item 6
 def test_a_narrower_bench_keeps_every_finished_method_in_the_folders_record(table, tmp_path,
                                                                            capsys):

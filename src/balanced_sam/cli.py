@@ -33,7 +33,7 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
               "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
               "plugins": "--set train.plugins.NAME.KEY=VALUE", "out": "--out",
-              "overwrite": "--overwrite"},
+              "overwrite": "--overwrite", "resume": "the same --out without --overwrite"},
     "compare": {"baseline": "--baseline M"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",

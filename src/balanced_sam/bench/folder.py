@@ -6,8 +6,10 @@ another bench setting is refused, more methods or seeds are welcome), the header
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from balanced_sam.bench.plan import BenchPlan, RunKey
@@ -16,7 +18,7 @@ from balanced_sam.config import TrainConfig
 from balanced_sam.data.registry import DataSplits
 from balanced_sam.errors import spell
 from balanced_sam.io import nan_for_null, read_json, to_json, write_json
-from balanced_sam.outputs import FolderNotOursError, OwnedFolder, claim_folder
+from balanced_sam.outputs import RUN_OUTPUTS, FolderNotOursError, OwnedFolder, claim_folder
 from balanced_sam.train import RunExistsError, load_checkpoint
 
 __all__ = ["claim_bench_folder", "start_results", "read_back", "folder_runs", "bin_warnings",
@@ -25,6 +27,36 @@ __all__ = ["claim_bench_folder", "start_results", "read_back", "folder_runs", "b
 #: the files a bench writes at the top of its folder (its runs go to ``runs/<label>/``)
 BENCH_FILES = ("bench_config.json", "results.json", "results.csv", "label_histogram.png",
                "per_bin_mae.png", "paired_differences.png", "rho_sweep.png")
+
+
+def _legacy_bench(path: Path, verify: bool) -> dict[str, str] | None:
+    """The entries of a bench folder written by the previous release (no manifest), else
+    ``None``: it holds its ``bench_config.json`` (a JSON object), only :data:`BENCH_FILES` and
+    ``runs/``, whose folders are all run labels holding only a run's outputs; no link anywhere
+    on the way. Its runs are adopted as they are: a finished one is read back, an unfinished one
+    is adopted by its own run folder on resume."""
+    held = [n for n in os.listdir(path) if n not in (".bench.lock", ".DS_Store")]
+    if "bench_config.json" not in held or not set(held) <= {*BENCH_FILES, "runs"} or any(
+            (path / n).is_symlink() or (n != "runs") != (path / n).is_file() for n in held):
+        return None
+    labels = sorted(os.listdir(path / "runs")) if "runs" in held else []
+    for label in labels:
+        run = path / "runs" / label
+        if run.is_symlink() or not run.is_dir() or not set(os.listdir(run)) <= {
+                *RUN_OUTPUTS, "pretrain"} or any((run / n).is_symlink() for n in os.listdir(run)):
+            return None
+        try:
+            RunKey.parse(label)
+        except ValueError:
+            return None
+    if verify:
+        try:
+            if not isinstance(read_json(path / "bench_config.json"), dict):
+                return None
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return {**{n: "file" for n in held if n != "runs"},
+            **{f"runs/{label}": "folder" for label in labels}}
 
 
 def _out_option() -> str:
@@ -42,7 +74,7 @@ def claim_bench_folder(plan: BenchPlan, log: Callable[[str], None]) -> OwnedFold
     overwrite = plan.config.overwrite
     outputs = (*BENCH_FILES, *(f"runs/{k.label}" for k in plan.keys))
     owned = claim_folder(plan.out, "bench", overwrite=overwrite, resume=not overwrite,
-                         option=_out_option(), outputs=outputs, log=log)
+                         option=_out_option(), outputs=outputs, legacy=_legacy_bench, log=log)
     if (plan.out / "runs").is_symlink():
         raise FolderNotOursError(f"{plan.out / 'runs'} is a symbolic link: bsam never writes "
                                  f"through one; remove it or choose another {_out_option()}")
