@@ -191,6 +191,8 @@ class OwnedFolder:
                 removed += nested.clear()
                 nested.manifest.unlink()
                 _prune(p, self.path)
+                if _exists(p):  # it holds what bsam did not write: kept
+                    continue
             else:
                 continue  # gone already, or no longer what we wrote (a file became a folder)
             removed.append(p)
@@ -282,6 +284,12 @@ def claim_folder(path: str | Path, kind: str = "run", *, overwrite: bool = False
     if owned.kind != kind:
         raise FolderNotOursError(f"{option} {path} holds a bsam {owned.kind}, not a {kind}: "
                                  f"choose another {option}")
+    for name in outputs:  # before anything is removed: a user's file is never written into
+        p = path / _rel(name)
+        if _exists(p) and not owned.owns(name):
+            raise FolderNotOursError(
+                f"{p} was not written by bsam (it is not listed in {owned.manifest}): move it "
+                f"away or choose another {option}; bsam does not write into it")
     if overwrite and not resume:
         owned.clear(clear)
     elif not resume:
@@ -293,12 +301,6 @@ def claim_folder(path: str | Path, kind: str = "run", *, overwrite: bool = False
                 f"choose another {option}")
     for name in outputs:
         p = path / _rel(name)
-        if not _exists(p):
-            continue
-        if not owned.owns(name):
-            raise FolderNotOursError(
-                f"{p} was not written by bsam (it is not listed in {owned.manifest}): move it "
-                f"away or choose another {option}; bsam does not write into it")
         if p.is_symlink():
             raise FolderNotOursError(
                 f"{p} is a symbolic link: bsam never writes through one; remove the link "
