@@ -75,7 +75,7 @@ def test_train_refuses_a_folder_holding_a_users_result_and_log(cfg, tmp_path, ca
     out = tmp_path / "mine"
     out.mkdir()
     (out / "result.json").write_text('{"my": "result"}\n')
-    (out / "log.csv").write_text("step,my_loss\n1,0.5\n2,0.25\n")
+    (out / "log.csv").write_text("epoch,my_loss\n1,0.5\n2,0.25\n")
     before = snapshot(out)
     code, _, err = run(["train", "--config", cfg, "--out", out], capsys)
     assert code == 2
@@ -89,9 +89,6 @@ def test_train_refuses_a_folder_holding_a_users_result_and_log(cfg, tmp_path, ca
 def test_a_run_whose_checkpoints_were_deleted_is_not_clobbered(cfg, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(["train", "--config", cfg, "--out", out], capsys)[0] == 0
-    listed = json.loads((out / MANIFEST).read_text())
-    assert listed["kind"] == "run"
-    assert {"best.pt", "last.pt", "log.csv", "result.json"} <= set(listed["entries"])
     (out / "best.pt").unlink()
     (out / "last.pt").unlink()  # to save space
     before = snapshot(out)
@@ -99,6 +96,9 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_clobbered(cfg, tmp_path, ca
     assert code == 2
     one_line_error(err, "holds an earlier run", "--resume", "--overwrite")
     assert snapshot(out) == before
+    listed = json.loads((out / MANIFEST).read_text())
+    assert listed["kind"] == "run"
+    assert {"best.pt", "last.pt", "log.csv", "result.json"} <= set(listed["entries"])
     # ours, so --overwrite replaces it
     assert run(["train", "--config", cfg, "--out", out, "--overwrite"], capsys)[0] == 0
     assert (out / "best.pt").exists() and (out / "last.pt").exists()
@@ -126,7 +126,7 @@ def test_library_fit_refuses_a_foreign_folder(tmp_path):
 def test_an_earlier_releases_run_is_adopted_on_resume_only(cfg, tmp_path, capsys):
     out = tmp_path / "old"
     assert run(["train", "--config", cfg, "--out", out], capsys)[0] == 0
-    (out / MANIFEST).unlink()  # what the previous release left: no manifest
+    (out / MANIFEST).unlink(missing_ok=True)  # what the previous release left: no manifest
     before = snapshot(out)
     for extra in ([], ["--overwrite"]):
         code, _, err = run(["train", "--config", cfg, "--out", out, *extra], capsys)

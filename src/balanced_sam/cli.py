@@ -279,8 +279,9 @@ def _add_train(sub: Any) -> None:
                         "epochs may change (a longer run continues the cosine from where it "
                         "stands, down to its floor at the new end)")
     t.add_argument("--overwrite", action="store_true",
-                   help="remove the run in the output folder (result.json, best.pt, last.pt, "
-                        "log.csv, tb/) and start again")
+                   help="remove the run in the output folder (exactly the files its "
+                        ".bsam-manifest.json lists: result.json, best.pt, last.pt, log.csv, "
+                        "tb/) and start again")
     _allow_data_change(t, "resume on")
     t.add_argument("--wandb", metavar="PROJECT",
                    help="also log every epoch to this Weights & Biases project (needs the "
