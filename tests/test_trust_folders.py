@@ -145,7 +145,7 @@ def test_an_earlier_releases_run_is_adopted_on_resume_only(cfg, tmp_path, capsys
     before = snapshot(fake)
     code, _, err = run(["train", "--config", cfg, "--out", fake, "--resume"], capsys)
     assert code == 2 and snapshot(fake) == before
-    one_line_error(err, "not written by bsam")
+    one_line_error(err, "does not adopt it", str(fake / "last.pt"))
 
 
 def test_a_bench_folder_is_not_a_run_folder(cfg, tmp_path, capsys):
@@ -188,10 +188,11 @@ def test_clear_removes_exactly_the_listed_entries(tmp_path):
     assert (outside / "keep.txt").read_text() == "keep"  # a link inside a tree: not followed
     assert snapshot(root) == {
         MANIFEST: (root / MANIFEST).read_bytes(), "plots": None, "plots/mine.png": b"m",
-        "runs": None, "runs/x": None, "runs/x/user.txt": b"u", "runs/y": None,
-        "runs/y/z.txt": b"z"}
+        "runs": None, "runs/x": None, f"runs/x/{MANIFEST}": (run_dir / MANIFEST).read_bytes(),
+        "runs/x/user.txt": b"u", "runs/y": None, "runs/y/z.txt": b"z"}
     assert root / "results.json" in removed and run_dir / "tb" in removed
-    assert OwnedFolder.read(root).entries == {}
+    assert OwnedFolder.read(root).entries == {"runs/x": "folder"}  # still ours, still listed
+    assert OwnedFolder.read(run_dir).entries == {}
     with pytest.raises(ValueError, match="relative path inside"):
         owned.record("../escape")
 
@@ -206,6 +207,35 @@ def test_output_path_records_before_writing(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(FolderNotOursError, match="carries no"):
         output_path(tmp_path / "plain" / "x.json")
+
+
+def test_rnc_lists_its_pretrain_folder_and_overwrite_clears_only_what_it_wrote(tmp_path):
+    from balanced_sam.bins import LabelBins
+    from balanced_sam.models import MLP
+    from balanced_sam.outputs import OwnedFolder, RunExistsError
+    from balanced_sam.train import TrainConfig, fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 5, generator=g)
+    y = (torch.exp(0.9 * x[:, 0]) * 6).clamp(0, 39)
+    data = (x[:80], y[:80]), (x[80:], y[80:])
+    bins = LabelBins.from_labels(data[0][1], bin_width=4, lower=0, upper=40)
+    cfg = TrainConfig(method="rnc+sqinv", epochs=1, batch_size=32, progress=False,
+                      device="cpu", plugins={"rnc": {"pretrain_epochs": 1}})
+    out = tmp_path / "rnc"
+
+    def train(**kw):
+        return fit(MLP(5, (16,)), *data, bins, cfg, out_dir=out, log=lambda s: None, **kw)
+
+    train()
+    assert OwnedFolder.read(out).entries["pretrain"] == "folder"
+    assert {"last.pt", "best.pt"} <= set(OwnedFolder.read(out / "pretrain").entries)
+    with pytest.raises(RunExistsError, match="holds an earlier run"):
+        train()
+    (out / "pretrain" / "mine.txt").write_text("mine")
+    train(overwrite=True)
+    assert (out / "pretrain" / "mine.txt").read_text() == "mine"
+    assert (out / "pretrain" / "last.pt").exists() and (out / "last.pt").exists()
 
 
 # ---------------------------------------------------------------------------- 4: tb/ and links

@@ -58,7 +58,7 @@ __all__ = [
 # ---------------------------------------------------------------------------- write errors
 #: errno values that mean "this place cannot be written": permission, read-only, no room
 WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                          errno.EFBIG, errno.EIO})
+                          errno.EFBIG})
 
 
 class WriteError(OSError):
@@ -70,13 +70,14 @@ class WriteError(OSError):
 
 
 def write_error(exc: BaseException) -> str | None:
-    """The one-line message for an ``OSError`` that says a place cannot be written, else
+    """The one-line message for a :class:`WriteError`, or for an ``OSError`` of permission or
+    room (:data:`WRITE_ERRNOS`; ``PATH: REASON``, since it may come from a read), else
     ``None``."""
     if isinstance(exc, WriteError):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
-        where = f" {exc.filename}" if exc.filename else ""
-        return f"cannot write{where}: {exc.strerror or exc}"
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
     return None
 
 
