@@ -41,7 +41,10 @@ The rest
 * :class:`RunFolder` is a run's output folder: it takes the folder's lock (a second run on the
   same folder is refused, a lock left by a dead process is taken over), claims the folder as
   above, and records every output it writes: ``last.pt``, ``best.pt``, ``log.csv``, ``tb/`` and
-  (when :func:`~balanced_sam.train.fit` ends) ``result.json``, which its callers write next.
+  (when :func:`~balanced_sam.train.fit` ends) ``result.json``, which its callers write next. Its
+  ``overwrite`` (and a ``resume`` that finds no ``last.pt`` and starts from scratch) removes the
+  listed files and trees, not nested folders: RnC's runner claims the folder first, clearing
+  its ``pretrain/`` too.
 * :class:`Checkpointer` writes ``last.pt`` (every epoch, everything needed to resume) and
   ``best.pt`` (the weights of the best epoch) atomically, and reads them back with clear errors.
 * An :class:`EpochLogger` receives one row of figures per epoch. :class:`CSVLogger` (``log.csv``)
