@@ -39,7 +39,7 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
               "bin_width": "data.bin_width=W", "train_fraction": "data.train_fraction=F",
               "cap": "data.cap=C", "target": "data.target=COL", "csv_path": "data.path=FILE",
-              "resume": "--resume", "overwrite": "--overwrite",
+              "resume": "--resume", "overwrite": "--overwrite", "out_dir": "--out",
               "allow_data_change": "--allow-data-change", "device": "train.device=cpu",
               "plugins": "train.plugins.NAME.KEY=VALUE"},
     "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
@@ -287,8 +287,9 @@ def _add_train(sub: Any) -> None:
                         "epochs may change (a longer run continues the cosine from where it "
                         "stands, down to its floor at the new end)")
     t.add_argument("--overwrite", action="store_true",
-                   help="remove the run in the output folder (result.json, best.pt, last.pt, "
-                        "log.csv, tb/) and start again")
+                   help="remove the run in the output folder (exactly the files its "
+                        ".bsam-manifest.json lists: result.json, best.pt, last.pt, log.csv, "
+                        "tb/) and start again")
     _allow_data_change(t, "resume on")
     t.add_argument("--wandb", metavar="PROJECT",
                    help="also log every epoch to this Weights & Biases project (needs the "
@@ -552,6 +553,14 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader went away (`bsam configs | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # a folder that cannot be written (read-only, full disk): one line
+        from balanced_sam.io import write_error
+
+        line = write_error(exc)
+        if line is None or os.environ.get("BSAM_DEBUG"):
+            raise
+        print(f"bsam {args.command}: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         print(f"\n{exc}" if str(exc) else "\ninterrupted; run the same command with --resume "
               "(train) or the same --out (bench) to continue", file=sys.stderr)

@@ -18,8 +18,9 @@ its type: ``"file"``; ``"tree"``, a folder whose whole content the project wrote
 * ``overwrite`` removes exactly the manifest's entries (and the temporary files of interrupted
   writes to them), never anything else: a symbolic link is unlinked as a link, its target never
   touched; a ``"tree"`` is removed without following the links inside it; a ``"folder"`` is
-  cleared through its own manifest; a folder the manifest does not list is never removed
-  recursively (empty parents of removed entries are removed);
+  cleared through its own manifest (and stays, still marked, when it holds files bsam did not
+  write); a folder the manifest does not list is never removed recursively (empty parents of
+  removed entries are removed);
 * whatever the caller is about to write (``outputs``) must not exist unlisted (a user's ``tb/``
   is refused, not written into) and must not be a symbolic link (bsam never writes through one);
 * ``resume`` needs the project's manifest.
@@ -40,7 +41,10 @@ The rest
 * :class:`RunFolder` is a run's output folder: it takes the folder's lock (a second run on the
   same folder is refused, a lock left by a dead process is taken over), claims the folder as
   above, and records every output it writes: ``last.pt``, ``best.pt``, ``log.csv``, ``tb/`` and
-  (when :func:`~balanced_sam.train.fit` ends) ``result.json``, which its callers write next.
+  (when :func:`~balanced_sam.train.fit` ends) ``result.json``, which its callers write next. Its
+  ``overwrite`` (and a ``resume`` that finds no ``last.pt`` and starts from scratch) removes the
+  listed files and trees, not nested folders: RnC's runner claims the folder first, clearing
+  its ``pretrain/`` too.
 * :class:`Checkpointer` writes ``last.pt`` (every epoch, everything needed to resume) and
   ``best.pt`` (the weights of the best epoch) atomically, and reads them back with clear errors.
 * An :class:`EpochLogger` receives one row of figures per epoch. :class:`CSVLogger` (``log.csv``)
@@ -174,6 +178,7 @@ class OwnedFolder:
         """Remove the listed entries of ``types`` (and their interrupted temporary files), never
         anything else; returns what was removed. See the module docstring for the rules."""
         removed: list[Path] = []
+        kept: set[str] = set()
         for name, typ in sorted(self.entries.items()):
             if typ not in types:
                 continue
@@ -189,18 +194,27 @@ class OwnedFolder:
                 if nested is None:  # not (or no longer) ours: left as it is
                     continue
                 removed += nested.clear()
+                if [n for n in _contents(p) if n != MANIFEST]:
+                    kept.add(name)  # it holds what bsam did not write: kept, still ours
+                    continue
                 nested.manifest.unlink()
                 _prune(p, self.path)
             else:
                 continue  # gone already, or no longer what we wrote (a file became a folder)
             removed.append(p)
             _prune(p.parent, self.path)
-        for p in self.path.iterdir() if self.path.is_dir() else ():
-            m = _TMP.match(p.name)
-            if m and m.group("name") in self.entries and not p.is_dir():
-                p.unlink()
-                removed.append(p)
-        self.entries = {n: t for n, t in self.entries.items() if t not in types}
+        files = {n for n, t in self.entries.items() if t == "file" and t in types}
+        for sub in sorted({str(PurePosixPath(n).parent) for n in files}):
+            where = self.path / sub
+            if where.is_symlink() or not where.is_dir():
+                continue
+            for p in where.iterdir():
+                m = _TMP.match(p.name)
+                rel = str(PurePosixPath(sub) / m.group("name")) if m else ""
+                if m and _rel(rel) in files and not p.is_dir():
+                    p.unlink()
+                    removed.append(p)
+        self.entries = {n: t for n, t in self.entries.items() if t not in types or n in kept}
         self.save()
         return removed
 
@@ -282,6 +296,12 @@ def claim_folder(path: str | Path, kind: str = "run", *, overwrite: bool = False
     if owned.kind != kind:
         raise FolderNotOursError(f"{option} {path} holds a bsam {owned.kind}, not a {kind}: "
                                  f"choose another {option}")
+    for name in outputs:  # before anything is removed: a user's file is never written into
+        p = path / _rel(name)
+        if _exists(p) and not owned.owns(name):
+            raise FolderNotOursError(
+                f"{p} was not written by bsam (it is not listed in {owned.manifest}): move it "
+                f"away or choose another {option}; bsam does not write into it")
     if overwrite and not resume:
         owned.clear(clear)
     elif not resume:
@@ -293,12 +313,6 @@ def claim_folder(path: str | Path, kind: str = "run", *, overwrite: bool = False
                 f"choose another {option}")
     for name in outputs:
         p = path / _rel(name)
-        if not _exists(p):
-            continue
-        if not owned.owns(name):
-            raise FolderNotOursError(
-                f"{p} was not written by bsam (it is not listed in {owned.manifest}): move it "
-                f"away or choose another {option}; bsam does not write into it")
         if p.is_symlink():
             raise FolderNotOursError(
                 f"{p} is a symbolic link: bsam never writes through one; remove the link "
@@ -322,8 +336,9 @@ def output_path(path: str | Path, type: str = "file") -> Path:
 def _legacy_run(path: Path, verify: bool) -> dict[str, str] | None:
     """The entries of a run folder written by the previous release (no manifest), else
     ``None``: it holds only :data:`RUN_OUTPUTS` (and RnC's ``pretrain``, itself such a folder),
-    no link, and (``verify``) its ``last.pt``, else its ``best.pt``, loads as a bsam
-    checkpoint. ``verify`` also writes the nested ``pretrain``'s manifest."""
+    no link, and (``verify``) its ``last.pt``, else its ``best.pt``, loads as a bsam checkpoint
+    (else :class:`FolderNotOursError` says why). ``verify`` also writes the nested
+    ``pretrain``'s manifest."""
     held = _contents(path)
     if not set(held) <= {*RUN_OUTPUTS, "pretrain"}:
         return None
@@ -341,8 +356,10 @@ def _legacy_run(path: Path, verify: bool) -> dict[str, str] | None:
     if verify:
         try:
             load_checkpoint(ck)
-        except (ValueError, OSError):
-            return None
+        except (ValueError, OSError) as exc:
+            raise FolderNotOursError(
+                f"{path} looks like a run of an earlier bsam release (no {MANIFEST}), but "
+                f"bsam does not adopt it: {exc}; choose another {_out_option()}") from exc
         if pre.is_dir() and OwnedFolder.read(pre) is None:
             sub = _legacy_run(pre, True)
             if sub is None:
