@@ -43,7 +43,7 @@ def val_mae(dataset: str, method: str, options: dict, seeds: list[int], epochs: 
         print(f"    {method} {options}: {exc}", flush=True)
         return math.inf
     runs = res["methods"][method]["runs"]
-    gone = [r for r in runs if r.get("diverged")]
+    gone = [r for r in runs if r.get("failure")]
     if gone:  # the bench marks a diverged run (NaN predictions) and goes on
         print(f"    {method} {options}: {gone[0]['diverged_reason']}", flush=True)
         return math.inf
