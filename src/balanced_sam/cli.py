@@ -40,9 +40,12 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "cap": "data.cap=C", "target": "data.target=COL", "csv_path": "data.path=FILE",
               "resume": "--resume", "overwrite": "--overwrite",
               "allow_data_change": "--allow-data-change", "device": "train.device=cpu",
+              "trust": "--trust-checkpoint",
               "plugins": "train.plugins.NAME.KEY=VALUE"},
-    "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
-    "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
+    "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu",
+             "trust": "--trust-checkpoint"},
+    "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu",
+                "trust": "--trust-checkpoint"},
 }
 #: optional packages and the extra that installs them
 _EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli", "plotnine": "cli",
@@ -302,6 +305,11 @@ def _allow_data_change(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--allow-data-change", action="store_true",
                    help=f"{what} data whose fingerprint (content of the table or split file, "
                         "split parameters) differs from the checkpoint's")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a checkpoint that holds more than tensors, numbers, strings, "
+                        "lists and dicts (e.g. an older last.pt, whose random state held numpy "
+                        "arrays); without it such a file is refused, since unpickling can run "
+                        "any code: pass it only for a file you trust")
 
 
 def _add_analyze(sub: Any) -> None:
@@ -417,7 +425,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         loggers.append(WandbLogger(out.name, config=spec, project=args.wandb))
     res = run_training(spec, out=out, resume=args.resume, overwrite=args.overwrite,
-                       allow_data_change=args.allow_data_change, loggers=loggers)
+                       allow_data_change=args.allow_data_change, loggers=loggers,
+                       trust_checkpoint=args.trust_checkpoint)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
     if res.test is not None:
@@ -436,7 +445,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from balanced_sam.metrics import format_table
 
     ev = evaluate_checkpoint(args.checkpoint, split=args.split, overrides=args.overrides,
-                             device=args.device, allow_data_change=args.allow_data_change)
+                             device=args.device, allow_data_change=args.allow_data_change,
+                             trust=args.trust_checkpoint)
     print(f"{args.split} set of {args.checkpoint}:")
     print(format_table({f"{ev.method} (epoch {ev.epoch})": ev.report},
                        metrics=("rmse", "delta1") if ev.depth else ("mae", "gm"),
@@ -461,7 +471,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         hessian=args.hessian or both, landscape=args.landscape or both, iters=args.iters,
         method=args.method, probes=args.probes, tol=args.tol, grid=args.grid, span=args.span,
         dim=args.dim, seed=args.seed, cache_graph=args.cache_graph, device=args.device,
-        out=args.out, overrides=args.overrides, allow_data_change=args.allow_data_change)
+        out=args.out, overrides=args.overrides, allow_data_change=args.allow_data_change,
+        trust=args.trust_checkpoint)
     return 0
 
 

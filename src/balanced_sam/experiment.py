@@ -187,9 +187,11 @@ def build_experiment(spec: Mapping[str, Any], *, bins: LabelBins | Mapping[str, 
 def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
                  resume: bool = False, overwrite: bool = False,
                  allow_data_change: bool = False, log: Callable[[str], None] = print,
-                 loggers: Sequence[Any] = ()) -> FitResult:
+                 loggers: Sequence[Any] = (), trust_checkpoint: bool = False) -> FitResult:
     """Train the run ``spec`` describes into ``out`` (default: the spec's ``out``, else
     ``runs/run``); writes ``last.pt``, ``best.pt``, ``log.csv`` and ``result.json`` there.
+    ``trust_checkpoint``: resume from a ``last.pt`` that needs full unpickling (see
+    :func:`~balanced_sam.outputs.load_checkpoint`; only for a file you trust).
     Under ``torchrun`` every process calls it; rank 0 writes and logs."""
     distributed = init_distributed()
     rank = torch.distributed.get_rank() if distributed else 0
@@ -202,7 +204,7 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
               depth=exp.depth, meta={"spec": dict(spec), "data": exp.data.fingerprint},
               data_fingerprint=exp.data.fingerprint["digest"],
               allow_data_change=allow_data_change, loggers=loggers,
-              log=log if rank == 0 else (lambda s: None))
+              trust_checkpoint=trust_checkpoint, log=log if rank == 0 else (lambda s: None))
     if rank == 0:
         write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
                     "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
@@ -227,13 +229,17 @@ class Evaluation:
 
 def load_experiment(checkpoint: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
                     device: str | torch.device = "cpu", *,
-                    allow_data_change: bool = False, source: str | None = None) -> Experiment:
+                    allow_data_change: bool = False, source: str | None = None,
+                    trust: bool = False) -> Experiment:
     """Rebuild the experiment of a checkpoint written by ``bsam train`` / ``bsam bench`` and load
     its weights (``overrides``: e.g. ``data.root=/elsewhere``). Data whose fingerprint differs
-    from the checkpoint's are refused unless ``allow_data_change``."""
+    from the checkpoint's are refused unless ``allow_data_change``. The file is read as data
+    (``weights_only``); ``trust=True`` unpickles one that needs more, for a file you trust
+    (:func:`~balanced_sam.outputs.load_checkpoint`)."""
     if source is None:
         source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "the checkpoint"
-    ck = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+    ck = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint,
+                                                                            trust=trust)
     spec = (ck.get("meta") or {}).get("spec")
     if not spec:
         raise ValueError(f"{source} carries no experiment spec (meta.spec): it was not written "
@@ -264,10 +270,11 @@ def model_from_checkpoint(ck: Mapping[str, Any], overrides: Sequence[str] | None
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
                         overrides: Sequence[str] = (), device: str = "auto",
-                        allow_data_change: bool = False) -> Evaluation:
-    """The metrics of a checkpoint on a split of the data it was trained on."""
+                        allow_data_change: bool = False, trust: bool = False) -> Evaluation:
+    """The metrics of a checkpoint on a split of the data it was trained on (``trust``: see
+    :func:`load_experiment`)."""
     dev = resolve_device(device)
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, trust=trust)
     exp = load_experiment(ck, overrides, dev, allow_data_change=allow_data_change,
                           source=str(checkpoint))
     rep = evaluate(exp.model, exp.data.split(split), exp.bins, device=dev,
@@ -300,6 +307,7 @@ def analyze_checkpoints(
     out: str | Path | None = None,
     overrides: Sequence[str] = (),
     allow_data_change: bool = False,
+    trust: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Table 8 (Hessian top eigenvalue and trace of the training loss per region) and Figure 1
@@ -311,7 +319,7 @@ def analyze_checkpoints(
     the one the model was trained with, in its training units. Writes ``analysis.json``,
     ``sharpness_table.md``, one ``<name>_landscape.npz`` per checkpoint and ``landscapes.png``
     into ``out`` (default: beside the first checkpoint); returns ``{name: {"regions": {region:
-    {...}}, "checkpoint", "split", "method"}}``.
+    {...}}, "checkpoint", "split", "method"}}``. ``trust``: see :func:`load_experiment`.
     """
     items = _named(checkpoints)
     _check_analysis(regions, samples)
@@ -324,7 +332,8 @@ def analyze_checkpoints(
     results: dict[str, Any] = {}
     landscapes: dict[str, Any] = {}
     for name, path in items:
-        exp = load_experiment(path, overrides, dev, allow_data_change=allow_data_change)
+        exp = load_experiment(path, overrides, dev, allow_data_change=allow_data_change,
+                              trust=trust)
         name = _unique(name or exp.cfg.method, results, path)
         log(f"{name}: {path} ({split} split)")
         results[name], merged = _analyze_one(exp, name, split, regions, samples, settings, log)

@@ -331,7 +331,10 @@ def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.devi
 
 # ---------------------------------------------------------------------------- checkpoints
 def _rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002
+    """The random generators' states as plain data (a checkpoint holds no numpy array)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    st = {"python": random.getstate(),
+          "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -339,8 +342,10 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])  # noqa: NPY002
+    random.setstate(tuple(st["python"]))
+    name, keys, *rest = st["numpy"]  # keys: a tensor (an older, trusted checkpoint: an array)
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), *rest))  # noqa: NPY002
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -443,6 +448,7 @@ def fit(
     meta: dict[str, Any] | None = None,
     data_fingerprint: str | None = None,
     allow_data_change: bool = False,
+    trust_checkpoint: bool = False,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     loggers: Iterable[EpochLogger] = (),
     log: Callable[[str], None] = print,
@@ -455,7 +461,9 @@ def fit(
     ``best.pt``, ``log.csv`` and TensorBoard files go, under a lock (``None``: nothing is
     written). ``resume`` continues ``out_dir/last.pt`` as an unbroken run would; only
     :data:`SAFE_TO_CHANGE` and ``epochs`` (re-planned, :meth:`LRPlan.extended`) may differ, and
-    data of another ``data_fingerprint`` are refused unless ``allow_data_change``. Without
+    data of another ``data_fingerprint`` are refused unless ``allow_data_change``; a ``last.pt``
+    that needs full unpickling is refused unless ``trust_checkpoint`` (see
+    :func:`~balanced_sam.outputs.load_checkpoint`). Without
     ``resume`` a folder holding a run raises :class:`RunExistsError` unless ``overwrite``, which
     removes that run's outputs first. ``target_scaler`` (older: ``target_stats=(mean, std)``)
     scales the targets for the loss; ``depth`` adds the depth metrics; ``meta`` goes into the
@@ -472,7 +480,8 @@ def fit(
                           out_dir=out_dir, resume=resume, overwrite=overwrite, log=log,
                           target_stats=target_stats, target_scaler=target_scaler, depth=depth,
                           meta=meta, data_fingerprint=data_fingerprint, loggers=loggers,
-                          allow_data_change=allow_data_change, on_epoch_end=on_epoch_end)
+                          allow_data_change=allow_data_change, on_epoch_end=on_epoch_end,
+                          trust_checkpoint=trust_checkpoint)
     cfg = _resolved(cfg, bins, train_data)
     rank, world = _dist()
     folder = RunFolder(out_dir, rank=rank, log=log)
@@ -486,7 +495,8 @@ def fit(
         if run.pipeline is not None and rank == 0:
             run.pipeline.prepare(val_data, test_data)  # fill their caches now
         ckpt = Checkpointer(folder, cfg.checkpoint)
-        state = _restore(run, ckpt, allow_data_change, log) if resume else _State()
+        state = (_restore(run, ckpt, allow_data_change, log, trust=trust_checkpoint)
+                 if resume else _State())
         sinks = run_loggers(folder, loggers) if rank == 0 else []
         for epoch in range(state.start_epoch, cfg.epochs):
             row = _train_epoch(run, epoch)
@@ -593,9 +603,9 @@ def _lr_lambdas(opt: torch.optim.Optimizer, plan: LRPlan) -> list[Callable[[int]
 
 
 def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
-             log: Callable[[str], None]) -> _State:
+             log: Callable[[str], None], *, trust: bool = False) -> _State:
     """Load ``last.pt`` into the run after checking it is the same run on the same data."""
-    ck = ckpt.load_last(run.device)
+    ck = ckpt.load_last(run.device, trust=trust)
     cfg = run.cfg
     _check_same_config(ck.get("config", {}), cfg)
     _check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
