@@ -207,3 +207,37 @@ def test_1_trust_checkpoint_loads_a_file_one_vouches_for(run, tmp_path, capsys):
     assert "np.pt" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "np.pt"), "--trust-checkpoint"]) == 0
     assert load_checkpoint(tmp_path / "np.pt", trust=True)["meta"]["lr"] == 0.1
+
+
+# ---------------------------------------------------------------------------- item 2
+def test_2_configs_copy_never_writes_through_a_link(tmp_path, capsys):
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the user's file\n")
+    link = dest / "diamonds_bsam.yaml"
+    link.symlink_to(outside)
+    # before: --force overwrote outside.txt through the link
+    for extra in ([], ["--force"]):
+        assert main(["configs", "diamonds_bsam", "--copy", str(dest), *extra]) == 2
+        err = capsys.readouterr().err
+        assert str(link) in err and "symbolic link" in err and len(err.splitlines()) == 1
+        assert outside.read_text() == "the user's file\n" and link.is_symlink()
+    # before: a dangling link was followed and a file created outside the folder
+    link.unlink()
+    ghost = tmp_path / "ghost.yaml"
+    link.symlink_to(ghost)
+    for extra in ([], ["--force"]):
+        assert main(["configs", "diamonds_bsam", "--copy", str(dest), *extra]) == 2
+        assert "symbolic link" in capsys.readouterr().err
+        assert not ghost.exists()
+    # a plain file is still copied, and replaced with --force
+    link.unlink()
+    assert main(["configs", "diamonds_bsam", "--copy", str(dest)]) == 0
+    (dest / "diamonds_bsam.yaml").write_text("edited\n")
+    assert main(["configs", "diamonds_bsam", "--copy", str(dest), "--force"]) == 0
+    capsys.readouterr()
+    from balanced_sam.configs import config_path
+
+    assert (dest / "diamonds_bsam.yaml").read_text() == config_path("diamonds_bsam").read_text()
+    assert sorted(p.name for p in dest.iterdir()) == ["diamonds_bsam.yaml"]
