@@ -241,3 +241,118 @@ def test_2_configs_copy_never_writes_through_a_link(tmp_path, capsys):
 
     assert (dest / "diamonds_bsam.yaml").read_text() == config_path("diamonds_bsam").read_text()
     assert sorted(p.name for p in dest.iterdir()) == ["diamonds_bsam.yaml"]
+
+
+# ---------------------------------------------------------------------------- item 8
+def test_8_a_target_orders_of_magnitude_off_is_refused(tmp_path, capsys):
+    csv = _table(tmp_path / "t.csv", n=400)
+    df = pd.read_csv(csv)
+    df.loc[17, "y"] = 1e12  # before: the bench ran and reported a test MAE of ~7.7e9
+    df.to_csv(csv, index=False)
+    assert main(["bench", "--csv", str(csv), "--target", "y", "--methods", "vanilla",
+                 "--seeds", "1", "--epochs", "1", "--out", str(tmp_path / "b"),
+                 "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "row 17" in err and "line 19" in err and "1e+12" in err and "'y'" in err
+    assert "drop" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_8_long_tails_are_left_alone():
+    from balanced_sam.data.tabular import FAR_IQRS, far_targets, load_table
+
+    g = np.random.default_rng(0)
+    # a price-like log-normal tail (sigma 1) and a far heavier one (sigma 2): both genuine
+    for sigma in (1.0, 2.0):
+        y = np.exp(g.normal(5.0, sigma, size=100_000))
+        assert far_targets(y)[0].size == 0
+    # the diamonds table and an ordinary synthetic table load as before
+    from balanced_sam.data import diamonds
+
+    assert diamonds.load().y_train.numel() > 0
+    frame = pd.DataFrame({"a": g.normal(size=300), "y": g.uniform(0, 90, size=300)})
+    assert load_table(frame, "y").y_train.numel() > 0
+    # the rule, on the example: 1e12 among 0-90
+    y = np.r_[g.uniform(0, 90, size=1000), 1e12]
+    far, med, scale = far_targets(y)
+    assert far.tolist() == [1000] and abs(y[1000] - med) / scale > FAR_IQRS
+    frame = pd.DataFrame({"a": np.arange(1001.0), "y": y})
+    with pytest.raises(ValueError, match=r"row 1000 holds 1e\+12"):
+        load_table(frame, "y")
+
+
+# ---------------------------------------------------------------------------- item 9
+def test_9_a_mostly_numeric_column_with_strings_is_reported(tmp_path, capsys):
+    g = np.random.default_rng(0)
+    frame = pd.DataFrame({f"f{i}": g.normal(size=400).round(3).astype(object)
+                          for i in range(20)})
+    frame["y"] = g.uniform(0, 90, size=400).round(2)
+    for i in range(20):  # 5% strings in every column
+        frame.loc[g.choice(400, 20, replace=False), f"f{i}"] = "n/a?"
+    csv = tmp_path / "mixed.csv"
+    frame.to_csv(csv, index=False)
+    # before: every distinct number became a one-hot category (thousands of features)
+    assert main(["bench", "--csv", str(csv), "--target", "y", "--methods", "vanilla",
+                 "--seeds", "1", "--epochs", "1", "--out", str(tmp_path / "b"),
+                 "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "column 'f0' is mostly numbers (380 of 400 values)" in err
+    assert "'n/a?'" in err and "--categorical COL" in err and "--impute median" in err
+    from balanced_sam.data.tabular import TablePreprocessor
+
+    with pytest.raises(ValueError, match="column 'f0' is mostly numbers"):
+        TablePreprocessor().fit(frame.drop(columns="y"))
+    # named categorical, it is one-hot encoded as asked
+    pre = TablePreprocessor(categorical=[f"f{i}" for i in range(20)], max_categories=1000,
+                            max_features=100_000).fit(frame.drop(columns="y"))
+    assert pre.num_features > 1000
+
+
+def test_9_the_one_hot_width_has_a_limit(tmp_path, capsys):
+    from balanced_sam.data.tabular import TablePreprocessor, load_table
+
+    g = np.random.default_rng(0)
+    frame = pd.DataFrame({f"c{i}": [f"k{v}" for v in g.integers(0, 180, size=600)]
+                          for i in range(120)})
+    frame["y"] = g.uniform(0, 90, size=600).round(2)
+    with pytest.raises(ValueError, match=r"encoded into \d+ features .* more than "
+                                         r"max_features=10000.*max_features="):
+        TablePreprocessor().fit(frame.drop(columns="y"))
+    assert TablePreprocessor(max_features=30_000).fit(frame.drop(columns="y")).num_features \
+        > 10_000
+    csv = tmp_path / "wide.csv"
+    frame.to_csv(csv, index=False)
+    assert main(["bench", "--csv", str(csv), "--target", "y", "--methods", "vanilla",
+                 "--seeds", "1", "--epochs", "1", "--out", str(tmp_path / "b"),
+                 "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "max_features=10000" in err and "--max-features" in err
+    with pytest.raises(ValueError, match="max_features must be a positive integer"):
+        load_table(frame, "y", max_features=0)
+
+
+# ---------------------------------------------------------------------------- item 10
+def test_10_duplicate_yaml_keys_are_an_error(tmp_path, capsys):
+    from balanced_sam.errors import ConfigError
+    from balanced_sam.experiment import apply_overrides, load_config
+
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text("data: {name: diamonds}\ntrain: {method: bsam, epochs: 400}\n"
+                   "train: {epochs: 1}\n")  # before: the second train: replaced the first
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(cfg) in str(e.value) and "duplicate key 'train'" in str(e.value)
+    assert "line 3" in str(e.value) and "first on line 2" in str(e.value)
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "duplicate key 'train'" in capsys.readouterr().err
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data: {name: diamonds}\ntrain:\n  lr: 0.1\n  rho: 0.2\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr' .line 5; first on line 3"):
+        load_config(nested)
+    with pytest.raises(ConfigError, match="duplicate key 'ks'"):
+        apply_overrides({}, ["train.lds={ks: 3, ks: 5}"])
+    # every shipped config still reads
+    from balanced_sam.configs import list_configs
+
+    for name in list_configs():
+        assert isinstance(load_config(name), dict)

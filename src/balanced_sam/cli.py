@@ -29,6 +29,7 @@ __all__ = ["main", "build_parser"]
 _SPELLINGS: dict[str, dict[str, str]] = {
     "bench": {"dropna": "--dropna", "impute": "--impute median",
               "features": "--features COL,COL,...", "max_categories": "--max-categories N",
+              "max_features": "--max-features N", "categorical": "--categorical COL",
               "bin_width": "--bin-width W", "train_fraction": "--train-fraction F",
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
               "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
@@ -36,6 +37,7 @@ _SPELLINGS: dict[str, dict[str, str]] = {
     "compare": {"baseline": "--baseline M"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
+              "max_features": "data.max_features=N", "categorical": "data.categorical=[COL]",
               "bin_width": "data.bin_width=W", "train_fraction": "data.train_fraction=F",
               "cap": "data.cap=C", "target": "data.target=COL", "csv_path": "data.path=FILE",
               "resume": "--resume", "overwrite": "--overwrite",
@@ -176,6 +178,9 @@ def _add_bench(sub: Any) -> None:
                    help="--csv columns to one-hot encode even if numeric")
     b.add_argument("--max-categories", type=int, metavar="N",
                    help="the most categories a --csv column may have (default 200)")
+    b.add_argument("--max-features", type=int, metavar="N",
+                   help="the most input features a --csv table may be encoded into (numeric "
+                        "columns plus one-hot indicators; default 10000)")
     _bench_runs(b)
     b.add_argument("--bin-width", type=float, help="label bin width (default: the dataset's)")
     b.add_argument("--train-fraction", type=float,
@@ -379,7 +384,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rho = args.rho if args.rho is None or len(args.rho) > 1 else args.rho[0]
     table = {k: v for k, v in (("impute", args.impute), ("features", args.features),
                                ("categorical", args.categorical),
-                               ("max_categories", args.max_categories)) if v is not None}
+                               ("max_categories", args.max_categories),
+                               ("max_features", args.max_features)) if v is not None}
     run_bench(args.dataset, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
               rho=rho, bin_width=args.bin_width, device=args.device, out=args.out,
               csv_path=args.csv_path, target=args.target, train_fraction=args.train_fraction,

@@ -92,16 +92,45 @@ class Experiment:
 
 
 # ---------------------------------------------------------------------------- configs
+def _yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, except that a mapping that names a key twice is an error
+    (PyYAML keeps the last silently: a second ``train:`` section would replace the first)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        mark = first.setdefault(key, key_node.start_mark)
+                    except TypeError:  # an unhashable key: PyYAML's own error follows
+                        continue
+                    if mark is not key_node.start_mark:
+                        raise ConfigError(
+                            f"{source}: duplicate key {key!r} (line "
+                            f"{key_node.start_mark.line + 1}; first on line {mark.line + 1}); "
+                            "give each key once")
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config: a file, or the name of a config shipped with the package (``bsam
-    configs`` lists them); clear errors for a missing file or bad YAML."""
+    configs`` lists them); clear errors for a missing file, a file that is not UTF-8 text, bad
+    YAML and a key given twice."""
     import yaml
 
     from balanced_sam.configs import config_path
 
     p = config_path(path)  # a file that exists, else a config shipped with the package
     try:
-        spec = yaml.safe_load(p.read_text())
+        spec = _yaml(p.read_text(encoding="utf-8"), f"config {p}")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {p} is not UTF-8 text (byte {exc.start}); a config is a "
+                          "YAML file") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {p} is not valid YAML: {exc}") from exc
     if not isinstance(spec, dict):
@@ -128,7 +157,7 @@ def apply_overrides(spec: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         try:
-            node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+            node[path[-1]] = _yaml(raw, f"override {item!r}") if raw != "" else None
         except yaml.YAMLError:
             node[path[-1]] = raw  # not YAML: the text itself (the type check judges it)
     return spec
