@@ -356,3 +356,141 @@ def test_10_duplicate_yaml_keys_are_an_error(tmp_path, capsys):
 
     for name in list_configs():
         assert isinstance(load_config(name), dict)
+
+
+# ---------------------------------------------------------------------------- item 11
+@pytest.mark.parametrize("key", ["gamma", "momentum", "lr", "rho", "weight_decay", "p",
+                                 "lr_min_factor", "max_grad_norm"])
+def test_11_every_float_option_refuses_nan(key):
+    from balanced_sam.config import TrainConfig
+    from balanced_sam.errors import ConfigError
+
+    # before: gamma=nan (and momentum=nan) passed validation
+    with pytest.raises(ConfigError, match=rf"train\.{key}"):
+        TrainConfig.from_dict({key: float("nan"), "schedule": "step"})
+    with pytest.raises(ConfigError, match=rf"train\.{key}"):
+        TrainConfig.from_dict({key: "nan"})  # as `--set KEY=nan` gives it
+
+
+def test_11_nan_on_the_command_line(run, tmp_path, capsys):
+    base = ["bench", "--csv", str(run["csv"]), "--target", "y", "--methods", "vanilla",
+            "--seeds", "1", "--epochs", "1", "--out", str(tmp_path / "b"), "--no-plots"]
+    assert main([*base, "--set", "schedule=step", "--set", "gamma=nan"]) == 2
+    assert "train.gamma: expected a number, got NaN" in capsys.readouterr().err
+    for flag in (["--lr", "nan"], ["--rho", "0.1,nan"], ["--diverge-factor", "nan"]):
+        with pytest.raises(SystemExit):
+            main([*base, *flag])
+        assert "NaN is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit):
+        main(["analyze", "--checkpoint", str(run["out"] / "best.pt"), "--tol", "nan"])
+    assert "NaN is not allowed" in capsys.readouterr().err
+
+
+def test_11_analyze_threads_zero_is_refused(run, tmp_path, capsys):
+    n = torch.get_num_threads()
+    # before: --threads 0 was ignored (the analysis ran on every thread)
+    assert main(["analyze", "--checkpoint", str(run["out"] / "best.pt"), "--threads", "0",
+                 "--out", str(tmp_path / "ana")]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert torch.get_num_threads() == n and not (tmp_path / "ana").exists()
+
+
+# ---------------------------------------------------------------------------- items 16, 17
+def test_16_infinite_or_nan_bin_bounds_are_one_line_errors(run, tmp_path, capsys):
+    from balanced_sam import LabelBins
+
+    # before: OverflowError / "cannot convert float NaN to integer"
+    for kw, name in (({"upper": float("inf")}, "upper"), ({"lower": float("nan")}, "lower"),
+                     ({"upper": float("-inf"), "num_bins": 4}, "upper")):
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number"):
+            LabelBins.from_labels([0.0, 1.0, 2.0], **({"bin_width": 1.0} | kw)
+                                  if "num_bins" not in kw else kw)
+    for over, where in (("bins.upper=.inf", "bins.upper"), ("bins.lower=.nan", "bins.lower")):
+        assert main(["train", "--config", str(run["cfg"]), "--out", str(tmp_path / "r"),
+                     "bins.bin_width=10", over]) == 2
+        err = capsys.readouterr().err
+        assert f"{where}: expected a finite number" in err and len(err.splitlines()) == 1
+
+
+def test_17_a_negative_layer_width_is_a_one_line_error(run, tmp_path, capsys):
+    from balanced_sam.models import MLP
+
+    with pytest.raises(ValueError, match=r"hidden must be a list of layer widths.*\[-3\]"):
+        MLP(4, [-3])  # before: RuntimeError: negative dimension
+    assert main(["train", "--config", str(run["cfg"]), "--out", str(tmp_path / "r"),
+                 "model.name=mlp", "model.hidden=[-3]"]) == 2
+    err = capsys.readouterr().err
+    assert "model (mlp): hidden must be" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+# ---------------------------------------------------------------------------- item 18
+def test_18_an_optimizer_state_of_other_shapes_fails_at_load_time(run, tmp_path, capsys):
+    out = _copy_run(run, tmp_path)
+    ck = torch.load(out / "last.pt", weights_only=True)
+    base = ck["optimizer"].get("base_optimizer", ck["optimizer"])
+    assert base["state"], "the run's optimizer keeps a state per parameter"
+    first = min(base["state"])
+    for key, v in base["state"][first].items():  # same number of tensors, other shapes
+        if key != "step":
+            base["state"][first][key] = torch.zeros(v.numel() + 3)
+    torch.save(ck, out / "last.pt")
+    # before: loaded fine, then failed at the next step inside torch's sgd.py
+    assert main(["train", "--config", str(run["cfg"]), "--out", str(out), "--resume",
+                 "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer state" in err and "net.0.weight" in err and str(out / "last.pt") in err
+    assert len(err.strip().splitlines()) == 1
+    assert json.loads((out / "result.json").read_text())["config"]["epochs"] == 1  # untouched
+
+
+# ---------------------------------------------------------------------------- item 19
+def test_19_config_errors_name_the_key(run, tmp_path, capsys):
+    cfg = ["train", "--config", str(run["cfg"]), "--out", str(tmp_path / "r")]
+    cases = [
+        # before: LabelBins.from_labels() got an unexpected keyword argument 'widht'
+        (["bins.widht=10"], "unknown key 'widht' in bins (did you mean 'bin_width'?)"),
+        (["bins.bin_width=[1]"], "bins.bin_width: expected a finite number, got [1]"),
+        (["model.name=mlp", "model.hiden=[3]"],
+         "unknown key 'hiden' in model (mlp) (did you mean 'hidden'?)"),
+        (["train.lds={kss: 3}"], "unknown key 'kss' in train.lds (did you mean 'ks'?)"),
+        (["train.lds={ks: 4}"], "train.lds.ks = 4: must be an odd integer"),
+        # before: 'int' object is not a mapping
+        (["train.method=ranksim", "train.plugins={ranksim: 3}"],
+         "train.plugins.ranksim must be a mapping of options, got 3"),
+        # before: expected str, bytes or os.PathLike object, not list / internal names
+        ([f"data.path=[{run['csv']}]"], "data.path: expected a file path, got ["),
+        (["data.target=[y]"], "data.target: expected a column name, got ['y']"),
+        (["data.features=3"], "data.features: expected a list of column names, got 3"),
+        # before: torch's "Invalid momentum value: -5", naming no key
+        (["momentum=-5"], "train.momentum = -5: must be a finite number >= 0"),
+    ]
+    for overrides, message in cases:
+        assert main([*cfg, *overrides]) == 2, overrides
+        err = capsys.readouterr().err
+        assert message in err, (overrides, err)
+        assert len(err.strip().splitlines()) == 1
+    bad = tmp_path / "five.yaml"
+    bad.write_text("data: 5\n")  # before: argument of type 'int' is not iterable
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "config section data must be a mapping, got 5" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_19_a_binary_or_non_utf8_file_is_named(tmp_path, capsys):
+    binary = tmp_path / "data.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("a,y\n1,caf\xe9\n2,3\n".encode("latin-1"))
+    for path, word in ((binary, "binary file"), (latin, "UTF-8")):
+        # before: "'utf-8' codec can't decode byte ..." without the file's name
+        assert main(["bench", "--csv", str(path), "--target", "y", "--out",
+                     str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and word in err and len(err.strip().splitlines()) == 1
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_bytes(b"data: {name: diamonds}\n# caf\xe9\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "UTF-8" in err

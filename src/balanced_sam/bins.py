@@ -88,10 +88,24 @@ def _too_many_bins(k: float, max_bins: int, lo: float, hi: float, what: str) -> 
         "really want that many")
 
 
+def _finite_number(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (a bool is not a number here)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _make_edges(t64: torch.Tensor, bin_width: float | None, num_bins: int | None,
                 lower: float | None, upper: float | None, max_bins: int) -> torch.Tensor:
     """Equal-width edges for :meth:`LabelBins.from_labels` (see there); the bin count is checked
     against ``max_bins`` before the edges are allocated."""
+    for name, value in (("lower", lower), ("upper", upper)):
+        if value is not None and not _finite_number(value):
+            raise ValueError(f"{name} must be a finite number (or None: from the labels), got "
+                             f"{value!r}")
     lo_t, hi_t = float(t64.min()), float(t64.max())
     if bin_width is None and num_bins is None:
         if bool((t64 == t64.round()).all()):

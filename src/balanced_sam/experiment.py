@@ -168,12 +168,12 @@ def _check_sections(spec: Mapping[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use data, model, bins, "
                           "train, out (and paper for notes)")
-    if "data" not in spec or "name" not in (spec.get("data") or {}):
-        raise ConfigError(f"config needs data.name ({', '.join(REGISTRY)})")
     for section in ("data", "model", "bins", "train"):
         if spec.get(section) is not None and not isinstance(spec[section], Mapping):
             raise ConfigError(f"config section {section} must be a mapping, got "
                               f"{spec[section]!r}")
+    if "data" not in spec or "name" not in (spec.get("data") or {}):
+        raise ConfigError(f"config needs data.name ({', '.join(REGISTRY)})")
 
 
 def train_config(data: DataSplits, train: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -185,9 +185,10 @@ def train_config(data: DataSplits, train: Mapping[str, Any] | None = None) -> Tr
     values = {**data.recipe.train, **train}
     if "plugins" in train and data.recipe.train.get("plugins"):  # per plug-in, key by key
         mine, recipe = train["plugins"] or {}, data.recipe.train["plugins"]
-        if isinstance(mine, dict):
+        if isinstance(mine, dict):  # (a value that is not a mapping: the check names it)
             values["plugins"] = {p: {**(recipe.get(p) or {}), **(mine.get(p) or {})}
-                                   for p in dict.fromkeys([*recipe, *mine])}
+                                 if isinstance(mine.get(p) or {}, Mapping) else mine[p]
+                                 for p in dict.fromkeys([*recipe, *mine])}
     # a composed or interval method (ranksim+bsam, bsam-i5) takes its optimizer part's rho
     rho = rho_for(train["method"], data.recipe.rho_by_method) if "method" in train else None
     if "rho" not in train and rho is not None:

@@ -61,6 +61,7 @@ from balanced_sam.outputs import (
 
 __all__ = ["TrainConfig", "FitResult", "LRPlan", "fit", "evaluate", "predict",
            "train_one_epoch", "batches", "EpochLoader", "load_checkpoint", "load_weights",
+           "check_optimizer_state",
            "seed_everything", "resolve_device", "init_distributed", "RunExistsError",
            "SAFE_TO_CHANGE"]
 
@@ -351,6 +352,45 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def check_optimizer_state(opt: torch.optim.Optimizer, state: Mapping[str, Any],
+                          model: nn.Module | None = None, source: str = "the checkpoint") -> None:
+    """Refuse an optimizer state whose per-parameter tensors (momentum buffers, Adam moments,
+    a stored perturbation) do not have their parameter's shape: ``load_state_dict`` takes such
+    a state when it holds as many parameters, and the run fails at its next step deep inside
+    torch. Nested states (a SAM wrapper's ``base_optimizer``) are checked too; the parameter
+    is named by ``model``'s parameter names when given."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+
+    def walk(sd: Any, where: str) -> None:
+        if not isinstance(sd, Mapping):
+            return
+        if isinstance(sd.get("state"), Mapping) and isinstance(sd.get("param_groups"), list):
+            ids = [i for g in sd["param_groups"] if isinstance(g, Mapping)
+                   for i in g.get("params", [])]
+            if len(ids) != len(params):
+                raise ValueError(f"the optimizer state in {source} ({where or 'top level'}) "
+                                 f"holds {len(ids)} parameters, the model's optimizer "
+                                 f"{len(params)}: it was written for another model")
+            by_id = dict(zip(ids, params))
+            for i, per_param in sd["state"].items():
+                p = by_id.get(i)
+                if p is None or not isinstance(per_param, Mapping):
+                    continue
+                for key, v in per_param.items():
+                    if key != "step" and isinstance(v, torch.Tensor) and v.shape != p.shape:
+                        name = names.get(id(p), f"parameter {i}")
+                        raise ValueError(
+                            f"the optimizer state in {source} does not fit the model: "
+                            f"{where}{key} of {name} is {tuple(v.shape)} there, the parameter "
+                            f"is {tuple(p.shape)}; it was written for another model")
+        for key, sub in sd.items():
+            if key != "state" and isinstance(sub, Mapping):
+                walk(sub, f"{where}{key}.")
+
+    walk(state, "")
+
+
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the "
                  "checkpoint") -> None:
     """``model.load_state_dict(state)`` with an error that says which weights do not fit."""
@@ -610,6 +650,7 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
     _check_same_config(ck.get("config", {}), cfg)
     _check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
     load_weights(run.model, ck["model"], str(ckpt.folder.last))
+    check_optimizer_state(run.opt, ck["optimizer"], run.model, str(ckpt.folder.last))
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])
     if run.amp_scaler is not None and ck.get("scaler"):

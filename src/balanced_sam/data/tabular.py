@@ -488,10 +488,21 @@ def _read_frame(source: Any) -> tuple[pd.DataFrame, str]:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"csv_path_or_dataframe: no such file: {path!r}")
+        with open(path, "rb") as f:
+            if b"\0" in f.read(1 << 16):
+                raise ValueError(f"{path} is a binary file (it holds NUL bytes), not a CSV text "
+                                 "table")
         try:
             frame = pd.read_csv(path)
         except pd.errors.EmptyDataError as exc:
             raise ValueError(f"csv_path_or_dataframe: {path!r} is empty") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not a UTF-8 text table ({exc.reason} at byte "
+                             f"{exc.start} of a block): give a CSV file saved as UTF-8 (a "
+                             "binary file, or one in another encoding, cannot be read)") from None
+        except pd.errors.ParserError as exc:
+            raise ValueError(f"{path} is not a readable CSV table: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
         return frame, path
     raise TypeError("csv_path_or_dataframe must be a CSV path or a pandas DataFrame, got "
                     f"{type(source).__name__}")
