@@ -501,14 +501,12 @@ def fit(
     ``best.pt``, ``log.csv`` and TensorBoard files go, under a lock (``None``: nothing is
     written). ``resume`` continues ``out_dir/last.pt`` as an unbroken run would; only
     :data:`SAFE_TO_CHANGE` and ``epochs`` (re-planned, :meth:`LRPlan.extended`) may differ, and
-    data of another ``data_fingerprint`` are refused unless ``allow_data_change``; a ``last.pt``
-    that needs full unpickling is refused unless ``trust_checkpoint`` (see
-    :func:`~balanced_sam.outputs.load_checkpoint`). Without
+    data of another ``data_fingerprint`` are refused unless ``allow_data_change``. Without
     ``resume`` a folder holding a run raises :class:`RunExistsError` unless ``overwrite``, which
     removes that run's outputs first. ``target_scaler`` (older: ``target_stats=(mean, std)``)
     scales the targets for the loss; ``depth`` adds the depth metrics; ``meta`` goes into the
     checkpoints; ``on_epoch_end(epoch, row)`` runs after each epoch's checkpoint; ``loggers``
-    receive every epoch's row.
+    receive every epoch's row. ``trust_checkpoint``: see :func:`load_checkpoint`.
 
     Under ``torchrun`` the model is wrapped in DDP; ``cfg.scope="global"`` all-reduces the first
     pass's weighted gradient (the perturbation of the single-process run with the global batch),
@@ -535,8 +533,8 @@ def fit(
         if run.pipeline is not None and rank == 0:
             run.pipeline.prepare(val_data, test_data)  # fill their caches now
         ckpt = Checkpointer(folder, cfg.checkpoint)
-        state = (_restore(run, ckpt, allow_data_change, log, trust=trust_checkpoint)
-                 if resume else _State())
+        state = _restore(run, ckpt, allow_data_change, log, trust_checkpoint) if resume else \
+            _State()
         sinks = run_loggers(folder, loggers) if rank == 0 else []
         for epoch in range(state.start_epoch, cfg.epochs):
             row = _train_epoch(run, epoch)
@@ -643,7 +641,7 @@ def _lr_lambdas(opt: torch.optim.Optimizer, plan: LRPlan) -> list[Callable[[int]
 
 
 def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
-             log: Callable[[str], None], *, trust: bool = False) -> _State:
+             log: Callable[[str], None], trust: bool = False) -> _State:
     """Load ``last.pt`` into the run after checking it is the same run on the same data."""
     ck = ckpt.load_last(run.device, trust=trust)
     cfg = run.cfg
