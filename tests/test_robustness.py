@@ -77,7 +77,7 @@ def test_eval_and_resume_refuse_changed_data_unless_allowed(tmp_path, capsys):
     assert code == 2 and "data changed" in err and "--allow-data-change" in err
     assert run(["train", "--config", cfg, "--out", out, "--resume", "train.epochs=3",
                 "--allow-data-change"], capsys)[0] == 0
-    ck = torch.load(out / "best.pt", weights_only=False)
+    ck = torch.load(out / "best.pt", weights_only=True)
     assert ck["data_fingerprint"] and ck["meta"]["data"]["params"]["cap"] == 20
 
 
