@@ -130,6 +130,8 @@ def copy_config(name: str, dest_dir: str | os.PathLike[str], *,
             f"{target} is a symbolic link (to {os.readlink(target)}); bsam configs --copy never "
             "writes through a link, with or without --force: remove the link or copy into "
             "another folder")
+    if target.is_dir():
+        raise FileExistsError(f"{target} is a folder; remove it or copy into another folder")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; remove it or pass --force to replace it")
     data = src.read_bytes()
