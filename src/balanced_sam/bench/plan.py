@@ -142,6 +142,7 @@ class BenchConfig:
     features: Sequence[str] | None = None
     categorical: Sequence[str] | None = None
     max_categories: int | None = None
+    max_features: int | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -172,7 +173,8 @@ class BenchConfig:
         """The CSV loader's options that were given."""
         return {k: v for k, v in (("impute", self.impute), ("features", self.features),
                                   ("categorical", self.categorical),
-                                  ("max_categories", self.max_categories)) if v is not None}
+                                  ("max_categories", self.max_categories),
+                                  ("max_features", self.max_features)) if v is not None}
 
 
 def _check_methods(methods: Sequence[str]) -> None:
