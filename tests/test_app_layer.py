@@ -190,13 +190,13 @@ def test_method_optimizer_options_reach_the_optimizer():
 
 def test_one_hessian_default_for_library_and_cli():
     from balanced_sam.analysis import analyze_model, hessian_top_eigenvalue
-    from balanced_sam.analysis.hessian import DEFAULT_METHOD
+    from balanced_sam.analysis.hessian import DEFAULT_SOLVER
     from balanced_sam.experiment import analyze_checkpoints
 
     for fn in (hessian_top_eigenvalue, analyze_model, analyze_checkpoints):
-        assert inspect.signature(fn).parameters["method"].default == DEFAULT_METHOD
+        assert inspect.signature(fn).parameters["solver"].default == DEFAULT_SOLVER
     args = build_parser().parse_args(["analyze", "--checkpoint", "x.pt"])
-    assert args.method == DEFAULT_METHOD == "lanczos"
+    assert args.solver == DEFAULT_SOLVER == "lanczos"
 
 
 def test_analysis_uses_the_library_losses():

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from balanced_sam.analysis.hessian import DEFAULT_METHOD
+from balanced_sam.analysis.hessian import DEFAULT_SOLVER
 from balanced_sam.analysis.report import _slug
 from balanced_sam.bins import LabelBins
 from balanced_sam.config import TrainConfig
@@ -288,7 +288,7 @@ def analyze_checkpoints(
     hessian: bool = True,
     landscape: bool = True,
     iters: int = 30,
-    method: str = DEFAULT_METHOD,
+    solver: str = DEFAULT_SOLVER,
     probes: int = 30,
     tol: float = 1e-3,
     grid: int = 21,
@@ -318,7 +318,7 @@ def analyze_checkpoints(
     dev = resolve_device(device)
     folder = Path(out) if out is not None else Path(items[0][1]).parent / "analysis"
     folder.mkdir(parents=True, exist_ok=True)
-    settings = dict(iters=iters, method=method, probes=probes, tol=tol, grid=grid, span=span,
+    settings = dict(iters=iters, solver=solver, probes=probes, tol=tol, grid=grid, span=span,
                     landscape_dim=dim, seed=seed, cache_graph=cache_graph, hessian=hessian,
                     landscape=landscape)
     results: dict[str, Any] = {}

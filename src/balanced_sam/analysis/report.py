@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from balanced_sam.analysis._common import ALL_REGIONS, LossFn, resolve_loss
-from balanced_sam.analysis.hessian import DEFAULT_METHOD, hessian_top_eigenvalue, hessian_trace
+from balanced_sam.analysis.hessian import DEFAULT_SOLVER, hessian_top_eigenvalue, hessian_trace
 from balanced_sam.analysis.landscape import Landscape, loss_landscape
 from balanced_sam.bins import LabelBins
 from balanced_sam.io import json_float, to_json, write_json
@@ -37,7 +37,7 @@ def analyze_model(
     model: nn.Module, inputs: Any, targets: Any, bins: LabelBins | None,
     loss_fn: LossFn | str | None = None, regions: Sequence[str] = ("all", "few"),
     hessian: bool = True, landscape: bool = True, out_dir: str | Path | None = None, *,
-    iters: int = 20, tol: float = 1e-3, method: str = DEFAULT_METHOD, probes: int = 20,
+    iters: int = 20, tol: float = 1e-3, solver: str = DEFAULT_SOLVER, probes: int = 20,
     trace_tol: float | None = None, grid: int | Sequence[float] = 21, span: float = 1.0,
     landscape_dim: int = 1, seed: int = 0, batch_size: int = 256, progress: bool = True,
     many: int | None = None, few: int | None = None, name: str | None = None,
@@ -50,7 +50,7 @@ def analyze_model(
     ``(x, y)`` batches with ``targets=None``. ``bins`` define the regions (``None``: only
     ``"all"``; thresholds ``many`` / ``few``, default the bins'). ``loss_fn``: per-sample loss
     or its name (default L1). ``hessian``: :math:`\lambda_{\max}` (``iters``, ``tol``,
-    ``method``) and the Hutchinson trace (``probes``, ``trace_tol``) per region; ``landscape``:
+    ``solver``) and the Hutchinson trace (``probes``, ``trace_tol``) per region; ``landscape``:
     one ``landscape_dim``-D landscape over ``grid`` (points per axis over ``[-span, span]``, or
     explicit alphas) for all regions. ``seed`` seeds the start vector, probes and directions;
     ``batch_size`` samples per pass; ``cache_graph`` keeps first-order graphs between
@@ -77,7 +77,7 @@ def analyze_model(
     if bins is not None:  # without bins there are no regions to name
         many, few = bins.thresholds(many, few)
     label = name or "model"
-    settings = {"iters": iters, "tol": tol, "method": method, "probes": probes,
+    settings = {"iters": iters, "tol": tol, "solver": solver, "probes": probes,
                 "trace_tol": trace_tol, "grid": grid if isinstance(grid, int) else
                 [float(a) for a in grid], "span": span, "landscape_dim": landscape_dim,
                 "seed": seed, "batch_size": batch_size, "many": many, "few": few,
@@ -158,7 +158,7 @@ def _sharpness(model: nn.Module, loss: LossFn, inputs: Any, targets: Any, region
     t0 = time.perf_counter()
     eig = hessian_top_eigenvalue(model, loss, inputs, targets, region=region,
                                  iters=settings["iters"], tol=settings["tol"],
-                                 method=settings["method"], seed=settings["seed"], **sub)
+                                 solver=settings["solver"], seed=settings["seed"], **sub)
     seconds["lambda_max"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     tr = hessian_trace(model, loss, inputs, targets, region=region, probes=settings["probes"],
