@@ -82,13 +82,9 @@ class Experiment:
     target_unit = property(lambda self: self.data.unit)
 
     @property
-    def scaler(self) -> TargetScaler:
+    def target_scaler(self) -> TargetScaler:
+        """The training targets' standardiser (the identity when the data are not scaled)."""
         return self.data.scaler
-
-    @property
-    def target_stats(self) -> tuple[float, float] | None:
-        """The older ``(mean, std)`` form of :attr:`scaler`."""
-        return self.data.scaler.as_tuple()
 
 
 # ---------------------------------------------------------------------------- configs
@@ -198,7 +194,7 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     if rank == 0:
         log(f"{exp.cfg.method} on {exp.data.name}: {exp.bins}")
     res = fit(exp.model, exp.train, exp.val, exp.bins, exp.cfg, test_data=exp.test,
-              out_dir=folder, resume=resume, overwrite=overwrite, target_scaler=exp.scaler,
+              out_dir=folder, resume=resume, overwrite=overwrite, target_scaler=exp.target_scaler,
               depth=exp.depth, meta={"spec": dict(spec), "data": exp.data.fingerprint},
               data_fingerprint=exp.data.fingerprint["digest"],
               allow_data_change=allow_data_change, loggers=loggers,
@@ -248,6 +244,8 @@ def load_experiment(checkpoint: str | Path | Mapping[str, Any], overrides: Seque
             "the new data anyway")
     load_weights(exp.model, ck["model"], source)
     exp.model.to(device).eval()
+    # checkpoints hold ``target_scaler`` ({"mean", "std"}); those written before it hold only
+    # ``target_stats`` ((mean, std), or None for unscaled targets): the one old form still read
     stored = ck.get("target_scaler") or ck.get("target_stats")
     if stored is not None:
         exp.data.scaler = TargetScaler.from_stats(stored)
@@ -271,7 +269,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
     exp = load_experiment(ck, overrides, dev, allow_data_change=allow_data_change,
                           source=str(checkpoint))
     rep = evaluate(exp.model, exp.data.split(split), exp.bins, device=dev,
-                   target_scaler=exp.scaler, depth=exp.depth, balance=exp.cfg.balance,
+                   target_scaler=exp.target_scaler, depth=exp.depth, balance=exp.cfg.balance,
                    batch_size=exp.cfg.eval_batch_size,  # on CUDA in the training's precision
                    amp=exp.cfg.amp if dev.type == "cuda" else "none")
     return Evaluation(rep, str(ck.get("config", {}).get("method", "?")),
@@ -359,7 +357,7 @@ def _unique(name: str, taken: Mapping[str, Any], path: Path) -> str:
     return f"{name} ({path.parent.name})" if name in taken else name
 
 
-def _training_loss(name: str, scaler: TargetScaler) -> Callable[[torch.Tensor, torch.Tensor],
+def _training_loss(name: str, target_scaler: TargetScaler) -> Callable[[torch.Tensor, torch.Tensor],
                                                                 torch.Tensor]:
     """The per-sample training loss, fed predictions and targets in label units."""
     if name == "bmse":
@@ -368,7 +366,7 @@ def _training_loss(name: str, scaler: TargetScaler) -> Callable[[torch.Tensor, t
     elem = get_loss(name)
 
     def fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return elem(scaler.scale(pred), scaler.scale(target))
+        return elem(target_scaler.scale(pred), target_scaler.scale(target))
 
     fn.__name__ = f"training {name.upper()}"  # the plots' axis label
     return fn
@@ -399,8 +397,8 @@ def _analyze_one(exp: Experiment, name: str, split: str, regions: Sequence[str],
     labels = exp.data.labels(split)
     if labels is None:
         raise ValueError(f"{name}: the {split} split exposes no per-sample labels")
-    model = exp.scaler.wrap(exp.model).eval()
-    loss = _training_loss(exp.cfg.loss, exp.scaler)
+    model = exp.target_scaler.wrap(exp.model).eval()
+    loss = _training_loss(exp.cfg.loss, exp.target_scaler)
     merged: dict[str, Any] = {"regions": {}, "split": split, "method": exp.cfg.method}
     parts: list[Landscape] = []
     for region in regions:
