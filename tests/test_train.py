@@ -332,31 +332,29 @@ def test_amp_needs_cuda():
     os.environ.pop("BSAM_DEBUG", None)
 
 
-def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path):
-    from balanced_sam.data import DATASETS, BenchData
+def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path, monkeypatch):
+    from balanced_sam.data import REGISTRY, BenchData, DatasetEntry, Recipe, table_loader
+    from balanced_sam.data.registry import TABLE_RECIPE
 
     x, y = synthetic(400)
     tr, va, te = split(x, y)
 
     def load(**_):
         return BenchData("tiny", tr[0], tr[1], va[0], va[1], te[0], te[1],
-                         bins={"bin_width": 5.0, "lower": 0.0, "upper": 100.0},
-                         make_model=lambda: MLP(5, (8,)),
-                         defaults={"epochs": 1, "batch_size": 64, "rho": 0.3,
-                                   "rho_by_method": {"bsam": 0.07}})
+                         bins={"bin_width": 5.0, "lower": 0.0, "upper": 100.0})
 
-    DATASETS["tiny-test"] = load
-    try:
-        res = run_bench("tiny-test", methods=["bsam", "sam"], seeds=[0], out=tmp_path / "a",
-                        plots=False, log=lambda s: None)
-        assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.07
-        assert res["methods"]["sam"]["runs"][0]["rho"] == 0.3  # no entry: the dataset's rho
-        assert res["config"]["rho_by_method"] == {"bsam": 0.07, "sam": 0.3}
-        res = run_bench("tiny-test", methods=["bsam"], seeds=[0], rho=0.01,
-                        out=tmp_path / "b", plots=False, log=lambda s: None)
-        assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.01
-    finally:
-        del DATASETS["tiny-test"]
+    recipe = Recipe(train={**TABLE_RECIPE.train, "epochs": 1, "batch_size": 64, "rho": 0.3},
+                    rho_by_method={"bsam": 0.07}, model={"name": "mlp", "hidden": [8]})
+    monkeypatch.setitem(REGISTRY, "tiny-test",
+                        DatasetEntry("tiny-test", table_loader(load), recipe, "", "a test table"))
+    res = run_bench("tiny-test", methods=["bsam", "sam"], seeds=[0], out=tmp_path / "a",
+                    plots=False, log=lambda s: None)
+    assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.07
+    assert res["methods"]["sam"]["runs"][0]["rho"] == 0.3  # no entry: the dataset's rho
+    assert res["config"]["rho_by_method"] == {"bsam": 0.07, "sam": 0.3}
+    res = run_bench("tiny-test", methods=["bsam"], seeds=[0], rho=0.01,
+                    out=tmp_path / "b", plots=False, log=lambda s: None)
+    assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.01
 
 
 def test_torchrun_train_command(tmp_path):

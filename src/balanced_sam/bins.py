@@ -431,8 +431,6 @@ class LabelBins:
         return _check_thresholds(self.many if many is None else many,
                                  self.few if few is None else few)
 
-    _thresholds = thresholds
-
     def set_thresholds(self, many: float | None = None, few: float | None = None) -> LabelBins:
         """Store new region thresholds (``None`` keeps the current one); returns ``self``."""
         self.many, self.few = self.thresholds(many, few)
@@ -446,7 +444,7 @@ class LabelBins:
 
     def region_index(self, many: float | None = None, few: float | None = None) -> torch.Tensor:
         """Per-bin region code (int64): 0 many, 1 medium, 2 few."""
-        many, few = self._thresholds(many, few)
+        many, few = self.thresholds(many, few)
         c = self.counts
         code = torch.ones_like(c)
         code[c > many] = 0

@@ -57,7 +57,7 @@ from balanced_sam.train import (
 )
 
 __all__ = ["Experiment", "build_experiment", "load_config", "apply_overrides", "run_training",
-           "evaluate_checkpoint", "Evaluation", "load_experiment", "model_from_checkpoint",
+           "evaluate_checkpoint", "Evaluation", "load_experiment",
            "analyze_checkpoints", "train_config", "DIR_BENCHMARKS"]
 
 #: the paper's benchmarks (read from ``data.root``): name -> registry entry
@@ -252,12 +252,6 @@ def load_experiment(checkpoint: str | Path | Mapping[str, Any], overrides: Seque
     if ck.get("config", {}).get("balance") in ("label", "bin"):
         exp.cfg.balance = ck["config"]["balance"]
     return exp
-
-
-def model_from_checkpoint(ck: Mapping[str, Any], overrides: Sequence[str] | None = None,
-                          device: str | torch.device = "cpu") -> Experiment:
-    """The older name of :func:`load_experiment`."""
-    return load_experiment(ck, overrides or (), device)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
