@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from balanced_sam.analysis.hessian import DEFAULT_SOLVER
-from balanced_sam.analysis.report import _slug
+from balanced_sam.analysis.report import file_stem
 from balanced_sam.bins import LabelBins
 from balanced_sam.config import TrainConfig
 from balanced_sam.data.registry import REGISTRY, DataSplits, dataset_names, load_data
@@ -323,7 +323,7 @@ def analyze_checkpoints(
         results[name]["checkpoint"] = str(path)
         if merged is not None:
             landscapes[name] = merged
-            merged.save_npz(folder / f"{_slug(name)}_landscape.npz")
+            merged.save_npz(folder / f"{file_stem(name)}_landscape.npz")
     _write_analysis(results, landscapes, folder, regions, split, samples, hessian, log)
     return results
 

@@ -26,10 +26,13 @@ from balanced_sam.analysis.landscape import Landscape, loss_landscape
 from balanced_sam.bins import LabelBins
 from balanced_sam.io import json_float, to_json, write_json
 
-__all__ = ["analyze_model", "format_sharpness_table"]
+__all__ = ["analyze_model", "format_sharpness_table", "file_stem"]
 
 
-def _slug(name: str) -> str:
+def file_stem(name: str) -> str:
+    """``name`` as the stem of the files written for it (``<stem>_analysis.json``,
+    ``<stem>_landscape.npz``): runs of other characters than letters, digits, ``_ . -`` become
+    ``_``; ``"model"`` when nothing is left."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
@@ -99,7 +102,7 @@ def analyze_model(
     for r in regions if hessian else ():
         per_region[r].update(_sharpness(model, loss, inputs, targets, r, settings, sub, seconds))
     out = Path(out_dir) if out_dir is not None else None
-    land = _landscape_files(ls, regions, out, _slug(label), plots) if landscape else None
+    land = _landscape_files(ls, regions, out, file_stem(label), plots) if landscape else None
     seconds["total"] = time.perf_counter() - t_start
     return _result(model, label, loss_name, ls, per_region, land, settings, seconds, out)
 
@@ -123,7 +126,7 @@ def _result(model: nn.Module, label: str, loss_name: str, ls: Landscape,
         "files": {"analysis_json": None},
     }
     if out is not None:
-        path = out / f"{_slug(label)}_analysis.json"
+        path = out / f"{file_stem(label)}_analysis.json"
         result["files"]["analysis_json"] = str(path)
         out.mkdir(parents=True, exist_ok=True)
         write_json(result, path)

@@ -119,9 +119,10 @@ class MethodPlugin:
         """The per-sample loss: a loss plug-in's, else the method's own, else the config's."""
         if self.stage == "pretrain":
             return lambda pred, y: torch.zeros_like(y)
-        for name in ("focal-l1", "bni", "gai"):
+        builders = {"focal-l1": self._focal_l1, "bni": self._bni, "gai": self._gai}
+        for name, build in builders.items():
             if name in self.options:
-                return getattr(self, "_" + name.replace("-", "_"))(self.options[name])
+                return build(self.options[name])
         name = self.method.loss or self.cfg.loss
         if name == "bmse":  # batch Monte-Carlo Balanced MSE: fixed sigma, one bin width
             var = (self._bin_width() / float(getattr(self.target_scaler, "std", 1.0))) ** 2
