@@ -275,17 +275,20 @@ def test_model_factory_reaches_every_resnet():
 
 
 # ---------------------------------------------------------------------------- vocabulary
-def test_method_vocabulary_and_its_aliases():
+def test_method_vocabulary():
     bsam = get_method("bsam")
     assert (bsam.sharpness, bsam.perturbation_weighting, bsam.update_weighting) == (
         "bsam", "sqrt_inv", "sqrt_inv")
-    assert (bsam.optimizer, bsam.perturbation, bsam.weighting) == ("bsam", "sqrt_inv",
-                                                                   "sqrt_inv")
-    sqinv = get_method("sqinv")
-    assert sqinv.sharpness == "none" and sqinv.optimizer == "base"
-    old = Method("x", optimizer="base", weighting="inv", extra={"nesterov": True})
-    assert old == Method("x", "none", "inv", optimizer_options={"nesterov": True})
-    assert old.extra == {"nesterov": True}
+    assert get_method("sqinv").sharpness == "none"
+    assert get_method("vanilla").update_weighting is None  # unweighted is None, one spelling
+    assert get_method("fds+vanilla+sam").update_weighting is None  # "vanilla" parsed into it
+    m = Method("x", "none", "inv", optimizer_options={"nesterov": True})
+    assert m.optimizer_options == {"nesterov": True} and Method("b", "bsam").uses_rho
+    assert Method("b", "bsam").perturbation_weighting == "sqrt_inv"
+    with pytest.raises(ValueError, match="update_weighting must be None"):
+        Method("w", "none", "none")
+    with pytest.raises(TypeError):
+        Method("x", optimizer="base")  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="perturbation_weighting needs sharpness 'bsam'"):
         Method("y", "sam", "sqrt_inv", "sqrt_inv")
     with pytest.raises(ValueError, match="sharpness must be one of"):
