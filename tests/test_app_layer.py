@@ -340,6 +340,25 @@ def test_region_thresholds_live_on_the_bins():
     assert rep["many"]["count"] == 4  # 30 per bin > 25: many, by the bins' thresholds
 
 
+def test_one_region_check_for_every_entry_point():
+    from balanced_sam.analysis import analyze_model, select
+    from balanced_sam.bins import check_region
+    from balanced_sam.experiment import analyze_checkpoints
+
+    bins = LabelBins.from_labels(torch.arange(50.0), bin_width=5)
+    y = torch.arange(10.0)
+    assert [check_region(r) for r in ("all", "many", "medium", "few")] == [
+        "all", "many", "medium", "few"]
+    message = "region must be one of all, many, medium, few; got 'tail'"
+    calls = [lambda: bins.region_mask(y, "tail"), lambda: select(y, bins, region="tail"),
+             lambda: analyze_model(MLP(1, (2,)), y[:, None], y, bins, regions=["all", "tail"]),
+             lambda: analyze_checkpoints(["x.pt"], regions=["tail"])]
+    for call in calls:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message
+
+
 def test_target_scaler_round_trip():
     y = torch.tensor([1.0, 3.0, 5.0])
     s = TargetScaler.fit(y)

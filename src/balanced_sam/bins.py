@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["LabelBins", "lds_kernel", "SCHEMES", "REGIONS"]
+__all__ = ["LabelBins", "lds_kernel", "SCHEMES", "REGIONS", "check_region"]
 
 SCHEMES = ("none", "inv", "sqrt_inv", "lds")
 NORMALIZE = ("mean", "none")
@@ -31,6 +31,14 @@ KERNELS = ("gaussian", "triang", "laplace")
 
 Scheme = Literal["none", "inv", "sqrt_inv", "lds"]
 Normalize = Literal["mean", "none"]
+
+
+def check_region(region: str) -> str:
+    """``region`` when it names one (``"all"`` or one of :data:`REGIONS`); else a
+    ``ValueError`` listing them. The one check of a region name (metrics, analysis, CLI)."""
+    if region != "all" and region not in REGIONS:
+        raise ValueError(f"region must be one of all, {', '.join(REGIONS)}; got {region!r}")
+    return region
 
 
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -463,8 +471,7 @@ class LabelBins:
         if region == "all":
             t = _as_tensor(targets, "targets")
             return torch.ones(t.shape, dtype=torch.bool, device=t.device)
-        if region not in REGIONS:
-            raise ValueError(f"region must be 'all' or one of {REGIONS}, got {region!r}")
+        check_region(region)
         return self.region_of(targets, many, few, clamp) == REGIONS.index(region)
 
     def region_counts(self, many: float | None = None, few: float | None = None,

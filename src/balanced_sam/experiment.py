@@ -37,7 +37,7 @@ from torch import nn
 
 from balanced_sam.analysis.hessian import DEFAULT_SOLVER
 from balanced_sam.analysis.report import file_stem
-from balanced_sam.bins import LabelBins
+from balanced_sam.bins import LabelBins, check_region
 from balanced_sam.config import TrainConfig
 from balanced_sam.data.registry import REGISTRY, DataSplits, dataset_names, load_data
 from balanced_sam.data.scaling import TargetScaler
@@ -340,9 +340,8 @@ def _named(checkpoints: Any) -> list[tuple[str, Path]]:
 
 
 def _check_analysis(regions: Sequence[str], samples: int) -> None:
-    bad = sorted(set(regions) - {"all", "many", "medium", "few"})
-    if bad:
-        raise ValueError(f"regions: unknown region(s) {bad}; use all, many, medium, few")
+    for region in regions:
+        check_region(region)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
 
@@ -351,8 +350,8 @@ def _unique(name: str, taken: Mapping[str, Any], path: Path) -> str:
     return f"{name} ({path.parent.name})" if name in taken else name
 
 
-def _training_loss(name: str, target_scaler: TargetScaler) -> Callable[[torch.Tensor, torch.Tensor],
-                                                                torch.Tensor]:
+def _training_loss(name: str, target_scaler: TargetScaler
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The per-sample training loss, fed predictions and targets in label units."""
     if name == "bmse":
         raise ValueError("bsam analyze needs a per-sample loss; the batch form of Balanced MSE "

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from balanced_sam.analysis._common import ALL_REGIONS, LossFn, resolve_loss
+from balanced_sam.analysis._common import LossFn, checked_regions, resolve_loss
 from balanced_sam.analysis.hessian import DEFAULT_SOLVER, hessian_top_eigenvalue, hessian_trace
 from balanced_sam.analysis.landscape import Landscape, loss_landscape
 from balanced_sam.bins import LabelBins
@@ -75,7 +75,7 @@ def analyze_model(
     A region without samples has ``count`` 0 and ``None`` for every estimate.
     """
     t_start = time.perf_counter()
-    regions = _checked_regions(regions, bins)
+    regions = checked_regions(regions, bins)
     loss, loss_name = resolve_loss(loss_fn)
     if bins is not None:  # without bins there are no regions to name
         many, few = bins.thresholds(many, few)
@@ -131,16 +131,6 @@ def _result(model: nn.Module, label: str, loss_name: str, ls: Landscape,
         out.mkdir(parents=True, exist_ok=True)
         write_json(result, path)
     return result
-
-
-def _checked_regions(regions: Sequence[str], bins: LabelBins | None) -> list[str]:
-    regions = list(dict.fromkeys(regions))
-    for r in regions:
-        if r not in ALL_REGIONS:
-            raise ValueError(f"regions must be among {ALL_REGIONS}, got {r!r}")
-        if r != "all" and bins is None:
-            raise ValueError(f"region {r!r} needs bins (a LabelBins of the training labels)")
-    return regions
 
 
 def _grid_options(landscape: bool, grid: int | Sequence[float], span: float,
