@@ -24,7 +24,6 @@ from balanced_sam.methods import (
     METHODS,
     build_stepper,
     get_method,
-    recipe_rhos,
     rho_for,
 )
 from balanced_sam.models import MLP
@@ -115,7 +114,7 @@ def test_composed_methods_take_their_optimizer_parts_rho():
     assert rho_for("ranksim+vanilla+bsam", table) == 0.05  # same step as vanilla-bsam
     assert rho_for("conr+lds+sam", table) == 0.02
     assert rho_for("ranksim", table) is None
-    assert recipe_rhos(table, ["fds+bsam", "fds"]) == {**table, "fds+bsam": 0.01}
+    assert rho_for("fds+bsam", table) == 0.01 and rho_for("fds", table) is None
 
 
 def test_plugin_options_are_checked_by_name_key_and_type():

@@ -46,7 +46,7 @@ from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
 
 __all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "base_method",
            "build_stepper", "build_base_optimizer", "DEFAULT_METHODS", "StepFn", "parse_method",
-           "rho_for", "recipe_rhos", "describe_methods", "BASELINE_METHODS", "WEIGHTING_PARTS",
+           "rho_for", "describe_methods", "BASELINE_METHODS", "WEIGHTING_PARTS",
            "OPTIMIZER_PARTS", "GRAMMAR", "WEIGHTINGS"]
 
 StepFn = Callable[..., torch.Tensor]
@@ -304,16 +304,6 @@ def rho_for(name: str, table: Mapping[str, float]) -> float | None:
                 other.sharpness, other.update_weighting, other.perturbation_weighting) == key:
             return table[other.name]
     return table.get(m.sharpness)
-
-
-def recipe_rhos(table: Mapping[str, float], names: Iterable[str]) -> dict[str, float]:
-    """``table`` with an entry for every method of ``names`` that :func:`rho_for` finds."""
-    out = dict(table)
-    for n in names:
-        r = rho_for(n, table)
-        if r is not None:
-            out[n] = r
-    return out
 
 
 def describe_methods() -> str:
