@@ -620,8 +620,9 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
     _set_rng_state(ck["rng"])
     if run.rank == 0:
         log(f"resumed from {ckpt.folder.last} at epoch {start}/{cfg.epochs}")
-    return _State(start, ck["best_metric"], ck["best_epoch"], ck.get("best_state"),
-                  ck["history"], ck["train_seconds"])
+    return _State(start_epoch=start, best_metric=ck["best_metric"], best_epoch=ck["best_epoch"],
+                  best_state=ck.get("best_state"), history=ck["history"],
+                  train_seconds=ck["train_seconds"])
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
