@@ -120,7 +120,7 @@ def _setting(plan: BenchPlan) -> dict[str, Any]:
                                                  if m.uses_rho},
             "train": cfg.to_dict(), "quick": plan.config.quick, "data": data.info,
             "bins": data.tables.bins if data.tables is not None else data.bins.to_dict(),
-            "target_unit": data.unit, "standardize_target": not data.scaler.is_identity,
+            "target_unit": data.unit, "standardize_target": not data.target_scaler.is_identity,
             "model": _model_text(plan)}
 
 
@@ -200,8 +200,6 @@ def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
 
 def _model_text(plan: BenchPlan) -> str:
     spec = dict(plan.data.recipe.model)
-    if plan.data.tables is not None and plan.data.tables.make_model is not None:
-        return type(plan.data.tables.make_model()).__name__
     name = spec.pop("name", "?")
     return f"{name}({', '.join(f'{k}={v}' for k, v in spec.items())})"
 

@@ -121,7 +121,7 @@ class Context:
     val: Any
     test: Any
     bins: Any
-    scaler: Any
+    target_scaler: Any
     dense: bool
     name: str
     fingerprint: dict[str, Any]
@@ -181,7 +181,7 @@ def train_task(ctx: Context, task: Task, device: str | None) -> dict[str, Any]:
     try:
         res = fit(_model(ctx, task), ctx.train, ctx.val, ctx.bins, cfg, test_data=ctx.test,
                   out_dir=run_dir, resume=not task.fresh, overwrite=task.fresh,
-                  target_scaler=ctx.scaler, depth=ctx.dense,
+                  target_scaler=ctx.target_scaler, depth=ctx.dense,
                   meta={"dataset": ctx.name, "bench_out": ctx.out,
                         "spec": {"data": ctx.spec, "train": cfg.to_dict()},
                         "data": ctx.fingerprint},
@@ -217,7 +217,8 @@ def _context(plan: BenchPlan, jobs: int) -> Context:
     if jobs > 1:
         seed_everything(plan.keys[0].seed if plan.keys else 0)
         template = d.make_model()
-    return Context(d.train, d.val, d.test, d.bins, d.scaler, d.dense, d.name, d.fingerprint,
+    return Context(d.train, d.val, d.test, d.bins, d.target_scaler, d.dense, d.name,
+                   d.fingerprint,
                    plan.spec, replace(plan.cfg, progress=plan.cfg.progress and jobs <= 1),
                    str(plan.out), template)
 

@@ -4,12 +4,10 @@ content digests that fingerprint a dataset's files."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from balanced_sam.io import sha256_file
 
@@ -28,10 +26,9 @@ class BenchData:
     ``info`` is recorded verbatim in ``results.json`` (split cap C, train fraction, source of the
     data, ...); its ``files`` (name -> SHA-256) and ``split_params`` make the data's fingerprint.
 
-    The recipe and the model of a registered dataset come from its entry in
-    :mod:`balanced_sam.data.registry`. A dataset registered with the older
-    :func:`register_dataset` may instead carry them here: ``make_model()`` (a fresh regressor)
-    and ``defaults`` (``TrainConfig`` fields, and ``rho_by_method``).
+    The recipe and the model of a dataset come from its entry in
+    :mod:`balanced_sam.data.registry` (:func:`~balanced_sam.data.registry.table_loader` turns a
+    function returning ``BenchData`` into an entry's loader).
     """
 
     name: str
@@ -42,8 +39,6 @@ class BenchData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     bins: dict[str, Any]
-    make_model: Callable[[], nn.Module] | None = None
-    defaults: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     standardize_target: bool = True
     target_unit: str = ""
