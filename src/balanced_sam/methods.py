@@ -416,7 +416,10 @@ def build_stepper(
     ``cfg`` needs ``optimizer``, ``lr``, ``momentum``, ``weight_decay``, ``rho``, ``p``,
     ``normalize``, ``eta``, ``bn_second_pass`` and ``lds`` (kernel options) attributes, as
     :class:`balanced_sam.train.TrainConfig` has (``interval`` and ``max_grad_norm`` too, when
-    present); ``method.optimizer_options`` override them.
+    present); ``method.optimizer_options`` override them. The loop's policy (``model``,
+    ``cfg.bn_second_pass``, ``cfg.max_grad_norm``) goes to every call of the step, not to the
+    optimizer: :func:`~balanced_sam.optim.sharpness_step` for the SAM family,
+    :func:`~balanced_sam.optim.plain_step` (the same finite check and clip) for the others.
 
     Every optimizer returned counts the steps it skipped because a gradient was not finite in
     ``opt.skipped_steps`` (the SAM family's own counter; the plain step keeps one likewise):

@@ -133,11 +133,11 @@ def _backward(loss: torch.Tensor, scaler: Any) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-Pass = Callable[[Iterable[ContextFactory | None]], Any]
+_Pass = Callable[[Iterable[ContextFactory | None]], Any]
 
 
 def _loss_fn_pass(weighting: PassWeighting, loss_fn: Callable[..., Any], targets: Any,
-                  mask: torch.Tensor | None, accumulate: Any, scaler: Any) -> Pass:
+                  mask: torch.Tensor | None, accumulate: Any, scaler: Any) -> _Pass:
     """A pass of the one-call form: forward, reduce and backward over every micro-batch; its
     summed reduced loss (detached)."""
     parts, denom = _micro_batches(targets, mask, accumulate)
@@ -159,7 +159,7 @@ def _loss_fn_pass(weighting: PassWeighting, loss_fn: Callable[..., Any], targets
     return run
 
 
-def _closure_pass(closure: Callable[[], Any]) -> Pass:
+def _closure_pass(closure: Callable[[], Any]) -> _Pass:
     """A pass of the closure form: the closure zeroes, computes (with ``opt.reduce``) and calls
     ``backward`` itself."""
     def run(contexts: Iterable[ContextFactory | None]) -> Any:
@@ -223,8 +223,7 @@ def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
     second_context = _second_pass_context(model, bn_second_pass)
     w = opt.weighting
     if targets is None and (accumulate != 1 or mask is not None):
-        raise ValueError("accumulate= and mask= need the one-call form step(loss_fn, targets); "
-                         "a closure handles them itself")
+        raise ValueError("accumulate= and mask= need the one-call form step(loss_fn, targets)")
     if targets is None:
         run = _closure_pass(loss_fn)
     else:
@@ -232,13 +231,14 @@ def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
         opt.zero_grad(set_to_none=True)
     head: Any = None  # ImbSAM: the head loss at theta
     loss: Any = None  # the loss of the pass that sets the perturbation
+    first_done = False  # that pass already ran (ImbSAM's closure without opt.reduce)
     first_contexts: tuple[ContextFactory | None, ...] = (first_pass_context,)
     if w.splits:
         w.begin("head")
         head = run(())
         w.end_pass()
         if not w.reduced("head"):  # a closure without opt.reduce: no split, a SAM step on it
-            head, loss = None, head
+            head, loss, first_done = None, head, True
             w.begin("perturb")
         else:
             opt.set_aside_grads()
@@ -247,8 +247,8 @@ def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
                 return head
             w.begin("tail")
             first_contexts = (first_pass_context, lambda: frozen_bn_stats(model))
-    if loss is not None or opt.perturbation_due():
-        loss = run(first_contexts) if loss is None else loss
+    if first_done or opt.perturbation_due():
+        loss = loss if first_done else run(first_contexts)
         if scaler is not None:
             scaler.unscale_(opt)
         opt.first_step(zero_grad=True)
