@@ -211,3 +211,20 @@ def test_sam_is_an_optimizer_not_a_trainer():
     named = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg != "self"]
     assert len(named) <= 9, named
     assert not {"model", "bn_second_pass", "max_grad_norm"} & set(named)
+
+
+def test_no_private_name_crosses_a_module_of_the_optimizers():
+    """ImbSAM used to import _Ctx and _Plan from sam.py: optim/, methods.py and losses.py import
+    only public names of the package."""
+    import balanced_sam.losses
+    import balanced_sam.methods
+
+    paths = [*Path(sam_module.__file__).parent.glob("*.py"), Path(balanced_sam.losses.__file__),
+             Path(balanced_sam.methods.__file__)]
+    crossing = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("balanced_sam"):
+                crossing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                             if a.name.startswith("_")]
+    assert len(paths) >= 8 and not crossing
