@@ -50,11 +50,17 @@ def test_interval_methods_are_sam_family_names_with_a_suffix():
     with pytest.raises(ValueError, match="unknown method 'nope-i5'"):
         get_method("nope-i5")
     bins = LabelBins.from_labels(torch.arange(100.0), bin_width=10)
-    opt, _ = build_stepper(get_method("sam-i3"), MLP(5, (4,)).parameters(), bins,
-                           _cfg(interval=7, max_grad_norm=2.0))
-    assert opt.interval == 3 and opt.max_grad_norm == 2.0  # the method's interval wins
+    model = MLP(5, (4,))
+    opt, step = build_stepper(get_method("sam-i3"), model.parameters(), bins,
+                              _cfg(interval=7, max_grad_norm=1e-3, weight_decay=0.0))
+    assert opt.interval == 3  # the method's interval wins
+    x, y = torch.randn(20, 5), torch.arange(20.0)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    step(lambda: (model(x) - y).abs(), y)
+    moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before
+    assert 0 < moved.norm() <= 0.05 * 1e-3 * 1.01  # the step's max_grad_norm clipped it (lr 0.05)
     opt, _ = build_stepper(get_method("sam"), MLP(5, (4,)).parameters(), bins, _cfg(interval=7))
-    assert opt.interval == 7 and opt.max_grad_norm is None
+    assert opt.interval == 7
 
 
 def _fit(method: str, **kw):

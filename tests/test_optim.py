@@ -21,7 +21,12 @@ from _optim_helpers import tiny_model as _tiny_model
 from torch import nn
 
 from balanced_sam import SAM, BalancedSAM, ImbSAM, LabelBins
-from balanced_sam.optim import BalancingNotAppliedWarning, dual_norm_direction, frozen_bn_stats
+from balanced_sam.optim import (
+    BalancingNotAppliedWarning,
+    PassWeighting,
+    dual_norm_direction,
+    frozen_bn_stats,
+)
 
 # this module's defaults: 32 samples, 5 hidden units
 data = partial(_data, n=32)
@@ -211,7 +216,7 @@ def test_all_zero_weights_give_no_nan():
     opt = BalancedSAM(model.parameters(), torch.optim.SGD, bins, rho=0.5, lr=0.1)
     before = flat_params(model)
     opt.zero_grad()
-    (0.0 * opt.perturbation_weights(y) * (model(x).squeeze(-1) - y).abs()).mean().backward()
+    (0.0 * bins.sample_weights(y) * (model(x).squeeze(-1) - y).abs()).mean().backward()
     assert opt.first_step(zero_grad=True) is False
     (model(x).squeeze(-1) * 0).sum().backward()
     with pytest.warns(BalancingNotAppliedWarning):  # weighted by hand, not through reduce()
@@ -378,9 +383,8 @@ def test_bn_second_pass_freeze():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1))
     probe = copy.deepcopy(model)
     probe(x)  # one training-mode forward at theta: what the first pass does to the stats
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, model=model,
-              bn_second_pass="freeze")
-    opt.step(lambda: (model(x).squeeze(-1) - y).abs(), y)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    opt.step(lambda: (model(x).squeeze(-1) - y).abs(), y, model=model, bn_second_pass="freeze")
     bn, pbn = model[1], probe[1]
     torch.testing.assert_close(bn.running_mean, pbn.running_mean)
     torch.testing.assert_close(bn.running_var, pbn.running_var)
@@ -487,13 +491,43 @@ def test_adaptive_perturbation_scales_by_weights():
     (dict(p="two"), "p must be"),
     (dict(update_weighting="sqrt"), "update_weighting"),
     (dict(update_weighting="sqrt_inv"), "needs bins"),
-    (dict(bn_second_pass="freeze"), "needs the model"),
-    (dict(bn_second_pass="sometimes"), "bn_second_pass"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     model = tiny_model()
     with pytest.raises(ValueError, match=match):
         SAM(model.parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bn_second_pass="freeze"), "needs the model"),
+    (dict(bn_second_pass="sometimes"), "bn_second_pass"),
+])
+def test_bad_step_options_raise_clear_errors(kwargs, match):
+    x, y = data()
+    model = tiny_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    before = flat_params(model)
+    with pytest.raises(ValueError, match=match):
+        opt.step(lambda: (model(x).squeeze(-1) - y).abs(), y, **kwargs)
+    assert torch.equal(flat_params(model), before)
+
+
+@pytest.mark.parametrize("key", ["model", "bn_second_pass", "max_grad_norm"])
+def test_loop_options_are_step_options_not_constructor_arguments(key):
+    model = tiny_model()
+    with pytest.raises(TypeError, match=rf"{key} is an option of the step: opt.step\(loss_fn"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, **{key: None})
+    with pytest.raises(TypeError, match=rf"{key} is an option of the step"):
+        BalancedSAM(model.parameters(), torch.optim.SGD, skewed_bins(), lr=0.1, **{key: None})
+
+
+def test_sam_takes_normalize_through_its_weighting():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="normalize is an option of the weighting"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, normalize="none")
+    with pytest.raises(ValueError, match="not both"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, bins=skewed_bins(),
+            weighting=PassWeighting(skewed_bins(), update="sqrt_inv"))
 
 
 def test_bad_arguments_bsam_imbsam():

@@ -122,6 +122,8 @@ def weighted_mean(
     losses: torch.Tensor,
     weights: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    *,
+    denom: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     r""":math:`\frac1B\sum_i w_i \ell_i` over all elements (``weights=None``: all 1).
 
@@ -130,21 +132,29 @@ def weighted_mean(
     learning rate, follows the weights. With ``mask`` the sum and the count run over the masked
     elements only; an all-false mask gives 0 (not NaN). ``weights`` and ``mask`` must have the
     losses' shape (a ``ValueError`` otherwise: broadcasting would silently mix samples).
+
+    ``denom`` replaces the divisor (the count of elements, or of masked elements): the
+    optimizers divide a micro-batch's sum by the whole batch's count, and ImbSAM's head and tail
+    parts (masks) by the batch's count. This is the one weighted mean of the package: the
+    single-pass step and every pass of the sharpness-aware optimizers reduce through it.
     """
     if weights is not None:
         if _shape(weights) != _shape(losses):
             raise ValueError(f"weights have shape {_shape(weights)} but the losses have shape "
                              f"{_shape(losses)}; they must match")
         losses = losses * weights
-    if mask is None:
+    if mask is not None:
+        if _shape(mask) != _shape(losses):
+            raise ValueError(f"mask has shape {_shape(mask)} but the losses have shape "
+                             f"{_shape(losses)}; they must match")
+        mask = mask.to(dtype=torch.bool)
+        if denom is None:
+            denom = mask.sum().clamp_min(1)
+        losses = torch.where(mask, losses, torch.zeros((), dtype=losses.dtype,
+                                                       device=losses.device))
+    elif denom is None:
         return losses.mean()
-    if _shape(mask) != _shape(losses):
-        raise ValueError(f"mask has shape {_shape(mask)} but the losses have shape "
-                         f"{_shape(losses)}; they must match")
-    mask = mask.to(dtype=torch.bool)
-    count = mask.sum().clamp_min(1)
-    return torch.where(mask, losses, torch.zeros((), dtype=losses.dtype,
-                                                 device=losses.device)).sum() / count
+    return losses.sum() / denom
 
 
 def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ into it (:data:`WEIGHTING_PARTS`).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,8 +40,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.baselines.specs import PLUGINS, check_combination
 from balanced_sam.bins import SCHEMES, LabelBins
-from balanced_sam.losses import reduce_losses
-from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
+from balanced_sam.optim import SAM, BalancedSAM, ImbSAM, PassWeighting, plain_step
 
 __all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "base_method",
            "build_stepper", "build_base_optimizer", "DEFAULT_METHODS", "StepFn", "parse_method",
@@ -378,7 +376,10 @@ def build_stepper(
     ``cfg`` needs ``optimizer``, ``lr``, ``momentum``, ``weight_decay``, ``rho``, ``p``,
     ``normalize``, ``eta``, ``bn_second_pass`` and ``lds`` (kernel options) attributes, as
     :class:`balanced_sam.train.TrainConfig` has (``interval`` and ``max_grad_norm`` too, when
-    present); ``method.optimizer_options`` override them.
+    present); ``method.optimizer_options`` override them. The loop's policy (``model``,
+    ``cfg.bn_second_pass``, ``cfg.max_grad_norm``) goes to every call of the step, not to the
+    optimizer: :func:`~balanced_sam.optim.sharpness_step` for the SAM family,
+    :func:`~balanced_sam.optim.plain_step` (the same finite check and clip) for the others.
 
     Every optimizer returned counts the steps it skipped because a gradient was not finite in
     ``opt.skipped_steps`` (the SAM family's own counter; the plain step keeps one likewise):
@@ -387,76 +388,43 @@ def build_stepper(
     base = build_base_optimizer(cfg.optimizer)
     kw = _base_kwargs(cfg)
     uses_lds = "lds" in (method.update_weighting, method.perturbation_weighting)
-    wkw = dict(cfg.lds) if uses_lds else {}
+    weights: dict[str, Any] = dict(normalize=cfg.normalize,
+                                   weight_kwargs=dict(cfg.lds) if uses_lds else {})
     clip = getattr(cfg, "max_grad_norm", None)
     if method.sharpness == "none":
-        return _plain_stepper(base(params, **kw, **method.optimizer_options), method, bins,
-                              cfg.normalize, wkw, clip)
-    common: dict[str, Any] = dict(rho=cfg.rho, p=cfg.p, normalize=cfg.normalize,
-                                  weight_kwargs=wkw, model=model,
-                                  bn_second_pass=cfg.bn_second_pass,
-                                  interval=getattr(cfg, "interval", 1), max_grad_norm=clip, **kw)
+        plain = base(params, **kw, **method.optimizer_options)
+        plain.skipped_steps = 0  # type: ignore[attr-defined]
+        weighting = PassWeighting(bins, None, method.update_weighting, **weights)
+
+        def plain_stepper(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
+                          mask: torch.Tensor | None = None, scaler: Any = None,
+                          first_pass_context: Any = None) -> torch.Tensor:
+            return plain_step(plain, loss_fn, targets, weighting=weighting, mask=mask,
+                              scaler=scaler, max_grad_norm=clip)
+
+        return plain, plain_stepper
+    if cfg.bn_second_pass == "freeze" and model is None:
+        raise ValueError("bn_second_pass='freeze' needs the model: pass model=...")
+    common: dict[str, Any] = dict(rho=cfg.rho, p=cfg.p, interval=getattr(cfg, "interval", 1),
+                                  **kw)
     if method.sharpness == "sam":
-        opt: SAM = SAM(params, base, bins=bins, update_weighting=method.update_weighting,
+        opt: SAM = SAM(params, base, weighting=PassWeighting(bins, None, method.update_weighting,
+                                                             **weights),
                        **{**common, **method.optimizer_options})
     elif method.sharpness == "bsam":
         same = method.update_weighting == method.perturbation_weighting
         opt = BalancedSAM(params, base, bins, scheme=method.perturbation_weighting,
                           update_weighting="same" if same else method.update_weighting,
-                          **{**common, **method.optimizer_options})
+                          **{**common, **weights, **method.optimizer_options})
     else:
         opt = ImbSAM(params, base, bins, update_weighting=method.update_weighting,
-                     **{"eta": cfg.eta, **common, **method.optimizer_options})
+                     **{"eta": cfg.eta, **common, **weights, **method.optimizer_options})
 
     def sam_step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
                  mask: torch.Tensor | None = None, scaler: Any = None,
                  first_pass_context: Any = None) -> torch.Tensor:
         return opt.step(loss_fn, targets, mask=mask, scaler=scaler,
-                        first_pass_context=first_pass_context)
+                        first_pass_context=first_pass_context, model=model,
+                        bn_second_pass=cfg.bn_second_pass, max_grad_norm=clip)
 
     return opt, sam_step
-
-
-def _plain_stepper(opt: Optimizer, method: Method, bins: LabelBins, normalize: str,
-                   wkw: dict[str, Any], max_grad_norm: float | None = None
-                   ) -> tuple[Optimizer, StepFn]:
-    """One forward/backward per step with the update weighting (no perturbation); the gradient
-    clipped to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``), a non-finite one
-    skipped and counted in ``opt.skipped_steps``."""
-    scheme = method.update_weighting
-    if scheme is not None:  # validate now, not at the first step
-        bins.weights(scheme, normalize, **wkw)
-    opt.skipped_steps = 0  # type: ignore[attr-defined]
-    params = [p for g in opt.param_groups for p in g["params"]]
-
-    def step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
-             mask: torch.Tensor | None = None, scaler: Any = None,
-             first_pass_context: Any = None) -> torch.Tensor:
-        w = None if scheme is None else bins.sample_weights(targets, scheme, normalize, **wkw)
-        opt.zero_grad(set_to_none=True)
-        loss = reduce_losses(loss_fn(), targets, w, mask)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if _finite_clipped(params, max_grad_norm):
-            scaler.step(opt) if scaler is not None else opt.step()
-        else:  # the parameters and the optimizer's state stay as they were
-            opt.skipped_steps += 1  # type: ignore[attr-defined]
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.step(opt)  # finds the inf itself and skips; update() lowers the scale
-        return loss.detach()
-
-    return opt, step
-
-
-def _finite_clipped(params: list[torch.Tensor], max_grad_norm: float | None) -> bool:
-    """Whether the gradients are finite (one host sync); clipped to ``max_grad_norm`` if so."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    if max_grad_norm is None:
-        norm = torch.nn.utils.get_total_norm(grads)
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    return math.isfinite(float(norm))

@@ -1,4 +1,11 @@
-r"""Balanced Sharpness-Aware Minimization (BSAM; Liu, Wang, Duan, Li, ICCV 2025)."""
+r"""Balanced Sharpness-Aware Minimization (BSAM; Liu, Wang, Duan, Li, ICCV 2025).
+
+What BSAM changes in SAM is one thing: the loss whose gradient sets the perturbation is the
+importance-weighted loss, so :math:`\hat\epsilon` points where the *rare* labels' loss rises
+fastest. In code that is the ``perturbation`` scheme of the step's
+:class:`~balanced_sam.optim.weighting.PassWeighting`; the passes, the perturbation and the base
+step are SAM's (:mod:`balanced_sam.optim.sam`, :mod:`balanced_sam.optim.driver`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.optim.sam import SAM
+from balanced_sam.optim.weighting import PassWeighting
 
 __all__ = ["BalancedSAM"]
 
@@ -32,28 +40,33 @@ class BalancedSAM(SAM):
     where :math:`L^u` is the update loss: the same weighted loss (``update_weighting="same"``,
     the reference code and the paper's main tables), the unweighted mean (``None``, the paper's
     Table 5 "Vanilla + Ours") or another scheme. The weighting costs one table look-up per step;
-    everything else is SAM (two forward/backward passes).
+    everything else is SAM (two forward/backward passes). A zero weighted gradient (e.g. every
+    weight 0) skips the perturbation instead of producing NaN.
 
     Args:
-        params, base_optimizer, rho, p, **base_kwargs: as :class:`~balanced_sam.SAM`.
+        params: parameters or parameter groups (a group may set its own ``rho``/``adaptive``).
+        base_optimizer: the optimizer class to wrap, e.g. ``torch.optim.SGD``.
         bins: :class:`~balanced_sam.LabelBins` built from the *training* labels.
-        scheme: perturbation weighting, one of ``"sqrt_inv"`` (default), ``"inv"``, ``"lds"``,
-            ``"none"`` (``"none"`` makes it plain SAM).
-        perturbation_weighting: the same as ``scheme`` under the name that pairs with
-            ``update_weighting`` (give one of the two; both with different values is an error).
+        scheme: perturbation weighting, one of ``"sqrt_inv"`` (the default, also for
+            ``None``), ``"inv"``, ``"lds"``, or ``"none"`` (unweighted: then it is plain SAM).
         normalize: ``"mean"`` (weights average 1 over training samples; default) or ``"none"``
             (raw :math:`1/\sqrt{N_k}`, the reference code: mean 0.0765 on AgeDB-DIR, which is
             why its recipe uses lr 0.2). Rescaling the weights does not change
             :math:`\hat\epsilon` but does change the update's effective learning rate.
         update_weighting: ``"same"`` (default), ``None`` or a scheme name.
+        rho: radius of the perturbation ball, ``>= 0``.
+        p: norm of the ball, ``>= 1`` or ``inf`` (default 2).
+        perturbation_weighting: ``scheme`` under the name that pairs with ``update_weighting``
+            (give one of the two; both with different values is an error).
+        weight_kwargs: extra keyword arguments of :meth:`LabelBins.weights` (LDS kernel, clip).
+        adaptive: ASAM's weight-scaled perturbation.
+        interval: a fresh perturbation every ``interval`` steps, reused in between (default 1).
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``...).
 
-    All other keyword arguments (``adaptive``, ``model``, ``bn_second_pass``, ``weight_kwargs``,
-    ``interval``, ``max_grad_norm``) are those of :class:`~balanced_sam.SAM`, and so are the
-    calling forms: ``step(loss_fn, targets)``, ``step(closure)`` and ``first_step()`` /
-    ``second_step()``, the last two with ``opt.reduce(losses, targets)`` computing the loss of
-    each pass (else the step is plain SAM and a
-    :class:`~balanced_sam.optim.BalancingNotAppliedWarning` says so). A zero weighted gradient
-    (e.g. every weight 0) skips the perturbation instead of producing NaN.
+    Calling forms: ``step(loss_fn, targets, **options)``, ``step(closure)`` and
+    ``first_step()`` / ``second_step()``, the last two with ``opt.reduce(losses, targets)``
+    computing the loss of each pass (else the step is plain SAM and a
+    :class:`~balanced_sam.optim.BalancingNotAppliedWarning` says so); see :class:`SAM`.
     """
 
     def __init__(
@@ -68,7 +81,10 @@ class BalancedSAM(SAM):
         p: float | int | str = 2,
         *,
         perturbation_weighting: str | None = None,
-        **kwargs: Any,
+        weight_kwargs: dict[str, Any] | None = None,
+        adaptive: bool = False,
+        interval: int = 1,
+        **base_kwargs: Any,
     ) -> None:
         if not isinstance(bins, LabelBins):
             raise TypeError("bins must be a balanced_sam.LabelBins built from the training "
@@ -78,11 +94,12 @@ class BalancedSAM(SAM):
             raise ValueError(f"scheme={scheme!r} and perturbation_weighting="
                              f"{perturbation_weighting!r} name the same setting; give one")
         scheme = scheme if scheme is not None else perturbation_weighting
-        if scheme is None:
-            scheme = "sqrt_inv"
+        scheme = "sqrt_inv" if scheme is None else scheme
         if scheme not in SCHEMES:
             raise ValueError(f"scheme (perturbation_weighting) must be one of {SCHEMES}, "
                              f"got {scheme!r}")
-        self.perturbation_weighting = None if scheme == "none" else scheme
-        super().__init__(params, base_optimizer, rho=rho, p=p, bins=bins,
-                         update_weighting=update_weighting, normalize=normalize, **kwargs)
+        # the one difference from SAM: the perturbation pass is weighted
+        weighting = PassWeighting(bins, scheme, update_weighting, normalize=normalize,
+                                  weight_kwargs=weight_kwargs)
+        super().__init__(params, base_optimizer, rho, p, weighting=weighting, adaptive=adaptive,
+                         interval=interval, **base_kwargs)

@@ -2,7 +2,6 @@ r"""ImbSAM (Zhou et al., ICCV 2023) for regression: sharpness-aware on the tail 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,7 +9,8 @@ import torch
 from torch.optim import Optimizer
 
 from balanced_sam.bins import LabelBins
-from balanced_sam.optim.sam import SAM, _Ctx, _Plan, frozen_bn_stats
+from balanced_sam.optim.sam import SAM
+from balanced_sam.optim.weighting import PassWeighting
 
 __all__ = ["ImbSAM"]
 
@@ -41,15 +41,16 @@ class ImbSAM(SAM):
     loss at :math:`\theta` (its gradient is kept aside), the tail loss at :math:`\theta` (sets
     :math:`\hat\epsilon_T`) and the tail loss at :math:`\theta + \hat\epsilon_T`. That is one
     forward pass more than sharing the forward pass at :math:`\theta`, which needs
-    ``retain_graph`` and fails on compiled graphs with donated buffers. With ``model=`` given,
+    ``retain_graph`` and fails on compiled graphs with donated buffers. With ``model=`` given to
+    the step,
     the second pass at :math:`\theta` leaves the BatchNorm running statistics alone, so they
     move as in a two-pass step; without it they are updated once more (the same batch
     statistics at the same :math:`\theta`, i.e. a slightly larger effective momentum).
 
     Calling forms:
 
-    * ``step(loss_fn, targets)`` (optionally ``accumulate=K``, ``max_grad_norm=``,
-      ``interval=`` at construction): as :class:`~balanced_sam.SAM`.
+    * ``step(loss_fn, targets, **options)``: as :class:`~balanced_sam.SAM` (``accumulate``,
+      ``max_grad_norm``, ``model``... of :func:`~balanced_sam.optim.driver.sharpness_step`).
     * ``step(closure)``: the closure must compute its loss as ``opt.reduce(losses, targets)``,
       which returns the head part in the first call, and the tail part in the second (at
       :math:`\theta`) and third (at :math:`\theta + \hat\epsilon_T`) calls; the closure is
@@ -65,15 +66,24 @@ class ImbSAM(SAM):
       :meth:`second_step` adds the head gradient. Call ``reduce`` once per backward pass.
 
     Args:
-        params, base_optimizer, rho, p, **kwargs: as :class:`~balanced_sam.SAM` (including
-            ``interval``, ``max_grad_norm``, ``model``).
+        params: parameters or parameter groups (a group may set its own ``rho``/``adaptive``).
+        base_optimizer: the optimizer class to wrap, e.g. ``torch.optim.SGD``.
         bins: :class:`~balanced_sam.LabelBins` of the training labels (defines the tail).
         eta: tail threshold on the training count of a label's bin (ImbSAM's default 20
             matches the few-shot boundary of DIR).
+        rho: radius of the tail's perturbation ball, ``>= 0``.
+        p: norm of the ball, ``>= 1`` or ``inf`` (default 2).
         update_weighting: ``None`` (default) or a scheme name for :math:`u_i`.
-    """
+        normalize: ``"mean"`` (weights average 1 over the training samples) or ``"none"``.
+        weight_kwargs: extra keyword arguments of :meth:`LabelBins.weights` (LDS kernel, clip).
+        adaptive: ASAM's weight-scaled perturbation.
+        interval: a fresh perturbation every ``interval`` steps, reused in between (default 1).
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``...).
 
-    _splits_head_tail = True
+    The three passes are :func:`~balanced_sam.optim.driver.sharpness_step`'s, driven by the
+    head/tail split of the step's :class:`~balanced_sam.optim.weighting.PassWeighting`
+    (``tail_below=eta``); this class adds the split and the two-step form's :meth:`reduce`.
+    """
 
     def __init__(
         self,
@@ -84,7 +94,12 @@ class ImbSAM(SAM):
         rho: float = 0.05,
         p: float | int | str = 2,
         update_weighting: str | None = None,
-        **kwargs: Any,
+        *,
+        normalize: str = "mean",
+        weight_kwargs: dict[str, Any] | None = None,
+        adaptive: bool = False,
+        interval: int = 1,
+        **base_kwargs: Any,
     ) -> None:
         if not isinstance(bins, LabelBins):
             raise TypeError("bins must be a balanced_sam.LabelBins built from the training "
@@ -92,139 +107,31 @@ class ImbSAM(SAM):
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         self.eta = eta
-        super().__init__(params, base_optimizer, rho=rho, p=p, bins=bins,
-                         update_weighting=update_weighting, **kwargs)
-        self._saw_tail = False
-        self._track_tail = False  # closure form: reduce() records whether a tail sample came
+        weighting = PassWeighting(bins, None, update_weighting, normalize=normalize,
+                                  weight_kwargs=weight_kwargs, tail_below=eta)
+        super().__init__(params, base_optimizer, rho, p, weighting=weighting, adaptive=adaptive,
+                         interval=interval, **base_kwargs)
 
     def tail_mask(self, targets: torch.Tensor) -> torch.Tensor:
         """True for targets whose bin holds fewer than ``eta`` training samples."""
-        assert self.bins is not None
-        idx = self.bins.bin_index(targets)
-        return (self.bins.counts.to(idx.device) < self.eta)[idx]
+        return self.weighting.tail_mask(targets)
 
-    # ------------------------------------------------------------------ the reduction
-    def _weighted_terms(self, losses: torch.Tensor, targets: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
-        u = self._cached(f"w:{self.update_weighting}", targets,
-                         lambda t: self._weights(self.update_weighting, t))
-        tail = self._cached("tail", targets, self.tail_mask)
-        assert tail is not None
-        terms = losses if u is None else losses * u
-        part = ~tail if self._phase == "head" else tail
-        if mask is not None:
-            part = part & mask
-        if self._phase == "head" and self._track_tail:
-            self._saw_tail = self._saw_tail or bool((tail if mask is None else tail & mask).any())
-        return torch.where(part, terms, torch.zeros((), dtype=terms.dtype, device=terms.device))
-
-    def _regularizer_applies(self) -> bool:
-        return self._phase == "head"
-
-    def _needs_reduce(self, phase: str) -> bool:
-        return True
-
-    def _reduce(self, output: Any, targets: torch.Tensor, mask: torch.Tensor | None,
-                denom: torch.Tensor | int | None, reg_scale: float) -> torch.Tensor:
-        if self._phase != "perturb":
-            return super()._reduce(output, targets, mask, denom, reg_scale)
-        # two-step form, first pass: take the head gradient now from the shared graph
-        self._phase = "head"
-        head = super()._reduce(output, targets, mask, denom, reg_scale)
-        self._phase = "perturb"
-        tail = super()._reduce(output, targets, mask, denom, reg_scale)
+    def reduce(self, per_sample_losses: Any, targets: torch.Tensor,
+               mask: torch.Tensor | None = None, *,
+               regularizer: torch.Tensor | None = None) -> torch.Tensor:
+        """The head or tail part of the pass in progress (see the class docstring). In the
+        two-step form's first pass, also takes the head gradient from the shared graph and sets
+        it aside for :meth:`second_step`, and returns the tail loss."""
+        w = self.weighting
+        if w.phase != "perturb":
+            return super().reduce(per_sample_losses, targets, mask, regularizer=regularizer)
+        w.begin("head")
+        head = super().reduce(per_sample_losses, targets, mask, regularizer=regularizer)
+        w.begin("perturb")
+        tail = super().reduce(per_sample_losses, targets, mask, regularizer=regularizer)
         if head.requires_grad:
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             grads = torch.autograd.grad(head, params, retain_graph=True, allow_unused=True)
-            self._keep_aside([(p, g) for p, g in zip(params, grads) if g is not None],
-                             scaled=False)
+            self.set_aside_grads([(p, g) for p, g in zip(params, grads) if g is not None],
+                                 scaled=False)
         return tail
-
-    def _keep_aside(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], scaled: bool) -> None:
-        if self._stash and self._stash_scaled == scaled:  # several reduce() calls: accumulate
-            have = {id(p): g for p, g in self._stash}
-            for p, g in pairs:
-                if id(p) in have:
-                    have[id(p)].add_(g)
-                else:
-                    self._stash.append((p, g))
-            return
-        self._stash, self._stash_scaled = pairs, scaled
-
-    def _stash_grads(self) -> None:
-        """Move the head gradient out of ``.grad`` (no copy) until the base step."""
-        pairs = []
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    pairs.append((p, p.grad))
-                    p.grad = None
-        self._keep_aside(pairs, scaled=True)
-
-    # ------------------------------------------------------------------ the step forms
-    def _tail_contexts(self, first_pass_context: _Ctx | None) -> tuple[_Ctx | None, ...]:
-        return (first_pass_context, lambda: frozen_bn_stats(self.model))
-
-    def _step_loss_fn(self, loss_fn: Callable[..., Any], plan: _Plan, scaler: Any,
-                      first_pass_context: _Ctx | None, clip: float | None) -> torch.Tensor:
-        self.zero_grad(set_to_none=True)
-        has_tail = any(bool(self._tail_of(c.targets, c.mask).any()) for c in plan.chunks)
-        self._phase = "head"
-        self._ran.add("head")
-        loss = self._run_pass(loss_fn, plan, scaler)
-        if has_tail:
-            self._stash_grads()
-            self._phase = "tail"
-            loss_t, go_on = self._perturbation_pass(
-                lambda: self._run_pass(loss_fn, plan, scaler,
-                                       self._tail_contexts(first_pass_context)), scaler)
-            if go_on:
-                loss_u = self._run_pass(loss_fn, plan, scaler, (self._second_pass_context,))
-                loss_t = loss_u if loss_t is None else loss_t
-            loss = loss + loss_t
-        else:
-            self.last_step_perturbed = False
-        self._finish(scaler, clip)
-        return loss
-
-    def _tail_of(self, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        tail = self._cached("tail", targets, self.tail_mask)
-        assert tail is not None
-        return tail if mask is None else tail & mask
-
-    def _step_closure(self, closure: Callable[[], Any], scaler: Any,
-                      first_pass_context: _Ctx | None, clip: float | None) -> Any:
-        self._phase = "head"
-        self._saw_tail, self._track_tail = False, True
-        try:
-            with torch.enable_grad():
-                loss_h = closure()
-        finally:
-            self._track_tail = False
-        self._ran.add("head")
-        if "head" not in self._reduced:  # no opt.reduce: no split possible, a plain SAM step
-            self._phase = "perturb"
-            if scaler is not None:
-                scaler.unscale_(self)
-            self.first_step(zero_grad=True)
-            return self._closure_update(closure, loss_h, not self._skip_pending, scaler, clip)
-        self._stash_grads()
-        if not self._saw_tail:
-            self.last_step_perturbed = False
-            self._finish(scaler, clip)
-            return loss_h
-        self._phase = "tail"
-
-        def tail_at_theta() -> Any:
-            with torch.enable_grad(), contextlib.ExitStack() as stack:
-                for ctx in self._tail_contexts(first_pass_context):
-                    if ctx is not None:
-                        stack.enter_context(ctx())
-                return closure()
-
-        loss_t, go_on = self._perturbation_pass(tail_at_theta, scaler)
-        loss_u = self._closure_update(closure, None, go_on, scaler, clip)
-        second = loss_t if loss_t is not None else loss_u
-        if isinstance(loss_h, torch.Tensor) and isinstance(second, torch.Tensor):
-            return loss_h + second
-        return loss_h
