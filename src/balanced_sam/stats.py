@@ -531,6 +531,6 @@ def _power_note(c: Mapping[str, Any], digits: int, always: bool, level: float) -
             f"smallest effect detectable at {pct} power: {mde:.{digits}f}")
     size, need = c.get("effect"), c.get("seeds_needed")
     if always and size is not None:
-        text += (f"; {size:.{digits}f} needs {need} seeds" if need is not None else
-                 f"; {size:.{digits}f} needs more than {MAX_SEEDS} seeds")
+        text += (f"; an effect of {size:.{digits}f} needs {need} seeds" if need is not None
+                 else f"; an effect of {size:.{digits}f} needs more than {MAX_SEEDS} seeds")
     return text
