@@ -63,6 +63,7 @@ __all__ = [
     "format_comparisons",
     "COMPARISON_METRICS",
     "UnpairedRunsError",
+    "is_finite",
 ]
 
 #: the (metric, region) pairs compared, keyed ``f"{metric}_{region}"`` in the output
@@ -228,7 +229,8 @@ def seeds_needed(effect: float, sd: float, *, alpha: float = 0.05,
 
 
 # ---------------------------------------------------------------------------- one comparison
-def _finite(v: Any) -> bool:
+def is_finite(v: Any) -> bool:
+    """A real number (int, float or a numpy scalar) that is neither NaN nor infinite."""
     return v is not None and isinstance(v, (int, float, np.floating, np.integer)) \
         and math.isfinite(float(v))
 
@@ -276,7 +278,7 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
     if len(values) == 0:
         raise ValueError("values is empty: need at least one paired seed")
     for name, seq in (("values", values), ("baseline", baseline)):
-        bad = [v for v in seq if not _finite(v)]
+        bad = [v for v in seq if not is_finite(v)]
         if bad:
             raise ValueError(f"{name} must be finite numbers, got {bad[0]!r}")
     wanted = parse_effect(effect)
@@ -367,7 +369,7 @@ def left_out_seeds(results: Mapping[str, Any], baseline: str = "sqinv",
 
 def _metric(run: Mapping[str, Any], split: str, region: str, metric: str) -> float | None:
     v = run.get(split, {}).get(region, {}).get(metric)
-    return float(v) if _finite(v) else None
+    return float(v) if is_finite(v) else None
 
 
 def paired_comparisons(

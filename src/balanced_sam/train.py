@@ -498,7 +498,9 @@ def fit(
                     on_epoch_end(epoch, row)
             if world > 1:
                 torch.distributed.barrier()
-        return _final_evaluation(run, state, val_data, test_data, folder)
+        result = _final_evaluation(run, state, val_data, test_data, folder)
+        folder.finish()  # records result.json, which the callers write next
+        return result
     finally:
         for sink in sinks:
             sink.close()
