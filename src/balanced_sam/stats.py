@@ -122,7 +122,7 @@ def t_ppf(q: float, df: float) -> float:
 
 # ---------------------------------------------------------------------------- power
 def _check_power_args(sd: float, n: int, alpha: float, power: float) -> None:
-    if not (_finite(sd) and sd >= 0):
+    if not (is_finite(sd) and sd >= 0):
         raise ValueError(f"sd (the paired standard deviation) must be a finite number >= 0, "
                          f"got {sd!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
@@ -155,7 +155,7 @@ u,\delta}` the noncentral t (exact, not the normal approximation).
     if design not in ("paired", "two_sample"):
         raise ValueError(f"design must be 'paired' or 'two_sample', got {design!r}")
     _check_power_args(sd, n, alpha, 0.5)
-    if not _finite(effect):
+    if not is_finite(effect):
         raise ValueError(f"effect must be a finite number, got {effect!r}")
     if sd == 0:
         return 1.0 if effect != 0 else alpha
@@ -207,7 +207,7 @@ def seeds_needed(effect: float, sd: float, *, alpha: float = 0.05,
     differences of standard deviation ``sd`` (the inverse of :func:`detectable_effect`);
     ``None`` when ``effect`` is 0 or more than :data:`MAX_SEEDS` would be needed."""
     _check_power_args(sd, 2, alpha, power)
-    if not _finite(effect):
+    if not is_finite(effect):
         raise ValueError(f"effect must be a finite number, got {effect!r}")
     if effect == 0:
         return None
