@@ -28,7 +28,12 @@ from balanced_sam.bench import (
 from balanced_sam.cli import main
 from balanced_sam.data import registry
 from balanced_sam.data.base import BenchData
-from balanced_sam.stats import COMPARISON_METRICS, paired_comparisons
+from balanced_sam.stats import (
+    COMPARISON_METRICS,
+    detectable_effect,
+    paired_comparisons,
+    seeds_needed,
+)
 
 # a generated long-tailed table (the one of test_train), small and fast
 TABLE = dict(target="target", bin_width=10, cap=20, epochs=2, rho=0.05)
@@ -185,10 +190,14 @@ def test_results_hold_the_paired_comparisons(serial):
     for method in cmp:
         assert set(cmp[method]) == keys
         for c in cmp[method].values():
-            assert set(c) == {"mean", "ci_low", "ci_high", "wins", "n"} and c["n"] == 3
+            assert set(c) == {"mean", "ci_low", "ci_high", "wins", "n", "sd", "mde", "effect",
+                              "seeds_needed"} and c["n"] == 3
             assert c["ci_low"] <= c["mean"] <= c["ci_high"]
+            # the power entries follow from the paired sd and the baseline's 5%
+            assert c["mde"] == pytest.approx(detectable_effect(c["sd"], 3), rel=1e-12)
     info = on_disk["comparisons_info"]
     assert info["baseline"] == "sqinv" and info["confidence"] == 0.95
+    assert info["effect"] == "5%" and info["power"] == 0.8
     assert info["split"] == "test" and info["left_out"] == {}
     # the numbers are those of the seed-by-seed differences
     runs = {m: {r["seed"]: r["test"]["all"]["mae"] for r in e["runs"]}
@@ -196,6 +205,10 @@ def test_results_hold_the_paired_comparisons(serial):
     d = [runs["bsam"][s] - runs["sqinv"][s] for s in range(3)]
     assert cmp["bsam"]["mae_all"]["mean"] == pytest.approx(sum(d) / 3, rel=1e-12)
     assert cmp["bsam"]["mae_all"]["wins"] == sum(x < 0 for x in d)
+    base = [runs["sqinv"][s] for s in range(3)]
+    assert cmp["bsam"]["mae_all"]["effect"] == pytest.approx(0.05 * sum(base) / 3, rel=1e-12)
+    want = seeds_needed(cmp["bsam"]["mae_all"]["effect"], cmp["bsam"]["mae_all"]["sd"])
+    assert cmp["bsam"]["mae_all"]["seeds_needed"] == want
     # printed under the table, which points to them
     assert "mean ± std over seeds; differences between methods: see the paired comparisons " \
            "below" in text
@@ -255,6 +268,22 @@ def test_bsam_compare_recomputes_from_a_results_file(serial, tmp_path, capsys):
     assert "Paired differences on test: method - sam" in "\n".join(logs)
     with pytest.raises(ValueError, match="need the results.json path"):
         compare_results(copy.deepcopy(res), write=True, log=lambda s: None)
+
+
+def test_bsam_compare_power(serial, tmp_path, capsys):
+    res, out, _ = serial
+    path = tmp_path / "results.json"
+    path.write_text((out / "results.json").read_text())
+    assert main(["compare", str(path), "--power", "--effect", "0.5"]) == 0
+    text = capsys.readouterr().out
+    c = paired_comparisons(json.loads(path.read_text()), "sqinv", effect=0.5)["bsam"]["mae_all"]
+    mde = f"{c['mde']:.2f}"
+    assert mde in text and f"an effect of 0.50 needs {c['seeds_needed']} seeds" in text
+    assert ("the seeds could not have detected an effect smaller than" in text
+            or "smallest effect detectable at 80% power" in text)
+    capsys.readouterr()
+    assert main(["compare", str(path), "--effect", "-3"]) == 2
+    assert "effect must be a finite number > 0" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- divergence
@@ -354,8 +383,9 @@ def test_a_diverged_baseline_seed_leaves_every_pair_and_fp16_skips_do_not_count(
     gone = _results({"sqinv": [10.0, 11.0, 12.0], "bsam": [math.nan] * 3})
     finish_results(gone, baseline="sqinv")
     assert gone["methods"]["bsam"]["mean"] is None
-    assert gone["comparisons"]["bsam"]["mae_all"] == {"mean": None, "ci_low": None,
-                                                      "ci_high": None, "wins": 0, "n": 0}
+    assert gone["comparisons"]["bsam"]["mae_all"] == {
+        "mean": None, "ci_low": None, "ci_high": None, "wins": 0, "n": 0, "sd": None,
+        "mde": None, "effect": None, "seeds_needed": None}
     assert "n/a (no pair left: diverged runs)" in comparison_text(gone)
     assert "| bsam † | - |" in bench_table(gone)
 

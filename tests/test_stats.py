@@ -13,11 +13,15 @@ import pytest
 from balanced_sam.stats import (
     COMPARISON_METRICS,
     UnpairedRunsError,
+    detectable_effect,
     format_comparisons,
     paired_comparisons,
     paired_difference,
+    parse_effect,
+    seeds_needed,
     t_cdf,
     t_ppf,
+    t_test_power,
 )
 
 # two-sided 95% critical values as printed in every t table
@@ -95,7 +99,8 @@ def test_paired_difference_two_seeds_uses_t_with_one_df() -> None:
 
 def test_paired_difference_one_seed_has_no_interval() -> None:
     c = paired_difference([1.5], [2.0])
-    assert c == {"mean": -0.5, "ci_low": None, "ci_high": None, "wins": 1, "n": 1}
+    assert c == {"mean": -0.5, "ci_low": None, "ci_high": None, "wins": 1, "n": 1,
+                 "sd": None, "mde": None, "effect": pytest.approx(0.1), "seeds_needed": None}
     c = paired_difference([2.5], [2.0])
     assert c["wins"] == 0 and c["ci_low"] is None
 
@@ -104,7 +109,9 @@ def test_ties_are_not_wins() -> None:
     c = paired_difference([1.0, 2.0, 3.0], [1.0, 2.0, 3.5])
     assert c["wins"] == 1
     c = paired_difference([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
-    assert c == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "wins": 0, "n": 3}
+    # no spread: any true difference would be seen by two seeds
+    assert c == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "wins": 0, "n": 3, "sd": 0.0,
+                 "mde": 0.0, "effect": pytest.approx(0.1), "seeds_needed": 2}
 
 
 def test_paired_difference_confidence_level() -> None:
@@ -308,3 +315,111 @@ def test_paired_differences_plot(tmp_path) -> None:
     assert plot_paired_differences(one, tmp_path / "one.png").stat().st_size > 0
     with pytest.raises(ValueError, match="non-empty"):
         plot_paired_differences({}, tmp_path / "none.png")
+
+
+# ---------------------------------------------------------------------------- power
+def test_power_matches_published_two_sample_values() -> None:
+    # R's power.t.test documentation: n = 20 per group, delta = 1, sd = 1 -> power 0.8689528;
+    # power 0.90 at delta = 1 needs n = 22.02 per group (so 22 falls short and 23 is enough)
+    assert t_test_power(1.0, 1.0, 20, design="two_sample") == pytest.approx(0.8689528, abs=1e-6)
+    assert t_test_power(1.0, 1.0, 22, design="two_sample") < 0.90
+    assert t_test_power(1.0, 1.0, 23, design="two_sample") >= 0.90
+
+
+def test_power_of_the_paired_test_by_its_definition() -> None:
+    # noncentral t with df = n - 1 and noncentrality effect * sqrt(n) / sd, two-sided 5%
+    from scipy import stats as st
+
+    n, sd, e = 10, 0.87, 0.5
+    crit = st.t.ppf(0.975, n - 1)
+    nc = e * math.sqrt(n) / sd
+    want = st.nct.sf(crit, n - 1, nc) + st.nct.cdf(-crit, n - 1, nc)
+    assert t_test_power(e, sd, n) == pytest.approx(want, rel=1e-12)
+    assert t_test_power(-e, sd, n) == pytest.approx(want, rel=1e-12)  # two-sided
+    assert t_test_power(0.0, sd, n) == pytest.approx(0.05, abs=1e-12)  # the test's level
+
+
+def test_detectable_effect_is_the_root_and_near_the_textbook_formula() -> None:
+    from scipy import stats as st
+
+    # the figure: a paired sd of 0.87 degrees over 10 seeds detects about 0.87 degrees
+    mde = detectable_effect(0.87, 10)
+    assert mde == pytest.approx(0.8665, abs=1e-4)
+    assert t_test_power(mde, 0.87, 10) == pytest.approx(0.80, abs=1e-9)
+    for n in (2, 3, 5, 10, 30):
+        approx = (st.t.ppf(0.975, n - 1) + st.t.ppf(0.80, n - 1)) * 1.0 / math.sqrt(n)
+        exact = detectable_effect(1.0, n)
+        # the approximation is off for very few seeds (above the root for 2 and 3), close
+        # from 5 on
+        if n < 5:
+            assert exact > approx
+        else:
+            assert exact == pytest.approx(approx, rel=0.015)
+    assert detectable_effect(2.0, 10) == pytest.approx(2 * detectable_effect(1.0, 10), rel=1e-9)
+    assert detectable_effect(1.0, 10, power=0.9) > detectable_effect(1.0, 10)
+    assert detectable_effect(0.0, 5) == 0.0
+
+
+def test_independent_power_solver_agrees() -> None:
+    sm = pytest.importorskip("statsmodels.stats.power")
+    for n in (3, 5, 10, 20):
+        d = sm.TTestPower().solve_power(nobs=n, alpha=0.05, power=0.8)
+        assert detectable_effect(1.0, n) == pytest.approx(d, rel=1e-5)
+
+
+def test_seeds_needed_is_the_inverse() -> None:
+    for sd in (0.3, 0.87, 2.5):
+        for e in (0.2, 1.0, 3.0):
+            n = seeds_needed(e, sd)
+            assert n is not None and n >= 2
+            assert t_test_power(e, sd, n) >= 0.8
+            if n > 2:
+                assert t_test_power(e, sd, n - 1) < 0.8
+                # and the detectable effect at n seeds is within reach, at n - 1 it is not
+                assert detectable_effect(sd, n) <= e < detectable_effect(sd, n - 1)
+    assert seeds_needed(1.0, 0.87) == 9
+    assert seeds_needed(0.0, 1.0) is None
+    assert seeds_needed(1.0, 0.0) == 2
+    assert seeds_needed(1e-3, 1.0) is None  # beyond MAX_SEEDS
+
+
+@pytest.mark.parametrize("call", [
+    lambda: detectable_effect(-1.0, 5), lambda: detectable_effect(float("nan"), 5),
+    lambda: detectable_effect(1.0, 1), lambda: detectable_effect(1.0, 5, power=1.0),
+    lambda: seeds_needed(float("inf"), 1.0), lambda: t_test_power(1.0, 1.0, 5, design="x"),
+    lambda: parse_effect("-5%"), lambda: parse_effect("abc"), lambda: parse_effect("nan"),
+])
+def test_power_arguments_are_checked(call) -> None:
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_paired_difference_power_entries() -> None:
+    d = [0.3, -1.2, 0.8, 2.0, -0.4]
+    base = [20.0, 21.0, 19.0, 20.0, 20.0]
+    c = paired_difference([a + b for a, b in zip(d, base)], base)
+    sd = float(np.std(d, ddof=1))
+    assert c["sd"] == pytest.approx(sd, rel=1e-12)
+    assert c["mde"] == pytest.approx(detectable_effect(sd, 5), rel=1e-12)
+    assert c["effect"] == pytest.approx(0.05 * 20.0)  # 5% of the baseline's mean
+    assert c["seeds_needed"] == seeds_needed(1.0, sd)
+    c = paired_difference([a + b for a, b in zip(d, base)], base, effect=2.0, power=0.9)
+    assert c["effect"] == 2.0 and c["seeds_needed"] == seeds_needed(2.0, sd, power=0.9)
+    assert c["mde"] == pytest.approx(detectable_effect(sd, 5, power=0.9), rel=1e-12)
+    assert paired_difference(d, [0.0] * 5, effect=None)["seeds_needed"] is None
+    assert parse_effect("5%") == ("relative", 0.05) and parse_effect(1.5) == ("absolute", 1.5)
+
+
+def test_power_line_where_the_interval_includes_zero() -> None:
+    cmp = {"bsam": {"mae_all": paired_difference([10.1, 9.4, 10.6, 9.9], [10.0, 10.0, 10.0,
+                                                                           10.0])}}
+    text = format_comparisons(cmp)
+    mde = cmp["bsam"]["mae_all"]["mde"]
+    assert f"the seeds could not have detected an effect smaller than {mde:.2f}" in text
+    full = format_comparisons(cmp, power=True)
+    assert f"needs {cmp['bsam']['mae_all']['seeds_needed']} seeds" in full
+    # an interval that excludes 0 gets no such sentence unless power is asked for
+    sure = {"bsam": {"mae_all": paired_difference([9.0, 9.1, 8.9], [10.0, 10.0, 10.0])}}
+    assert "could not have detected" not in format_comparisons(sure)
+    assert "smallest effect detectable" in format_comparisons(sure, power=True)
+    assert all(len(line) <= 100 for line in full.splitlines() if "power" in line)

@@ -231,6 +231,10 @@ def _bench_runs(b: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_BASELINE} when among --methods; it must be one of them)")
     b.add_argument("--confidence", type=_number, default=0.95,
                    help="level of the paired intervals (default 0.95)")
+    b.add_argument("--effect", default="5%", metavar="E",
+                   help="the effect of interest of the power figures: a share of the "
+                        "baseline's error (default 5%%, the paper's size) or a number in the "
+                        "target's units")
     b.add_argument("--quick", action="store_true",
                    help="the dataset's short variant (rotated-fashion-mnist: 4 methods, 3 seeds, "
                         "5 epochs on 2,000 images; others: 1 seed, 12 epochs): a smoke test "
@@ -287,6 +291,12 @@ def _add_compare(sub: Any) -> None:
     c.add_argument("--diverge-factor", type=_number, default=None, metavar="K",
                    help="divergence threshold over the method's median test MAE (default: "
                         "the bench's, else 3)")
+    c.add_argument("--power", action="store_true",
+                   help="under every comparison, the smallest effect its seeds detect with 80%% "
+                        "power (two-sided 5%%, noncentral t) and the seeds --effect needs")
+    c.add_argument("--effect", default=None, metavar="E",
+                   help="the effect of interest: a share of the baseline's error (5%%, the "
+                        "paper's size, by default) or a number in the target's units (1.0)")
     c.add_argument("--write", action="store_true",
                    help="write the recomputed comparisons (and flags) into RESULTS.json")
     c.add_argument("--plot", action="store_true",
@@ -414,6 +424,7 @@ def _bench_config(args: argparse.Namespace) -> Any:
     same = ("dataset", "methods", "seeds", "epochs", "rho", "bin_width", "device", "out",
             "csv_path", "target", "train_fraction", "cap", "data_root", "dropna", "select_by",
             "quick", "progress", "baseline", "jobs", "threads", "diverge_factor", "confidence",
+            "effect",
             "impute", "features", "categorical", "max_categories", "max_features", "overwrite")
     return BenchConfig(**{k: getattr(args, k) for k in same}, overrides=overrides,
                        plots=not args.no_plots)
@@ -435,7 +446,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from balanced_sam.bench import compare_results
 
     compare_results(args.results, baseline=args.baseline, confidence=args.confidence,
-                    diverge_factor=args.diverge_factor, write=args.write, plot=args.plot)
+                    diverge_factor=args.diverge_factor, write=args.write, plot=args.plot,
+                    power=args.power, effect=args.effect)
     return 0
 
 

@@ -340,7 +340,9 @@ def plot_paired_differences(
     its confidence interval as a bar and a line at 0 (left of it: lower error than the
     baseline). ``comparisons`` is :func:`balanced_sam.stats.paired_comparisons`' output; an
     entry that is ``None`` (empty region) is marked n/a, one with ``n = 1`` is drawn without
-    a bar. Each row's label gives the wins, e.g. ``bsam (6/8)``.
+    a bar. Each row's label gives the wins, e.g. ``bsam (6/8)``. A grey band around 0 spans
+    +-``mde``, the smallest effect the seeds detect with 80% power: a true difference inside
+    it would likely have been missed.
     """
     if not isinstance(comparisons, Mapping) or not comparisons:
         raise ValueError("comparisons must be a non-empty {method: {metric: ...}} mapping, "
@@ -368,6 +370,9 @@ def plot_paired_differences(
                 ax.text(0.0, y[j], " n/a", va="center", fontsize=8, color="0.4")
                 ticks.append(method)
                 continue
+            if c.get("mde") is not None:  # effects inside the band: likely missed
+                ax.fill_betweenx([y[j] - 0.32, y[j] + 0.32], -c["mde"], c["mde"],
+                                 color="0.85", linewidth=0, zorder=0)
             if c.get("ci_low") is not None:
                 lo, hi = c["mean"] - c["ci_low"], c["ci_high"] - c["mean"]
                 ax.errorbar([c["mean"]], [y[j]], xerr=[[lo], [hi]], fmt="o", color=color,
@@ -384,5 +389,6 @@ def plot_paired_differences(
     for i in range(len(keys), nrows * ncols):
         axes[i // ncols, i % ncols].set_visible(False)
     fig.suptitle(title or f"Paired differences against {baseline} (mean and "
-                 f"{confidence * 100:g}% interval over seeds; wins in brackets)", fontsize=11)
+                 f"{confidence * 100:g}% interval over seeds; wins in brackets; grey: "
+                 "smaller than the seeds could detect)", fontsize=11)
     return _save(fig, path)

@@ -27,14 +27,21 @@ paired runs; ``{"mean": None, ..., "n": 0}`` when no pair is left). A run marked
 ``"diverged": true`` (``bsam bench`` marks them) is left out of every pair it belongs to: that
 seed drops out of the method's comparison (or, for the baseline's run, out of every
 comparison), and ``n`` says how many pairs remain; :func:`left_out_seeds` names them.
-:func:`format_comparisons` prints it. The Student-t quantile (:func:`t_ppf`) is
-computed here from the regularised incomplete beta function, so no SciPy is needed.
+:func:`format_comparisons` prints it. The Student-t quantiles come from SciPy (imported only here).
+
+Power (:func:`detectable_effect`, :func:`seeds_needed`, :func:`t_test_power`): an interval that
+includes 0 says little unless the seeds could have seen an effect of interest. With
+:math:`s_d` the paired standard deviation, the smallest true difference that :math:`n` seeds
+detect with 80% power in a two-sided 5% test (the minimum detectable effect, ``mde``) and the
+seeds a given effect would need (``seeds_needed``) come from the noncentral t distribution at
+:math:`n-1` degrees of freedom, the same t the intervals use. :func:`paired_difference` adds
+``sd``, ``mde``, ``effect`` and ``seeds_needed`` to each comparison.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import textwrap
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -44,6 +51,12 @@ import numpy as np
 __all__ = [
     "t_cdf",
     "t_ppf",
+    "t_test_power",
+    "detectable_effect",
+    "seeds_needed",
+    "parse_effect",
+    "DEFAULT_EFFECT",
+    "DEFAULT_POWER",
     "paired_difference",
     "paired_comparisons",
     "left_out_seeds",
@@ -68,46 +81,14 @@ class UnpairedRunsError(ValueError):
 
 
 # ---------------------------------------------------------------------------- Student t
-def _betainc_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz), valid and quickly
-    convergent for ``x < (a + 1) / (a + b + 2)``."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    frac = d
-    for m in range(1, 10_000):
-        # even step: d_{2m} = m (b - m) x / ((a + 2m - 1)(a + 2m))
-        num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        frac *= d * c
-        # odd step: d_{2m+1} = -(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1))
-        num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        step = d * c
-        frac *= step
-        if abs(step - 1.0) < 1e-16:
-            return frac
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, "
-                          f"x={x})")
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function :math:`I_x(a, b)` for ``a, b > 0``, ``0 <= x <= 1``."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (a * math.log(x) + b * math.log1p(-x)
-                 - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betainc_cf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betainc_cf(b, a, 1.0 - x) / b
+def _scipy_stats() -> Any:
+    """SciPy's distributions, imported here so that the library core needs only torch + numpy."""
+    try:
+        from scipy import stats
+    except ImportError as exc:  # pragma: no cover - scipy comes with the cli extra
+        raise ImportError("the paired statistics need SciPy: pip install 'balanced-sam[cli]' "
+                          "(or pip install scipy)") from exc
+    return stats
 
 
 def _check_df(df: float) -> float:
@@ -126,49 +107,125 @@ def t_cdf(x: float, df: float) -> float:
     x = float(x)
     if math.isnan(x):
         raise ValueError("x must not be NaN")
-    if math.isinf(x):
-        return 1.0 if x > 0 else 0.0
-    # P(|T| > |x|) = I_{df / (df + x^2)}(df / 2, 1 / 2)
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + x * x))
-    return 1.0 - tail if x > 0 else tail
+    return float(_scipy_stats().t.cdf(x, df))
 
 
 def t_ppf(q: float, df: float) -> float:
     """The ``q`` quantile of Student's t with ``df`` degrees of freedom (inverse of
-    :func:`t_cdf`), e.g. ``t_ppf(0.975, 4) = 2.776...``. Exact forms for ``df`` 1 and 2,
-    otherwise bisection on :func:`t_cdf` to full double precision."""
+    :func:`t_cdf`), e.g. ``t_ppf(0.975, 4) = 2.776...``."""
     df = _check_df(df)
     q = float(q)
     if not 0.0 < q < 1.0:
         raise ValueError(f"q must be a probability strictly between 0 and 1, got {q!r}")
-    return _t_ppf(q, df)
+    return float(_scipy_stats().t.ppf(q, df))
 
 
-@functools.lru_cache(maxsize=1024)
-def _t_ppf(q: float, df: float) -> float:
-    if q == 0.5:
+# ---------------------------------------------------------------------------- power
+def _check_power_args(sd: float, n: int, alpha: float, power: float) -> None:
+    if not (is_finite(sd) and sd >= 0):
+        raise ValueError(f"sd (the paired standard deviation) must be a finite number >= 0, "
+                         f"got {sd!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n (the number of paired seeds) must be an integer >= 2, got {n!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be strictly between 0 and 1, got {alpha!r}")
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be strictly between 0 and 1, got {power!r}")
+
+
+def t_test_power(effect: float, sd: float, n: int, *, alpha: float = 0.05,
+                 design: str = "paired") -> float:
+    r"""Power of the two-sided t test at level ``alpha`` to detect a true mean difference
+    ``effect`` (in the metric's units) with standard deviation ``sd``.
+
+    ``design="paired"`` (the bench's comparisons): ``n`` paired seeds, the one-sample t test of
+    the differences, :math:`
+u = n - 1`, noncentrality :math:`\delta = 	ext{effect}\sqrt n/sd`.
+    ``design="two_sample"``: ``n`` runs per group with a common ``sd``, :math:`
+u = 2n - 2`,
+    :math:`\delta = 	ext{effect}/(sd\sqrt{2/n})`. Power is
+    :math:`P(T_{
+u,\delta} > t_{1-lpha/2,
+u}) + P(T_{
+u,\delta} < -t_{1-lpha/2,
+u})`
+    with :math:`T_{
+u,\delta}` the noncentral t (exact, not the normal approximation).
+    """
+    if design not in ("paired", "two_sample"):
+        raise ValueError(f"design must be 'paired' or 'two_sample', got {design!r}")
+    _check_power_args(sd, n, alpha, 0.5)
+    if not is_finite(effect):
+        raise ValueError(f"effect must be a finite number, got {effect!r}")
+    if sd == 0:
+        return 1.0 if effect != 0 else alpha
+    st = _scipy_stats()
+    if design == "paired":
+        df, nc = n - 1, abs(effect) * math.sqrt(n) / sd
+    else:
+        df, nc = 2 * n - 2, abs(effect) / (sd * math.sqrt(2.0 / n))
+    crit = st.t.ppf(1.0 - alpha / 2.0, df)
+    upper = float(st.nct.sf(crit, df, nc))
+    if not math.isfinite(upper):
+        upper = 1.0 - float(st.nct.cdf(crit, df, nc))
+    # the far tail below -crit; SciPy answers NaN where it is below double precision
+    lower = float(st.nct.cdf(-crit, df, nc))
+    return min(1.0, upper + (lower if math.isfinite(lower) else 0.0))
+
+
+def detectable_effect(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    r"""The smallest true mean difference that ``n`` paired seeds detect with probability
+    ``power`` in a two-sided test at level ``alpha`` (the minimum detectable effect, MDE), for
+    paired differences of standard deviation ``sd``: the root of
+    :func:`t_test_power` ``= power`` in the metric's units. Close to, and slightly above for
+    small ``n``, the textbook approximation
+    :math:`(t_{1-lpha/2,n-1} + t_{power,n-1})\, sd/\sqrt n`, which ignores the far tail.
+    """
+    _check_power_args(sd, n, alpha, power)
+    if sd == 0:
         return 0.0
-    if q < 0.5:
-        return -_t_ppf(1.0 - q, df)
-    if df == 1.0:
-        return math.tan(math.pi * (q - 0.5))
-    if df == 2.0:
-        a = 4.0 * q * (1.0 - q)
-        return (2.0 * q - 1.0) * math.sqrt(2.0 / a)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < q:
+    st = _scipy_stats()
+    df = n - 1
+    guess = (st.t.ppf(1 - alpha / 2, df) + st.t.ppf(power, df)) * sd / math.sqrt(n)
+    lo, hi = 0.0, 2.0 * guess
+    while t_test_power(hi, sd, n, alpha=alpha) < power:
         lo, hi = hi, 2.0 * hi
-        if hi > 1e300:
-            raise ArithmeticError(f"t quantile {q} with df {df} is out of range")
-    for _ in range(2000):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):  # adjacent doubles: converged
-            break
-        if t_cdf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    from scipy.optimize import brentq
+
+    return float(brentq(lambda e: t_test_power(e, sd, n, alpha=alpha) - power, lo, hi,
+                        xtol=1e-12 * max(sd, 1e-300), rtol=1e-12))
+
+
+#: the most seeds :func:`seeds_needed` looks at before it answers ``None``
+MAX_SEEDS = 100_000
+
+
+def seeds_needed(effect: float, sd: float, *, alpha: float = 0.05,
+                 power: float = 0.8) -> int | None:
+    """The fewest paired seeds (at least 2) whose two-sided paired t test at level ``alpha``
+    detects a true mean difference ``effect`` with probability at least ``power``, for paired
+    differences of standard deviation ``sd`` (the inverse of :func:`detectable_effect`);
+    ``None`` when ``effect`` is 0 or more than :data:`MAX_SEEDS` would be needed."""
+    _check_power_args(sd, 2, alpha, power)
+    if not is_finite(effect):
+        raise ValueError(f"effect must be a finite number, got {effect!r}")
+    if effect == 0:
+        return None
+    if sd == 0:
+        return 2
+
+    def enough(n: int) -> bool:
+        return t_test_power(effect, sd, n, alpha=alpha) >= power
+
+    if not enough(MAX_SEEDS):
+        return None
+    lo, hi = 1, 2  # enough(hi); not enough(lo) (n = 1 has no test)
+    while not enough(hi):
+        lo, hi = hi, min(2 * hi, MAX_SEEDS)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
 
 
 # ---------------------------------------------------------------------------- one comparison
@@ -178,11 +235,41 @@ def is_finite(v: Any) -> bool:
         and math.isfinite(float(v))
 
 
+def parse_effect(effect: float | str | None) -> tuple[str, float] | None:
+    """``"5%"`` -> ``("relative", 0.05)`` (a share of the baseline's mean), ``1.0`` or ``"1.0"``
+    -> ``("absolute", 1.0)`` (in the metric's units), ``None`` -> ``None`` (no effect of
+    interest). Refuses NaN, infinities, zero and negative values."""
+    if effect is None:
+        return None
+    text = str(effect).strip()
+    kind, body = ("relative", text[:-1]) if text.endswith("%") else ("absolute", text)
+    try:
+        value = float(body)
+    except ValueError:
+        raise ValueError(f"effect must be a number in the target's units (e.g. 1.0) or a share "
+                         f"of the baseline's mean (e.g. 5%), got {effect!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"effect must be a finite number > 0, got {effect!r}")
+    return (kind, value / 100.0) if kind == "relative" else (kind, value)
+
+
+#: the effect of interest by default: the paper's 5% of the baseline's error
+DEFAULT_EFFECT = "5%"
+#: the power at which the detectable effect is stated
+DEFAULT_POWER = 0.8
+
+
 def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
-                      confidence: float = 0.95) -> dict[str, Any]:
+                      confidence: float = 0.95, effect: float | str | None = DEFAULT_EFFECT,
+                      power: float = DEFAULT_POWER) -> dict[str, Any]:
     """Compare per-seed ``values`` of a method with the ``baseline``'s on the same seeds (same
     order; lower is better): ``{"mean", "ci_low", "ci_high", "wins", "n"}`` as described in the
-    module docstring. With one pair the interval is ``None`` (undefined)."""
+    module docstring, and the power entries ``"sd"`` (paired standard deviation), ``"mde"``
+    (the smallest true difference these seeds detect with probability ``power`` in a two-sided
+    test at level ``1 - confidence``), ``"effect"`` (the effect of interest in the metric's
+    units: ``effect`` as given, or a share of the baseline's mean such as the default ``"5%"``)
+    and ``"seeds_needed"`` (paired seeds that detect ``effect`` with that power). With one pair
+    the interval and the power entries are ``None`` (undefined)."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
     if len(values) != len(baseline):
@@ -194,14 +281,25 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
         bad = [v for v in seq if not is_finite(v)]
         if bad:
             raise ValueError(f"{name} must be finite numbers, got {bad[0]!r}")
-    d = np.asarray(values, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    wanted = parse_effect(effect)
+    b = np.asarray(baseline, dtype=np.float64)
+    d = np.asarray(values, dtype=np.float64) - b
     n = int(d.size)
     mean = float(d.mean())
+    size = None if wanted is None else (
+        wanted[1] * abs(float(b.mean())) if wanted[0] == "relative" else wanted[1])
     out: dict[str, Any] = {"mean": mean, "ci_low": None, "ci_high": None,
-                           "wins": int((d < 0).sum()), "n": n}
+                           "wins": int((d < 0).sum()), "n": n, "sd": None, "mde": None,
+                           "effect": size, "seeds_needed": None}
     if n >= 2:
-        half = t_ppf(0.5 + confidence / 2.0, n - 1) * float(d.std(ddof=1)) / math.sqrt(n)
+        sd = float(d.std(ddof=1))
+        half = t_ppf(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
         out["ci_low"], out["ci_high"] = mean - half, mean + half
+        alpha = 1.0 - confidence
+        out["sd"] = sd
+        out["mde"] = detectable_effect(sd, n, alpha=alpha, power=power)
+        if size is not None and size > 0:
+            out["seeds_needed"] = seeds_needed(size, sd, alpha=alpha, power=power)
     return out
 
 
@@ -283,6 +381,8 @@ def paired_comparisons(
     split: str = "test",
     confidence: float = 0.95,
     unpaired: str = "error",
+    effect: float | str | None = DEFAULT_EFFECT,
+    power: float = DEFAULT_POWER,
 ) -> dict[str, dict[str, dict[str, Any] | None]]:
     """Every method against ``baseline`` on the seeds both ran, from a ``results.json`` dict.
 
@@ -301,6 +401,9 @@ def paired_comparisons(
         unpaired: ``"error"`` raises :class:`UnpairedRunsError` when a method and the baseline
             did not run the same seeds; ``"skip"`` compares the seeds they share and warns
             (``UserWarning``) naming the seeds left out.
+        effect, power: the effect of interest (``"5%"`` of the baseline's mean, the paper's
+            size, by default; or a number in the metric's units) and the power at which the
+            detectable effect (``mde``) and the seeds it needs (``seeds_needed``) are stated.
 
     Returns:
         ``{METHOD: {"mae_all": {"mean", "ci_low", "ci_high", "wins", "n"} | None, ...}}``; an
@@ -345,12 +448,14 @@ def paired_comparisons(
             b = [_metric(base[s], split, region, metric) for s in shared]
             if not shared:  # every pair had a diverged run
                 cmp[f"{metric}_{region}"] = {"mean": None, "ci_low": None, "ci_high": None,
-                                             "wins": 0, "n": 0}
+                                             "wins": 0, "n": 0, "sd": None, "mde": None,
+                                             "effect": None, "seeds_needed": None}
                 continue
             if any(v is None for v in a + b):
                 cmp[f"{metric}_{region}"] = None
                 continue
-            cmp[f"{metric}_{region}"] = paired_difference(a, b, confidence=confidence)  # type: ignore[arg-type]
+            cmp[f"{metric}_{region}"] = paired_difference(  # type: ignore[arg-type]
+                a, b, confidence=confidence, effect=effect, power=power)
         out[name] = cmp
     return out
 
@@ -369,10 +474,15 @@ def _verdict(c: Mapping[str, Any], name: str, baseline: str) -> str:
 def format_comparisons(comparisons: Mapping[str, Mapping[str, Mapping[str, Any] | None]],
                        baseline: str = "sqinv", *, unit: str = "", digits: int = 2,
                        confidence: float = 0.95, split: str = "test",
-                       left_out: Mapping[str, Mapping[int, str]] | None = None) -> str:
+                       left_out: Mapping[str, Mapping[int, str]] | None = None,
+                       power: bool = False, power_level: float = DEFAULT_POWER) -> str:
     """The comparisons as text, one line per method and metric: mean difference, interval,
     wins, and in words whether the interval excludes 0; ``left_out`` (as
-    :func:`left_out_seeds` returns) adds a line per method naming the seeds left out."""
+    :func:`left_out_seeds` returns) adds a line per method naming the seeds left out.
+
+    Where an interval includes 0, a second line says the smallest effect the seeds could have
+    detected (``mde``); ``power=True`` adds that line to every comparison, with the seeds that
+    the effect of interest would need."""
     if not comparisons:
         return f"no methods to compare with {baseline}"
     pct = f"{confidence * 100:g}%"
@@ -402,4 +512,27 @@ def format_comparisons(comparisons: Mapping[str, Mapping[str, Mapping[str, Any] 
                 ci = f"[{c['ci_low']:+.{digits}f}, {c['ci_high']:+.{digits}f}]"
             lines.append(f"  {name:<{width}}  {label:<9}  {c['mean']:+.{digits}f} {ci:<18} "
                          f"wins {c['wins']}/{c['n']}  {_verdict(c, name, baseline)}")
+            note = _power_note(c, digits, power, power_level)
+            if note:
+                lines.extend(textwrap.wrap(note, width=100, initial_indent=" " * 6,
+                                           subsequent_indent=" " * 8))
     return "\n".join(lines)
+
+
+def _power_note(c: Mapping[str, Any], digits: int, always: bool, level: float) -> str:
+    """The power line under one comparison ('' when there is nothing to say)."""
+    mde = c.get("mde")
+    if mde is None:
+        return ""
+    open_ci = c["ci_low"] is not None and c["ci_low"] <= 0 <= c["ci_high"]
+    if not (always or open_ci):
+        return ""
+    pct = f"{level * 100:g}%"
+    text = (f"the seeds could not have detected an effect smaller than {mde:.{digits}f} "
+            f"({pct} power)" if open_ci else
+            f"smallest effect detectable at {pct} power: {mde:.{digits}f}")
+    size, need = c.get("effect"), c.get("seeds_needed")
+    if always and size is not None:
+        text += (f"; an effect of {size:.{digits}f} needs {need} seeds" if need is not None
+                 else f"; an effect of {size:.{digits}f} needs more than {MAX_SEEDS} seeds")
+    return text

@@ -137,6 +137,9 @@ class BenchConfig:
     threads: int = 1
     diverge_factor: float = DIVERGE_FACTOR
     confidence: float = CONFIDENCE
+    #: the effect of interest of the power figures ("5%" of the baseline's error, or a number
+    #: in the target's units)
+    effect: float | str | None = "5%"
     status: bool = True
     impute: str | None = None
     features: Sequence[str] | None = None
@@ -168,6 +171,9 @@ class BenchConfig:
                              f"{confidence!r}")
         if self.baseline is not None:
             get_method(self.baseline)
+        from balanced_sam.stats import parse_effect
+
+        parse_effect(self.effect)
 
     def table_options(self) -> dict[str, Any]:
         """The CSV loader's options that were given."""

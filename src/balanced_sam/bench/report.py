@@ -91,9 +91,12 @@ def bench_table(results: dict[str, Any], digits: int | None = None) -> str:
     return "\n".join([head, format_table(reports, digits=digits), *notes])
 
 
-def comparison_text(results: Mapping[str, Any], digits: int | None = None) -> str:
+def comparison_text(results: Mapping[str, Any], digits: int | None = None, *,
+                    power: bool = False) -> str:
     """The paired comparisons of a ``results.json`` dict as text (see
-    :func:`balanced_sam.stats.format_comparisons`)."""
+    :func:`balanced_sam.stats.format_comparisons`): under an interval that includes 0, the
+    smallest effect the seeds could have detected; ``power=True``: the power line (detectable
+    effect, seeds the effect of interest needs) under every comparison."""
     info = results.get("comparisons_info") or {}
     if not results.get("comparisons"):
         return "paired comparisons: none (no baseline among the methods, or a single method)"
@@ -102,12 +105,14 @@ def comparison_text(results: Mapping[str, Any], digits: int | None = None) -> st
         results["comparisons"], info.get("baseline", DEFAULT_BASELINE),
         unit=results.get("config", {}).get("target_unit", ""),
         digits=_digits(results) if digits is None else digits,
-        confidence=info.get("confidence", CONFIDENCE), left_out=left)
+        confidence=info.get("confidence", CONFIDENCE), left_out=left, power=power,
+        power_level=info.get("power") or stats.DEFAULT_POWER)
 
 
 def compare_results(results: str | Path | dict[str, Any], *, baseline: str | None = None,
                     confidence: float | None = None, diverge_factor: float | None = None,
-                    write: bool = False, plot: bool = False,
+                    write: bool = False, plot: bool = False, power: bool = False,
+                    effect: float | str | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """``bsam compare``: the paired comparisons (and divergence flags, means) of a finished
     bench, recomputed from its runs; prints the table and the comparisons.
@@ -116,7 +121,9 @@ def compare_results(results: str | Path | dict[str, Any], *, baseline: str | Non
     ``baseline`` (default: the one it was compared with, else ``sqinv``) must be one of its
     methods; ``confidence`` and ``diverge_factor`` default to the stored ones. ``write``:
     rewrite ``results.json``; ``plot``: (re)draw ``paired_differences.png`` beside it (both
-    need a path)."""
+    need a path). ``power``: print each comparison's power (the smallest detectable effect
+    and the seeds that ``effect`` needs; ``effect`` defaults to the stored one, else the
+    paper's 5% of the baseline's error)."""
     path = None if isinstance(results, dict) else Path(results)
     if (write or plot) and path is None:
         raise ValueError("write / plot need the results.json path, not a dictionary")
@@ -141,10 +148,11 @@ def compare_results(results: str | Path | dict[str, Any], *, baseline: str | Non
     record = bool((results.get("config") or {}).get("this_bench"))
     finish_results(results, baseline=baseline, factor=factor,
                    confidence=confidence or info.get("confidence") or CONFIDENCE,
-                   unpaired="skip" if record else "error")
+                   unpaired="skip" if record else "error",
+                   effect=effect if effect is not None else info.get("effect", "5%"))
     log(bench_table(results))
     log("")
-    log(comparison_text(results))
+    log(comparison_text(results, power=power))
     if write and path is not None:
         write_json(results, path)
     if plot and path is not None and results["comparisons"]:

@@ -52,7 +52,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dic
         results["methods"] = {m.name: {"runs": [done[k] for k in plan.keys_of(m)]}
                               for m in plan.methods}
         finish_results(results, baseline=plan.baseline, factor=config.diverge_factor,
-                       confidence=config.confidence)
+                       confidence=config.confidence, effect=config.effect)
         results["parallel"] = {"jobs": plan.jobs_used, "threads_per_run": config.threads,
                                "start_method": "spawn" if plan.jobs_used > 1 else "in-process"}
         results["total_seconds"] = time.perf_counter() - t_start
@@ -105,7 +105,8 @@ def _folder_record(plan: BenchPlan, owned: OwnedFolder, results: dict[str, Any],
     baseline = plan.baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in methods
                                  and len(methods) > 1 else None)
     finish_results(record, baseline=baseline, factor=plan.config.diverge_factor,
-                   confidence=plan.config.confidence, unpaired="skip")
+                   confidence=plan.config.confidence, unpaired="skip",
+                   effect=plan.config.effect)
     record["config"]["this_bench"] = {"methods": plan.names, "seeds": plan.seeds}
     return record
 

@@ -33,13 +33,16 @@ DIVERGENCE_RULE = ("NaN/inf predictions during training, or NaN/inf validation o
 
 def finish_results(results: dict[str, Any], *, baseline: str | None = None,
                    factor: float = DIVERGE_FACTOR, confidence: float = CONFIDENCE,
-                   unpaired: str = "error") -> dict[str, Any]:
+                   unpaired: str = "error", effect: float | str | None = stats.DEFAULT_EFFECT,
+                   power: float = stats.DEFAULT_POWER) -> dict[str, Any]:
     """Complete a ``results.json`` dictionary whose methods hold their ``runs``: mark the
     diverged runs, summarise every method over the kept ones (mean ± std at the rho chosen on
     validation) and compare every method with ``baseline`` seed by seed. In place; returns
     ``results``. ``baseline=None``: no comparisons. ``unpaired="skip"``: a method that ran other
     seeds than the baseline (a folder's record of several benches) is compared on the seeds
-    they share, and left out of the comparisons when they share none."""
+    they share, and left out of the comparisons when they share none. ``effect`` and ``power``:
+    the effect of interest (default the paper's 5% of the baseline's error) and the power at
+    which each comparison's detectable effect (``mde``) and ``seeds_needed`` are stated."""
     train = (results.get("config") or {}).get("train", {})
     diverged: dict[str, list[dict[str, Any]]] = {}
     for name, entry in results["methods"].items():
@@ -58,22 +61,25 @@ def finish_results(results: dict[str, Any], *, baseline: str | None = None,
     results["divergence"] = {"factor": factor, "rule": DIVERGENCE_RULE, "diverged": diverged,
                              "stalled": {m: s for m, s in stalled.items() if s},
                              "stalled_rule": STALLED_RULE}
+    stats.parse_effect(effect)  # a bad effect fails before anything is computed
     info: dict[str, Any] = {"baseline": baseline, "confidence": confidence, "split": "test",
+                            "effect": effect, "power": power,
                             "difference": "method - baseline per paired seed (negative: lower "
                                           "error than the baseline)", "left_out": {}}
     comparisons: dict[str, Any] = {}
     if baseline is not None and len(results["methods"]) > 1:
-        comparisons = _compare(results, baseline, confidence, unpaired)
+        comparisons = _compare(results, baseline, confidence, unpaired,
+                               {"effect": effect, "power": power})
         info["left_out"] = {m: {str(s): why for s, why in gone.items()}
                             for m, gone in stats.left_out_seeds(results, baseline).items()}
     results["comparisons"], results["comparisons_info"] = comparisons, info
     return results
 
 
-def _compare(results: dict[str, Any], baseline: str, confidence: float, unpaired: str
-             ) -> dict[str, Any]:
+def _compare(results: dict[str, Any], baseline: str, confidence: float, unpaired: str,
+             powered: dict[str, Any]) -> dict[str, Any]:
     if unpaired != "skip":
-        return stats.paired_comparisons(results, baseline, confidence=confidence)
+        return stats.paired_comparisons(results, baseline, confidence=confidence, **powered)
     out: dict[str, Any] = {}
     for name in results["methods"]:
         if name == baseline:
@@ -82,7 +88,8 @@ def _compare(results: dict[str, Any], baseline: str, confidence: float, unpaired
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 out.update(stats.paired_comparisons(results, baseline, methods=[name],
-                                                    confidence=confidence, unpaired="skip"))
+                                                    confidence=confidence, unpaired="skip",
+                                                    **powered))
         except stats.UnpairedRunsError:
             continue  # no seed in common with the baseline: nothing to pair
     return out
