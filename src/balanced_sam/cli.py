@@ -45,8 +45,9 @@ _SPELLINGS: dict[str, dict[str, str]] = {
     "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
 }
 #: optional packages and the extra that installs them
-_EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli", "plotnine": "cli",
-           "PIL": "cli", "torchvision": "cli", "scipy": "cli", "wandb": "wandb",
+_EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli",
+           "plotnine": "diamonds", "PIL": "cli", "torchvision": "cli", "scipy": "cli",
+           "wandb": "wandb",
            "torchmetrics": "torchmetrics", "lightning": "lightning", "accelerate": "accelerate"}
 
 
