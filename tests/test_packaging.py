@@ -72,11 +72,16 @@ def test_wheel_holds_configs_typing_and_one_version(dists):
     body = meta.get_payload()
     assert body.lstrip().startswith("# balanced-sam")
     assert "bootstrap" not in body[:1500]  # the repository's set-up is not the index's intro
-    urls = meta.get_all("Project-URL")
-    assert {u.split(",")[0] for u in urls} >= {"Homepage", "Repository", "Documentation",
-                                                "Issues"}
+    # no placeholder links: until the repository is published the index page says so instead
+    assert not meta.get_all("Project-URL")
+    assert "not yet published" in body
+    # the [cli] extra does not bring plotnine (statsmodels and its formula stack) for one table
+    requires = meta.get_all("Requires-Dist")
+    assert any(r.startswith("plotnine") and 'extra == "diamonds"' in r for r in requires)
+    assert not any(r.startswith(("plotnine", "statsmodels")) and 'extra == "cli"' in r
+                   for r in requires)
     extras = set(meta.get_all("Provides-Extra"))
-    assert extras >= {"cli", "test", "docs", "lightning", "accelerate", "torchmetrics",
+    assert extras >= {"cli", "diamonds", "test", "docs", "lightning", "accelerate", "torchmetrics",
                       "wandb", "all"}
 
 

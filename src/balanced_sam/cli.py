@@ -52,8 +52,9 @@ _SPELLINGS: dict[str, dict[str, str]] = {
                 "trust": "--trust-checkpoint"},
 }
 #: optional packages and the extra that installs them
-_EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli", "plotnine": "cli",
-           "PIL": "cli", "torchvision": "cli", "scipy": "cli", "wandb": "wandb",
+_EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli",
+           "plotnine": "diamonds", "PIL": "cli", "torchvision": "cli", "scipy": "cli",
+           "wandb": "wandb",
            "torchmetrics": "torchmetrics", "lightning": "lightning", "accelerate": "accelerate"}
 
 

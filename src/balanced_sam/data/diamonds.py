@@ -44,7 +44,7 @@ def diamonds_csv() -> Path:
     bundled table on import); ``importlib.resources`` is the fallback for unusual installs.
     """
     hint = ("the diamonds benchmark reads the table bundled with plotnine; install it with "
-            "`pip install plotnine` (or `pip install 'balanced-sam[cli]'`)")
+            "`pip install 'balanced-sam[diamonds]'` (or `pip install plotnine`)")
     spec = importlib.util.find_spec("plotnine")
     if spec is None:
         raise ModuleNotFoundError(f"plotnine is not installed: {hint}", name="plotnine")
