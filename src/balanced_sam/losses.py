@@ -32,6 +32,12 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _gave(name: str) -> str:
+    """How a message names where losses came from: ``"loss_fn returned"`` for a function the
+    step called, ``"opt.reduce() was given"`` for a call (a name ending in ``()``)."""
+    return f"{name} was given" if name.endswith("()") else f"{name} returned"
+
+
 def check_losses(losses: Any, targets: torch.Tensor, *, name: str = "loss_fn") -> torch.Tensor:
     """Per-sample losses with the targets' shape, or a ``ValueError`` naming both shapes.
 
@@ -39,13 +45,14 @@ def check_losses(losses: Any, targets: torch.Tensor, *, name: str = "loss_fn") -
     ``(B, 1)`` output of a one-output regression head is accepted for ``(B,)`` targets. Anything
     else, including shapes that merely broadcast (``(B, B)``, ``(1,)``), is refused: a
     broadcast would multiply every loss by every weight and silently average the balancing away.
-    ``name`` is the producer named in the messages.
+    ``name`` is the producer named in the messages: a function (``"loss_fn"``: "loss_fn
+    returned ...") or a call (``"opt.reduce()"``: "opt.reduce() was given ...").
     """
     if not isinstance(losses, torch.Tensor):
-        raise TypeError(f"{name} must return a tensor of per-sample losses (or a pair "
-                        f"(losses, regulariser)), got {type(losses).__name__}")
+        raise TypeError(f"{_gave(name)} {type(losses).__name__}: it needs a tensor of "
+                        "per-sample losses (or a pair (losses, regulariser))")
     if not (losses.is_floating_point() or losses.is_complex()):
-        raise TypeError(f"{name} returned losses of dtype {losses.dtype}; a floating dtype is "
+        raise TypeError(f"{_gave(name)} losses of dtype {losses.dtype}; a floating dtype is "
                         "needed to differentiate them")
     want = _shape(targets)
     got = _shape(losses)
@@ -55,12 +62,16 @@ def check_losses(losses: Any, targets: torch.Tensor, *, name: str = "loss_fn") -
         return losses.squeeze(-1)
     if losses.dim() == 0:
         raise ValueError(
-            f"{name} returned a scalar: it must return unreduced per-sample losses with the "
+            f"{_gave(name)} a scalar: the losses must be unreduced per-sample losses with the "
             f"targets' shape {want} (use reduction='none')")
+    hint = ""
+    if len(want) == 1 and got == (want[0], want[0]):
+        hint = (f" (a ({want[0]}, 1) prediction minus ({want[0]},) targets broadcasts to "
+                f"{got}: squeeze the prediction, pred.squeeze(-1))")
     raise ValueError(
-        f"{name} returned losses of shape {got} for targets of shape {want}: they must have the "
+        f"{_gave(name)} losses of shape {got} for targets of shape {want}: they must have the "
         "targets' shape (one unreduced loss per target; a trailing dimension of size 1 is "
-        "squeezed). Reshape the predictions to the targets' shape before the loss.")
+        f"squeezed). Reshape the predictions to the targets' shape before the loss{hint}.")
 
 
 def check_mask(mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
@@ -91,12 +102,12 @@ def split_loss_output(output: Any, *, name: str = "loss_fn"
     """
     if isinstance(output, (tuple, list)):
         if len(output) != 2:
-            raise TypeError(f"{name} returned a sequence of {len(output)} items; return the "
+            raise TypeError(f"{_gave(name)} a sequence of {len(output)} items; it needs the "
                             "per-sample losses or a pair (losses, regulariser)")
         losses, reg = output
         if reg is not None and not (isinstance(reg, torch.Tensor) and reg.dim() == 0):
             shape = _shape(reg) if isinstance(reg, torch.Tensor) else type(reg).__name__
-            raise ValueError(f"the regulariser that {name} returned must be a 0-dim tensor, "
+            raise ValueError(f"the regulariser that {_gave(name)} must be a 0-dim tensor, "
                              f"got {shape}")
         return losses, reg
     return output, None

@@ -24,6 +24,10 @@ The driver needs only the public side of the optimizer, :class:`SharpnessOptimiz
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,10 +38,10 @@ from torch.optim import Optimizer
 
 from balanced_sam.losses import check_mask, reduce_losses
 from balanced_sam.optim.norms import check_max_norm, finite_clipped_
-from balanced_sam.optim.weighting import PassWeighting
+from balanced_sam.optim.weighting import PassWeighting, _user_stacklevel
 
 __all__ = ["sharpness_step", "plain_step", "frozen_bn_stats", "SharpnessOptimizer",
-           "ContextFactory", "BN_SECOND_PASS"]
+           "ContextFactory", "BN_SECOND_PASS", "AccumulatedGradientWarning"]
 
 #: a context manager factory wrapped around a pass, e.g. ``ddp_model.no_sync``
 ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -74,10 +78,18 @@ def frozen_bn_stats(model: nn.Module | None) -> Iterator[None]:
                 mod.num_batches_tracked.copy_(nbt)
 
 
+class AccumulatedGradientWarning(UserWarning):
+    """The first pass of a closure step added its gradient to gradients that were in ``.grad``
+    before the step (the closure did not zero them): gradient accumulation outside the step,
+    e.g. Lightning's ``Trainer(accumulate_grad_batches=K)``. The perturbation then comes from
+    the earlier micro-batches plus this one, the update from this one alone."""
+
+
 class SharpnessOptimizer(Protocol):
     """What :func:`sharpness_step` calls on the optimizer (all public on :class:`SAM`)."""
 
     weighting: PassWeighting
+    param_groups: list[dict[str, Any]]
 
     @property
     def skip_pending(self) -> bool: ...
@@ -159,17 +171,106 @@ def _loss_fn_pass(weighting: PassWeighting, loss_fn: Callable[..., Any], targets
     return run
 
 
-def _closure_pass(closure: Callable[[], Any]) -> _Pass:
+_ACCUMULATION_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _held_grads(opt: SharpnessOptimizer, log: Any) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """``(param, grad, version)`` of the gradients in ``.grad`` now, except those that the
+    optimizer's ``zero_grad(set_to_none=False)`` left as zeros (``log``: its record)."""
+    held = []
+    for group in opt.param_groups:
+        for prm in group["params"]:
+            g = prm.grad
+            if g is None:
+                continue
+            hit = log.zeroed.get(id(g))
+            if hit is None or hit[0] is not g or hit[1] != g._version:
+                held.append((prm, g, g._version))
+    return held
+
+
+def _check_accumulated(opt: SharpnessOptimizer, log: Any, calls: int,
+                       held: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+    """Warn (once per optimizer) when the first pass added into gradients held before it and
+    the closure did not call the optimizer's ``zero_grad``."""
+    if not held or log.calls != calls or opt in _ACCUMULATION_WARNED:
+        return
+    if any(prm.grad is g and g._version != v for prm, g, v in held):
+        _ACCUMULATION_WARNED.add(opt)
+        warnings.warn(
+            f"{type(opt).__name__}.step(closure): the closure did not zero the gradients, and "
+            ".grad held gradients from before the step (accumulated micro-batches?): they went "
+            "into the perturbation, while the second pass saw only this batch. A two-pass step "
+            "cannot accumulate outside itself: do not use Lightning's "
+            "Trainer(accumulate_grad_batches>1) or accelerate's accumulate(); use "
+            "opt.step(loss_fn, targets, accumulate=K) (in Lightning: manual optimization), a "
+            "closure that loops over the micro-batches, or a larger batch. (Warned once.)",
+            AccumulatedGradientWarning, stacklevel=_user_stacklevel())
+
+
+def _closure_pass(opt: SharpnessOptimizer, closure: Callable[[], Any]) -> _Pass:
     """A pass of the closure form: the closure zeroes, computes (with ``opt.reduce``) and calls
-    ``backward`` itself."""
+    ``backward`` itself. The step's first pass checks that it did not add into gradients held
+    from before the step."""
+    log: Any = getattr(opt, "_zeroing", None)  # SAM's record of its zero_grad calls
+    first = [log is not None]
+
     def run(contexts: Iterable[ContextFactory | None]) -> Any:
+        check, first[0] = first[0], False
+        if check:
+            held, calls = _held_grads(opt, log), log.calls
         with torch.enable_grad(), contextlib.ExitStack() as stack:
             for ctx in contexts:
                 if ctx is not None:
                     stack.enter_context(ctx())
-            return closure()
+            out = closure()
+        if check:
+            _check_accumulated(opt, log, calls, held)
+        return out
 
     return run
+
+
+def _lightning_code() -> tuple[set[Any], tuple[str, ...]]:
+    """The code of ``LightningOptimizer.step`` and the folders of Lightning's training loops,
+    for the Lightning packages that are imported (none imported: nothing)."""
+    steps, loops = set(), []
+    for pkg in ("lightning.pytorch", "pytorch_lightning"):
+        core = sys.modules.get(f"{pkg}.core.optimizer")
+        loop_file = getattr(sys.modules.get(f"{pkg}.loops"), "__file__", None)
+        if core is not None and isinstance(loop_file, str):
+            steps.add(core.LightningOptimizer.step.__code__)
+            loops.append(os.path.dirname(os.path.abspath(loop_file)) + os.sep)
+    return steps, tuple(loops)
+
+
+_BYPASS_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def warn_if_lightning_bypassed(opt: Any) -> None:
+    """Warn (once per optimizer) when ``opt.step`` runs inside a Lightning training loop but not
+    through Lightning's optimizer wrapper (``self.optimizers().optimizer.step(...)``): Lightning
+    does not count such a step. Costs nothing unless Lightning is imported."""
+    if "lightning.pytorch" not in sys.modules and "pytorch_lightning" not in sys.modules:
+        return
+    steps, loops = _lightning_code()
+    if not steps or opt in _BYPASS_WARNED:
+        return
+    frame: Any = sys._getframe(1)
+    in_loop = False
+    while frame is not None:
+        if frame.f_code in steps:
+            return
+        in_loop = in_loop or frame.f_code.co_filename.startswith(loops)
+        frame = frame.f_back
+    if in_loop:
+        _BYPASS_WARNED.add(opt)
+        warnings.warn(
+            f"{type(opt).__name__}.step was called on the optimizer inside Lightning's wrapper "
+            "(self.optimizers().optimizer.step(...)): Lightning does not count this step, so "
+            "global_step stays 0, ModelCheckpoint writes nothing and step-wise schedulers do "
+            "not advance. Call the wrapper: self.optimizers().step(closure=loss_fn, "
+            "targets=y). (Warned once.)", UserWarning, stacklevel=_user_stacklevel())
 
 
 def _second_pass_context(model: nn.Module | None, bn_second_pass: str) -> ContextFactory | None:
@@ -225,7 +326,7 @@ def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
     if targets is None and (accumulate != 1 or mask is not None):
         raise ValueError("accumulate= and mask= need the one-call form step(loss_fn, targets)")
     if targets is None:
-        run = _closure_pass(loss_fn)
+        run = _closure_pass(opt, loss_fn)
     else:
         run = _loss_fn_pass(w, loss_fn, targets, mask, accumulate, scaler)
         opt.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.bins import LabelBins
 from balanced_sam.losses import check_mask, split_loss_output
-from balanced_sam.optim.driver import sharpness_step
+from balanced_sam.optim.driver import sharpness_step, warn_if_lightning_bypassed
 from balanced_sam.optim.norms import (
     NORM_EPS,
     check_max_norm,
@@ -112,6 +112,16 @@ def _perturbation(param_groups: list[dict[str, Any]], p: float
             torch._foreach_mul_(d, torch._foreach_abs(ps))
         terms.append((ps, d, float(g["rho"])))
     return terms, "ok"
+
+
+class _ZeroGradLog:
+    """What ``zero_grad`` did: how often it was called, and the gradients that
+    ``set_to_none=False`` left as zeros (``id -> (grad, version)``). An object, so that
+    Lightning's wrapper (which shares the optimizer's methods) updates the optimizer's record."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.zeroed: dict[int, tuple[torch.Tensor, int]] = {}
 
 
 def _refuse_moved(owner: str, kwargs: dict[str, Any]) -> None:
@@ -222,6 +232,7 @@ class SAM(Optimizer):
         self._skip_pending = False  # the first pass's gradient was not finite
         self._aside: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, grad) set aside
         self._aside_scaled = True  # the set-aside gradient is scaled like .grad
+        self._zeroing = _ZeroGradLog()  # for the closure step's accumulation check
 
     @property
     def perturbation_weighting(self) -> str | None:
@@ -232,6 +243,13 @@ class SAM(Optimizer):
     def update_weighting(self) -> str | None:
         """The scheme of the update loss (``None``: unweighted)."""
         return self.weighting.update
+
+    @property
+    def first_pass(self) -> bool:
+        """True until the first pass of the step in progress has ended: the pass at
+        :math:`\\theta` (a reusing step's only pass). A ``training_step`` that a closure step
+        runs twice logs its loss when this is True (see the Lightning page)."""
+        return self.weighting.first_pass
 
     @property
     def skip_pending(self) -> bool:
@@ -252,13 +270,14 @@ class SAM(Optimizer):
         """
         if not isinstance(targets, torch.Tensor):
             raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
-        losses, reg = split_loss_output(per_sample_losses, name="reduce()")
+        losses, reg = split_loss_output(per_sample_losses, name="opt.reduce()")
         if regularizer is not None:
             if reg is not None:
                 raise ValueError("reduce() got a regulariser twice: in the pair and as "
                                  "regularizer=")
-            _, reg = split_loss_output((losses, regularizer), name="reduce()")
-        return self.weighting.reduce((losses, reg), targets, check_mask(mask, targets))
+            _, reg = split_loss_output((losses, regularizer), name="opt.reduce()")
+        return self.weighting.reduce((losses, reg), targets, check_mask(mask, targets),
+                                     name="opt.reduce()")
 
     # ------------------------------------------------------------------ the perturbation
     @torch.no_grad()
@@ -416,6 +435,7 @@ class SAM(Optimizer):
         """Run both passes and the base step (:func:`~balanced_sam.optim.driver.sharpness_step`
         with ``options``); see the class docstring. After :meth:`first_step`, ``step()``
         without a closure finishes the step (as :meth:`second_step`) and returns None."""
+        warn_if_lightning_bypassed(self)
         if closure is not None:
             if self._backup is not None:
                 raise RuntimeError("first_step() is pending: finish it with second_step() (or "
@@ -437,6 +457,11 @@ class SAM(Optimizer):
     # ------------------------------------------------------------------ state
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        log = self._zeroing
+        log.calls += 1
+        log.zeroed = {} if set_to_none else {
+            id(p.grad): (p.grad, p.grad._version) for g in self.param_groups
+            for p in g["params"] if p.grad is not None}
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapper's param groups and state (the stored perturbation of ``interval > 1``),

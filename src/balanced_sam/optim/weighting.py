@@ -206,6 +206,11 @@ class PassWeighting:
         """Record that the pass in progress ran (for the not-applied warning)."""
         self._ran.add(self.phase)
 
+    @property
+    def first_pass(self) -> bool:
+        """True until the first pass of the step in progress has ended."""
+        return not self._ran
+
     def reduced(self, phase: str) -> bool:
         """Whether a pass of the step in progress went through :meth:`reduce`."""
         return phase in self._reduced
