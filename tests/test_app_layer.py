@@ -386,19 +386,26 @@ def test_io_json_csv_and_atomic_writes(tmp_path):
     assert log.read_text().splitlines() == ["epoch,loss", "1,0.1", "2,0.25"]
 
 
-def test_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+def test_folder_lock_refuses_a_live_holder_and_goes_with_a_killed_one(tmp_path):
+    code = ("import time; from balanced_sam.io import FolderLock; "
+            f"lock = FolderLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+            "time.sleep(60)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=env)
     try:
-        import socket
-
-        (tmp_path / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}\n")
-        with pytest.raises(FolderLockedError, match=f"process {sleeper.pid}"):
-            FolderLock(tmp_path).acquire()
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for _ in range(2):  # a refused attempt leaves the holder named for the next one
+            with pytest.raises(FolderLockedError, match=f"{tmp_path} is in use by process "
+                               f"{holder.pid}"):
+                FolderLock(tmp_path).acquire()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    with FolderLock(tmp_path) as lock:  # the holder is dead: a stale lock
+        holder.kill()  # no release: the operating system drops the lock
+        holder.wait()
+    with FolderLock(tmp_path) as lock:
         assert lock.held and (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+        with pytest.raises(FolderLockedError, match=f"process {os.getpid()}"):
+            FolderLock(tmp_path).acquire()  # a second lock in the same process too
     assert not (tmp_path / ".lock").exists()
 
 

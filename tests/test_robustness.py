@@ -4,6 +4,7 @@ one bMAE balance (7), output folders (8) and clear errors (10)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
 from balanced_sam.experiment import run_training
+from balanced_sam.io import FolderLock
 
 
 def table(path, n=300, seed=0, shift=0.0, integer=False, outlier=None):
@@ -153,21 +155,34 @@ def test_overwrite_clears_the_old_runs_outputs_first(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # not ours: kept
     assert len((out / "log.csv").read_text().splitlines()) == 1 + 1  # the new run's epoch 0
     assert not (out / ".lock").exists()
+    FolderLock(out).acquire().release()  # released: it can be taken again
+
+
+def lock_holder(folder) -> subprocess.Popen:
+    """Another process that holds ``folder``'s lock until it is killed."""
+    code = ("import sys, time; from balanced_sam.io import FolderLock; "
+            f"lock = FolderLock({str(folder)!r}).acquire(); print('held', flush=True); "
+            "time.sleep(60)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
 
 
 def test_a_second_run_on_a_folder_is_refused(tmp_path, capsys):
     cfg = config(tmp_path, table(tmp_path / "t.csv"))
     out = tmp_path / "run"
     out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    sleeper = lock_holder(out)
     try:
-        (out / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}\n")
         code, _, err = run(["train", "--config", cfg, "--out", out], capsys)
-        assert code == 2 and f"in use by process {sleeper.pid}" in err
+        assert code == 2 and f"in use by process {sleeper.pid} on {socket.gethostname()}" in err
+        assert str(out) in err
     finally:
         sleeper.kill()
         sleeper.wait()
-    # that process is gone: its lock is stale and the run goes ahead
+    # the holder was killed: the operating system dropped its lock and the run goes ahead
     assert run(["train", "--config", cfg, "--out", out], capsys)[0] == 0
 
 

@@ -11,8 +11,8 @@ progress bars and the lock that keeps two runs out of one folder.
 * :func:`append_csv_row` appends one row of a per-epoch log; when a resumed run writes an epoch the
   killed run had already logged, the older rows from that epoch on are dropped first.
 * :func:`progress_bar` is a tqdm bar when asked for and tqdm is installed, else a silent stand-in.
-* :class:`FolderLock` is a lock file (pid and host inside) that refuses a second process; a lock
-  left by a dead process on this host is detected and taken over.
+* :class:`FolderLock` is an operating-system file lock (``filelock``) that refuses a second
+  process and names the holder; it goes with its holder, so a killed run leaves no stale lock.
 * A write that fails for want of room or permission (a read-only folder, a full disk, torch's
   checkpoint writer failing) raises :class:`WriteError`, an ``OSError`` whose message names the
   file meant (never the temporary one) and the reason; :func:`write_error` turns any such
@@ -21,6 +21,7 @@ progress bars and the lock that keeps two runs out of one folder.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -282,12 +283,14 @@ class FolderLockedError(FileExistsError):
 
 
 class FolderLock:
-    """An exclusive lock on a folder: the file ``folder/name`` holds ``pid host``.
+    """An exclusive lock on a folder: an operating-system lock (``filelock``) on the file
+    ``folder/name``, which names its holder (``pid host``) while it is held.
 
-    ``acquire()`` creates it (``O_EXCL``) or raises :class:`FolderLockedError` naming the
-    holder; a lock whose process is gone (same host, pid not running) is stale and is taken
-    over. A lock from another host cannot be checked and is respected. ``release()`` removes it;
-    the object is also a context manager.
+    ``acquire()`` takes it or raises :class:`FolderLockedError` naming the holder and the
+    folder; a second lock on the same folder is refused in the same process too. The operating
+    system drops the lock when its holder exits, however it ends (killed included), so a lock
+    is never stale (its file may stay behind, and is locked again by the next run).
+    ``release()`` removes the file and lets go; the object is also a context manager.
     """
 
     def __init__(self, folder: str | os.PathLike[str], name: str = ".lock",
@@ -295,50 +298,51 @@ class FolderLock:
         self.path = Path(folder) / name
         self.what = what
         self.held = False
+        self._lock: Any = None
 
-    @staticmethod
-    def _me() -> tuple[int, str]:
-        return os.getpid(), socket.gethostname()
-
-    def _holder(self) -> tuple[int, str] | None:
+    def _holder(self) -> str:
         try:
-            pid, host = self.path.read_text().split(maxsplit=1)
-            return int(pid), host.strip()
-        except (OSError, ValueError):
-            return None  # vanished or unreadable (being written): treated as held below
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
 
     def acquire(self) -> FolderLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except OSError as exc:
-                if not isinstance(exc, FileExistsError):
-                    failed = _as_write_error(exc, self.path)
-                    if failed is not None:
-                        raise failed from exc
-                    raise
-                holder = self._holder()
-                if holder is not None and _is_stale(*holder):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                who = (f"process {holder[0]} on {holder[1]}" if holder else "another process")
-                raise FolderLockedError(
-                    f"{self.path.parent} is in use by {who} (lock file {self.path}); wait for "
-                    f"that {self.what} to finish or choose another output folder. If no such "
-                    "process is running, delete the lock file.") from None
-            with os.fdopen(fd, "w") as f:
-                pid, host = self._me()
-                f.write(f"{pid} {host}\n")
-            self.held = True
-            return self
-        raise FolderLockedError(f"could not take the lock {self.path}")
+        from filelock import FileLock, Timeout
+
+        before = self._holder()  # filelock 3.x empties the file when it tries to lock it
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(5):
+                lock = FileLock(str(self.path), timeout=0)
+                lock.acquire()
+                if _locks_the_path(lock, self.path):
+                    break
+                lock.release()  # the file its last holder removed on release: lock anew
+            else:
+                raise FolderLockedError(f"could not take the lock {self.path}")
+        except Timeout:
+            if before and not self._holder():
+                self.path.write_text(before + "\n")  # the holder's name, put back
+            pid, _, host = before.partition(" ")
+            who = f"process {pid} on {host}" if pid.isdigit() and host else "another process"
+            raise FolderLockedError(
+                f"{self.path.parent} is in use by {who} (lock file {self.path}); wait for that "
+                f"{self.what} to finish or choose another output folder") from None
+        except OSError as exc:
+            failed = _as_write_error(exc, self.path)
+            if failed is not None:
+                raise failed from exc
+            raise
+        self._lock, self.held = lock, True
+        self.path.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        return self
 
     def release(self) -> None:
         if self.held:
-            if self._holder() == self._me():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # while still held: the next holder locks a new file
+            self._lock.release()
+            self._lock, self.held = None, False
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
@@ -347,16 +351,13 @@ class FolderLock:
         self.release()
 
 
-def _is_stale(pid: int, host: str) -> bool:
-    """A lock is stale when it was taken on this host by a process that no longer runs."""
-    if host != socket.gethostname():
-        return False
-    if pid == os.getpid():
-        return False  # this very process holds it (e.g. a second fit in the same folder)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _locks_the_path(lock: Any, path: Path) -> bool:
+    """Whether the file that ``lock`` (a filelock) holds is the one now at ``path``, and not one
+    its last holder removed between our open and our lock (unknown to filelock's API: True)."""
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+    if not isinstance(fd, int):
         return True
-    except PermissionError:  # a live process of another user
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
         return False
-    return False
