@@ -3,8 +3,9 @@
 Automatic optimization: Lightning's ``optimizer_step`` calls ``optimizer.step(closure=...)``,
 and BalancedSAM runs that closure twice, at theta and at theta + eps. The closure is Lightning's
 ``training_step`` + ``backward``; ``training_step`` returns the weighted loss of the pass in
-progress, ``opt.reduce(per_sample_losses, targets)``, which uses the perturbation weights in
-the first call and the update weights in the second.
+progress, ``opt.reduce(per_sample_losses, targets)``, which uses the perturbation weights
+before ``first_step`` and the update weights after it; it logs only in the first pass
+(``opt.first_pass``), so ``train_loss`` is the loss at theta in both modes.
 
 Manual optimization: ``training_step`` calls the one-call form through Lightning's optimizer
 wrapper, ``self.optimizers().step(closure=loss_fn, targets=y)``, where ``loss_fn()`` returns
@@ -16,8 +17,8 @@ optimizer's momentum), and ``trainer.fit(..., ckpt_path=...)`` resumes exactly.
 
 Do not combine it with ``Trainer(accumulate_grad_batches=K)``: Lightning would run the
 closure's backward on K-1 micro-batches without a step, and SAM's two passes would see only the
-last one. Use a larger batch, or ``BalancedSAM.step(loss_fn, targets, accumulate=K)`` in manual
-optimization.
+last one (BalancedSAM warns: ``AccumulatedGradientWarning``). Use a larger batch, or
+``BalancedSAM.step(loss_fn, targets, accumulate=K)`` in manual optimization.
 
 Run it (CPU, a few seconds)::
 
@@ -82,9 +83,12 @@ class BSAMRegressor(L.LightningModule):
         bsam = self.optimizers()  # Lightning's wrapper; .optimizer is the BalancedSAM
         if self.automatic_optimization:
             # runs at theta, then at theta + eps: reduce() applies the weights of that pass
-            return bsam.optimizer.reduce((self(x) - y).abs(), y)
+            loss = bsam.optimizer.reduce((self(x) - y).abs(), y)
+            if bsam.optimizer.first_pass:  # log the loss at theta (the last log would win)
+                self.log("train_loss", loss)
+            return loss
         loss = bsam.step(closure=lambda: (self(x) - y).abs(), targets=y)
-        self.log("train_loss", loss)
+        self.log("train_loss", loss)  # the step returns the loss at theta
         return None
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -16,7 +16,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from balanced_sam import BalancedSAM, LabelBins  # noqa: E402
-from balanced_sam.optim.driver import AccumulatedGradientWarning  # noqa: E402
+from balanced_sam.optim import AccumulatedGradientWarning  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers).*"),

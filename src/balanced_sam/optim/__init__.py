@@ -10,11 +10,17 @@ The parts, bottom up:
 """
 
 from balanced_sam.optim.balanced import BalancedSAM
-from balanced_sam.optim.driver import frozen_bn_stats, plain_step, sharpness_step
+from balanced_sam.optim.driver import (
+    AccumulatedGradientWarning,
+    frozen_bn_stats,
+    plain_step,
+    sharpness_step,
+)
 from balanced_sam.optim.imbsam import ImbSAM
 from balanced_sam.optim.norms import dual_norm_direction
 from balanced_sam.optim.sam import SAM
 from balanced_sam.optim.weighting import BalancingNotAppliedWarning, PassWeighting
 
 __all__ = ["SAM", "BalancedSAM", "ImbSAM", "BalancingNotAppliedWarning", "PassWeighting",
-           "frozen_bn_stats", "dual_norm_direction", "sharpness_step", "plain_step"]
+           "frozen_bn_stats", "dual_norm_direction", "sharpness_step", "plain_step",
+           "AccumulatedGradientWarning"]
