@@ -213,7 +213,7 @@ def test_results_hold_the_paired_comparisons(serial):
     assert "mean ± std over seeds; differences between methods: see the paired comparisons " \
            "below" in text
     assert text.index("| sqinv |") < text.index("Paired differences on test: method - sqinv")
-    verdicts = ("interval includes 0: no evidence of a difference", "better (interval below 0)",
+    verdicts = ("includes 0: no evidence of a difference", "better (interval below 0)",
                 "worse (interval above 0)")
     assert sum(v in line for line in text.splitlines() for v in verdicts) == 12
     assert (out / "paired_differences.png").stat().st_size > 5000
@@ -582,3 +582,35 @@ def test_default_jobs_is_what_the_machine_offers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert parallel.default_jobs("auto") == 3  # one run per GPU unless asked for more
     assert parallel.default_jobs("cuda:0") == 1
+
+
+# ---------------------------------------------------------------------------- the printout
+def test_every_printed_line_fits_100_columns_and_names_the_plots(serial):
+    res, out, text = serial
+    too_long = [line for line in text.splitlines() if len(line) > 100]
+    assert not too_long, too_long
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "paired_differences.png" in pngs and "label_histogram.png" in pngs
+    last = text[text.rindex("\nwrote "):]  # the last line (wrapped if it had to be)
+    assert all(name in last for name in ["results.json", "results.csv", *pngs]), last
+    assert "bMAE |" in text and "bMAE: the mean of the per-bin MAEs" in text  # it differs here
+
+
+def test_bmae_is_shown_only_where_it_differs_from_mae_all(serial):
+    res = copy.deepcopy(serial[0])
+    assert "bMAE |" in bench_table(res) and "bMAE All" in comparison_text(res)
+    for m in res["methods"].values():  # a test set with as many samples in every bin
+        for r in m["runs"]:
+            r["test"]["all"]["bmae"] = r["test"]["all"]["mae"]
+    table = bench_table(res)
+    assert "bMAE |" not in table and "bMAE equals MAE All here" in table
+    assert "bMAE All" not in comparison_text(res) and "MAE All" in comparison_text(res)
+    assert max(len(line) for line in (table + "\n" + comparison_text(res)).splitlines()) <= 100
+
+
+def test_the_recipe_line_cites_what_a_wheel_user_has():
+    from balanced_sam.bench.folder import _source_text
+
+    source = registry.IMAGE_BENCH_RECIPE.source
+    assert "benchmarks/" in source  # the repository's tuning script...
+    assert _source_text(source) == "the recipe's, chosen on the validation split"  # ...not cited

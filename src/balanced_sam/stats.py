@@ -468,7 +468,7 @@ def _verdict(c: Mapping[str, Any], name: str, baseline: str) -> str:
         return f"{name} better (interval below 0)"
     if c["ci_low"] > 0:
         return f"{name} worse (interval above 0)"
-    return "interval includes 0: no evidence of a difference"
+    return "includes 0: no evidence of a difference"  # (the interval just before it)
 
 
 def format_comparisons(comparisons: Mapping[str, Mapping[str, Mapping[str, Any] | None]],

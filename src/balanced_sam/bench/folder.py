@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from balanced_sam.bench.plan import BenchPlan, RunKey
+from balanced_sam.bench.report import fit_lines
 from balanced_sam.bench.summary import DEFAULT_BASELINE
 from balanced_sam.config import TrainConfig
 from balanced_sam.data.registry import DataSplits
@@ -137,20 +138,22 @@ def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
     split = {**{s: _size(getattr(data, s)) for s in ("train", "val", "test")},
              "bins": data.bins.num_bins, "regions": regions}
     split.update({k: data.info[k] for k in ("C", "cap", "train_fraction") if k in data.info})
-    log(f"dataset {data.name}: train {split['train']}, val {split['val']}, test {split['test']}; "
-        f"{data.bins.num_bins} bins ({regions['many']} many / {regions['medium']} medium / "
-        f"{regions['few']} few with training samples)")
+    log(fit_lines(f"dataset {data.name}: train {split['train']}, val {split['val']}, test "
+                  f"{split['test']}; {data.bins.num_bins} bins ({regions['many']} many / "
+                  f"{regions['medium']} medium / {regions['few']} few with training samples)"))
     warnings = bin_warnings(data)
     for w in warnings:
-        log(f"warning: {w}")
+        log(fit_lines(f"warning: {w}"))
     if data.info.get("train_fraction") not in (None, 1, 1.0):
         log(f"training keeps {data.info['train_fraction']:.0%} of the rows left after the "
             "validation/test split, so that the tail has few-shot bins")
     quick = plan.config.quick
-    log(f"recipe: {cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, batch {cfg.batch_size}, "
-        f"{cfg.epochs} epochs, {cfg.schedule} schedule, rho {_rho_text(plan)}; seeds "
-        f"{plan.seeds}; best epoch by val {cfg.select_by}; bMAE by {cfg.balance}"
-        + (f" [--quick: {len(plan.seeds)} seed(s), {cfg.epochs} epochs]" if quick else ""))
+    log(fit_lines(f"recipe: {cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, batch "
+                  f"{cfg.batch_size}, {cfg.epochs} epochs, {cfg.schedule} schedule; best epoch "
+                  f"by val {cfg.select_by}; bMAE by {cfg.balance}"))
+    log(fit_lines(f"rho {_rho_text(plan)}; seeds {plan.seeds}"
+                  + (f" [--quick: {len(plan.seeds)} seed(s), {cfg.epochs} epochs]"
+                     if quick else "")))
     if plan.baseline is None and len(plan.methods) > 1:
         log(f"no paired comparisons: the default baseline {DEFAULT_BASELINE} is not among the "
             f"methods; name one of them with {spell('baseline', plan.names[0])}")
@@ -208,8 +211,19 @@ def _rho_text(plan: BenchPlan) -> str:
     shown = {m: plan.rho_by_method[m] for m in plan.names if m in plan.rho_by_method}
     if shown:
         return (", ".join(f"{m} {r:g}" for m, r in shown.items())
-                + f" (the recipe's: {plan.data.recipe.source or 'per method'})")
+                + f" ({_source_text(plan.data.recipe.source)})")
     return ", ".join(f"{r:g}" for r in plan.sweep)
+
+
+def _source_text(source: str) -> str:
+    """Where the recipe's rho comes from, in words a wheel user can follow (the tuning scripts
+    under benchmarks/ are in the repository only, not in the wheel)."""
+    if not source:
+        return "the recipe's, per method"
+    if "benchmarks/" in source:
+        return ("the recipe's, chosen on the validation split" if "validation" in source
+                else "the recipe's")
+    return f"the recipe's: {source}"
 
 
 def folder_runs(plan: BenchPlan, owned: OwnedFolder) -> dict[str, list[dict[str, Any]]]:

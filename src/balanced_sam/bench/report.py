@@ -5,6 +5,7 @@ rows, the plots, and ``bsam compare`` (:func:`compare_results`) over a finished
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,26 @@ from balanced_sam.errors import spell
 from balanced_sam.io import nan_for_null, read_json, write_json
 from balanced_sam.metrics import format_table
 
-__all__ = ["bench_table", "comparison_text", "compare_results", "csv_row", "draw_plots"]
+__all__ = ["bench_table", "comparison_text", "compare_results", "csv_row", "draw_plots",
+           "fit_lines", "WIDTH"]
+
+#: the columns every line the bench prints fits in
+WIDTH = 100
+
+
+def fit_lines(text: str, width: int = WIDTH) -> str:
+    """``text`` with every line at most ``width`` columns: a longer line is wrapped at its
+    spaces (the continuation of an indented line four columns deeper)."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        indent = line[:len(line) - len(line.lstrip())]
+        more = indent + "    " if indent else ""  # prose wraps flush, indented rows deeper
+        out.extend(textwrap.wrap(line, width=width, subsequent_indent=more,
+                                 break_long_words=False, break_on_hyphens=False) or [line])
+    return "\n".join(out)
 
 
 def csv_row(name: str, run: dict[str, Any]) -> dict[str, Any]:
@@ -64,10 +84,20 @@ def _method_notes(name: str, runs: list[dict[str, Any]], kept: list[dict[str, An
     return marks, notes
 
 
+def _bmae_is_mae(reports: Mapping[str, list[dict[str, Any]]]) -> bool:
+    """Whether every run's bMAE equals its MAE All (a test set with as many samples in every
+    bin: the balanced mean is the plain mean)."""
+    pairs = [(r["all"].get("bmae"), r["all"].get("mae")) for reps in reports.values()
+             for r in reps if isinstance(r.get("all"), dict)]
+    pairs = [(b, m) for b, m in pairs if stats.is_finite(b) and stats.is_finite(m)]
+    return bool(pairs) and all(math.isclose(b, m, rel_tol=1e-9, abs_tol=1e-12) for b, m in pairs)
+
+
 def bench_table(results: dict[str, Any], digits: int | None = None) -> str:
-    """The paper-style table (MAE and GM per region, bMAE) of a ``results.json`` dict: mean ±
-    std over the seeds at each method's selected rho, diverged runs left out (marked † with a
-    footnote). The spread is no test of a difference: the paired comparisons are."""
+    """The paper-style tables of a ``results.json`` dict, within :data:`WIDTH` columns: MAE per
+    region (and bMAE where it differs from MAE All), then GM per region; mean ± std over the
+    seeds at each method's selected rho, diverged runs left out (marked † with a footnote).
+    The spread is no test of a difference: the paired comparisons are."""
     reports, notes = {}, []
     epochs = results.get("config", {}).get("train", {}).get("epochs")
     for name, m in results["methods"].items():
@@ -88,7 +118,14 @@ def bench_table(results: dict[str, Any], digits: int | None = None) -> str:
              "these spreads")
     head = (f"{results['dataset']} test set, mean ± std over seeds"
             + (f" (errors in {unit})" if unit else "") + f"; {after}")
-    return "\n".join([head, format_table(reports, digits=digits), *notes])
+    same = _bmae_is_mae(reports)
+    mae = format_table(reports, metrics=("mae",), extra=() if same else ("bmae",),
+                       digits=digits)
+    gm = format_table(reports, metrics=("gm",), extra=(), digits=digits)
+    bmae = ("bMAE equals MAE All here (every test bin holds as many samples): see results.csv"
+            if same else
+            "bMAE: the mean of the per-bin MAEs, every test bin counting the same")
+    return fit_lines("\n".join([head, mae, bmae, "", gm, *notes]))
 
 
 def comparison_text(results: Mapping[str, Any], digits: int | None = None, *,
@@ -101,12 +138,17 @@ def comparison_text(results: Mapping[str, Any], digits: int | None = None, *,
     if not results.get("comparisons"):
         return "paired comparisons: none (no baseline among the methods, or a single method)"
     left = {m: {int(s): why for s, why in g.items()} for m, g in info.get("left_out", {}).items()}
-    return stats.format_comparisons(
-        results["comparisons"], info.get("baseline", DEFAULT_BASELINE),
+    comparisons = results["comparisons"]
+    if _bmae_is_mae({m: [r["test"] for r in e["runs"]] for m, e in results["methods"].items()}):
+        # the same numbers twice (a test set balanced over its bins): shown once
+        comparisons = {m: {k: v for k, v in c.items() if k != "bmae_all"}
+                       for m, c in comparisons.items()}
+    return fit_lines(stats.format_comparisons(
+        comparisons, info.get("baseline", DEFAULT_BASELINE),
         unit=results.get("config", {}).get("target_unit", ""),
         digits=_digits(results) if digits is None else digits,
         confidence=info.get("confidence", CONFIDENCE), left_out=left, power=power,
-        power_level=info.get("power") or stats.DEFAULT_POWER)
+        power_level=info.get("power") or stats.DEFAULT_POWER))
 
 
 def compare_results(results: str | Path | dict[str, Any], *, baseline: str | None = None,

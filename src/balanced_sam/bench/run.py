@@ -22,7 +22,14 @@ from torch import nn
 from balanced_sam import parallel
 from balanced_sam.bench.folder import claim_bench_folder, folder_runs, read_back, start_results
 from balanced_sam.bench.plan import BenchConfig, BenchPlan, RunKey, make_plan
-from balanced_sam.bench.report import bench_table, comparison_text, csv_row, draw_plots
+from balanced_sam.bench.report import (
+    WIDTH,
+    bench_table,
+    comparison_text,
+    csv_row,
+    draw_plots,
+    fit_lines,
+)
 from balanced_sam.bench.summary import DEFAULT_BASELINE, finish_results
 from balanced_sam.config import TrainConfig
 from balanced_sam.io import FolderLock, write_csv, write_json
@@ -60,18 +67,26 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dic
         write_json(record, owned.record("results.json"))
         write_csv([csv_row(name, run) for name, m in record["methods"].items()
                    for run in m["runs"]], owned.record("results.csv"))
+        pngs: list[str] = []  # the plots this bench drew, named in its last line
+
+        def plot_path(name: str) -> Path:
+            pngs.append(name)
+            return owned.record(name)
+
         if config.plots:
-            draw_plots(results, plan.data, owned.record, log)
+            draw_plots(results, plan.data, plot_path, log)
     log("")
     log(bench_table(results))
     log("")
     log(comparison_text(results))
     more = [m for m in record["methods"] if m not in results["methods"]]
     if more:
-        log(f"\n{plan.out}/results.json also holds the finished runs of {', '.join(more)} "
-            "(earlier benches in this folder); bsam compare shows them all")
-    log(f"\nwrote {plan.out}/results.json, results.csv and plots "
-        f"({results['total_seconds']:.0f}s in all)")
+        log(fit_lines(f"\n{plan.out}/results.json also holds the finished runs of "
+                      f"{', '.join(more)} (earlier benches in this folder); bsam compare shows "
+                      "them all"))
+    log(fit_lines(f"\nwrote {plan.out}/: results.json, results.csv"
+                  + "".join(f", {n}" for n in pngs)
+                  + f" ({results['total_seconds']:.0f} s in all)"))
     return results
 
 
@@ -315,12 +330,12 @@ class _Status:
         self.running.pop(key, None)
         self.seconds.setdefault(key.name, []).append(seconds)
         t = run["test"]["all"]["mae"]
-        what = f"{key.label}: test MAE {t:.4g} (few {run['test']['few']['mae']:.4g}), best " \
-               f"epoch {run['best_epoch']}, {seconds:.1f}s"
+        what = f"{key.label}: test MAE {t:.4g} (few {run['test']['few']['mae']:.4g}), " \
+               f"epoch {run['best_epoch']}, {seconds:.0f}s"
         if run.get("failure"):
             what = f"{key.label}: {run['failure']}, {seconds:.1f}s"
         if not self.enabled:
-            self.log(what)
+            self.log(fit_lines(what))
             return
         self._write(f"bench: {self.done}/{self.total} runs done, {self._left()} | {what}")
 
@@ -340,7 +355,9 @@ class _Status:
         return f"about {_duration(max(0.0, work) / min(self.jobs, remaining))} left"
 
     def _write(self, line: str) -> None:
-        self.stream.write(("\r\x1b[K" + line) if self.tty else line + "\n")
+        if self.tty:  # one line, rewritten in place: cut to the width
+            line = line if len(line) <= WIDTH else line[:WIDTH - 1] + "…"
+        self.stream.write(("\r\x1b[K" + line) if self.tty else fit_lines(line) + "\n")
         self.stream.flush()
         self.wrote = True
 
