@@ -103,7 +103,7 @@ def reference_losses() -> tuple[list[float], list[float]]:
             return loss
 
         returned = opt.step(closure)
-        assert len(seen) == 2 and float(returned) == seen[0]
+        assert len(seen) == 2 and float(returned.detach()) == seen[0]
         first.append(seen[0])
         second.append(seen[1])
     assert first != second

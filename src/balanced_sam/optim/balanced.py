@@ -66,7 +66,11 @@ class BalancedSAM(SAM):
     Calling forms: ``step(loss_fn, targets, **options)``, ``step(closure)`` and
     ``first_step()`` / ``second_step()``, the last two with ``opt.reduce(losses, targets)``
     computing the loss of each pass (else the step is plain SAM and a
-    :class:`~balanced_sam.optim.BalancingNotAppliedWarning` says so); see :class:`SAM`.
+    :class:`~balanced_sam.optim.BalancingNotAppliedWarning` says so); see :class:`SAM`. The
+    options of the step, not of the constructor, are those of
+    :func:`~balanced_sam.optim.driver.sharpness_step`: ``max_grad_norm`` (clip the update
+    gradient), ``accumulate`` (micro-batches), ``mask``, ``scaler`` (AMP), ``model`` with
+    ``bn_second_pass`` (BatchNorm statistics of the second pass) and ``first_pass_context``.
     """
 
     def __init__(
