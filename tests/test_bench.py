@@ -591,7 +591,7 @@ def test_every_printed_line_fits_100_columns_and_names_the_plots(serial):
     assert not too_long, too_long
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "paired_differences.png" in pngs and "label_histogram.png" in pngs
-    last = text[text.rindex("\nwrote "):]  # the last line (wrapped if it had to be)
+    last = text[text.rindex("\nwrote into "):]  # the last two lines
     assert all(name in last for name in ["results.json", "results.csv", *pngs]), last
     assert "bMAE |" in text and "bMAE: the mean of the per-bin MAEs" in text  # it differs here
 

@@ -139,8 +139,9 @@ def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
              "bins": data.bins.num_bins, "regions": regions}
     split.update({k: data.info[k] for k in ("C", "cap", "train_fraction") if k in data.info})
     log(fit_lines(f"dataset {data.name}: train {split['train']}, val {split['val']}, test "
-                  f"{split['test']}; {data.bins.num_bins} bins ({regions['many']} many / "
-                  f"{regions['medium']} medium / {regions['few']} few with training samples)"))
+                  f"{split['test']}"))
+    log(fit_lines(f"bins: {data.bins.num_bins} ({regions['many']} many / {regions['medium']} "
+                  f"medium / {regions['few']} few with training samples)"))
     warnings = bin_warnings(data)
     for w in warnings:
         log(fit_lines(f"warning: {w}"))
@@ -150,10 +151,11 @@ def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
     quick = plan.config.quick
     log(fit_lines(f"recipe: {cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay}, batch "
                   f"{cfg.batch_size}, {cfg.epochs} epochs, {cfg.schedule} schedule; best epoch "
-                  f"by val {cfg.select_by}; bMAE by {cfg.balance}"))
-    log(fit_lines(f"rho {_rho_text(plan)}; seeds {plan.seeds}"
+                  f"by val {cfg.select_by}"))
+    log(fit_lines(f"rho: {_rho_text(plan)}"))
+    log(fit_lines(f"seeds {', '.join(map(str, plan.seeds))}"
                   + (f" [--quick: {len(plan.seeds)} seed(s), {cfg.epochs} epochs]"
-                     if quick else "")))
+                     if quick else "") + f"; bMAE by {cfg.balance}"))
     if plan.baseline is None and len(plan.methods) > 1:
         log(f"no paired comparisons: the default baseline {DEFAULT_BASELINE} is not among the "
             f"methods; name one of them with {spell('baseline', plan.names[0])}")

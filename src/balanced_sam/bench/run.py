@@ -84,9 +84,8 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dic
         log(fit_lines(f"\n{plan.out}/results.json also holds the finished runs of "
                       f"{', '.join(more)} (earlier benches in this folder); bsam compare shows "
                       "them all"))
-    log(fit_lines(f"\nwrote {plan.out}/: results.json, results.csv"
-                  + "".join(f", {n}" for n in pngs)
-                  + f" ({results['total_seconds']:.0f} s in all)"))
+    log(fit_lines(f"\nwrote into {plan.out} ({results['total_seconds']:.0f} s in all):"))
+    log(fit_lines("  " + ", ".join(["results.json", "results.csv", *pngs])))
     return results
 
 
