@@ -73,7 +73,8 @@ def _method_notes(name: str, runs: list[dict[str, Any]], kept: list[dict[str, An
                  f"every run of {name} diverged: no figures to show")
         notes.append(f"† {name}: " + "; ".join(
             f"seed {r['seed']} diverged ({r.get('diverged_reason', '?')})" for r in runs
-            if r.get("diverged")) + f"; {shown}")
+            if r.get("diverged")))
+        notes.append(f"  {shown}")  # its own line: the one above may wrap
     stalled = [r for r in kept if r.get("stalled")]
     if stalled:
         marks += " ‡"

@@ -81,9 +81,8 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dic
     log(comparison_text(results))
     more = [m for m in record["methods"] if m not in results["methods"]]
     if more:
-        log(fit_lines(f"\n{plan.out}/results.json also holds the finished runs of "
-                      f"{', '.join(more)} (earlier benches in this folder); bsam compare shows "
-                      "them all"))
+        log(fit_lines(f"\nresults.json also holds the finished runs of {', '.join(more)} "
+                      f"(earlier benches in {plan.out}); bsam compare shows them all"))
     log(fit_lines(f"\nwrote into {plan.out} ({results['total_seconds']:.0f} s in all):"))
     log(fit_lines("  " + ", ".join(["results.json", "results.csv", *pngs])))
     return results
