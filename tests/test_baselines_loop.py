@@ -439,7 +439,7 @@ def test_every_baseline_trains_on_the_image_benchmark(tmp_path):
         before = [p.detach().clone() for p in model.parameters()]
         cfg = _cfg(method=name, batch_size=40, lr=0.02)
         res = fit(model, data.train, data.val, data.bins, cfg, test_data=data.test,
-                  target_scaler=data.scaler, log=lambda s: None)
+                  target_scaler=data.target_scaler, log=lambda s: None)
         assert np.isfinite(res.test["all"]["mae"]), name
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), name
 

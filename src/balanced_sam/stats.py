@@ -442,22 +442,29 @@ def paired_comparisons(
             warnings.warn(f"{name} vs {baseline}: comparing the {len(shared)} shared seed(s) "
                           f"{shared} and leaving out the unpaired ones: {detail}", stacklevel=2)
         shared = [s for s in shared if not (_diverged(mine[s]) or _diverged(base[s]))]
-        cmp: dict[str, dict[str, Any] | None] = {}
-        for metric, region in metrics:
-            a = [_metric(mine[s], split, region, metric) for s in shared]
-            b = [_metric(base[s], split, region, metric) for s in shared]
-            if not shared:  # every pair had a diverged run
-                cmp[f"{metric}_{region}"] = {"mean": None, "ci_low": None, "ci_high": None,
-                                             "wins": 0, "n": 0, "sd": None, "mde": None,
-                                             "effect": None, "seeds_needed": None}
-                continue
-            if any(v is None for v in a + b):
-                cmp[f"{metric}_{region}"] = None
-                continue
-            cmp[f"{metric}_{region}"] = paired_difference(  # type: ignore[arg-type]
-                a, b, confidence=confidence, effect=effect, power=power)
+        cmp = _compare_on(mine, base, shared, metrics, split,
+                          dict(confidence=confidence, effect=effect, power=power))
         out[name] = cmp
     return out
+
+
+def _compare_on(mine: Mapping[int, Mapping[str, Any]], base: Mapping[int, Mapping[str, Any]],
+                shared: Sequence[int], metrics: Sequence[tuple[str, str]], split: str,
+                options: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """One method against the baseline on the ``shared`` seeds, metric by metric."""
+    cmp: dict[str, dict[str, Any] | None] = {}
+    for metric, region in metrics:
+        a = [_metric(mine[s], split, region, metric) for s in shared]
+        b = [_metric(base[s], split, region, metric) for s in shared]
+        if not shared:  # every pair had a diverged run
+            cmp[f"{metric}_{region}"] = {"mean": None, "ci_low": None, "ci_high": None,
+                                         "wins": 0, "n": 0, "sd": None, "mde": None,
+                                         "effect": None, "seeds_needed": None}
+        elif any(v is None for v in a + b):
+            cmp[f"{metric}_{region}"] = None
+        else:
+            cmp[f"{metric}_{region}"] = paired_difference(a, b, **options)  # type: ignore[arg-type]
+    return cmp
 
 
 # ---------------------------------------------------------------------------- text
