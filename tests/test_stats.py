@@ -145,7 +145,7 @@ def test_interval_covers_the_true_difference_95_percent_of_the_time(n: int) -> N
     covered = 0
     z_covered = 0
     for a, b in zip(method, base):
-        c = paired_difference(a.tolist(), b.tolist())
+        c = paired_difference(a.tolist(), b.tolist(), power=None)  # the interval alone
         covered += c["ci_low"] <= true_diff <= c["ci_high"]
         se = float(np.std(a - b, ddof=1)) / math.sqrt(n)
         z_covered += abs(c["mean"] - true_diff) <= 1.96 * se
@@ -407,6 +407,8 @@ def test_paired_difference_power_entries() -> None:
     assert c["effect"] == 2.0 and c["seeds_needed"] == seeds_needed(2.0, sd, power=0.9)
     assert c["mde"] == pytest.approx(detectable_effect(sd, 5, power=0.9), rel=1e-12)
     assert paired_difference(d, [0.0] * 5, effect=None)["seeds_needed"] is None
+    bare = paired_difference(d, [0.0] * 5, power=None)
+    assert bare["mde"] is None and bare["seeds_needed"] is None and bare["sd"] is not None
     assert parse_effect("5%") == ("relative", 0.05) and parse_effect(1.5) == ("absolute", 1.5)
 
 

@@ -261,7 +261,7 @@ DEFAULT_POWER = 0.8
 
 def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
                       confidence: float = 0.95, effect: float | str | None = DEFAULT_EFFECT,
-                      power: float = DEFAULT_POWER) -> dict[str, Any]:
+                      power: float | None = DEFAULT_POWER) -> dict[str, Any]:
     """Compare per-seed ``values`` of a method with the ``baseline``'s on the same seeds (same
     order; lower is better): ``{"mean", "ci_low", "ci_high", "wins", "n"}`` as described in the
     module docstring, and the power entries ``"sd"`` (paired standard deviation), ``"mde"``
@@ -269,7 +269,8 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
     test at level ``1 - confidence``), ``"effect"`` (the effect of interest in the metric's
     units: ``effect`` as given, or a share of the baseline's mean such as the default ``"5%"``)
     and ``"seeds_needed"`` (paired seeds that detect ``effect`` with that power). With one pair
-    the interval and the power entries are ``None`` (undefined)."""
+    the interval and the power entries are ``None`` (undefined); ``power=None`` leaves the
+    power entries out of the computation (``None``), for callers that make many comparisons."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
     if len(values) != len(baseline):
@@ -297,6 +298,8 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
         out["ci_low"], out["ci_high"] = mean - half, mean + half
         alpha = 1.0 - confidence
         out["sd"] = sd
+        if power is None:
+            return out
         out["mde"] = detectable_effect(sd, n, alpha=alpha, power=power)
         if size is not None and size > 0:
             out["seeds_needed"] = seeds_needed(size, sd, alpha=alpha, power=power)
