@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _repo_scripts import ROOT
 
 from balanced_sam import LabelBins
 from balanced_sam.cli import build_parser, main
@@ -22,7 +23,7 @@ from balanced_sam.methods import METHODS, Method, build_stepper, get_method
 from balanced_sam.models import MLP
 from balanced_sam.train import LRPlan, TrainConfig, batches, fit, seed_everything
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "balanced_sam"
+SRC = ROOT / "src" / "balanced_sam"
 
 
 # ---------------------------------------------------------------------------- structure

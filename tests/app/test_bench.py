@@ -10,11 +10,11 @@ import math
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from _tables import long_tail, thirds
 from balanced_sam.bench import (
     BenchConfig,
     BenchInterrupted,
@@ -35,27 +35,8 @@ from balanced_sam.stats import (
     seeds_needed,
 )
 
-# a generated long-tailed table (the one of test_train), small and fast
+# the generated long-tailed table (the `table` fixture of tests/app/conftest.py), small and fast
 TABLE = dict(target="target", bin_width=10, cap=20, epochs=2, rho=0.05)
-
-
-def _write_table(path: Path, n: int = 600, seed: int = 0) -> Path:
-    import numpy as np
-    import pandas as pd
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g)
-    y = (torch.exp(0.8 * x[:, 0]) * 10 + x[:, 1] + 0.3 * torch.randn(n, generator=g)).clamp(0, 99)
-    df = pd.DataFrame(x.numpy(), columns=[f"f{i}" for i in range(5)])
-    df["kind"] = np.where(x[:, 2].numpy() > 0, "a", "b")
-    df["target"] = y.numpy().round(2)
-    df.to_csv(path, index=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def table(tmp_path_factory) -> Path:
-    return _write_table(tmp_path_factory.mktemp("tbl") / "table.csv")
 
 
 @pytest.fixture(scope="module")
@@ -503,10 +484,8 @@ def test_bench_cli_passes_clipping_interval_and_jobs(table, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- default dataset
 def _tiny(**options):
-    from test_train import split, synthetic
-
-    x, y = synthetic(int(options.get("n", 400)))
-    tr, va, te = split(x, y)
+    x, y = long_tail(int(options.get("n", 400)))
+    tr, va, te = thirds(x, y)
     return BenchData("tiny-default", tr[0], tr[1], va[0], va[1], te[0], te[1],
                      bins={"bin_width": 5.0, "lower": 0.0, "upper": 100.0},
                      info={"n": len(y), "split_params": {"n": len(y)}})

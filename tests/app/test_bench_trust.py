@@ -10,7 +10,6 @@ import json
 import os
 
 import pytest
-from test_bench import _write_table
 
 from balanced_sam.bench import BenchConfig, RunKey, run_bench
 from balanced_sam.cli import main
@@ -20,11 +19,6 @@ from balanced_sam.outputs import MANIFEST
 #: the smallest bench: the generated table, one seed, one epoch
 SMALL = ["--target", "target", "--bin-width", "10", "--cap", "20", "--epochs", "1", "--rho",
          "0.05", "--seeds", "1", "--jobs", "1", "--no-plots"]
-
-
-@pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    return _write_table(tmp_path_factory.mktemp("tbl") / "table.csv")
 
 
 def _bench(table, out, *more):

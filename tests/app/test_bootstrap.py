@@ -9,11 +9,10 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from _repo_scripts import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bootstrap.sh"
 if not SCRIPT.is_file() or shutil.which("sh") is None:
     pytest.skip("no scripts/bootstrap.sh or no sh", allow_module_level=True)

@@ -11,9 +11,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from _repo_scripts import load_repo_script
+from _repo_scripts import ROOT, load_repo_script
 
-ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("mkdocs")
 pytest.importorskip("latex2mathml")
 hook = load_repo_script("docs/_ext/offline_assets.py", "offline_assets")

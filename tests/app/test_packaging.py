@@ -19,11 +19,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from _repo_scripts import ROOT
 
 pytest.importorskip("build")
 pytest.importorskip("twine")
 
-ROOT = Path(__file__).resolve().parents[1]
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "site", "*.egg-info",
                               "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache")
 
@@ -90,11 +90,12 @@ def test_sdist_is_complete(dists):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     need = ["LICENSE", "README.md", "pyproject.toml", "mkdocs.yml", "docs/pypi.md",
             "docs/index.md", "tests/conftest.py", "tests/_vision_fixtures.py",
-            "tests/test_optim.py", "src/balanced_sam/configs/agedb_bsam.yaml",
+            "tests/optim/conftest.py", "tests/optim/test_optim.py", "scripts/test_layout.py",
+            "src/balanced_sam/configs/agedb_bsam.yaml",
             "src/balanced_sam/configs/__init__.py", "src/balanced_sam/py.typed"]
     for n in need:
         assert n in names, n
-    tests_here = {f"tests/{p.name}" for p in (ROOT / "tests").glob("*.py")}
+    tests_here = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("*.py")}
     assert tests_here <= names, sorted(tests_here - names)
     examples_here = {str(p.relative_to(ROOT)) for p in (ROOT / "examples").rglob("*.py")}
     assert examples_here <= names, sorted(examples_here - names)

@@ -13,21 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
+from _tables import abc_csv as table
 from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
 from balanced_sam.experiment import run_training
-
-
-def table(path, n=300, seed=0, shift=0.0, integer=False, outlier=None):
-    g = np.random.default_rng(seed)
-    x = g.normal(size=(n, 3))
-    y = np.clip(np.exp(0.8 * x[:, 0]) * 10 + x[:, 1], 0, 99)
-    df = pd.DataFrame({"a": x[:, 0] + shift, "b": x[:, 1], "c": x[:, 2],
-                       "y": np.floor(y) if integer else y.round(2)})
-    if outlier is not None:
-        df.loc[len(df)] = {"a": 0.0, "b": 0.0, "c": 0.0, "y": outlier}
-    df.to_csv(path, index=False)
-    return path
 
 
 def config(tmp_path, csv, **train):

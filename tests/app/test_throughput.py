@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _repo_scripts import ROOT
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+BENCH = ROOT / "benchmarks" / "throughput.py"
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from _tables import long_tail as synthetic
+from _tables import thirds as split
+from _tables import write_long_tail_csv as write_csv
 from balanced_sam import LabelBins
 from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
@@ -20,31 +23,6 @@ from balanced_sam.train import RunExistsError, TrainConfig, batches, fit, seed_e
 
 REPORT_KEYS = {"all", "many", "medium", "few"}
 METRIC_KEYS = {"mae", "mse", "rmse", "gm", "bmae", "count"}
-
-
-def synthetic(n: int = 600, seed: int = 0):
-    """A long-tailed regression table as tensors: y = exp-like in a latent feature."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g)
-    y = (torch.exp(0.8 * x[:, 0]) * 10 + x[:, 1] + 0.3 * torch.randn(n, generator=g)).clamp(0, 99)
-    return x, y
-
-
-def split(x, y):
-    n = len(y)
-    return (x[: n // 2], y[: n // 2]), (x[n // 2: 3 * n // 4], y[n // 2: 3 * n // 4]), \
-        (x[3 * n // 4:], y[3 * n // 4:])
-
-
-def write_csv(path, n=900, seed=0):
-    import pandas as pd
-
-    x, y = synthetic(n, seed)
-    df = pd.DataFrame(x.numpy(), columns=[f"f{i}" for i in range(5)])
-    df["kind"] = np.where(x[:, 2].numpy() > 0, "a", "b")
-    df["target"] = y.numpy().round(2)
-    df.to_csv(path, index=False)
-    return df
 
 
 def quick_cfg(**kw):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from _tables import abc_csv
 from balanced_sam.cli import main
 
 
@@ -29,13 +31,8 @@ class _Payload:
         return (os.mkdir, (self.marker,))
 
 
-def _table(path, n=300, seed=0):
-    g = np.random.default_rng(seed)
-    x = g.normal(size=(n, 3))
-    y = np.clip(np.exp(0.8 * x[:, 0]) * 10 + g.normal(scale=0.3, size=n), 0, 99)
-    pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "y": y.round(2)}).to_csv(
-        path, index=False)
-    return path
+# the CLI tests' table, its target with noise instead of feature b
+_table = partial(abc_csv, noise=True)
 
 
 def _poison(src, dest, marker):

@@ -15,24 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
+from _repo_scripts import ROOT
 
+from _tables import abc_csv as table
 from balanced_sam.cli import main
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = ROOT / "src"
 MANIFEST = ".bsam-manifest.json"
-
-
-def table(path: Path, n: int = 300, seed: int = 0) -> Path:
-    g = np.random.default_rng(seed)
-    x = g.normal(size=(n, 3))
-    y = np.clip(np.exp(0.8 * x[:, 0]) * 10 + x[:, 1], 0, 99)
-    pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "y": y.round(2)}).to_csv(
-        path, index=False)
-    return path
 
 
 @pytest.fixture()

@@ -10,8 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from _repo_scripts import ROOT
 from _vision_fixtures import make_mnist_folder
 
+from _tables import thirds, write_long_tail_csv
 from balanced_sam import LabelBins
 from balanced_sam.baselines.plugins import PLUGINS, MethodPlugin, check_options
 from balanced_sam.cli import main
@@ -37,12 +39,6 @@ def _data(n: int = 240, seed: int = 0, integer: bool = True):
     y = (torch.exp(0.9 * x[:, 0]) * 6 + 2 * x[:, 1]).clamp(0, 39)
     y = y.floor() if integer else y
     return x, y
-
-
-def _split(x, y):
-    n = len(y)
-    return (x[: n // 2], y[: n // 2]), (x[n // 2: 3 * n // 4], y[n // 2: 3 * n // 4]), \
-        (x[3 * n // 4:], y[3 * n // 4:])
 
 
 def _cfg(**kw):
@@ -219,7 +215,7 @@ def test_ranksim_draws_the_same_subset_in_both_passes():
 
 def test_balanced_mse_sigma_has_its_own_group_is_never_perturbed_and_keeps_its_lr():
     x, y = _data(128, integer=False)
-    tr, va, te = _split(x, y)
+    tr, va, te = thirds(x, y)
     bins = LabelBins.from_labels(tr[1], bin_width=4, lower=0, upper=40)
     cfg = _cfg(rho=0.5, plugins={"bni": {"learn_noise": True}})
     seed_everything(0)
@@ -303,7 +299,7 @@ def test_fds_collects_once_per_batch_under_a_two_pass_optimizer():
 
 def test_fds_resumed_run_equals_the_unbroken_one(tmp_path):
     x, y = _data(240)
-    tr, va, te = _split(x, y)
+    tr, va, te = thirds(x, y)
     bins = LabelBins.from_labels(tr[1], bin_width=2, lower=0, upper=40)
     cfg = _cfg(method="fds", epochs=4, seed=1, plugins={"fds": {"ks": 3, "sigma": 1.0}})
 
@@ -343,7 +339,7 @@ def test_fds_resumed_run_equals_the_unbroken_one(tmp_path):
 # ---------------------------------------------------------------------------- RnC
 def test_rnc_trains_the_encoder_then_only_the_head_and_resumes_either_stage(tmp_path):
     x, y = _data(200, integer=False)
-    tr, va, te = _split(x, y)
+    tr, va, te = thirds(x, y)
     bins = LabelBins.from_labels(tr[1], bin_width=4, lower=0, upper=40)
     cfg = _cfg(method="rnc+sqinv", epochs=2, seed=2,
                plugins={"rnc": {"pretrain_epochs": 2, "pretrain_lr": 0.02, "head_lr": 0.03}})
@@ -404,10 +400,8 @@ COMPOSED = ("ranksim+bsam", "conr+lds+sam", "fds+sqinv+imbsam", "rnc+sqinv+bsam"
 
 
 def test_every_baseline_runs_in_bsam_bench_on_a_table(tmp_path, capsys):
-    from test_train import write_csv
-
     csv = tmp_path / "table.csv"
-    write_csv(csv, n=500)
+    write_long_tail_csv(csv, n=500)
     methods = [*BASELINE_METHODS, *COMPOSED]
     out = tmp_path / "bench"
     assert main(["bench", "--csv", str(csv), "--target", "target", "--methods",
@@ -446,9 +440,8 @@ def test_every_baseline_trains_on_the_image_benchmark(tmp_path):
 
 def test_step_cost_times_every_baseline_as_the_loop_runs_it(tmp_path, capsys):
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+    path = ROOT / "benchmarks" / "step_cost.py"
     spec = importlib.util.spec_from_file_location("step_cost_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -464,12 +457,10 @@ def test_step_cost_times_every_baseline_as_the_loop_runs_it(tmp_path, capsys):
 def test_plugin_options_change_the_recipes_key_by_key(tmp_path):
     from dataclasses import replace
 
-    from test_train import write_csv
-
     from balanced_sam.experiment import train_config
 
     csv = tmp_path / "t.csv"
-    write_csv(csv, n=300)
+    write_long_tail_csv(csv, n=300)
     data = load_data({"name": "csv", "path": str(csv), "target": "target"})
     data.recipe = replace(data.recipe, train={**data.recipe.train, "plugins": {
         "ranksim": {"gamma": 0.1}, "conr": {"beta": 0.4}}})

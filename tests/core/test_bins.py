@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _repo_scripts import ROOT
 
 from balanced_sam import LabelBins, lds_kernel
 
-AGEDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "agedb.csv"
+AGEDB = ROOT.parent / "shared" / "data" / "agedb.csv"
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,7 @@ import torch
 from balanced_sam import LabelBins, RegressionMetrics, format_table, regression_report
 from balanced_sam.metrics import aggregate_reports, depth_report, resolve_balance
 
-
-@pytest.fixture
-def bins():
-    # bin 0: 150 training samples (many), bin 1: 50 (medium), bin 2: 5 (few), bin 3: 0 (few)
-    return LabelBins(np.array([0.0, 10.0, 20.0, 30.0, 40.0]), [150, 50, 5, 0])
+# `bins`: tests/core/conftest.py's four bins, one per region (150, 50, 5 and 0 samples)
 
 
 def test_hand_made_report(bins):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _vision_fixtures import make_age_root
+from _repo_scripts import ROOT
 
 from balanced_sam import LabelBins
 from balanced_sam.data import agedb, prepare
@@ -21,13 +21,10 @@ from balanced_sam.data.images import (
     MissingImagesError,
 )
 
-SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "agedb.csv"
+SHARED_CSV = ROOT.parent / "shared" / "data" / "agedb.csv"
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    make_age_root(tmp_path, "agedb")
-    return tmp_path
+# `root`: tests/data/conftest.py's AgeDB-DIR miniature
 
 
 def test_splits_shapes_and_labels(root: Path) -> None:

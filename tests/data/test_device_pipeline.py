@@ -40,10 +40,7 @@ from balanced_sam.train import fit, seed_everything
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    make_age_root(tmp_path / "agedb", "agedb")
-    return tmp_path / "agedb"
+# `root`: tests/data/conftest.py's AgeDB-DIR miniature
 
 
 def _splits(root: Path, img_size: int = 16, augment: str = "device", **kw):

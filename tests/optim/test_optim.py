@@ -13,7 +13,6 @@ import torch
 from _optim_helpers import data as _data
 from _optim_helpers import (
     flat_params,
-    float64_default,  # noqa: F401  (autouse: hand computations compare at 1e-12 in float64)
     grad_of,
     skewed_bins,
 )
@@ -27,6 +26,9 @@ from balanced_sam.optim import (
     dual_norm_direction,
     frozen_bn_stats,
 )
+
+# float64: the hand computations compare at 1e-12 (the fixture is in tests/optim/conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 # this module's defaults: 32 samples, 5 hidden units
 data = partial(_data, n=32)

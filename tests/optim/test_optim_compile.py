@@ -14,15 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from balanced_sam import ImbSAM, LabelBins
+from balanced_sam import ImbSAM
 
 
 @pytest.mark.parametrize("backend", [
     "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_imbsam_steps_a_compiled_model(backend):
-    counts = [200, 150, 100, 60, 30, 19, 10, 5, 2, 1]
-    labels = torch.cat([torch.full((c,), float(k)) for k, c in enumerate(counts)])
-    bins = LabelBins.from_labels(labels, bin_width=1, lower=0, upper=10)
+def test_imbsam_steps_a_compiled_model(backend, skewed_bins):
+    bins = skewed_bins
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 4, generator=g)
     y_head = torch.zeros(32)  # bin 0 only: a plain step, compiles the backward with donation

@@ -22,7 +22,6 @@ import torch
 from _optim_helpers import (
     data,
     flat_params,
-    float64_default,  # noqa: F401  (autouse: this module runs in float64)
     make_optimizer,
     skewed_bins,
     tiny_model,
@@ -30,6 +29,9 @@ from _optim_helpers import (
 
 import balanced_sam.optim.sam as sam_module
 from balanced_sam import SAM
+
+# every test here runs in float64 (the fixture is in tests/optim/conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from _optim_helpers import (
     KINDS,
     data,
     flat_params,
-    float64_default,  # noqa: F401  (autouse: this module runs in float64)
     grad_of,
     make_optimizer,
     skewed_bins,
@@ -23,6 +22,9 @@ from _optim_helpers import (
 from balanced_sam import SAM, BalancedSAM, ImbSAM
 from balanced_sam.losses import check_losses, check_mask, reduce_losses, weighted_mean
 from balanced_sam.optim import BalancingNotAppliedWarning
+
+# every test here runs in float64 (the fixture is in tests/optim/conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 # SAM here carries the sqrt_inv update weighting, so that every kind has weights to apply
 make = partial(make_optimizer, weighted_sam=True)

@@ -12,7 +12,6 @@ from _optim_helpers import (
     KINDS,
     data,
     flat_params,
-    float64_default,  # noqa: F401  (autouse: this module runs in float64)
     grad_of,
     skewed_bins,
     tiny_model,
@@ -21,6 +20,9 @@ from _optim_helpers import make_optimizer as make
 from torch import nn
 
 from balanced_sam import SAM, BalancedSAM, ImbSAM
+
+# every test here runs in float64 (the fixture is in tests/optim/conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def losses_of(model, x, y):
