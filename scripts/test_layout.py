@@ -83,43 +83,43 @@ def misplaced(tests: Path = TESTS) -> list[tuple[Path, Path]]:
     return moves
 
 
-def _tracked(path: Path) -> bool:
-    done = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT,
+def _tracked(path: Path, root: Path) -> bool:
+    done = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=root,
                           capture_output=True)
     return done.returncode == 0
 
 
-def apply(moves: list[tuple[Path, Path]]) -> None:
-    """Move each file (git mv when tracked); refuse before moving anything if a destination
-    exists or two files would land on the same path."""
+def apply(moves: list[tuple[Path, Path]], root: Path = ROOT) -> None:
+    """Move each file (git mv when tracked in the repository at ``root``); refuse before moving
+    anything if a destination exists or two files would land on the same path."""
     dests = [d for _, d in moves]
-    clashes = sorted({str(d.relative_to(ROOT)) for d in dests if d.exists() or dests.count(d) > 1})
+    clashes = sorted({str(d.relative_to(root)) for d in dests if d.exists() or dests.count(d) > 1})
     if clashes:
         raise SystemExit("test_layout: refusing to overwrite " + ", ".join(clashes)
                          + " (merge the two files by hand, then rerun)")
     for src, dest in moves:
         dest.parent.mkdir(exist_ok=True)
-        if _tracked(src):
-            subprocess.run(["git", "mv", str(src), str(dest)], cwd=ROOT, check=True)
+        if _tracked(src, root):
+            subprocess.run(["git", "mv", str(src), str(dest)], cwd=root, check=True)
         else:
             src.rename(dest)
-        print(f"moved {src.relative_to(ROOT)} -> {dest.relative_to(ROOT)}")
+        print(f"moved {src.relative_to(root)} -> {dest.relative_to(root)}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true",
                         help="only list the misplaced test files; exit 1 if there are any")
     args = parser.parse_args(argv)
-    moves = misplaced()
+    moves = misplaced(root / "tests")
     if args.check:
         for src, dest in moves:
-            print(f"misplaced {src.relative_to(ROOT)} (belongs in {dest.relative_to(ROOT)})")
-        return 1 if moves else 0
-    apply(moves)
+            print(f"misplaced {src.relative_to(root)} (belongs in {dest.relative_to(root)})")
+    else:
+        apply(moves, root)
     if not moves:
         print("test_layout: every test file is in its folder")
-    return 0
+    return 1 if args.check and moves else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ same generators, seeds and shapes.
 
 * ``long_tail``: 5 features, ``y = exp(0.8 x0) * 10 + x1 + 0.3 noise`` clamped to [0, 99]
   (a torch generator); ``write_long_tail_csv`` writes it with a categorical ``kind`` column;
+* ``long_tail_ints``: the baselines' labels 0..39 (integers by default);
 * ``abc_csv``: 3 features ``a, b, c`` and ``y`` from numpy's generator, the CLI tests' table.
 """
 
@@ -20,6 +21,16 @@ def long_tail(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, generator=g)
     y = (torch.exp(0.8 * x[:, 0]) * 10 + x[:, 1] + 0.3 * torch.randn(n, generator=g)).clamp(0, 99)
+    return x, y
+
+
+def long_tail_ints(n: int = 240, seed: int = 0, integer: bool = True):
+    """5 features and long-tailed labels 0..39, ``exp(0.9 x0) * 6 + 2 x1`` (``integer``:
+    floored, so labels repeat and RankSim's subset is random)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = (torch.exp(0.9 * x[:, 0]) * 6 + 2 * x[:, 1]).clamp(0, 39)
+    y = y.floor() if integer else y
     return x, y
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from _repo_scripts import ROOT
+from _tables import long_tail_ints as _data
+from _tables import thirds, write_long_tail_csv
 from _vision_fixtures import make_mnist_folder
 
-from _tables import thirds, write_long_tail_csv
 from balanced_sam import LabelBins
 from balanced_sam.baselines.plugins import PLUGINS, MethodPlugin, check_options
 from balanced_sam.cli import main
@@ -30,15 +31,6 @@ from balanced_sam.methods import (
 )
 from balanced_sam.models import MLP
 from balanced_sam.train import _match, fit, seed_everything, train_one_epoch
-
-
-def _data(n: int = 240, seed: int = 0, integer: bool = True):
-    """Long-tailed labels 0..39 (integers: repeated labels, so RankSim's subset is random)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g)
-    y = (torch.exp(0.9 * x[:, 0]) * 6 + 2 * x[:, 1]).clamp(0, 39)
-    y = y.floor() if integer else y
-    return x, y
 
 
 def _cfg(**kw):
@@ -138,9 +130,8 @@ def _grads(loss, params, keep=False):
     return torch.autograd.grad(loss, params, retain_graph=keep)
 
 
-def test_ranksim_bsam_perturbs_with_the_balanced_weights_plus_the_regulariser():
-    x, y = _data(64)
-    bins = LabelBins.from_labels(y, bin_width=1, lower=0, upper=40)
+def test_ranksim_bsam_perturbs_with_the_balanced_weights_plus_the_regulariser(int_batch):
+    x, y, bins = int_batch
     # gamma 0.1: the regulariser and the weighted L1 both shape the gradient (at the default
     # 100 RankSim's term dominates this small MLP's gradient)
     cfg = _cfg(rho=0.5, lr=0.1, plugins={"ranksim": {"gamma": 0.1}})
@@ -195,9 +186,8 @@ def test_ranksim_bsam_perturbs_with_the_balanced_weights_plus_the_regulariser():
         torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_ranksim_draws_the_same_subset_in_both_passes():
-    x, y = _data(64)
-    bins = LabelBins.from_labels(y, bin_width=1, lower=0, upper=40)
+def test_ranksim_draws_the_same_subset_in_both_passes(int_batch):
+    x, y, bins = int_batch
     seed_everything(0)
     model = MLP(5, (16,))
     plugin = _plugin("ranksim", model, bins, _cfg())
