@@ -6,8 +6,11 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from balanced_sam.cli import main
+
+pytestmark = pytest.mark.e2e  # every test here runs the application end to end
 
 
 def test_analyze_bench_checkpoints(tmp_path, capsys):

@@ -119,6 +119,7 @@ def test_plots_write_pngs(tmp_path) -> None:
         plots.plot_region_comparison({"a": one, "b": two})
 
 
+@pytest.mark.e2e
 def test_import_does_not_need_matplotlib() -> None:
     code = ("import sys, balanced_sam.analysis as a; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported'; print(len(a.__all__))")

@@ -384,6 +384,7 @@ def test_io_json_csv_and_atomic_writes(tmp_path):
     assert log.read_text().splitlines() == ["epoch,loss", "1,0.1", "2,0.25"]
 
 
+@pytest.mark.e2e
 def test_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -446,6 +447,7 @@ def test_workers_and_persistence_do_not_change_the_batches():
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
 
 
+@pytest.mark.e2e
 def test_fit_takes_extra_loggers():
     class Rows:
         def __init__(self):

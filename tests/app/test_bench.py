@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-
 from _tables import long_tail, thirds
+
 from balanced_sam.bench import (
     BenchConfig,
     BenchInterrupted,
@@ -56,6 +56,7 @@ def _per_run(results):
 
 
 # ---------------------------------------------------------------------------- parallel runs
+@pytest.mark.e2e
 def test_jobs_2_gives_the_same_per_run_figures_as_jobs_1(serial, table, tmp_path, capsys):
     ser, _, _ = serial
     par = run_bench(BenchConfig(csv_path=str(table), methods=["sqinv", "bsam", "sam"],
@@ -76,6 +77,7 @@ def test_jobs_2_gives_the_same_per_run_figures_as_jobs_1(serial, table, tmp_path
     assert "left |" in err and "bsam-rho0.05-seed" in err
 
 
+@pytest.mark.e2e
 def test_initial_weights_depend_on_the_seed_alone(serial, table, tmp_path):
     # one run alone (nothing before it in the queue) gives the same figures as inside the bench
     ser, _, _ = serial
@@ -103,6 +105,7 @@ def _sleepy(context, payload, device):
     return payload
 
 
+@pytest.mark.e2e
 def test_worker_pool_results_errors_and_a_dead_worker():
     from balanced_sam.parallel import WorkerDiedError, run_tasks
 
@@ -117,6 +120,7 @@ def test_worker_pool_results_errors_and_a_dead_worker():
         run_tasks(_vanish, None, [("z", 1)], jobs=1, on_done=lambda *a: None)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_the_workers(monkeypatch):
     import multiprocessing as mp
 
@@ -136,6 +140,7 @@ def test_ctrl_c_stops_the_workers(monkeypatch):
     assert not mp.active_children()
 
 
+@pytest.mark.e2e
 def test_an_interrupted_bench_says_how_to_resume_and_resumes(table, tmp_path, monkeypatch):
     from balanced_sam.bench import run as bench_run
 
@@ -161,6 +166,7 @@ def test_an_interrupted_bench_says_how_to_resume_and_resumes(table, tmp_path, mo
 
 
 # ---------------------------------------------------------------------------- comparisons
+@pytest.mark.e2e
 def test_results_hold_the_paired_comparisons(serial):
     res, out, text = serial
     on_disk = json.loads((out / "results.json").read_text())
@@ -200,6 +206,7 @@ def test_results_hold_the_paired_comparisons(serial):
     assert (out / "paired_differences.png").stat().st_size > 5000
 
 
+@pytest.mark.e2e
 def test_a_baseline_outside_the_methods_is_refused_before_training(table, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"baseline 'sam' is not among the methods \(sqinv, "
                                          r"bsam\): add it to methods="):
@@ -220,6 +227,7 @@ def test_a_baseline_outside_the_methods_is_refused_before_training(table, tmp_pa
     assert "compare methods seed by seed (bsam compare" in bench_table(res)
 
 
+@pytest.mark.e2e
 def test_bsam_compare_recomputes_from_a_results_file(serial, tmp_path, capsys):
     res, out, _ = serial
     path = tmp_path / "results.json"
@@ -251,6 +259,7 @@ def test_bsam_compare_recomputes_from_a_results_file(serial, tmp_path, capsys):
         compare_results(copy.deepcopy(res), write=True, log=lambda s: None)
 
 
+@pytest.mark.e2e
 def test_bsam_compare_power(serial, tmp_path, capsys):
     res, out, _ = serial
     path = tmp_path / "results.json"
@@ -381,6 +390,7 @@ def _nan_loader(**_):
                      bins={"bin_width": 10.0, "lower": 0.0, "upper": 100.0})
 
 
+@pytest.mark.e2e
 def test_the_bench_records_skipped_steps_and_flags_those_runs(tmp_path, monkeypatch):
     from balanced_sam.data import REGISTRY, DatasetEntry, Recipe, table_loader
     from balanced_sam.data.registry import TABLE_RECIPE
@@ -407,6 +417,7 @@ def _label(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- options
+@pytest.mark.e2e
 def test_a_folder_of_an_older_bench_is_still_the_same_bench(table, tmp_path):
     kw = dict(csv_path=str(table), methods=["sqinv"], seeds=[0], out=tmp_path / "b",
               plots=False, **TABLE)
@@ -423,6 +434,7 @@ def test_a_folder_of_an_older_bench_is_still_the_same_bench(table, tmp_path):
         run_bench(BenchConfig(overrides={"max_grad_norm": 1.0}, **kw), log=lambda s: None)
 
 
+@pytest.mark.e2e
 def test_a_bench_may_add_methods_and_seeds_to_a_folder_and_reads_the_common_runs_back(
         table, tmp_path):
     kw = dict(csv_path=str(table), out=tmp_path / "b", plots=False, **TABLE)
@@ -446,6 +458,7 @@ def test_a_bench_may_add_methods_and_seeds_to_a_folder_and_reads_the_common_runs
                               log=lambda s: None)
 
 
+@pytest.mark.e2e
 def test_an_interval_variant_takes_its_base_methods_rho_from_the_recipe(tiny_default, tmp_path):
     from balanced_sam.experiment import train_config
 
@@ -459,6 +472,7 @@ def test_an_interval_variant_takes_its_base_methods_rho_from_the_recipe(tiny_def
     assert train_config(data, {"method": "bsam-i3"}).rho == 0.07
 
 
+@pytest.mark.e2e
 def test_bench_cli_passes_clipping_interval_and_jobs(table, tmp_path, capsys):
     out = tmp_path / "c"
     assert main(["bench", "--csv", str(table), "--target", "target", "--methods",
@@ -506,6 +520,7 @@ def tiny_default(monkeypatch):
     registry.REGISTRY.pop("tiny-default")
 
 
+@pytest.mark.e2e
 def test_bench_without_a_dataset_runs_the_registry_default(tiny_default, tmp_path, capsys):
     res = run_bench(BenchConfig(out=tmp_path / "d", plots=False), log=lambda s: None)
     assert res["dataset"] == "tiny-default"

@@ -26,6 +26,7 @@ def _bench(table, out, *more):
 
 
 # ---------------------------------------------------------------------------- item 5
+@pytest.mark.e2e
 def test_bench_refuses_a_folder_it_did_not_mark(table, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -48,6 +49,7 @@ def test_bench_refuses_a_folder_it_did_not_mark(table, tmp_path, capsys):
                   log=lambda s: None)
 
 
+@pytest.mark.e2e
 def test_overwrite_removes_exactly_the_manifests_files(table, tmp_path, capsys):
     out = tmp_path / "b"
     assert _bench(table, out, "--methods", "sqinv") == 0
@@ -73,6 +75,7 @@ def test_overwrite_removes_exactly_the_manifests_files(table, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["methods"]["sqinv"]["runs"]
 
 
+@pytest.mark.e2e
 def test_a_bench_folder_of_the_previous_release_is_adopted_and_read_back(table, tmp_path,
                                                                          capsys):
     out = tmp_path / "old"
@@ -93,6 +96,7 @@ def test_a_bench_folder_of_the_previous_release_is_adopted_and_read_back(table, 
 
 
 # ---------------------------------------------------------------------------- item 6
+@pytest.mark.e2e
 def test_a_narrower_bench_keeps_every_finished_method_in_the_folders_record(table, tmp_path,
                                                                            capsys):
     out = tmp_path / "b"
@@ -134,6 +138,7 @@ def test_a_narrower_bench_keeps_every_finished_method_in_the_folders_record(tabl
 
 
 # ---------------------------------------------------------------------------- item 11
+@pytest.mark.e2e
 def test_a_diverging_run_is_marked_and_the_bench_goes_on(table, tmp_path, capsys):
     out = tmp_path / "b"
     # before: the bench stopped with "preds hold NaN/inf values" (exit 2), nothing written
@@ -152,6 +157,7 @@ def test_a_diverging_run_is_marked_and_the_bench_goes_on(table, tmp_path, capsys
     assert "done earlier, read back" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_one_diverging_seed_is_left_out_and_the_others_kept(table, tmp_path):
     from balanced_sam.bench import run as bench_run
 

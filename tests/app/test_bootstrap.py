@@ -13,6 +13,8 @@ import time
 import pytest
 from _repo_scripts import ROOT
 
+pytestmark = pytest.mark.e2e  # every test here runs the application end to end
+
 SCRIPT = ROOT / "scripts" / "bootstrap.sh"
 if not SCRIPT.is_file() or shutil.which("sh") is None:
     pytest.skip("no scripts/bootstrap.sh or no sh", allow_module_level=True)

@@ -113,6 +113,7 @@ def test_cli_lists_shows_and_copies(tmp_path, capsys):
     assert "need a config NAME" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_module_runs_from_a_folder_outside_the_repository(tmp_path):
     r = subprocess.run([sys.executable, "-m", "balanced_sam.configs", "agedb_sam", "--copy",
                         "here"], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -48,6 +48,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_no_page_loads_anything_from_another_host(site: Path) -> None:
     pages = sorted(site.rglob("*.html"))
     assert len(pages) > 10
@@ -61,6 +62,7 @@ def test_no_page_loads_anything_from_another_host(site: Path) -> None:
     assert not remote, f"pages that load from another host: {remote}"
 
 
+@pytest.mark.e2e
 def test_math_is_mathml_and_code_is_coloured(site: Path) -> None:
     page = (site / "index.html").read_text(encoding="utf-8")
     api = (site / "api" / "optim" / "index.html").read_text(encoding="utf-8")

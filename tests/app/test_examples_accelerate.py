@@ -126,6 +126,7 @@ def test_naive_accumulate_context_does_not_accumulate():
     Accelerator(cpu=True, gradient_accumulation_steps=1)  # restore the shared state
 
 
+@pytest.mark.e2e
 def test_accelerate_example_runs_as_a_script(capsys):
     ex.main(["--accumulate", "2", "--epochs", "1"])
     assert "16 BalancedSAM steps of 2 micro-batches" in capsys.readouterr().out

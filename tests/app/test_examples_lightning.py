@@ -22,6 +22,7 @@ ex = load_repo_script("examples/lightning_bsam.py", "lightning_bsam_example")
 
 BATCHES_PER_EPOCH = 8
 pytestmark = [
+    pytest.mark.e2e,  # trains with Lightning's Trainer
     pytest.mark.filterwarnings("ignore:.*val_dataloader.*"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
     pytest.mark.filterwarnings("ignore:.*dirpath has changed.*"),

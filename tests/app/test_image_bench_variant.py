@@ -44,6 +44,7 @@ def test_image_size_must_fit_the_images(mini: Path, bad) -> None:
         rotated_mnist.load(data_root=mini, image_size=bad, **SMALL)
 
 
+@pytest.mark.e2e
 def test_the_recipe_carries_the_variant_and_the_model_follows_the_data(mini: Path, tmp_path,
                                                                        monkeypatch) -> None:
     entry = registry.get_entry("rotated-fashion-mnist")

@@ -171,6 +171,7 @@ def _rank_main(rank: int, world: int, port: int, out: str, idle_rank1: bool) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("idle_rank1", [False, True], ids=["uneven", "one-rank-without-data"])
 def test_real_gloo_sync_across_two_processes(tmp_path, idle_rank1):
     import torch.distributed as dist

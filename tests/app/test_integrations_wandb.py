@@ -95,6 +95,7 @@ def test_flatten_row_leaves_out_what_is_not_a_number():
                         "g": float("-inf")}) == {"a": 1, "d/e": 2.0}
 
 
+@pytest.mark.e2e
 def test_bsam_train_wandb_flag_logs_every_epoch(fake_wandb, tmp_path):
     """`bsam train --wandb PROJECT` hands each epoch's row to a WandbLogger (loop interface
     log_epoch) and finishes the run."""

@@ -73,6 +73,7 @@ def _fit(method: str, **kw):
     return res, [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.mark.e2e
 def test_bsam_i5_is_bsam_with_train_interval_5():
     (a, pa), (b, pb), (_, pc) = _fit("bsam-i5"), _fit("bsam", interval=5), _fit("bsam")
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))
@@ -126,6 +127,7 @@ def test_a_nonfinite_gradient_is_skipped_and_counted(method):
     assert opt.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.e2e
 def test_fit_reports_skipped_steps_per_epoch_and_in_all():
     tr, va, te = _data()
     x = tr[0].clone()

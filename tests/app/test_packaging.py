@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from _repo_scripts import ROOT
 
+pytestmark = pytest.mark.e2e  # every test here runs the application end to end
+
 pytest.importorskip("build")
 pytest.importorskip("twine")
 

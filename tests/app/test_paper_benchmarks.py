@@ -31,6 +31,7 @@ def _run(args: list[str], capsys) -> str:
     return out.out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kind,config", [("agedb", "agedb_bsam.yaml"),
                                          ("imdb_wiki", "imdb_wiki_imbsam.yaml")])
 def test_age_benchmark_end_to_end(tmp_path, capsys, kind, config):
@@ -58,6 +59,7 @@ def test_age_benchmark_end_to_end(tmp_path, capsys, kind, config):
     assert json.loads(ev.read_text())["all"]["mae"] == pytest.approx(test["all"]["mae"])
 
 
+@pytest.mark.e2e
 def test_nyud2_end_to_end(tmp_path, capsys):
     root = tmp_path / "nyud2"
     make_nyud2_root(root, n_train=4, n_test=3)
@@ -101,6 +103,7 @@ def test_every_config_is_valid(config):
     assert "Paper" in text or "paper" in text
 
 
+@pytest.mark.e2e
 def test_missing_root_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--config", str(CONFIGS / "agedb_vanilla.yaml"),
                  f"data.root={tmp_path / 'nowhere'}", "--out", str(tmp_path / "o")]) == 2

@@ -63,6 +63,7 @@ def _is_png(path) -> bool:
     return len(data) > 5000 and data.startswith(PNG_MAGIC)
 
 
+@pytest.mark.e2e
 def test_importing_the_package_does_not_import_matplotlib() -> None:
     import subprocess
 

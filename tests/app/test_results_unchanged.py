@@ -22,6 +22,8 @@ import torch
 from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
 
+pytestmark = pytest.mark.e2e  # every test here runs the application end to end
+
 REL = 1e-5
 REGIONS = ("all", "many", "medium", "few")
 

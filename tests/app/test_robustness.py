@@ -12,11 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from _tables import abc_csv as table
+
 from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
 from balanced_sam.experiment import run_training
+
+pytestmark = pytest.mark.e2e  # every test here runs the application end to end
 
 
 def config(tmp_path, csv, **train):

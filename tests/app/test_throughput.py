@@ -15,6 +15,8 @@ import pytest
 from _repo_scripts import ROOT
 from PIL import Image
 
+pytestmark = pytest.mark.e2e  # every test here runs the application end to end
+
 BENCH = ROOT / "benchmarks" / "throughput.py"
 
 

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from _tables import long_tail as synthetic
 from _tables import thirds as split
 from _tables import write_long_tail_csv as write_csv
+
 from balanced_sam import LabelBins
 from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
@@ -31,6 +31,7 @@ def quick_cfg(**kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_one_epoch(name):
     x, y = synthetic(300)
@@ -67,6 +68,7 @@ def test_methods_build_the_right_optimizers():
         get_method("bsam2")
 
 
+@pytest.mark.e2e
 def test_seeded_runs_are_deterministic():
     x, y = synthetic(300)
     tr, va, te = split(x, y)
@@ -82,6 +84,7 @@ def test_seeded_runs_are_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
+@pytest.mark.e2e
 def test_resume_after_kill_matches_unbroken_run(tmp_path):
     x, y = synthetic(400)
     tr, va, te = split(x, y)
@@ -147,6 +150,7 @@ def _ddp_worker(rank, world, init_file, out_file, scope):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_two_process_global_scope_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
@@ -171,6 +175,7 @@ def test_two_process_global_scope_equals_single_process(tmp_path):
     assert any(not torch.allclose(results["local"][k], v, atol=1e-6) for k, v in single.items())
 
 
+@pytest.mark.e2e
 def test_bench_results_schema_and_resume(tmp_path):
     csv = tmp_path / "table.csv"
     write_csv(csv)
@@ -214,6 +219,7 @@ def test_bench_results_schema_and_resume(tmp_path):
                               epochs=3, bin_width=10, cap=20, out=out), log=lambda s: None)
 
 
+@pytest.mark.e2e
 def test_cli_bench_bad_input(tmp_path, capsys):
     import pandas as pd
 
@@ -243,6 +249,7 @@ def test_cli_bench_bad_input(tmp_path, capsys):
     assert "--target" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_cli_train_eval_resume(tmp_path, capsys):
     csv = tmp_path / "table.csv"
     write_csv(csv)
@@ -298,6 +305,7 @@ def test_help_explains_every_command(capsys):
     assert "vanilla-bsam" in listing and "diamonds" in listing
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
 def test_amp_needs_cuda():
     x, y = synthetic(100)
@@ -310,6 +318,7 @@ def test_amp_needs_cuda():
     os.environ.pop("BSAM_DEBUG", None)
 
 
+@pytest.mark.e2e
 def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path, monkeypatch):
     from balanced_sam.data import REGISTRY, BenchData, DatasetEntry, Recipe, table_loader
     from balanced_sam.data.registry import TABLE_RECIPE
@@ -335,6 +344,7 @@ def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path, monkeypatc
     assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.01
 
 
+@pytest.mark.e2e
 def test_torchrun_train_command(tmp_path):
     """`torchrun --nproc_per_node 2 -m balanced_sam.cli train` joins a gloo group on the CPU,
     trains with DDP and writes the results once (rank 0)."""

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from _tables import abc_csv
+
 from balanced_sam.cli import main
 
 
@@ -63,6 +63,7 @@ def _copy_run(run, tmp_path):
 
 
 # ---------------------------------------------------------------------------- item 1
+@pytest.mark.e2e
 def test_1_written_checkpoints_load_as_data(run):
     # before: last.pt held numpy's random state (an array), so weights_only could not read it
     for name in ("best.pt", "last.pt"):
@@ -89,6 +90,7 @@ def test_1_plain_makes_metadata_loadable(tmp_path):
         plain({"meta": {"obj": object()}})
 
 
+@pytest.mark.e2e
 def test_1_library_load_checkpoint_refuses_a_payload(run, tmp_path):
     from balanced_sam.outputs import UntrustedCheckpointError, load_checkpoint
 
@@ -107,6 +109,7 @@ def test_1_library_load_checkpoint_refuses_a_payload(run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_1_load_experiment_refuses_a_payload(run, tmp_path):
     from balanced_sam.experiment import load_experiment
 
@@ -117,6 +120,7 @@ def test_1_load_experiment_refuses_a_payload(run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_1_eval_refuses_a_payload(run, tmp_path, capsys):
     marker = tmp_path / "ran"
     bad = _poison(run["out"] / "best.pt", tmp_path / "bad.pt", marker)
@@ -126,6 +130,7 @@ def test_1_eval_refuses_a_payload(run, tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_1_analyze_refuses_a_payload(run, tmp_path, capsys):
     marker = tmp_path / "ran"
     bad = _poison(run["out"] / "best.pt", tmp_path / "bad.pt", marker)
@@ -141,6 +146,7 @@ def test_1_analyze_refuses_a_payload(run, tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_1_resume_refuses_a_payload(run, tmp_path, capsys):
     out = _copy_run(run, tmp_path)
     marker = tmp_path / "ran"
@@ -152,6 +158,7 @@ def test_1_resume_refuses_a_payload(run, tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_1_bench_read_back_refuses_a_payload(tmp_path, capsys):
     """The bench reads ``runs/<label>/last.pt`` of an unfinished run back (to decide whether it
     resumes); a poisoned one is refused, and no code runs."""
@@ -181,6 +188,7 @@ def _old_style_last(src, dest):
     torch.save(ck, dest)
 
 
+@pytest.mark.e2e
 def test_1_trust_checkpoint_loads_a_file_one_vouches_for(run, tmp_path, capsys):
     from balanced_sam.outputs import load_checkpoint
 
@@ -241,6 +249,7 @@ def test_2_configs_copy_never_writes_through_a_link(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- item 8
+@pytest.mark.e2e
 def test_8_a_target_orders_of_magnitude_off_is_refused(tmp_path, capsys):
     csv = _table(tmp_path / "t.csv", n=400)
     df = pd.read_csv(csv)
@@ -279,6 +288,7 @@ def test_8_long_tails_are_left_alone():
 
 
 # ---------------------------------------------------------------------------- item 9
+@pytest.mark.e2e
 def test_9_a_mostly_numeric_column_with_strings_is_reported(tmp_path, capsys):
     g = np.random.default_rng(0)
     frame = pd.DataFrame({f"f{i}": g.normal(size=400).round(3).astype(object)
@@ -305,6 +315,7 @@ def test_9_a_mostly_numeric_column_with_strings_is_reported(tmp_path, capsys):
     assert pre.num_features > 1000
 
 
+@pytest.mark.e2e
 def test_9_the_one_hot_width_has_a_limit(tmp_path, capsys):
     from balanced_sam.data.tabular import TablePreprocessor, load_table
 
@@ -329,6 +340,7 @@ def test_9_the_one_hot_width_has_a_limit(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- item 10
+@pytest.mark.e2e
 def test_10_duplicate_yaml_keys_are_an_error(tmp_path, capsys):
     from balanced_sam.errors import ConfigError
     from balanced_sam.experiment import apply_overrides, load_config
@@ -369,6 +381,7 @@ def test_11_every_float_option_refuses_nan(key):
         TrainConfig.from_dict({key: "nan"})  # as `--set KEY=nan` gives it
 
 
+@pytest.mark.e2e
 def test_11_nan_on_the_command_line(run, tmp_path, capsys):
     base = ["bench", "--csv", str(run["csv"]), "--target", "y", "--methods", "vanilla",
             "--seeds", "1", "--epochs", "1", "--out", str(tmp_path / "b"), "--no-plots"]
@@ -384,6 +397,7 @@ def test_11_nan_on_the_command_line(run, tmp_path, capsys):
     assert "NaN is not allowed" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_11_analyze_threads_zero_is_refused(run, tmp_path, capsys):
     n = torch.get_num_threads()
     # before: --threads 0 was ignored (the analysis ran on every thread)
@@ -394,6 +408,7 @@ def test_11_analyze_threads_zero_is_refused(run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- items 16, 17
+@pytest.mark.e2e
 def test_16_infinite_or_nan_bin_bounds_are_one_line_errors(run, tmp_path, capsys):
     from balanced_sam import LabelBins
 
@@ -410,6 +425,7 @@ def test_16_infinite_or_nan_bin_bounds_are_one_line_errors(run, tmp_path, capsys
         assert f"{where}: expected a finite number" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_17_a_negative_layer_width_is_a_one_line_error(run, tmp_path, capsys):
     from balanced_sam.models import MLP
 
@@ -423,6 +439,7 @@ def test_17_a_negative_layer_width_is_a_one_line_error(run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- item 18
+@pytest.mark.e2e
 def test_18_an_optimizer_state_of_other_shapes_fails_at_load_time(run, tmp_path, capsys):
     out = _copy_run(run, tmp_path)
     ck = torch.load(out / "last.pt", weights_only=True)
@@ -443,6 +460,7 @@ def test_18_an_optimizer_state_of_other_shapes_fails_at_load_time(run, tmp_path,
 
 
 # ---------------------------------------------------------------------------- item 19
+@pytest.mark.e2e
 def test_19_config_errors_name_the_key(run, tmp_path, capsys):
     cfg = ["train", "--config", str(run["cfg"]), "--out", str(tmp_path / "r")]
     cases = [
@@ -475,6 +493,7 @@ def test_19_config_errors_name_the_key(run, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.e2e
 def test_19_a_binary_or_non_utf8_file_is_named(tmp_path, capsys):
     binary = tmp_path / "data.csv"
     binary.write_bytes(bytes(range(256)) * 8)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from _repo_scripts import ROOT
-
 from _tables import abc_csv as table
+
 from balanced_sam.cli import main
 
 SRC = ROOT / "src"
@@ -62,6 +62,7 @@ def one_line_error(err: str, *needles: str) -> None:
 
 
 # ---------------------------------------------------------------------------- 3: foreign folders
+@pytest.mark.e2e
 def test_train_refuses_a_folder_holding_a_users_result_and_log(cfg, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -77,6 +78,7 @@ def test_train_refuses_a_folder_holding_a_users_result_and_log(cfg, tmp_path, ca
     one_line_error(err, "--out")
 
 
+@pytest.mark.e2e
 def test_a_run_whose_checkpoints_were_deleted_is_not_clobbered(cfg, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(["train", "--config", cfg, "--out", out], capsys)[0] == 0
@@ -97,6 +99,7 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_clobbered(cfg, tmp_path, ca
     assert rows[0] == before["log.csv"].decode().splitlines()[0] and len(rows) == 1 + 2
 
 
+@pytest.mark.e2e
 def test_library_fit_refuses_a_foreign_folder(tmp_path):
     from balanced_sam.bins import LabelBins
     from balanced_sam.models import MLP
@@ -114,6 +117,7 @@ def test_library_fit_refuses_a_foreign_folder(tmp_path):
     assert sorted(os.listdir(out)) == ["notes.txt"]
 
 
+@pytest.mark.e2e
 def test_an_earlier_releases_run_is_adopted_on_resume_only(cfg, tmp_path, capsys):
     out = tmp_path / "old"
     assert run(["train", "--config", cfg, "--out", out], capsys)[0] == 0
@@ -139,6 +143,7 @@ def test_an_earlier_releases_run_is_adopted_on_resume_only(cfg, tmp_path, capsys
     one_line_error(err, "does not adopt it", str(fake / "last.pt"))
 
 
+@pytest.mark.e2e
 def test_a_bench_folder_is_not_a_run_folder(cfg, tmp_path, capsys):
     from balanced_sam.outputs import claim_folder
 
@@ -200,6 +205,7 @@ def test_output_path_records_before_writing(tmp_path):
         output_path(tmp_path / "plain" / "x.json")
 
 
+@pytest.mark.e2e
 def test_rnc_lists_its_pretrain_folder_and_overwrite_clears_only_what_it_wrote(tmp_path):
     from balanced_sam.bins import LabelBins
     from balanced_sam.models import MLP
@@ -230,6 +236,7 @@ def test_rnc_lists_its_pretrain_folder_and_overwrite_clears_only_what_it_wrote(t
 
 
 # ---------------------------------------------------------------------------- 4: tb/ and links
+@pytest.mark.e2e
 def test_overwrite_never_deletes_a_users_tb_folder(cfg, tmp_path, capsys):
     # a folder that is not ours: refused, the user's tb/ kept
     mine = tmp_path / "mine"
@@ -267,6 +274,7 @@ def linked_tb(cfg, tmp_path, capsys):
     return out, target
 
 
+@pytest.mark.e2e
 def test_a_symlinked_tb_is_unlinked_by_overwrite_when_bsam_listed_it(linked_tb, cfg, capsys):
     from balanced_sam.outputs import OwnedFolder
 
@@ -281,6 +289,7 @@ def test_a_symlinked_tb_is_unlinked_by_overwrite_when_bsam_listed_it(linked_tb, 
     assert snapshot(target) == {"precious.txt": b"keep me"}
 
 
+@pytest.mark.e2e
 def test_an_unlisted_symlinked_tb_is_refused_cleanly(linked_tb, cfg, capsys):
     out, target = linked_tb
     code, _, err = run(["train", "--config", cfg, "--out", out, "--overwrite"], capsys)
@@ -313,6 +322,7 @@ def _is_worker(pid: int) -> bool:
         return False
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 def test_workers_die_with_a_killed_bench(tmp_path):
     csv = table(tmp_path / "t.csv", n=400)
@@ -421,6 +431,7 @@ def read_only(monkeypatch):
     return make
 
 
+@pytest.mark.e2e
 def test_eval_json_into_a_read_only_folder_is_one_line(cfg, tmp_path, capsys, read_only):
     out = tmp_path / "run"
     assert run(["train", "--config", cfg, "--out", out], capsys)[0] == 0
@@ -437,6 +448,7 @@ def test_eval_json_into_a_read_only_folder_is_one_line(cfg, tmp_path, capsys, re
     assert not any(ro.iterdir())  # no temporary file left either
 
 
+@pytest.mark.e2e
 def test_train_into_a_read_only_folder_is_one_line(cfg, tmp_path, capsys, read_only):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -451,6 +463,7 @@ def test_train_into_a_read_only_folder_is_one_line(cfg, tmp_path, capsys, read_o
 
 
 # ---------------------------------------------------------------------------- 14: full disk
+@pytest.mark.e2e
 @pytest.mark.parametrize("failure", [
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
     OSError(errno.ENOSPC, "No space left on device")], ids=["torch-writer", "enospc"])

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from _repo_scripts import load_repo_script
 from _vision_fixtures import make_mnist_folder
 
 from balanced_sam.data import rotated_mnist
+
+pytestmark = pytest.mark.e2e  # every test here runs the application end to end
 
 tune = load_repo_script("benchmarks/tune_image_bench.py", "tune_image_bench")
 

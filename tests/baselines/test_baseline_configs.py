@@ -83,6 +83,7 @@ def test_paper_config_builds_with_its_plugins_and_cites_the_paper(name, roots):
             p, {}).items()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name,extra", [
     ("agedb_ranksim", []),                                     # a feature regulariser
     ("imdb_wiki_bni", []),                                     # a loss with a learned sigma

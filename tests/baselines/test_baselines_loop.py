@@ -203,6 +203,7 @@ def test_ranksim_draws_the_same_subset_in_both_passes(int_batch):
     assert len(regs) > 1  # another batch or epoch draws another subset
 
 
+@pytest.mark.e2e
 def test_balanced_mse_sigma_has_its_own_group_is_never_perturbed_and_keeps_its_lr():
     x, y = _data(128, integer=False)
     tr, va, te = thirds(x, y)
@@ -287,6 +288,7 @@ def test_fds_collects_once_per_batch_under_a_two_pass_optimizer():
     assert plugin.fds.epoch_count.sum().item() == 0
 
 
+@pytest.mark.e2e
 def test_fds_resumed_run_equals_the_unbroken_one(tmp_path):
     x, y = _data(240)
     tr, va, te = thirds(x, y)
@@ -327,6 +329,7 @@ def test_fds_resumed_run_equals_the_unbroken_one(tmp_path):
 
 
 # ---------------------------------------------------------------------------- RnC
+@pytest.mark.e2e
 def test_rnc_trains_the_encoder_then_only_the_head_and_resumes_either_stage(tmp_path):
     x, y = _data(200, integer=False)
     tr, va, te = thirds(x, y)
@@ -389,6 +392,7 @@ def test_rnc_trains_the_encoder_then_only_the_head_and_resumes_either_stage(tmp_
 COMPOSED = ("ranksim+bsam", "conr+lds+sam", "fds+sqinv+imbsam", "rnc+sqinv+bsam", "gai+bsam")
 
 
+@pytest.mark.e2e
 def test_every_baseline_runs_in_bsam_bench_on_a_table(tmp_path, capsys):
     csv = tmp_path / "table.csv"
     write_long_tail_csv(csv, n=500)
@@ -413,6 +417,7 @@ def test_every_baseline_runs_in_bsam_bench_on_a_table(tmp_path, capsys):
     assert res["methods"]["ranksim"]["runs"][0]["rho"] is None
 
 
+@pytest.mark.e2e
 def test_every_baseline_trains_on_the_image_benchmark(tmp_path):
     root = make_mnist_folder(tmp_path / "idx", n_train=200, n_test=80)
     data = load_data({"name": "rotated-fashion-mnist", "data_root": str(root), "n_train": 120,

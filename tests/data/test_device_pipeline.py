@@ -236,6 +236,7 @@ def _fit_age(root: Path, out: Path, *, epochs: int, resume: bool = False, kill_a
     return res, model
 
 
+@pytest.mark.e2e
 def test_resumed_run_sees_the_augmentations_of_an_unbroken_one(root, tmp_path, monkeypatch):
     unbroken, m1 = _fit_age(root, tmp_path / "a", epochs=3)
     with pytest.raises(KeyboardInterrupt):
@@ -258,6 +259,7 @@ def test_resumed_run_sees_the_augmentations_of_an_unbroken_one(root, tmp_path, m
     assert not torch.equal(m1.features[0].weight, m4.features[0].weight)
 
 
+@pytest.mark.e2e
 def test_bsam_train_on_the_device_path_logs_it_and_evaluates(root, tmp_path):
     lines: list[str] = []
     spec = {"data": {"name": "agedb", "root": str(root), "img_size": 16, "augment": "device"},
@@ -327,6 +329,7 @@ def test_config_takes_auto_and_names_bad_values():
         TrainConfig(channels_last=1).validate()
 
 
+@pytest.mark.e2e
 def test_channels_last_on_the_cpu_trains_and_may_change_on_resume(root, tmp_path):
     x = torch.randn(64, 3, 16, 16)
     y = torch.rand(64) * 50
@@ -361,6 +364,7 @@ def test_paper_configs_use_the_device_defaults():
 
 
 # ------------------------------------------------------------------------------ CUDA
+@pytest.mark.e2e
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_bsam_train_takes_the_device_path_in_bf16_channels_last(root, tmp_path):
     lines: list[str] = []
@@ -374,6 +378,7 @@ def test_cuda_bsam_train_takes_the_device_path_in_bf16_channels_last(root, tmp_p
     assert np.isfinite(res.test["all"]["mae"])
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_nyud2_trains_in_bf16_channels_last(tmp_path):
     from _vision_fixtures import make_nyud2_root
