@@ -74,7 +74,7 @@ def test_eval_and_resume_refuse_changed_data_unless_allowed(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- 6: bins
 def test_an_outlier_no_longer_collapses_the_default_bins(tmp_path):
-    # (an outlier of 1e9 among 0-99 is refused now, issue 17 item 8: tests/test_trust.py;
+    # (an outlier of 1e9 among 0-99 is refused now, issue 17 item 8: tests/app/test_trust.py;
     # 2e4, about 1,800 interquartile ranges out, still stretches the default bins 200-fold)
     csv = table(tmp_path / "t.csv", n=600, outlier=2e4)
     logs = []

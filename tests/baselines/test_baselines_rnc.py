@@ -1,5 +1,5 @@
 """Rank-N-Contrast: the loss against a hand value and a naive loop (the loop's two stages are
-tested with the training loop, tests/test_baselines_loop.py)."""
+tested with the training loop, tests/baselines/test_baselines_loop.py)."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ How each step matches torchvision
 * **ToTensor + Normalize**: ``uint8 / 255``, then ``(x - mean) / std``.
 
 Differences from the recipe that remain (all small, and statistical tests in
-``tests/test_gpu_augment.py`` compare the two pipelines): the recipe applies the colour ops to
+``tests/data/test_gpu_augment.py`` compare the two pipelines): the recipe applies the colour ops to
 8-bit PIL images, rounding to 1/255 after each op and rotating hue in 8-bit HSV (its hue shift is
 ``int(f * 255) / 255`` of a turn); we compute in float32 without intermediate rounding, as
 torchvision does for float tensors.
