@@ -13,13 +13,17 @@ The rule (``folder_for``) is an explicit table of names, then prefixes, then ``a
 
 Moving is idempotent (a file already in its folder is left alone), prints each move, and refuses
 to overwrite: if the destination exists it stops before moving anything. Untracked files are
-renamed without git. tests/app/test_layout.py fails when a test file is not where this rule puts
-it, so a file added later at tests/ root is caught by the suite; rerun this script to fix it.
+renamed without git. Both forms then list what in a test file breaks in folders, with the fix
+(``problems``: an import of another test module, a path counted up from the file's own place,
+the float64 fixture imported from _optim_helpers). tests/app/test_layout.py fails when a test
+file is not where this rule puts it or has one of those problems, so a file added later at
+tests/ root is caught by the suite; rerun this script to move it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import subprocess
 import sys
@@ -83,6 +87,36 @@ def misplaced(tests: Path = TESTS) -> list[tuple[Path, Path]]:
     return moves
 
 
+_COUNTED_UP = re.compile(r"Path\(__file__\)(\.resolve\(\))?\.parents\b")
+
+
+def problems(path: Path) -> list[str]:
+    """What in the test module ``path`` breaks when test files live in folders, each with its
+    fix: importing another test module (it resolves only while both share a folder, and then by
+    collection order), a path counted up from the file's own place, and the float64 fixture
+    imported from _optim_helpers (it is a tests/optim/conftest.py fixture, asked for by name)."""
+    found = []
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [(node.module, [a.name for a in node.names])]
+        else:
+            continue
+        for module, names in modules:
+            top = module.split(".")[0]
+            if top.startswith("test_") or top == "conftest":
+                found.append(f"line {node.lineno}: imports the test module {module}; move what "
+                             "it shares into a tests/_*.py helper module")
+            if top == "_optim_helpers" and "float64_default" in names:
+                found.append(f"line {node.lineno}: imports float64_default; write pytestmark = "
+                             "pytest.mark.usefixtures(\"float64_default\") instead")
+    if _COUNTED_UP.search(path.read_text()):
+        found.append("Path(__file__).parents: use ROOT from _repo_scripts (the repository root)")
+    return found
+
+
 def _tracked(path: Path, root: Path) -> bool:
     done = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=root,
                           capture_output=True)
@@ -119,6 +153,9 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         apply(moves, root)
     if not moves:
         print("test_layout: every test file is in its folder")
+    for path in test_files(root / "tests"):
+        for problem in problems(path):
+            print(f"fix {path.relative_to(root)}: {problem}")
     return 1 if args.check and moves else 0
 
 

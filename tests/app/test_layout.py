@@ -5,8 +5,6 @@ added later at tests/ root fails here; ``python scripts/test_layout.py`` moves i
 
 from __future__ import annotations
 
-import ast
-import re
 import shutil
 import subprocess
 
@@ -52,30 +50,27 @@ def test_the_rule_takes_only_test_module_names(bad):
         layout.folder_for(bad)
 
 
-def _modules():
-    return [(p, ast.parse(p.read_text(), filename=str(p))) for p in layout.test_files(TESTS)]
+def test_no_test_file_has_a_problem_of_the_folders():
+    """No test module imports another (shared code goes into a tests/_*.py helper), counts a
+    path up from its own place, or imports the float64 fixture (see ``layout.problems``)."""
+    found = {str(p.relative_to(ROOT)): layout.problems(p) for p in layout.test_files(TESTS)}
+    assert not {k: v for k, v in found.items() if v}
 
 
-def test_no_test_module_imports_another():
-    """``from test_train import ...`` works only while both files share a folder (and then only
-    by the order pytest collects them); shared code goes into a tests/_*.py helper module."""
-    found = []
-    for path, tree in _modules():
-        for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
-                      if n.split(".")[0].startswith("test_") or n.split(".")[0] == "conftest"]
-    assert not found, found
-
-
-def test_repository_paths_come_from_root():
-    """A path counted up from the file's own place breaks when the file moves to another
-    folder: use ``_repo_scripts.ROOT``."""
-    pattern = re.compile(r"Path\(__file__\)(\.resolve\(\))?\.parents\b")
-    found = [str(p.relative_to(ROOT)) for p in layout.test_files(TESTS)
-             if pattern.search(p.read_text())]
-    assert not found, found
+def test_the_problems_are_found(tmp_path):
+    bad = tmp_path / "test_bad.py"
+    bad.write_text("from pathlib import Path\nimport test_train\nfrom test_bench import x\n"
+                   "from _optim_helpers import data, float64_default\n"
+                   "ROOT = Path(__file__).resolve()" ".parents[1]\n")  # split: not this file's
+    got = layout.problems(bad)
+    assert len(got) == 4, got
+    assert got[0].startswith("line 2: imports the test module test_train")
+    assert got[1].startswith("line 3: imports the test module test_bench")
+    assert "usefixtures" in got[2] and "_repo_scripts" in got[3]
+    good = tmp_path / "test_good.py"
+    good.write_text("import testing_tools\nfrom _tables import abc_csv\n"
+                    "from _repo_scripts import ROOT\n")
+    assert layout.problems(good) == []
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
