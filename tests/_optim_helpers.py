@@ -13,6 +13,13 @@ from balanced_sam import SAM, BalancedSAM, ImbSAM, LabelBins
 KINDS = ["sam", "bsam", "imbsam"]
 
 
+def __getattr__(name: str):
+    if name == "float64_default":  # an autouse fixture that applied only where it was imported
+        raise ImportError("float64_default is a fixture of tests/optim/conftest.py now: mark the "
+                          "module with pytestmark = pytest.mark.usefixtures(\"float64_default\")")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def data(n=64, d=4, seed=0):
     """``n`` inputs of ``d`` features and integer labels 0..9 (default dtype)."""
     g = torch.Generator().manual_seed(seed)
@@ -58,10 +65,3 @@ def make_optimizer(kind, model, bins, base=torch.optim.SGD, *, weighted_sam=Fals
     if kind == "imbsam":
         return ImbSAM(model.parameters(), base, bins, eta=20, **kw)
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-
-def __getattr__(name: str):
-    if name == "float64_default":  # an autouse fixture that applied only where it was imported
-        raise ImportError("float64_default is a fixture of tests/optim/conftest.py now: mark the "
-                          "module with pytestmark = pytest.mark.usefixtures(\"float64_default\")")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
