@@ -96,7 +96,10 @@ def problems(path: Path) -> list[str]:
     collection order), a path counted up from the file's own place, and the float64 fixture
     imported from _optim_helpers (it is a tests/optim/conftest.py fixture, asked for by name)."""
     found = []
-    tree = ast.parse(path.read_text(), filename=str(path))
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except SyntaxError as e:  # e.g. a merge's conflict markers: the rest can wait
+        return [f"line {e.lineno}: does not parse ({e.msg}); resolve it, then rerun"]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules = [(a.name, []) for a in node.names]

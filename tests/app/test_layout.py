@@ -71,6 +71,10 @@ def test_the_problems_are_found(tmp_path):
     good.write_text("import testing_tools\nfrom _tables import abc_csv\n"
                     "from _repo_scripts import ROOT\n")
     assert layout.problems(good) == []
+    merged = tmp_path / "test_merged.py"
+    merged.write_text("def f():\n<<<<<<< HEAD\n    return 1\n")
+    (told,) = layout.problems(merged)  # the parser's words vary with the Python version
+    assert told.startswith("line 2: does not parse (") and told.endswith("resolve it, then rerun")
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
