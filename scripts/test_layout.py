@@ -36,6 +36,7 @@ DEFAULT = "app"
 
 #: exact module names (without ``.py``), checked first
 EXACT = {
+    "test_other_sam": "optim",  # BalancedSAM(update_weighting="same") against a plain SAM
     "test_lds": "baselines",
     "test_tabular": "data",
     "test_rotated_mnist": "data",

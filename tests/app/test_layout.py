@@ -33,6 +33,7 @@ def test_every_folder_has_a_conftest_and_only_the_layers_are_folders():
 
 @pytest.mark.parametrize("name,folder", [
     ("test_optim_db.py", "optim"), ("test_reuse.py", "optim"), ("test_ccsam.py", "optim"),
+    ("test_other_sam.py", "optim"), ("test_bench_executors.py", "app"),
     ("test_bins.py", "core"), ("test_losses.py", "core"), ("test_metrics.py", "core"),
     ("test_stats.py", "core"), ("test_data_agedb.py", "data"), ("test_tabular.py", "data"),
     ("test_own_images_cli.py", "data"), ("test_device_pipeline.py", "data"),
