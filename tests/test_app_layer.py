@@ -231,6 +231,23 @@ def test_no_function_in_src_is_over_80_lines():
     assert not long
 
 
+#: modules still over the 600-line limit, as paths under src/balanced_sam. Other branches edit
+#: them now; each is split after those branches land, and then leaves this list. The list only
+#: shrinks: a listed file already at or under the limit fails the test, so it must be removed.
+OVER_600_LINES_UNTIL_SPLIT = {"cli.py", "data/registry.py"}
+
+
+def test_no_module_in_src_is_over_600_lines():
+    lines = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines())
+             for p in SRC.rglob("*.py")}
+    long = {f: n for f, n in lines.items() if n > 600 and f not in OVER_600_LINES_UNTIL_SPLIT}
+    assert not long, f"modules over 600 lines (split them): {long}"
+    unknown = OVER_600_LINES_UNTIL_SPLIT - set(lines)
+    assert not unknown, f"OVER_600_LINES_UNTIL_SPLIT names no module: {sorted(unknown)}"
+    done = {f: lines[f] for f in OVER_600_LINES_UNTIL_SPLIT & set(lines) if lines[f] <= 600}
+    assert not done, f"remove these from OVER_600_LINES_UNTIL_SPLIT (now short enough): {done}"
+
+
 def test_one_registry_serves_every_command(capsys):
     names = {"diamonds", "rotated-mnist", "rotated-fashion-mnist", "csv", "agedb", "imdb-wiki",
              "nyud2"}
