@@ -38,10 +38,10 @@ def _imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("folder,forbidden", [
-    ("data", {"balanced_sam.train", "balanced_sam.bench", "balanced_sam.cli",
-              "balanced_sam.experiment"}),
+    ("data", {"balanced_sam.train", "balanced_sam.train_state", "balanced_sam.runtime",
+              "balanced_sam.bench", "balanced_sam.cli", "balanced_sam.experiment"}),
     ("analysis", {"balanced_sam.bench", "balanced_sam.cli", "balanced_sam.experiment",
-                  "balanced_sam.train"}),
+                  "balanced_sam.train", "balanced_sam.train_state", "balanced_sam.runtime"}),
 ])
 def test_lower_layers_do_not_import_upper_ones(folder, forbidden):
     for path in (SRC / folder).rglob("*.py"):
@@ -230,6 +230,23 @@ def test_no_function_in_src_is_over_80_lines():
                 if n > 80 and node.name not in allowed:
                     long.append(f"{path.name}:{node.name} ({n} lines)")
     assert not long
+
+
+#: modules still over the 600-line limit, as paths under src/balanced_sam. Other branches edit
+#: them now; each is split after those branches land, and then leaves this list. The list only
+#: shrinks: a listed file already at or under the limit fails the test, so it must be removed.
+OVER_600_LINES_UNTIL_SPLIT = {"cli.py", "data/registry.py"}
+
+
+def test_no_module_in_src_is_over_600_lines():
+    lines = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines())
+             for p in SRC.rglob("*.py")}
+    long = {f: n for f, n in lines.items() if n > 600 and f not in OVER_600_LINES_UNTIL_SPLIT}
+    assert not long, f"modules over 600 lines (split them): {long}"
+    unknown = OVER_600_LINES_UNTIL_SPLIT - set(lines)
+    assert not unknown, f"OVER_600_LINES_UNTIL_SPLIT names no module: {sorted(unknown)}"
+    done = {f: lines[f] for f in OVER_600_LINES_UNTIL_SPLIT & set(lines) if lines[f] <= 600}
+    assert not done, f"remove these from OVER_600_LINES_UNTIL_SPLIT (now short enough): {done}"
 
 
 def test_one_registry_serves_every_command(capsys):
