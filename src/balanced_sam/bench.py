@@ -204,6 +204,7 @@ class _Plan:
     device: str = "auto"
     status: bool = True
     jobs_used: int = 1  # at most jobs: no more workers than runs to train
+    rho_given: bool = False  # rho came from the call, not from the recipe
 
     def rhos(self, method: str) -> list[float | None]:
         if not get_method(method).uses_rho:
@@ -243,6 +244,7 @@ def run_bench(
     diverge_factor: float = DIVERGE_FACTOR,
     confidence: float = CONFIDENCE,
     status: bool = True,
+    data: Mapping[str, Any] | None = None,
     **table_options: Any,
 ) -> dict[str, Any]:
     """Run the benchmark and write its files; returns the ``results.json`` dictionary.
@@ -257,7 +259,9 @@ def run_bench(
     docstring. ``status``: the one progress line on stderr; ``progress``: a bar per epoch (only
     when the runs train in this process). ``overrides``: ``TrainConfig`` fields (e.g.
     ``{"max_grad_norm": 1.0, "interval": 5}``). ``table_options`` go to a CSV table's loader
-    (``impute``, ``features``, ``categorical``, ``max_categories``)."""
+    (``impute``, ``features``, ``categorical``, ``max_categories``). ``data``: a ``data``
+    section as in a config (``{"name": "images", "path": ..., "target": ...}``) instead of
+    ``dataset`` / ``csv_path`` and their options."""
     t_start = time.perf_counter()
     resolve_device(device)  # a bad device fails before any data is read
     plan = _make_plan(dict(locals()))
@@ -288,7 +292,9 @@ def run_bench(
 
 def _make_plan(a: dict[str, Any]) -> _Plan:
     """Check the bench's arguments (``run_bench``'s locals), load the data, build the plan."""
-    defaults = bench_defaults(a["dataset"], a["csv_path"], a["quick"])
+    section = a["data"]
+    defaults = bench_defaults(a["dataset"] if section is None else section["name"],
+                              a["csv_path"], a["quick"])
     methods = list(a["methods"]) if a["methods"] is not None else list(defaults["methods"])
     seeds = _checked_runs(methods, a["seeds"] if a["seeds"] is not None else defaults["seeds"])
     epochs = a["epochs"] if a["epochs"] is not None else defaults["epochs"]
@@ -303,10 +309,10 @@ def _make_plan(a: dict[str, Any]) -> _Plan:
                          f"{confidence!r}")
     jobs = _checked_jobs(a["jobs"], a["device"], threads)
     rhos = _checked_rhos(a["rho"])
-    spec = bench_data_spec(a["dataset"], csv_path=a["csv_path"], target=a["target"],
-                           bin_width=a["bin_width"], train_fraction=a["train_fraction"],
-                           cap=a["cap"], data_root=a["data_root"], dropna=a["dropna"],
-                           **a["table_options"])
+    spec = dict(section) if section is not None else bench_data_spec(
+        a["dataset"], csv_path=a["csv_path"], target=a["target"], bin_width=a["bin_width"],
+        train_fraction=a["train_fraction"], cap=a["cap"], data_root=a["data_root"],
+        dropna=a["dropna"], **a["table_options"])
     spec = {**defaults["data"], **spec}  # --quick's smaller variant, unless told otherwise
     data = load_data(spec)
     cfg = train_config(data, {"device": a["device"], "select_by": a["select_by"],
@@ -317,7 +323,7 @@ def _make_plan(a: dict[str, Any]) -> _Plan:
     out = Path(a["out"]) if a["out"] is not None else Path("runs") / f"bench-{stamp}"
     return _Plan(data, spec, cfg, methods, seeds, rhos or [cfg.rho],
                  {} if rhos else _recipe_rhos(data, methods), out, a["quick"], baseline,
-                 jobs, threads, a["device"], a["status"])
+                 jobs, threads, a["device"], a["status"], rho_given=bool(rhos))
 
 
 def _recipe_rhos(data: DataSplits, methods: Sequence[str]) -> dict[str, float]:
@@ -431,6 +437,12 @@ def _header(plan: _Plan, log: Callable[[str], None]) -> dict[str, Any]:
         f"{cfg.epochs} epochs, {cfg.schedule} schedule, rho {_rho_text(plan)}; seeds "
         f"{plan.seeds}; best epoch by val {cfg.select_by}; bMAE by {cfg.balance}"
         + (f" [--quick: {len(plan.seeds)} seed(s), {cfg.epochs} epochs]" if plan.quick else ""))
+    sweep = data.recipe.bench.get("rho_sweep")
+    if sweep and not data.recipe.rho_by_method and not plan.rho_given and any(
+            get_method(m).uses_rho for m in plan.methods):
+        log(f"note: no rho was tuned for this data: the SAM-family methods run at rho "
+            f"{cfg.rho:g}, a starting point; sweep it, e.g. --rho "
+            f"{','.join(f'{r:g}' for r in sweep)}, and choose by validation MAE")
     if plan.baseline is None and len(plan.methods) > 1:
         log(f"no paired comparisons: the default baseline {DEFAULT_BASELINE} is not among the "
             f"methods; name one of them with {spell('baseline', plan.methods[0])}")

@@ -33,6 +33,8 @@ from torch import nn
 
 from balanced_sam.bins import LabelBins
 from balanced_sam.data.base import BenchData, file_digest
+from balanced_sam.data.folder_images import FINETUNE_TRAIN, RHO_SWEEP, SCRATCH_TRAIN
+from balanced_sam.data.folder_images import OPTIONS as IMAGE_OPTIONS
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError
 from balanced_sam.metrics import balance_of
@@ -66,6 +68,9 @@ class Recipe:
     source: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
     bench: Mapping[str, Any] = field(default_factory=dict)
+    #: ``TrainConfig`` fields over ``train`` when the model starts from pretrained weights
+    #: (its spec sets ``pretrained``; see :func:`balanced_sam.experiment.train_config`)
+    finetune: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Loaded:
     info: dict[str, Any]
     standardize: bool = False
     tables: BenchData | None = None
+    recipe: Recipe | None = None  # this load's recipe (its options chose it), else the entry's
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,7 @@ def load_data(data: Mapping[str, Any], *, bins: Mapping[str, Any] | None = None,
     loaded = entry.load(options, bins, stored_bins)
     loaded.bins.set_thresholds(many, few)
     tables = loaded.tables
-    recipe = entry.recipe
+    recipe = loaded.recipe or entry.recipe
     if tables is not None and (tables.defaults or tables.make_model):  # an older registration
         defaults = dict(tables.defaults)
         rho = defaults.pop("rho_by_method", recipe.rho_by_method)
@@ -486,6 +492,25 @@ IMAGE_BENCH_RECIPE = Recipe(
            "quick": {"methods": ("vanilla", "sqinv", "sam", "bsam"), "seeds": (0, 1, 2),
                      "epochs": 5, "data": {"n_train": 2000}}})
 
+#: your own images (``bsam bench --images LABELS.csv --target COL``): a ResNet-18 from scratch,
+#: or fine-tuned from ``pretrained`` weights; a starting point, tuned on no data, so the bench
+#: suggests sweeping rho (see :mod:`balanced_sam.data.folder_images`)
+IMAGES_RECIPE = Recipe(
+    train=SCRATCH_TRAIN, finetune=FINETUNE_TRAIN, model={"name": "resnet18"},
+    source="a starting point for your own images, not tuned on them",
+    bench={"seeds": 3, "rho_sweep": RHO_SWEEP,
+           "quick": {"seeds": (0,), "epochs": 5}})
+
+
+def _load_images(options: dict[str, Any], bins_spec: Mapping[str, Any] | None,
+                 stored: LabelBins | None) -> Loaded:
+    from balanced_sam.data import folder_images
+
+    data, bins, model = folder_images.load(options, bins_spec, stored)
+    return Loaded(data.train, data.val, data.test, bins, data.info, standardize=True,
+                  recipe=replace(IMAGES_RECIPE, model=model))
+
+
 #: what ``bsam bench`` runs without ``--dataset`` / ``--csv``; ``--dataset diamonds`` is the
 #: tabular regime, one option away.
 DEFAULT_BENCH_DATASET = "rotated-fashion-mnist"
@@ -511,6 +536,9 @@ for _entry in (
                  options=("path", "target", *_TABLE_SPLIT, "dropna", "impute", "features",
                           "categorical", "max_categories", "lower", "min_per_bin",
                           "target_unit", "name")),
+    DatasetEntry("images", _load_images, IMAGES_RECIPE, "",
+                 "your own images: a CSV of image paths and a continuous target "
+                 "(--images FILE --target COL)", "image", options=IMAGE_OPTIONS),
     DatasetEntry("agedb", _paper("balanced_sam.data.agedb", {"bin_width": 1, "lower": 0,
                                                               "upper": 121},
                                  _age_csv("agedb.csv")),
