@@ -143,7 +143,7 @@ def read_rgb(path: str | os.PathLike[str]) -> Any:
                                                   "it to 8- or 16-bit first")
                 if im.mode.startswith("I;16") or top > 255:
                     arr = arr / 257.0
-                gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+                gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
                 return gray.convert("RGB")
             return im.convert("RGB")
     except FileNotFoundError as exc:
@@ -227,8 +227,8 @@ def find_path_column(frame: Any, root: Path, *, exclude: Sequence[str] = (),
         sample = [str(v) for v in values.iloc[:_SAMPLE]]
         files = [v for v in sample if (root / v).is_file()]
         looked.append((str(col), sample[0], len(files), len(sample)))
-        if 2 * len(files) >= len(sample) and files and (
-                all(Path(v).suffix.lower() in exts for v in files) or _pillow_opens(root / files[0])):
+        images = all(Path(v).suffix.lower() in exts for v in files)
+        if 2 * len(files) >= len(sample) and files and (images or _pillow_opens(root / files[0])):
             found.append(str(col))
     if len(found) == 1:
         return found[0]
@@ -325,15 +325,32 @@ def _dir_split(y: np.ndarray, bin_width: float | None, lower: float | None, cap:
                                  min_per_bin=min_per_bin, clamp=bool(bins.get("clamp", False)))
     if val.size == 0:
         counts = np.bincount(labelled.bin_index(y).numpy(), minlength=labelled.num_bins)
+        wider = _wider_width(y, float(bins["bin_width"]), min_per_bin)
         raise ValueError(
             f"too few images for a DIR split: {y.size} images in {labelled.num_bins} bins of "
             f"width {bins['bin_width']:g}, the largest holding {int(counts.max())}; a bin gives "
             f"images to validation and test only when it holds at least {min_per_bin}, so both "
-            f"would be empty. Use wider bins ({spell('bin_width', 2 * bins['bin_width'])}), "
-            f"more images, or a split column ({spell('split_col', 'COL')})")
+            f"would be empty. Use wider bins"
+            + (f" ({spell('bin_width', wider)})" if wider else "")
+            + f", more images, or a split column ({spell('split_col', 'COL')})")
     split = np.empty(y.size, dtype=object)
     split[train], split[val], split[test] = "train", "val", "test"
     return bins, split
+
+
+def _wider_width(y: np.ndarray, width: float, min_per_bin: int) -> float | None:
+    """The narrowest default-style width (about 50, 20, 10 or 5 bins) above ``width`` whose
+    fullest bin holds ``min_per_bin`` targets, if one does."""
+    from balanced_sam.data.tabular import default_bin_width, table_bins
+
+    for max_bins in (50, 20, 10, 5):
+        w = default_bin_width(y, max_bins)
+        if w <= width:
+            continue
+        b = LabelBins.from_labels(y, **table_bins(y, w))
+        if int(np.bincount(b.bin_index(y).numpy()).max()) >= min_per_bin:
+            return w
+    return None
 
 
 # --------------------------------------------------------------------------- the splits
@@ -367,8 +384,8 @@ def build_splits(
         raise ConfigError(f"data.verify must be 'decode' or 'exists', got {verify!r}")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)
                                  or img_size < MIN_IMG_SIZE):
-        raise ConfigError(f"img_size must be an integer >= {MIN_IMG_SIZE} ({spell('img_size', 224)}), "
-                          f"got {img_size!r}")
+        raise ConfigError(f"img_size must be an integer >= {MIN_IMG_SIZE} "
+                          f"({spell('img_size', 224)}), got {img_size!r}")
     from balanced_sam.data.tabular import numeric_target
 
     csv = Path(path).expanduser().resolve()
@@ -534,6 +551,18 @@ def resolve_pretrained(pretrained: Any, allow_download: bool = False, arch: str 
         raise FileNotFoundError(f"pretrained weights file not found: {p} "
                                 f"({spell('pretrained', 'PATH')}: a torchvision {arch} state "
                                 "dict saved with torch.save(model.state_dict(), PATH))")
+    try:  # tensors only: a weights file is data, never code
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"pretrained weights file {p} cannot be read as a state dict of "
+                         f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                         ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not (isinstance(state, dict) and state
+            and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"pretrained weights file {p} is not a state dict of tensors (save one "
+                         "with torch.save(model.state_dict(), PATH))")
     return str(p.resolve())
 
 
