@@ -110,6 +110,25 @@ def test_train_eval_analyze_on_an_images_config(folder: Path, tmp_path: Path,
     assert rc == 0, err
     report = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert "lambda_max" in json.dumps(report)
+    # the paper's augmentation per batch on the training device (CUDA's default; forced here)
+    rc, text, err = _cli(capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "dev"),
+                         "data.augment=device")
+    assert rc == 0, err
+    assert "augment: per batch on cpu (BatchAugment); 42 training pictures 18x18" in text
+
+
+def test_the_cache_is_filled_once_and_follows_the_images(folder: Path) -> None:
+    spec = {"name": "images", "path": str(folder), "target": "score"}
+    first = load_data(spec)
+    prefix = first.train.cache.prefix
+    again = load_data(spec)
+    assert again.train.cache.prefix == prefix and again.train.cache.num_filled == len(again.train)
+    x0 = again.train.load_image(0)
+    changed = folder.parent / again.train.paths[0]
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(changed)  # the same name, new pixels
+    fresh = load_data(spec)
+    assert fresh.train.cache.prefix != prefix
+    assert np.asarray(fresh.train.load_image(0)).max() == 0 != np.asarray(x0).max()
 
 
 # ---------------------------------------------------------------------------- the pieces

@@ -377,6 +377,42 @@ def build_splits(
 
     ``verify``: ``decode`` (default) decodes every image once now (into the cache when there is
     one), ``exists`` only checks that the files exist."""
+    _check_options(augment, verify, img_size)
+    t = _read_rows(path, target, root, path_col, split_col, dropna)
+    if split_col is not None:
+        from balanced_sam.data.tabular import table_bins
+
+        split = _split_column(t.frame, split_col, t.csv.name)
+        bins = table_bins(t.y, bin_width, lower)
+    else:
+        bins, split = _dir_split(t.y, bin_width, lower, int(cap), int(split_seed), min_per_bin)
+    size = img_size or default_img_size(_image_sizes([t.base / p for p in t.paths]))
+    cache_dir = _cache_dir(cache, t.base)
+    out = {name: _dataset(t, np.flatnonzero(split == name), name, size, cache_dir, augment)
+           for name in ("train", "val", "test")}
+    if verify == "decode":
+        _decode_all(list(out.values()), t.csv.name, progress)
+    split_params = {"target": target, "path_col": t.col, "split_col": split_col,
+                    "split": "column" if split_col else "dir", **bins, "img_size": size,
+                    "dropna": bool(dropna)}
+    if split_col is None:
+        split_params.update(cap=int(cap), split_seed=int(split_seed),
+                            min_per_bin=int(min_per_bin))
+    info = {"source": str(t.csv), "root": str(t.base), "target": target, "path_col": t.col,
+            "split": split_params["split"], "split_col": split_col, "img_size": size,
+            "C": int(cap) if split_col is None else None,
+            "split_seed": int(split_seed) if split_col is None else None,
+            "num_bins": LabelBins.from_labels(out["train"].targets.numpy(), **bins).num_bins,
+            "outside_bins": int(((t.y < bins["lower"]) | (t.y >= bins["upper"])).sum()),
+            "cache": str(cache_dir) if cache_dir is not None else None,
+            "sizes": {"rows": int(len(t.frame) + t.dropped), "dropped_nan_target": t.dropped,
+                      **{k: len(v) for k, v in out.items()}},
+            "files": {t.csv.name: file_digest(t.csv), "images": _listing_digest(t.base, t.paths)},
+            "split_params": split_params}
+    return ImageFolderData(out["train"], out["val"], out["test"], bins, info)
+
+
+def _check_options(augment: str, verify: str, img_size: Any) -> None:
     if augment not in AUGMENT_MODES:
         raise ConfigError(f"data.augment must be one of {', '.join(AUGMENT_MODES)}, got "
                           f"{augment!r}")
@@ -386,6 +422,27 @@ def build_splits(
                                  or img_size < MIN_IMG_SIZE):
         raise ConfigError(f"img_size must be an integer >= {MIN_IMG_SIZE} "
                           f"({spell('img_size', 224)}), got {img_size!r}")
+
+
+@dataclass
+class _Rows:
+    """The usable rows of the CSV: where they are, their paths, targets and CSV row numbers."""
+
+    csv: Path
+    base: Path
+    frame: Any
+    col: str
+    paths: list[str]
+    rows: np.ndarray
+    y: np.ndarray
+    dropped: int
+    stamps: list[str]  # path, size and modification time of each image: names its cache
+
+
+def _read_rows(path: str | os.PathLike[str], target: str, root: str | os.PathLike[str] | None,
+               path_col: str | None, split_col: str | None, dropna: bool) -> _Rows:
+    """Read the CSV, find the path column, check the target (as ``--csv`` does) and that every
+    image exists."""
     from balanced_sam.data.tabular import numeric_target
 
     csv = Path(path).expanduser().resolve()
@@ -401,63 +458,40 @@ def build_splits(
                            path_col=path_col, source=csv.name)
     frame = frame.reset_index(drop=True)
     frame["_row"] = np.arange(len(frame))
-    frame, n_dropped = numeric_target(frame, target, dropna=dropna)
-    paths = frame[col].astype(str).tolist()
+    frame, dropped = numeric_target(frame, target, dropna=dropna)
     rows = frame["_row"].to_numpy()
     if frame[col].isna().any():
         i = int(np.flatnonzero(frame[col].isna().to_numpy())[0])
         raise CSVFormatError(f"{csv.name}: {_row_text(int(rows[i]), csv.name)} has no image "
                              f"path in column {col!r}")
+    paths = frame[col].astype(str).tolist()
     _check_exist(base, paths, rows, csv.name)
     y = frame[target].to_numpy(dtype=np.float32).astype(np.float64)
-    if split_col is not None:
-        split = _split_column(frame, split_col, csv.name)
-        from balanced_sam.data.tabular import table_bins
+    stats = [(base / p).stat() for p in paths]
+    stamps = [f"{p}\t{st.st_size}\t{st.st_mtime_ns}" for p, st in zip(paths, stats)]
+    return _Rows(csv, base, frame, col, paths, rows, y, dropped, stamps)
 
-        bins = table_bins(y, bin_width, lower)
-    else:
-        bins, split = _dir_split(y, bin_width, lower, int(cap), int(split_seed), min_per_bin)
-    size = img_size or default_img_size(_image_sizes([base / p for p in paths]))
+
+def _dataset(t: _Rows, idx: np.ndarray, name: str, size: int, cache_dir: Path | None,
+             augment: str) -> FolderImageDataset:
+    """One split: its cache of decoded squares and, for the device path, its picture store."""
     side = round(size * 256 / 224)
-    cache_dir = _cache_dir(cache, base)
-    picture_dir = cache_dir or base / ".bsam_cache"
-    out: dict[str, FolderImageDataset] = {}
-    for name in ("train", "val", "test"):
-        idx = np.flatnonzero(split == name)
-        part = [paths[i] for i in idx]
-        square = f"images-{csv.stem}-{name}-{side}-{list_digest(part, side)}"
-        arrays = (ArrayCache(cache_dir / square, len(part), {"rgb": ((side, side, 3), np.uint8)})
-                  if cache_dir is not None else None)
-        store = None
-        if augment != "cpu":  # training: whole pictures; evaluation: the squares above
-            whole = f"images-{csv.stem}-{name}-{side}-whole-{list_digest(part, side, 'whole')}"
-            store = PictureStore(picture_dir / (whole if name == "train" else square), side,
-                                 name == "train", size)
-        tf = age_train_transform(size) if name == "train" else age_test_transform(size)
-        out[name] = FolderImageDataset(base, part, y[idx].astype(np.float32), tf, arrays,
-                                       augment=augment, store=store, rows=rows[idx],
-                                       csv_name=csv.name)
-    if verify == "decode":
-        _decode_all(list(out.values()), csv.name, progress)
-    split_params = {"target": target, "path_col": col, "split_col": split_col,
-                    "split": "column" if split_col else "dir", **bins, "img_size": size,
-                    "dropna": bool(dropna)}
-    if split_col is None:
-        split_params.update(cap=int(cap), split_seed=int(split_seed),
-                            min_per_bin=int(min_per_bin))
-    info = {"source": str(csv), "root": str(base), "target": target, "path_col": col,
-            "split": split_params["split"], "split_col": split_col, "img_size": size,
-            "C": int(cap) if split_col is None else None,
-            "split_seed": int(split_seed) if split_col is None else None,
-            "num_bins": LabelBins.from_labels(out["train"].targets.numpy(), **bins).num_bins,
-            "outside_bins": int(((y < bins["lower"]) | (y >= bins["upper"])).sum()),
-            "cache": str(cache_dir) if cache_dir is not None else None,
-            "sizes": {"rows": int(len(frame) + n_dropped), "dropped_nan_target": n_dropped,
-                      **{k: len(v) for k, v in out.items()}},
-            "files": {csv.name: file_digest(csv),
-                      "images": _listing_digest(base, paths)},
-            "split_params": split_params}
-    return ImageFolderData(out["train"], out["val"], out["test"], bins, info)
+    part = [t.paths[i] for i in idx]
+    key = [t.stamps[i] for i in idx]  # another root, or a changed image: another cache
+    square = f"images-{t.csv.stem}-{name}-{side}-{list_digest(key, side, str(t.base))}"
+    arrays = (ArrayCache(cache_dir / square, len(part), {"rgb": ((side, side, 3), np.uint8)})
+              if cache_dir is not None else None)
+    store = None
+    if augment != "cpu":  # training: whole pictures; evaluation: the squares above
+        whole = (f"images-{t.csv.stem}-{name}-{side}-whole-"
+                 f"{list_digest(key, side, str(t.base), 'whole')}")
+        store = PictureStore((cache_dir or t.base / ".bsam_cache")
+                             / (whole if name == "train" else square), side, name == "train",
+                             size)
+    tf = age_train_transform(size) if name == "train" else age_test_transform(size)
+    return FolderImageDataset(t.base, part, t.y[idx].astype(np.float32), tf, arrays,
+                              augment=augment, store=store, rows=t.rows[idx],
+                              csv_name=t.csv.name)
 
 
 def _check_exist(base: Path, paths: Sequence[str], rows: np.ndarray, source: str) -> None:
