@@ -90,7 +90,7 @@ def baseline_step(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     name, _, stage = kind.partition(":")
     cfg = TrainConfig(method=name, rho=0.05, device="cpu", progress=False,
                       plugins={"rnc": {"stage": stage}} if stage else {}, **KW)
-    plugin = MethodPlugin(get_method(name), cfg, model, bins, TargetScaler.from_stats(None),
+    plugin = MethodPlugin(get_method(name), cfg, model, bins, TargetScaler(),
                           torch.device("cpu"))
     _, step = build_stepper(plugin.stepper_method, plugin.param_groups(), bins, cfg)
     first = plugin.first_pass_context(None)

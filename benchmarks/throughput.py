@@ -237,7 +237,7 @@ def optimizer_alone(spec: dict[str, Any], args: argparse.Namespace, device: torc
     idx = torch.randint(0, len(exp.train), (n,), generator=g)
     y = exp.train.targets[idx]
     res = fit(exp.model, (x.to(device), y.to(device)), None, exp.bins, exp.cfg,
-              target_scaler=exp.scaler, log=lambda s: None)
+              target_scaler=exp.target_scaler, log=lambda s: None)
     secs = [row["seconds"] for row in res.history]
     return {"optimizer_epoch_seconds": secs, "optimizer_img_s": _rate(secs, n),
             "optimizer_s_per_step": sum(secs[1:] or secs) / (len(secs[1:] or secs)

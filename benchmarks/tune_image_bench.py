@@ -106,6 +106,7 @@ def _train(task: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     from balanced_sam.bins import LabelBins
     from balanced_sam.data.registry import IMAGE_BENCH_RECIPE, build_model
+    from balanced_sam.data.scaling import TargetScaler
     from balanced_sam.train import TrainConfig, fit, seed_everything
 
     data = _data(json.dumps(task["data"], sort_keys=True))
@@ -128,7 +129,7 @@ def _train(task: dict[str, Any]) -> dict[str, Any]:
 
     spreads: list[float] = []
     res = fit(model, (data.x_train, data.y_train), (data.x_val, data.y_val), bins, cfg,
-              target_stats=(mean, std), log=lambda s: None,
+              target_scaler=TargetScaler(mean, std), log=lambda s: None,
               on_epoch_end=lambda epoch, row: spreads.append(spread()))
     return {**task, "val": res.val, "best_epoch": res.best_epoch,
             "val_mae_by_epoch": [h["val_mae"] for h in res.history],

@@ -76,7 +76,8 @@ def test_paper_config_builds_with_its_plugins_and_cites_the_paper(name, roots):
         assert spec["train"]["schedule"] == "cosine_ref"
     exp = build_experiment(spec)
     method = get_method(exp.cfg.method)
-    plugin = MethodPlugin(method, exp.cfg, exp.model, exp.bins, exp.scaler, torch.device("cpu"))
+    plugin = MethodPlugin(method, exp.cfg, exp.model, exp.bins, exp.target_scaler,
+                          torch.device("cpu"))
     for p in method.plugins:  # the config's options reach the plug-in
         assert plugin.options[p].items() >= (spec["train"].get("plugins") or {}).get(
             p, {}).items()

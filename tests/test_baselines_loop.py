@@ -24,7 +24,6 @@ from balanced_sam.methods import (
     METHODS,
     build_stepper,
     get_method,
-    recipe_rhos,
     rho_for,
 )
 from balanced_sam.models import MLP
@@ -115,7 +114,7 @@ def test_composed_methods_take_their_optimizer_parts_rho():
     assert rho_for("ranksim+vanilla+bsam", table) == 0.05  # same step as vanilla-bsam
     assert rho_for("conr+lds+sam", table) == 0.02
     assert rho_for("ranksim", table) is None
-    assert recipe_rhos(table, ["fds+bsam", "fds"]) == {**table, "fds+bsam": 0.01}
+    assert rho_for("fds+bsam", table) == 0.01 and rho_for("fds", table) is None
 
 
 def test_plugin_options_are_checked_by_name_key_and_type():
@@ -230,10 +229,10 @@ def test_balanced_mse_sigma_has_its_own_group_is_never_perturbed_and_keeps_its_l
     groups = plugin.param_groups()
     assert len(groups) == 2 and groups[1]["params"] == [plugin.noise_sigma]
     # sigma starts at one bin width (label units), expressed in the standardised loss units
-    assert plugin.noise_sigma.item() == pytest.approx(4.0 / plugin.units.std)
+    assert plugin.noise_sigma.item() == pytest.approx(4.0 / plugin.target_scaler.std)
     given = _plugin("bni", model, bins, _cfg(plugins={"bni": {"init_noise_sigma": 10.0,
                                                                  "learn_noise": True}}))
-    assert given.noise_sigma.item() == pytest.approx(10.0 / plugin.units.std)
+    assert given.noise_sigma.item() == pytest.approx(10.0 / plugin.target_scaler.std)
     assert {k: groups[1][k] for k in ("lr", "weight_decay", "rho", "scheduled")} == {
         "lr": 1e-2, "weight_decay": 0.0, "rho": 0.0, "scheduled": False}
     opt, step = build_stepper(plugin.stepper_method, groups, bins, cfg)
@@ -278,9 +277,9 @@ def test_the_bmse_method_trains_with_its_own_loss():
                            autocast=contextlib.nullcontext, match=_match)
     from balanced_sam.losses import balanced_mse_loss
 
-    y_s = plugin.units.scale(y)
+    y_s = plugin.target_scaler.scale(y)
     # sigma: one bin width in label units (4), in the loss's standardised units
-    var = (4.0 / plugin.units.std) ** 2
+    var = (4.0 / plugin.target_scaler.std) ** 2
     torch.testing.assert_close(fn(), balanced_mse_loss(model(x), y_s, noise_var=var))
     assert not torch.allclose(fn(), balanced_mse_loss(model(x), y_s, noise_var=1.0))
 
@@ -295,7 +294,7 @@ def test_fds_collects_once_per_batch_under_a_two_pass_optimizer():
     plugin = _plugin("fds+bsam", model, bins, cfg)
     _, step = build_stepper(plugin.stepper_method, plugin.param_groups(), bins, cfg)
     train_one_epoch(model, (x, y), step, cfg, epoch=0, device=torch.device("cpu"),
-                    target_scaler=plugin.units, plugin=plugin)
+                    target_scaler=plugin.target_scaler, plugin=plugin)
     assert plugin.fds.epoch_count.sum().item() == len(y)  # not 2 x (two passes per step)
     plugin.end_epoch(0)
     assert plugin.fds.num_samples_tracked.sum().item() == len(y)

@@ -1,4 +1,5 @@
-"""Rank-N-Contrast: the loss against a hand value and a naive loop, and the two-stage recipe."""
+"""Rank-N-Contrast: the loss against a hand value and a naive loop (the loop's two stages are
+tested with the training loop, tests/test_baselines_loop.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import math
 import pytest
 import torch
 
-from balanced_sam import BalancedSAM, LabelBins
-from balanced_sam.baselines import RnCLoss, fit_linear_head, rnc_loss, rnc_pretrain
-from balanced_sam.models import MLP
+from balanced_sam.baselines import RnCLoss, rnc_loss
 
 
 def _naive_rnc(v: list[list[float]], y: list[float], tau: float) -> float:
@@ -81,75 +80,3 @@ def test_rnc_errors() -> None:
         rnc_loss(torch.randn(3, 2), torch.zeros(3), torch.randn(2, 2))
     with pytest.raises(ValueError, match="two samples"):
         rnc_loss(torch.randn(1, 2), torch.zeros(1))
-
-
-def _toy(n: int = 64, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 2, generator=g) * 4
-    y = x[:, 0] * 3 + x[:, 1]
-    return x, y, g
-
-
-def test_two_stage_recipe() -> None:
-    torch.manual_seed(0)
-    model = MLP(2, hidden=(16, 8), batch_norm=True)
-    x, y, g = _toy()
-    head_before = [p.detach().clone() for p in model.head.parameters()]
-
-    def views():
-        out = []
-        for i in range(0, 64, 16):
-            xb, yb = x[i:i + 16], y[i:i + 16]
-            out.append((xb + 0.05 * torch.randn(xb.shape, generator=g),
-                        xb + 0.05 * torch.randn(xb.shape, generator=g), yb))
-        return out
-
-    batches = views()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    hist = rnc_pretrain(model, batches, opt, epochs=15)
-    assert len(hist) == 15 and hist[-1] < hist[0]
-    # stage 1 never touches the head
-    assert all(torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
-
-    head_prefix = f"net.{len(model.net) - 1}."
-    encoder = {k: v.clone() for k, v in model.state_dict().items()
-               if not k.startswith(head_prefix)}
-    assert len(encoder) == len(model.state_dict()) - 2  # all but the head's weight and bias
-    pairs = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-    opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
-    hist = fit_linear_head(model, pairs, opt, epochs=30)
-    assert hist[-1] < 0.5 * hist[0]
-    # stage 2: the encoder (weights and BatchNorm statistics) is frozen
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in encoder.items())
-    model.eval()
-    with torch.no_grad():
-        mae = (model(x) - y).abs().mean().item()
-    assert mae == pytest.approx(hist[-1], rel=0.3)
-
-
-def test_fit_linear_head_with_weights_and_with_balanced_sam() -> None:
-    torch.manual_seed(0)
-    x, y, _ = _toy(32)
-    bins = LabelBins.from_labels(y, num_bins=8)
-    pairs = [(x, y)]
-    model = MLP(2, hidden=(8,))
-    calls = []
-
-    def weights_fn(t: torch.Tensor) -> torch.Tensor:
-        calls.append(t.shape)
-        return bins.sample_weights(t)
-
-    opt = torch.optim.SGD(model.head.parameters(), lr=0.01)
-    fit_linear_head(model, pairs, opt, epochs=2, weights_fn=weights_fn)
-    assert calls == [(32,), (32,)]
-    head0 = model.head.weight.detach().clone()
-    bsam = BalancedSAM(model.head.parameters(), torch.optim.SGD, bins, rho=0.05, lr=0.01)
-    hist = fit_linear_head(model, pairs, bsam, epochs=2, reset_head=False)
-    assert len(hist) == 2 and not torch.equal(head0, model.head.weight)
-    with pytest.raises(ValueError, match="weights_fn"):
-        fit_linear_head(model, pairs, bsam, weights_fn=weights_fn)
-    with pytest.raises(ValueError, match="one-shot iterator"):
-        fit_linear_head(model, iter(pairs), opt, epochs=2)
-    with pytest.raises(ValueError, match="view1, view2, labels"):
-        rnc_pretrain(model, pairs, opt)

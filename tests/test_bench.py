@@ -27,7 +27,6 @@ from balanced_sam.bench import (
 from balanced_sam.cli import main
 from balanced_sam.data import registry
 from balanced_sam.data.base import BenchData
-from balanced_sam.models import MLP
 from balanced_sam.stats import COMPARISON_METRICS, paired_comparisons
 
 # a generated long-tailed table (the one of test_train), small and fast
@@ -367,20 +366,19 @@ def _nan_loader(**_):
     x_train = x[:200].clone()
     x_train[7] = math.nan  # one poisoned training row: its batch's gradient is NaN
     return BenchData("nan-rows", x_train, y[:200], x[200:250], y[200:250], x[250:], y[250:],
-                     bins={"bin_width": 10.0, "lower": 0.0, "upper": 100.0},
-                     make_model=lambda: MLP(5, (8,)),
-                     defaults={"epochs": 2, "batch_size": 50, "rho": 0.05})
+                     bins={"bin_width": 10.0, "lower": 0.0, "upper": 100.0})
 
 
-def test_the_bench_records_skipped_steps_and_flags_those_runs(tmp_path):
-    from balanced_sam.data import DATASETS
+def test_the_bench_records_skipped_steps_and_flags_those_runs(tmp_path, monkeypatch):
+    from balanced_sam.data import REGISTRY, DatasetEntry, Recipe, table_loader
+    from balanced_sam.data.registry import TABLE_RECIPE
 
-    DATASETS["nan-rows"] = _nan_loader
-    try:
-        res = run_bench("nan-rows", methods=["sqinv", "bsam"], seeds=[0], out=tmp_path / "n",
-                        plots=False, log=lambda s: None)
-    finally:
-        del DATASETS["nan-rows"]
+    recipe = Recipe(train={**TABLE_RECIPE.train, "epochs": 2, "batch_size": 50, "rho": 0.05},
+                    model={"name": "mlp", "hidden": [8]})
+    monkeypatch.setitem(REGISTRY, "nan-rows", DatasetEntry("nan-rows", table_loader(_nan_loader),
+                                                           recipe, "", "one poisoned row"))
+    res = run_bench("nan-rows", methods=["sqinv", "bsam"], seeds=[0], out=tmp_path / "n",
+                    plots=False, log=lambda s: None)
     for name in ("sqinv", "bsam"):
         run = res["methods"][name]["runs"][0]
         assert run["skipped_steps"] == 2  # one poisoned batch per epoch, 2 epochs
@@ -491,7 +489,7 @@ def tiny_default(monkeypatch):
         bench={"methods": ("sqinv", "bsam"), "seeds": 2,
                "quick": {"seeds": [0], "epochs": 1, "data": {"n": 200}}})
     entry = registry.register(registry.DatasetEntry(
-        "tiny-default", registry._tables(_tiny), recipe, "$", "a tiny test table",
+        "tiny-default", registry.table_loader(_tiny), recipe, "$", "a tiny test table",
         options=("n", "split_seed")))
     monkeypatch.setattr(registry, "DEFAULT_BENCH_DATASET", "tiny-default")
     yield entry
@@ -536,7 +534,7 @@ def test_the_default_bench_is_the_image_benchmark_in_the_methods_regime():
 def test_a_recipe_with_an_unknown_data_option_is_refused():
     bad = registry.Recipe(data={"image_sise": 14})
     with pytest.raises(ValueError, match="data.image_sise is not an option"):
-        registry.register(registry.DatasetEntry("bad-recipe", registry._tables(_tiny), bad, "",
+        registry.register(registry.DatasetEntry("bad-recipe", registry.table_loader(_tiny), bad, "",
                                                 "x", options=("n",)))
     assert "bad-recipe" not in registry.REGISTRY
 

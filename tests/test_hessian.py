@@ -61,11 +61,11 @@ def test_least_squares_top_eigenvalue_matches_numpy(bias: bool) -> None:
     lam = np.linalg.eigvalsh(h)[-1]
     model = linear(x.shape[1], bias)
     res = hessian_top_eigenvalue(model, sq, x, y, tol=1e-6, iters=500, batch_size=32,
-                                 method="power")
+                                 solver="power")
     assert res.converged and res.num_samples == len(y)
     assert abs(res.eigenvalue - lam) <= 1e-3 * lam
     assert abs(res.eigenvalue - lam) <= res.residual + 1e-12  # residual bound (some eigenvalue)
-    lan = hessian_top_eigenvalue(model, sq, x, y, tol=1e-10, method="lanczos", batch_size=32)
+    lan = hessian_top_eigenvalue(model, sq, x, y, tol=1e-10, solver="lanczos", batch_size=32)
     assert lan.converged and lan.iterations <= h.shape[0]
     assert abs(lan.eigenvalue - lam) <= 1e-9 * lam
 
@@ -126,12 +126,12 @@ def test_quadratic_with_known_eigenvalues() -> None:
     a, q = spd(eigs)
     model = Quadratic(a, torch.ones(len(eigs), dtype=torch.float64))
     x, y = torch.zeros(8, 1), torch.zeros(8)
-    res = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-8, iters=300, method="power",
+    res = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-8, iters=300, solver="power",
                                  return_eigenvector=True)
     assert res.eigenvalue == pytest.approx(10.0, rel=1e-3)
     u = res.eigenvector[0]
     assert abs(float(u @ q[:, 0])) >= 1 - 1e-3  # the top eigenvector, up to sign
-    lan = hessian_top_eigenvalue(model, identity_loss, x, y, method="lanczos", tol=1e-12,
+    lan = hessian_top_eigenvalue(model, identity_loss, x, y, solver="lanczos", tol=1e-12,
                                  return_eigenvector=True)
     assert lan.eigenvalue == pytest.approx(10.0, rel=1e-9)
     assert abs(float(lan.eigenvector[0] @ q[:, 0])) == pytest.approx(1.0, abs=1e-8)
@@ -144,8 +144,8 @@ def test_power_finds_dominant_magnitude_lanczos_largest_algebraic() -> None:
     model = Quadratic(a, torch.zeros(3, dtype=torch.float64))
     x, y = torch.zeros(2, 1), torch.zeros(2)
     power = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-9, iters=500,
-                                   method="power")
-    lan = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-12, method="lanczos")
+                                   solver="power")
+    lan = hessian_top_eigenvalue(model, identity_loss, x, y, tol=1e-12, solver="lanczos")
     assert power.eigenvalue == pytest.approx(-8.0, rel=1e-3)
     assert lan.eigenvalue == pytest.approx(3.0, rel=1e-9)
 
@@ -163,7 +163,7 @@ def test_subset_restriction_region_bins_and_mask() -> None:
     assert 0 < int(few.sum()) < len(y)
     h_few = ls_hessian(x[few], bias=True)
     model = linear(x.shape[1], bias=True)
-    res = hessian_top_eigenvalue(model, sq, x, y, bins=bins, region="few", method="lanczos",
+    res = hessian_top_eigenvalue(model, sq, x, y, bins=bins, region="few", solver="lanczos",
                                  tol=1e-12, batch_size=16)
     assert res.num_samples == int(few.sum())
     assert res.eigenvalue == pytest.approx(np.linalg.eigvalsh(h_few)[-1], rel=1e-9)
@@ -239,8 +239,8 @@ def test_iterable_of_batches_equals_tensors() -> None:
     assert a.num_samples == b.num_samples
     assert b.samples == pytest.approx(a.samples, rel=1e-10)
     mask = select(y, bins, "few")
-    c = hessian_top_eigenvalue(model, sq, loader, None, mask=mask, method="lanczos", tol=1e-12)
-    d = hessian_top_eigenvalue(model, sq, x, y, mask=mask, method="lanczos", tol=1e-12)
+    c = hessian_top_eigenvalue(model, sq, loader, None, mask=mask, solver="lanczos", tol=1e-12)
+    d = hessian_top_eigenvalue(model, sq, x, y, mask=mask, solver="lanczos", tol=1e-12)
     assert c.eigenvalue == pytest.approx(d.eigenvalue, rel=1e-10)
 
 
@@ -269,8 +269,8 @@ def test_in_place_change_during_analysis_is_reported() -> None:
 def test_bad_arguments() -> None:
     x, y = make_ls(n=10)
     model = linear(x.shape[1], bias=True)
-    with pytest.raises(ValueError, match="method"):
-        hessian_top_eigenvalue(model, sq, x, y, method="arnoldi")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="solver"):
+        hessian_top_eigenvalue(model, sq, x, y, solver="arnoldi")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs bins"):
         hessian_trace(model, sq, x, y, region="few")
     with pytest.raises(ValueError, match="samples"):

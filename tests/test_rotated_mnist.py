@@ -11,7 +11,7 @@ import torch
 from _vision_fixtures import make_mnist_folder
 
 from balanced_sam import LabelBins
-from balanced_sam.data import build_model, get_dataset, get_entry, rotated_mnist
+from balanced_sam.data import build_model, get_entry, rotated_mnist
 from balanced_sam.data.idx import find_idx_file, read_idx, write_idx
 
 SMALL = {"n_train": 150, "val_per_bin": 2, "test_per_bin": 3, "bin_width": 10.0}
@@ -108,13 +108,14 @@ def test_loader_on_a_local_idx_folder(mini: Path) -> None:
 
 
 def test_registered_and_class_filter(mini: Path) -> None:
-    d = get_dataset("rotated-fashion-mnist", seed=2, data_root=mini, classes=[1, 2, 3],
-                    n_train=40, val_per_bin=1, test_per_bin=1, bin_width=20.0)
+    d = rotated_mnist.load_fashion(seed=2, data_root=mini, classes=[1, 2, 3], n_train=40,
+                                   val_per_bin=1, test_per_bin=1, bin_width=20.0)
     assert d.name == "rotated-fashion-mnist" and d.info["classes"] == [1, 2, 3]
     assert d.x_test.shape[0] == 9
     # what `bsam bench` passes: split_seed fixes the data, cap sets the per-bin val/test counts
-    a = get_dataset("rotated-mnist", seed=5, split_seed=1, cap=2, data_root=mini, n_train=40,
-                    bin_width=20.0)
+    a = get_entry("rotated-mnist").load({"seed": 5, "split_seed": 1, "cap": 2,
+                                         "data_root": mini, "n_train": 40, "bin_width": 20.0},
+                                        None, None).tables
     b = rotated_mnist.load(seed=1, data_root=mini, n_train=40, bin_width=20.0, val_per_bin=2,
                            test_per_bin=2)
     assert torch.equal(a.y_train, b.y_train) and a.x_test.shape[0] == 18

@@ -203,7 +203,7 @@ def test_load_table_from_dataframe_and_csv(tmp_path) -> None:
     assert sizes["train"] == round(0.5 * sizes["train_before_fraction"])
     assert sizes["train_before_fraction"] + sizes["val"] + sizes["test"] == len(frame)
     assert (data.y_val.numel(), data.y_test.numel()) == (sizes["val"], sizes["test"])
-    assert data.standardize_target and data.defaults == {} and data.make_model is None
+    assert data.standardize_target
     # the bins rebuilt from the training labels are the split's bins and hold val/test labels
     bins = LabelBins.from_labels(data.y_train, **data.bins)
     assert bins.num_bins == info["num_bins"]
@@ -309,9 +309,9 @@ needs_plotnine = pytest.mark.skipif(importlib.util.find_spec("plotnine") is None
 
 @needs_plotnine
 def test_diamonds_split_facts() -> None:
-    from balanced_sam.data import get_dataset
+    from balanced_sam.data import diamonds
 
-    data = get_dataset("diamonds", seed=0)
+    data = diamonds.load(seed=0)
     info = data.info
     # Val/test sizes as the protocol says; training keeps round(0.2 * 47,026) = 9,405 rows
     # (a per-row coin flip would give 9,499 with one seed, see the module docstring).
@@ -333,5 +333,5 @@ def test_diamonds_split_facts() -> None:
     assert set(onehot.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(onehot.sum(1), torch.full((onehot.shape[0],), 3.0))
     # the training seed does not move the split
-    other = get_dataset("diamonds", seed=5)
+    other = diamonds.load(seed=5)
     assert torch.equal(other.y_test, data.y_test) and torch.equal(other.x_train, data.x_train)

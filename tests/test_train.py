@@ -13,6 +13,7 @@ import torch
 from balanced_sam import LabelBins
 from balanced_sam.bench import run_bench
 from balanced_sam.cli import main
+from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.methods import METHODS, build_stepper, get_method
 from balanced_sam.models import MLP
 from balanced_sam.train import RunExistsError, TrainConfig, batches, fit, seed_everything
@@ -61,7 +62,7 @@ def test_every_method_runs_one_epoch(name):
     model = MLP(5, (16,))
     before = [p.detach().clone() for p in model.parameters()]
     res = fit(model, tr, va, bins, quick_cfg(method=name, epochs=1), test_data=te,
-              target_stats=(tr[1].mean().item(), tr[1].std().item()), log=lambda s: None)
+              target_scaler=TargetScaler.fit(tr[1]), log=lambda s: None)
     assert set(res.test) == REPORT_KEYS and METRIC_KEYS <= set(res.test["all"])
     assert np.isfinite(res.test["all"]["mae"]) and res.test["all"]["count"] == len(te[1])
     # a two-stage method (rnc) lists its pre-training epoch first, marked as such
@@ -282,6 +283,18 @@ def test_cli_train_eval_resume(tmp_path, capsys):
                  str(tmp_path / "ev.json")]) == 0
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["all"]["mae"] == pytest.approx(result["test"]["all"]["mae"], rel=1e-9)
+    # the checkpoint holds the target scaler once; one written before it (only the older
+    # ``target_stats`` pair) still loads with the same scaling
+    from balanced_sam.experiment import load_experiment
+
+    ck = torch.load(out / "best.pt", weights_only=False)
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert "target_stats" not in ck and "amp_scaler" in last and "scaler" not in last
+    saved = TargetScaler(**ck["target_scaler"])
+    assert not saved.is_identity
+    old = {k: v for k, v in ck.items() if k != "target_scaler"}
+    old["target_stats"] = (saved.mean, saved.std)
+    assert load_experiment(old).target_scaler == saved == load_experiment(ck).target_scaler
     # an existing run is not overwritten silently
     assert main(["train", "--config", str(cfg), "--out", str(out), "train.rho=0.1"]) == 2
     assert "resume" in capsys.readouterr().err
@@ -319,31 +332,29 @@ def test_amp_needs_cuda():
     os.environ.pop("BSAM_DEBUG", None)
 
 
-def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path):
-    from balanced_sam.data import DATASETS, BenchData
+def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path, monkeypatch):
+    from balanced_sam.data import REGISTRY, BenchData, DatasetEntry, Recipe, table_loader
+    from balanced_sam.data.registry import TABLE_RECIPE
 
     x, y = synthetic(400)
     tr, va, te = split(x, y)
 
     def load(**_):
         return BenchData("tiny", tr[0], tr[1], va[0], va[1], te[0], te[1],
-                         bins={"bin_width": 5.0, "lower": 0.0, "upper": 100.0},
-                         make_model=lambda: MLP(5, (8,)),
-                         defaults={"epochs": 1, "batch_size": 64, "rho": 0.3,
-                                   "rho_by_method": {"bsam": 0.07}})
+                         bins={"bin_width": 5.0, "lower": 0.0, "upper": 100.0})
 
-    DATASETS["tiny-test"] = load
-    try:
-        res = run_bench("tiny-test", methods=["bsam", "sam"], seeds=[0], out=tmp_path / "a",
-                        plots=False, log=lambda s: None)
-        assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.07
-        assert res["methods"]["sam"]["runs"][0]["rho"] == 0.3  # no entry: the dataset's rho
-        assert res["config"]["rho_by_method"] == {"bsam": 0.07, "sam": 0.3}
-        res = run_bench("tiny-test", methods=["bsam"], seeds=[0], rho=0.01,
-                        out=tmp_path / "b", plots=False, log=lambda s: None)
-        assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.01
-    finally:
-        del DATASETS["tiny-test"]
+    recipe = Recipe(train={**TABLE_RECIPE.train, "epochs": 1, "batch_size": 64, "rho": 0.3},
+                    rho_by_method={"bsam": 0.07}, model={"name": "mlp", "hidden": [8]})
+    monkeypatch.setitem(REGISTRY, "tiny-test",
+                        DatasetEntry("tiny-test", table_loader(load), recipe, "", "a test table"))
+    res = run_bench("tiny-test", methods=["bsam", "sam"], seeds=[0], out=tmp_path / "a",
+                    plots=False, log=lambda s: None)
+    assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.07
+    assert res["methods"]["sam"]["runs"][0]["rho"] == 0.3  # no entry: the dataset's rho
+    assert res["config"]["rho_by_method"] == {"bsam": 0.07, "sam": 0.3}
+    res = run_bench("tiny-test", methods=["bsam"], seeds=[0], rho=0.01,
+                    out=tmp_path / "b", plots=False, log=lambda s: None)
+    assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.01
 
 
 def test_torchrun_train_command(tmp_path):

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["LabelBins", "lds_kernel", "SCHEMES", "REGIONS"]
+__all__ = ["LabelBins", "lds_kernel", "SCHEMES", "REGIONS", "check_region"]
 
 SCHEMES = ("none", "inv", "sqrt_inv", "lds")
 NORMALIZE = ("mean", "none")
@@ -31,6 +31,14 @@ KERNELS = ("gaussian", "triang", "laplace")
 
 Scheme = Literal["none", "inv", "sqrt_inv", "lds"]
 Normalize = Literal["mean", "none"]
+
+
+def check_region(region: str) -> str:
+    """``region`` when it names one (``"all"`` or one of :data:`REGIONS`); else a
+    ``ValueError`` listing them. The one check of a region name (metrics, analysis, CLI)."""
+    if region != "all" and region not in REGIONS:
+        raise ValueError(f"region must be one of all, {', '.join(REGIONS)}; got {region!r}")
+    return region
 
 
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -431,8 +439,6 @@ class LabelBins:
         return _check_thresholds(self.many if many is None else many,
                                  self.few if few is None else few)
 
-    _thresholds = thresholds
-
     def set_thresholds(self, many: float | None = None, few: float | None = None) -> LabelBins:
         """Store new region thresholds (``None`` keeps the current one); returns ``self``."""
         self.many, self.few = self.thresholds(many, few)
@@ -446,7 +452,7 @@ class LabelBins:
 
     def region_index(self, many: float | None = None, few: float | None = None) -> torch.Tensor:
         """Per-bin region code (int64): 0 many, 1 medium, 2 few."""
-        many, few = self._thresholds(many, few)
+        many, few = self.thresholds(many, few)
         c = self.counts
         code = torch.ones_like(c)
         code[c > many] = 0
@@ -465,8 +471,7 @@ class LabelBins:
         if region == "all":
             t = _as_tensor(targets, "targets")
             return torch.ones(t.shape, dtype=torch.bool, device=t.device)
-        if region not in REGIONS:
-            raise ValueError(f"region must be 'all' or one of {REGIONS}, got {region!r}")
+        check_region(region)
         return self.region_of(targets, many, few, clamp) == REGIONS.index(region)
 
     def region_counts(self, many: float | None = None, few: float | None = None,

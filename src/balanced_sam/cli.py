@@ -386,7 +386,7 @@ def _allow_data_change(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_analyze(sub: Any) -> None:
-    from balanced_sam.analysis.hessian import DEFAULT_METHOD, METHODS
+    from balanced_sam.analysis.hessian import DEFAULT_SOLVER, SOLVERS
 
     a = _command(sub, "analyze")
     a.add_argument("--checkpoint", nargs="+", required=True,
@@ -403,7 +403,7 @@ def _add_analyze(sub: Any) -> None:
     a.add_argument("--iters", type=int, default=30,
                    help="eigenvalue iterations (default 30; Lanczos keeps one parameter-sized "
                         "vector per iteration)")
-    a.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+    a.add_argument("--solver", choices=list(SOLVERS), default=DEFAULT_SOLVER,
                    help="lanczos (default): the largest eigenvalue lambda_max; power: the "
                         "eigenvalue of largest magnitude (PyHessian's; it can be negative for "
                         "an L1 loss, whose Hessian is indefinite)")
@@ -543,7 +543,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     analyze_checkpoints(
         named, regions=args.regions, split=args.split, samples=args.samples,
         hessian=args.hessian or both, landscape=args.landscape or both, iters=args.iters,
-        method=args.method, probes=args.probes, tol=args.tol, grid=args.grid, span=args.span,
+        solver=args.solver, probes=args.probes, tol=args.tol, grid=args.grid, span=args.span,
         dim=args.dim, seed=args.seed, cache_graph=args.cache_graph, device=args.device,
         out=args.out, overrides=args.overrides, allow_data_change=args.allow_data_change)
     return 0

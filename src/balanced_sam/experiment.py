@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from balanced_sam.analysis.hessian import DEFAULT_METHOD
-from balanced_sam.analysis.report import _slug
-from balanced_sam.bins import LabelBins
+from balanced_sam.analysis.hessian import DEFAULT_SOLVER
+from balanced_sam.analysis.report import file_stem
+from balanced_sam.bins import LabelBins, check_region
 from balanced_sam.config import TrainConfig
 from balanced_sam.data.registry import REGISTRY, DataSplits, dataset_names, load_data
 from balanced_sam.data.scaling import TargetScaler
@@ -57,7 +57,7 @@ from balanced_sam.train import (
 )
 
 __all__ = ["Experiment", "build_experiment", "load_config", "apply_overrides", "run_training",
-           "evaluate_checkpoint", "Evaluation", "load_experiment", "model_from_checkpoint",
+           "evaluate_checkpoint", "Evaluation", "load_experiment",
            "analyze_checkpoints", "train_config", "DIR_BENCHMARKS"]
 
 #: the paper's benchmarks (read from ``data.root``): name -> registry entry
@@ -82,13 +82,9 @@ class Experiment:
     target_unit = property(lambda self: self.data.unit)
 
     @property
-    def scaler(self) -> TargetScaler:
+    def target_scaler(self) -> TargetScaler:
+        """The training targets' standardiser (the identity when the data are not scaled)."""
         return self.data.scaler
-
-    @property
-    def target_stats(self) -> tuple[float, float] | None:
-        """The older ``(mean, std)`` form of :attr:`scaler`."""
-        return self.data.scaler.as_tuple()
 
 
 # ---------------------------------------------------------------------------- configs
@@ -203,7 +199,7 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     if rank == 0:
         log(f"{exp.cfg.method} on {exp.data.name}: {exp.bins}")
     res = fit(exp.model, exp.train, exp.val, exp.bins, exp.cfg, test_data=exp.test,
-              out_dir=folder, resume=resume, overwrite=overwrite, target_scaler=exp.scaler,
+              out_dir=folder, resume=resume, overwrite=overwrite, target_scaler=exp.target_scaler,
               depth=exp.depth, meta={"spec": dict(spec), "data": exp.data.fingerprint},
               data_fingerprint=exp.data.fingerprint["digest"],
               allow_data_change=allow_data_change, loggers=loggers,
@@ -253,18 +249,14 @@ def load_experiment(checkpoint: str | Path | Mapping[str, Any], overrides: Seque
             "the new data anyway")
     load_weights(exp.model, ck["model"], source)
     exp.model.to(device).eval()
+    # checkpoints hold ``target_scaler`` ({"mean", "std"}); those written before it hold only
+    # ``target_stats`` ((mean, std), or None for unscaled targets): the one old form still read
     stored = ck.get("target_scaler") or ck.get("target_stats")
     if stored is not None:
         exp.data.scaler = TargetScaler.from_stats(stored)
     if ck.get("config", {}).get("balance") in ("label", "bin"):
         exp.cfg.balance = ck["config"]["balance"]
     return exp
-
-
-def model_from_checkpoint(ck: Mapping[str, Any], overrides: Sequence[str] | None = None,
-                          device: str | torch.device = "cpu") -> Experiment:
-    """The older name of :func:`load_experiment`."""
-    return load_experiment(ck, overrides or (), device)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
@@ -276,7 +268,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
     exp = load_experiment(ck, overrides, dev, allow_data_change=allow_data_change,
                           source=str(checkpoint))
     rep = evaluate(exp.model, exp.data.split(split), exp.bins, device=dev,
-                   target_scaler=exp.scaler, depth=exp.depth, balance=exp.cfg.balance,
+                   target_scaler=exp.target_scaler, depth=exp.depth, balance=exp.cfg.balance,
                    batch_size=exp.cfg.eval_batch_size,  # on CUDA in the training's precision
                    amp=exp.cfg.amp if dev.type == "cuda" else "none")
     return Evaluation(rep, str(ck.get("config", {}).get("method", "?")),
@@ -293,7 +285,7 @@ def analyze_checkpoints(
     hessian: bool = True,
     landscape: bool = True,
     iters: int = 30,
-    method: str = DEFAULT_METHOD,
+    solver: str = DEFAULT_SOLVER,
     probes: int = 30,
     tol: float = 1e-3,
     grid: int = 21,
@@ -323,7 +315,7 @@ def analyze_checkpoints(
     dev = resolve_device(device)
     folder = Path(out) if out is not None else Path(items[0][1]).parent / "analysis"
     folder.mkdir(parents=True, exist_ok=True)
-    settings = dict(iters=iters, method=method, probes=probes, tol=tol, grid=grid, span=span,
+    settings = dict(iters=iters, solver=solver, probes=probes, tol=tol, grid=grid, span=span,
                     landscape_dim=dim, seed=seed, cache_graph=cache_graph, hessian=hessian,
                     landscape=landscape)
     results: dict[str, Any] = {}
@@ -336,7 +328,7 @@ def analyze_checkpoints(
         results[name]["checkpoint"] = str(path)
         if merged is not None:
             landscapes[name] = merged
-            merged.save_npz(folder / f"{_slug(name)}_landscape.npz")
+            merged.save_npz(folder / f"{file_stem(name)}_landscape.npz")
     _write_analysis(results, landscapes, folder, regions, split, samples, hessian, log)
     return results
 
@@ -353,9 +345,8 @@ def _named(checkpoints: Any) -> list[tuple[str, Path]]:
 
 
 def _check_analysis(regions: Sequence[str], samples: int) -> None:
-    bad = sorted(set(regions) - {"all", "many", "medium", "few"})
-    if bad:
-        raise ValueError(f"regions: unknown region(s) {bad}; use all, many, medium, few")
+    for region in regions:
+        check_region(region)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
 
@@ -364,8 +355,8 @@ def _unique(name: str, taken: Mapping[str, Any], path: Path) -> str:
     return f"{name} ({path.parent.name})" if name in taken else name
 
 
-def _training_loss(name: str, scaler: TargetScaler) -> Callable[[torch.Tensor, torch.Tensor],
-                                                                torch.Tensor]:
+def _training_loss(name: str, target_scaler: TargetScaler
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The per-sample training loss, fed predictions and targets in label units."""
     if name == "bmse":
         raise ValueError("bsam analyze needs a per-sample loss; the batch form of Balanced MSE "
@@ -373,7 +364,7 @@ def _training_loss(name: str, scaler: TargetScaler) -> Callable[[torch.Tensor, t
     elem = get_loss(name)
 
     def fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return elem(scaler.scale(pred), scaler.scale(target))
+        return elem(target_scaler.scale(pred), target_scaler.scale(target))
 
     fn.__name__ = f"training {name.upper()}"  # the plots' axis label
     return fn
@@ -404,8 +395,8 @@ def _analyze_one(exp: Experiment, name: str, split: str, regions: Sequence[str],
     labels = exp.data.labels(split)
     if labels is None:
         raise ValueError(f"{name}: the {split} split exposes no per-sample labels")
-    model = exp.scaler.wrap(exp.model).eval()
-    loss = _training_loss(exp.cfg.loss, exp.scaler)
+    model = exp.target_scaler.wrap(exp.model).eval()
+    loss = _training_loss(exp.cfg.loss, exp.target_scaler)
     merged: dict[str, Any] = {"regions": {}, "split": split, "method": exp.cfg.method}
     parts: list[Landscape] = []
     for region in regions:

@@ -23,16 +23,15 @@ into an optimizer and a step function with one signature for all of them::
     opt, step = build_stepper(METHODS["bsam"], model.parameters(), bins, cfg)
     loss = step(loss_fn, targets)          # loss_fn() -> per-sample losses [, regulariser]
 
-Older spellings still work: ``Method(optimizer="base"|"sam"|..., weighting=..., perturbation=...,
-extra=...)`` and the attributes ``method.optimizer``, ``.weighting``, ``.perturbation``,
-``.extra``.
+Unweighted is ``None`` everywhere in the library; the composed names' ``vanilla`` part is parsed
+into it (:data:`WEIGHTING_PARTS`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,32 +46,35 @@ from balanced_sam.optim import SAM, BalancedSAM, ImbSAM
 
 __all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "base_method",
            "build_stepper", "build_base_optimizer", "DEFAULT_METHODS", "StepFn", "parse_method",
-           "rho_for", "recipe_rhos", "describe_methods", "BASELINE_METHODS", "WEIGHTING_PARTS",
-           "OPTIMIZER_PARTS", "GRAMMAR"]
+           "rho_for", "describe_methods", "BASELINE_METHODS", "WEIGHTING_PARTS",
+           "OPTIMIZER_PARTS", "GRAMMAR", "WEIGHTINGS"]
 
 StepFn = Callable[..., torch.Tensor]
 
 #: the sharpness-aware steps a method can take ("none": the base optimizer's plain step)
 SHARPNESS = ("none", "sam", "bsam", "imbsam")
+#: the weighting schemes a method names; unweighted is ``None`` (never the string "none",
+#: which :class:`LabelBins` also accepts)
+WEIGHTINGS = tuple(s for s in SCHEMES if s != "none")
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class Method:
     """A training method.
 
     Attributes:
         name: the name used in the CLI, configs and results.
-        sharpness: ``"none"``, ``"sam"``, ``"bsam"`` or ``"imbsam"`` (old name ``optimizer``,
-            where ``"base"`` meant ``"none"``).
-        update_weighting: the weighting of the update loss (``None``: unweighted; old name
-            ``weighting``).
+        sharpness: ``"none"`` (the base optimizer's plain step), ``"sam"``, ``"bsam"`` or
+            ``"imbsam"``.
+        update_weighting: the weighting of the update loss (``None``: unweighted; else one of
+            :data:`WEIGHTINGS`).
         perturbation_weighting: the weighting of the perturbation loss, for ``"bsam"`` only
-            (default there ``"sqrt_inv"``; old name ``perturbation``).
+            (default there ``"sqrt_inv"``).
         loss: per-sample loss name (``balanced_sam.losses``); ``None``: the config's loss.
         description: one line for ``bsam list`` and the tables.
         paper: where the paper uses it.
         optimizer_options: keyword arguments for the optimizer that override the config's
-            (e.g. ``{"eta": 10}`` for an ImbSAM variant); old name ``extra``.
+            (e.g. ``{"eta": 10}`` for an ImbSAM variant).
         plugins: the baseline plug-ins the training loop runs with this method (see
             :mod:`balanced_sam.baselines.plugins`): ``("ranksim",)``, ``("conr", "fds")``...
         plugin_options: options the method fixes for its plug-ins, over the config's
@@ -87,66 +89,34 @@ class Method:
     description: str = ""
     paper: str = ""
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
-    plugins: tuple[str, ...] = ()
-    plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    plugins: tuple[str, ...] = field(default=(), kw_only=True)
+    plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, kw_only=True)
 
-    def __init__(self, name: str, sharpness: str = "none", update_weighting: str | None = None,
-                 perturbation_weighting: str | None = None, loss: str | None = None,
-                 description: str = "", paper: str = "",
-                 optimizer_options: Mapping[str, Any] | None = None, *,
-                 plugins: Sequence[str] = (),
-                 plugin_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 optimizer: str | None = None, weighting: str | None = None,
-                 perturbation: str | None = None,
-                 extra: Mapping[str, Any] | None = None) -> None:
-        sharpness = optimizer if optimizer is not None else sharpness
-        values = {
-            "name": name,
-            "sharpness": "none" if sharpness == "base" else sharpness,
-            "update_weighting": weighting if weighting is not None else update_weighting,
-            "perturbation_weighting": (perturbation if perturbation is not None
-                                       else perturbation_weighting),
-            "loss": loss, "description": description, "paper": paper,
-            "optimizer_options": dict(extra if extra is not None else optimizer_options or {}),
-            "plugins": tuple(plugins),
-            "plugin_options": {k: dict(v) for k, v in (plugin_options or {}).items()},
-        }
-        check_combination(values["plugins"], f"method {name!r}")
-        if values["sharpness"] not in SHARPNESS:
-            raise ValueError(f"method {name!r}: sharpness must be one of {SHARPNESS} (or 'base' "
-                             f"for 'none'), got {sharpness!r}")
+    def __post_init__(self) -> None:
+        name = self.name
+        object.__setattr__(self, "optimizer_options", dict(self.optimizer_options or {}))
+        object.__setattr__(self, "plugins", tuple(self.plugins))
+        object.__setattr__(self, "plugin_options",
+                           {k: dict(v) for k, v in (self.plugin_options or {}).items()})
+        check_combination(self.plugins, f"method {name!r}")
+        if self.sharpness not in SHARPNESS:
+            raise ValueError(f"method {name!r}: sharpness must be one of {SHARPNESS}, got "
+                             f"{self.sharpness!r}")
         for key in ("update_weighting", "perturbation_weighting"):
-            if values[key] not in (None, *SCHEMES):
-                raise ValueError(f"method {name!r}: {key} must be None or one of {SCHEMES}, "
-                                 f"got {values[key]!r}")
-        if values["sharpness"] == "bsam" and values["perturbation_weighting"] is None:
-            values["perturbation_weighting"] = "sqrt_inv"  # BSAM's defining choice (the paper's)
-        if values["perturbation_weighting"] is not None and values["sharpness"] != "bsam":
+            value = getattr(self, key)
+            if value not in (None, *WEIGHTINGS):
+                raise ValueError(f"method {name!r}: {key} must be None (unweighted) or one of "
+                                 f"{WEIGHTINGS}, got {value!r}")
+        if self.sharpness == "bsam" and self.perturbation_weighting is None:
+            # BSAM's defining choice (the paper's)
+            object.__setattr__(self, "perturbation_weighting", "sqrt_inv")
+        if self.perturbation_weighting is not None and self.sharpness != "bsam":
             raise ValueError(f"method {name!r}: perturbation_weighting needs sharpness 'bsam' "
                              f"(SAM and ImbSAM perturb with the unweighted loss)")
-        for k, v in values.items():
-            object.__setattr__(self, k, v)
 
     @property
     def uses_rho(self) -> bool:
         return self.sharpness != "none"
-
-    # the older names
-    @property
-    def optimizer(self) -> str:
-        return "base" if self.sharpness == "none" else self.sharpness
-
-    @property
-    def weighting(self) -> str | None:
-        return self.update_weighting
-
-    @property
-    def perturbation(self) -> str | None:
-        return self.perturbation_weighting
-
-    @property
-    def extra(self) -> Mapping[str, Any]:
-        return self.optimizer_options
 
 
 METHODS: dict[str, Method] = {}
@@ -334,16 +304,6 @@ def rho_for(name: str, table: Mapping[str, float]) -> float | None:
                 other.sharpness, other.update_weighting, other.perturbation_weighting) == key:
             return table[other.name]
     return table.get(m.sharpness)
-
-
-def recipe_rhos(table: Mapping[str, float], names: Iterable[str]) -> dict[str, float]:
-    """``table`` with an entry for every method of ``names`` that :func:`rho_for` finds."""
-    out = dict(table)
-    for n in names:
-        r = rho_for(n, table)
-        if r is not None:
-            out[n] = r
-    return out
 
 
 def describe_methods() -> str:

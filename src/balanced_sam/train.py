@@ -229,8 +229,7 @@ def train_one_epoch(
     *,
     epoch: int,
     device: torch.device,
-    target_stats: tuple[float, float] | None = None,
-    scaler: Any = None,
+    amp_scaler: Any = None,
     first_pass_context: Any = None,
     desc: str = "",
     target_scaler: TargetScaler | None = None,
@@ -240,15 +239,15 @@ def train_one_epoch(
 ) -> float:
     """One pass over the training data; returns the mean first-pass loss.
 
-    ``scaler`` is the AMP ``GradScaler``; ``target_scaler`` (or the older ``target_stats``
-    pair) scales the targets for the loss; ``loader`` is the run's :class:`EpochLoader`;
+    ``amp_scaler`` is the AMP ``GradScaler`` (fp16); ``target_scaler`` standardises the targets
+    for the loss (``None``: unscaled); ``loader`` is the run's :class:`EpochLoader`;
     ``batch_transform(batch, epoch=, step=)`` turns each loaded batch into ``(inputs, targets)``
     on the device (the image augmentation of :class:`~balanced_sam.device_pipeline.DevicePipeline`);
     ``plugin`` (the method's :class:`~balanced_sam.baselines.plugins.MethodPlugin`) builds each
     batch's ``loss_fn`` (features, regularisers, FDS) instead of the plain loss.
     """
     loss_elem = get_loss(cfg.loss)
-    units = target_scaler or TargetScaler.from_stats(target_stats)
+    target_scaler = target_scaler or TargetScaler()
     rank, world = _dist()
     model.train()
     if loader is None:
@@ -263,7 +262,7 @@ def train_one_epoch(
         if batch_transform is not None:
             batch = batch_transform(batch, epoch=epoch, step=i)
         x, y, mask = _unpack(batch, device)
-        y_scaled = units.scale(y)
+        y_scaled = target_scaler.scale(y)
 
         if plugin is not None:
             loss_fn = plugin.batch_loss(model, x, y, mask, epoch=epoch, index=count,
@@ -275,9 +274,11 @@ def train_one_epoch(
                     pred = model(x)
                 return loss_elem(_match(pred.float(), y_scaled), y_scaled)
 
-        loss = step(loss_fn, y, mask=mask, scaler=scaler, first_pass_context=first_pass_context)
-        if scaler is not None:
-            scaler.update()
+        # (the step's keyword for the GradScaler is ``scaler=``, the optimizers' public form)
+        loss = step(loss_fn, y, mask=mask, scaler=amp_scaler,
+                    first_pass_context=first_pass_context)
+        if amp_scaler is not None:
+            amp_scaler.update()
         total += loss.detach().double()
         count += 1
         if count % 20 == 0:
@@ -287,13 +288,13 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Any, device: torch.device, *, batch_size: int = 1024,
-            target_stats: tuple[float, float] | None = None, amp: str = "none",
-            num_workers: int = 0, target_scaler: TargetScaler | None = None,
+            amp: str = "none", num_workers: int = 0,
+            target_scaler: TargetScaler | None = None,
             batch_transform: Callable[[Any], Sequence[torch.Tensor]] | None = None,
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Yield ``(prediction, target, mask)`` per batch, predictions in label units
     (``batch_transform(batch)``: each loaded batch to ``(inputs, targets)`` first)."""
-    units = target_scaler or TargetScaler.from_stats(target_stats)
+    target_scaler = target_scaler or TargetScaler()
     was_training = model.training
     model.eval()
     try:
@@ -304,15 +305,14 @@ def predict(model: nn.Module, data: Any, device: torch.device, *, batch_size: in
             x, y, mask = _unpack(batch, device)
             with _autocast(device, amp):
                 pred = model(x)
-            yield units.unscale(_match(pred.float(), y)), y, mask
+            yield target_scaler.unscale(_match(pred.float(), y)), y, mask
     finally:
         model.train(was_training)
 
 
 def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.device | str = "cpu",
-             batch_size: int = 1024, target_stats: tuple[float, float] | None = None,
-             many: int | None = None, few: int | None = None, depth: bool = False,
-             balance: str = "label", amp: str = "none", num_workers: int = 0,
+             batch_size: int = 1024, many: int | None = None, few: int | None = None,
+             depth: bool = False, balance: str = "label", amp: str = "none", num_workers: int = 0,
              per_bin: bool = False, clamp: bool | None = None,
              target_scaler: TargetScaler | None = None,
              batch_transform: Callable[[Any], Sequence[torch.Tensor]] | None = None) -> Any:
@@ -322,7 +322,7 @@ def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.devi
     m, f = bins.thresholds(many, few)
     metrics = RegressionMetrics(bins, m, f, depth=depth, balance=balance, clamp=clamp)
     for pred, y, mask in predict(model, data, device, batch_size=batch_size,
-                                 target_stats=target_stats, amp=amp, num_workers=num_workers,
+                                 amp=amp, num_workers=num_workers,
                                  target_scaler=target_scaler, batch_transform=batch_transform):
         metrics.update(pred, y, mask)
     report = metrics.compute()
@@ -387,10 +387,10 @@ def _check_same_data(saved: str | None, now: str | None, allow: bool) -> None:
 
 
 # ---------------------------------------------------------------------------- fit
-@dataclass
+@dataclass(kw_only=True)
 class _Run:
     """What :func:`fit` builds once: device, optimizer and step, schedule, loader, and what the
-    checkpoints carry."""
+    checkpoints carry (built by keyword: twenty fields are too many to read by position)."""
 
     cfg: TrainConfig
     device: torch.device
@@ -406,7 +406,7 @@ class _Run:
     first_ctx: Any
     loader: EpochLoader
     bins: LabelBins
-    units: TargetScaler
+    target_scaler: TargetScaler
     depth: bool
     meta: dict[str, Any]
     fingerprint: str | None
@@ -437,7 +437,6 @@ def fit(
     out_dir: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    target_stats: tuple[float, float] | None = None,
     target_scaler: TargetScaler | None = None,
     depth: bool = False,
     meta: dict[str, Any] | None = None,
@@ -457,8 +456,8 @@ def fit(
     :data:`SAFE_TO_CHANGE` and ``epochs`` (re-planned, :meth:`LRPlan.extended`) may differ, and
     data of another ``data_fingerprint`` are refused unless ``allow_data_change``. Without
     ``resume`` a folder holding a run raises :class:`RunExistsError` unless ``overwrite``, which
-    removes that run's outputs first. ``target_scaler`` (older: ``target_stats=(mean, std)``)
-    scales the targets for the loss; ``depth`` adds the depth metrics; ``meta`` goes into the
+    removes that run's outputs first. ``target_scaler`` standardises the targets for the
+    loss (``None``: unscaled); ``depth`` adds the depth metrics; ``meta`` goes into the
     checkpoints; ``on_epoch_end(epoch, row)`` runs after each epoch's checkpoint; ``loggers``
     receive every epoch's row.
 
@@ -470,7 +469,7 @@ def fit(
     if is_staged(get_method(cfg.method), cfg):
         return fit_stages(fit, model, train_data, val_data, bins, cfg, test_data=test_data,
                           out_dir=out_dir, resume=resume, overwrite=overwrite, log=log,
-                          target_stats=target_stats, target_scaler=target_scaler, depth=depth,
+                          target_scaler=target_scaler, depth=depth,
                           meta=meta, data_fingerprint=data_fingerprint, loggers=loggers,
                           allow_data_change=allow_data_change, on_epoch_end=on_epoch_end)
     cfg = _resolved(cfg, bins, train_data)
@@ -481,8 +480,8 @@ def fit(
     sinks: list[EpochLogger] = []
     try:
         seed_everything(cfg.seed)
-        run = _build_run(model, train_data, bins, cfg, target_scaler or TargetScaler.from_stats(
-            target_stats), depth, meta or {}, data_fingerprint, log)
+        run = _build_run(model, train_data, bins, cfg, target_scaler or TargetScaler(), depth,
+                         meta or {}, data_fingerprint, log)
         if run.pipeline is not None and rank == 0:
             run.pipeline.prepare(val_data, test_data)  # fill their caches now
         ckpt = Checkpointer(folder, cfg.checkpoint)
@@ -542,7 +541,7 @@ def _on(data: Any, device: torch.device) -> Any:
 
 
 def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainConfig,
-               units: TargetScaler, depth: bool, meta: dict[str, Any],
+               target_scaler: TargetScaler, depth: bool, meta: dict[str, Any],
                fingerprint: str | None, log: Callable[[str], None] = print) -> _Run:
     """Device, DDP wrapper, optimizer and step, schedule, AMP scaler, the loader and the device
     pipeline of image data augmented per batch on the device."""
@@ -566,7 +565,7 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    plugin = MethodPlugin(method, cfg, model, bins, units, device, world=world)
+    plugin = MethodPlugin(method, cfg, model, bins, target_scaler, device, world=world)
     opt, step = build_stepper(plugin.stepper_method, plugin.param_groups(), bins, cfg,
                               model=model if cfg.bn_second_pass == "freeze" else None)
     plan = LRPlan.of(cfg)
@@ -574,12 +573,14 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
                          cfg.batch_size, shuffle=True, seed=cfg.seed,
                          rank=rank, world_size=world, num_workers=cfg.num_workers,
                          pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch_factor)
-    return _Run(cfg, device, rank, world, model, net, opt, step, plan,
-                torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(opt, plan)),
-                torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-                plugin.first_pass_context(net.no_sync if (world > 1 and cfg.scope == "local")
-                                          else None),
-                loader, bins, units, depth, meta, fingerprint, pipeline, plugin)
+    return _Run(
+        cfg=cfg, device=device, rank=rank, world=world, model=model, net=net, opt=opt,
+        step=step, plan=plan, sched=torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(opt, plan)),
+        amp_scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
+        first_ctx=plugin.first_pass_context(net.no_sync if (world > 1 and cfg.scope == "local")
+                                            else None),
+        loader=loader, bins=bins, target_scaler=target_scaler, depth=depth, meta=meta,
+        fingerprint=fingerprint, pipeline=pipeline, plugin=plugin)
 
 
 def _unscheduled(epoch: int) -> float:
@@ -602,8 +603,8 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
     load_weights(run.model, ck["model"], str(ckpt.folder.last))
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])
-    if run.amp_scaler is not None and ck.get("scaler"):
-        run.amp_scaler.load_state_dict(ck["scaler"])
+    if run.amp_scaler is not None and ck.get("amp_scaler"):
+        run.amp_scaler.load_state_dict(ck["amp_scaler"])
     start = ck["epoch"] + 1
     saved = LRPlan(**ck["lr_plan"]) if ck.get("lr_plan") else LRPlan.of(
         TrainConfig.from_dict(ck["config"]))
@@ -619,8 +620,9 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
     _set_rng_state(ck["rng"])
     if run.rank == 0:
         log(f"resumed from {ckpt.folder.last} at epoch {start}/{cfg.epochs}")
-    return _State(start, ck["best_metric"], ck["best_epoch"], ck.get("best_state"),
-                  ck["history"], ck["train_seconds"])
+    return _State(start_epoch=start, best_metric=ck["best_metric"], best_epoch=ck["best_epoch"],
+                  best_state=ck.get("best_state"), history=ck["history"],
+                  train_seconds=ck["train_seconds"])
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -629,8 +631,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     lr = run.opt.param_groups[0]["lr"]
     skipped = getattr(run.opt, "skipped_steps", 0)
     loss = train_one_epoch(run.net, run.loader.data, run.step, run.cfg, epoch=epoch,
-                           device=run.device, scaler=run.amp_scaler,
-                           first_pass_context=run.first_ctx, target_scaler=run.units,
+                           device=run.device, amp_scaler=run.amp_scaler,
+                           first_pass_context=run.first_ctx, target_scaler=run.target_scaler,
                            loader=run.loader, batch_transform=None if run.pipeline is None
                            else run.pipeline.train_batch, plugin=run.plugin,
                            desc=f"{run.cfg.method} epoch {epoch + 1}/{run.cfg.epochs}")
@@ -646,8 +648,8 @@ def _evaluate(run: _Run, data: Any, per_bin: bool = False) -> Any:
     cfg = run.cfg
     data, transform = run.pipeline.view(data) if run.pipeline is not None else (data, None)
     return evaluate(run.model, data, run.bins, device=run.device,
-                    batch_size=cfg.eval_batch_size, target_scaler=run.units, depth=run.depth,
-                    balance=cfg.balance, amp=cfg.amp, num_workers=cfg.num_workers,
+                    batch_size=cfg.eval_batch_size, target_scaler=run.target_scaler,
+                    depth=run.depth, balance=cfg.balance, amp=cfg.amp, num_workers=cfg.num_workers,
                     per_bin=per_bin, batch_transform=transform)
 
 
@@ -684,7 +686,7 @@ def _write_epoch(run: _Run, state: _State, ckpt: Checkpointer, row: dict[str, An
     many, few = run.bins.thresholds()
     common = {"config": run.cfg.to_dict(),
               "bins": {**run.bins.to_dict(), "many": many, "few": few},
-              "target_stats": run.units.as_tuple(), "target_scaler": run.units.to_dict(),
+              "target_scaler": run.target_scaler.to_dict(),
               "data_fingerprint": run.fingerprint, "meta": run.meta,
               "model": run.model.state_dict(), "epoch": row["epoch"] - 1}
     if improved:
@@ -693,7 +695,7 @@ def _write_epoch(run: _Run, state: _State, ckpt: Checkpointer, row: dict[str, An
         ckpt.save_last({
             **common, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
             "lr_plan": run.plan.to_dict(),
-            "scaler": run.amp_scaler.state_dict() if run.amp_scaler is not None else None,
+            "amp_scaler": run.amp_scaler.state_dict() if run.amp_scaler is not None else None,
             "best_metric": state.best_metric, "best_epoch": state.best_epoch,
             "history": state.history, "train_seconds": state.train_seconds,
             "rng": _rng_state(), "best_state": state.best_state,

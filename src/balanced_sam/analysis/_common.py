@@ -27,13 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from balanced_sam.bins import REGIONS, LabelBins
+from balanced_sam.bins import LabelBins, check_region
 from balanced_sam.losses import LOSSES, get_loss, l1_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-ALL_REGIONS = ("all", *REGIONS)
-
 
 #: the analysis' own spellings of the library's loss names
 _LOSS_ALIASES = {"mae": "l1", "l2": "mse"}
@@ -91,6 +88,16 @@ def sample_losses(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.T
 
 
 # ---------------------------------------------------------------------------------- subsets
+def checked_regions(regions: Sequence[str], bins: LabelBins | None) -> list[str]:
+    """The regions of an analysis, each once in the order given, each a region name; all but
+    ``"all"`` need ``bins``."""
+    out = list(dict.fromkeys(regions))
+    for r in out:
+        if check_region(r) != "all" and bins is None:
+            raise ValueError(f"region {r!r} needs bins (a LabelBins of the training labels)")
+    return out
+
+
 def _as_1d_targets(targets: Any) -> torch.Tensor:
     t = targets if isinstance(targets, torch.Tensor) else torch.as_tensor(np.asarray(targets))
     if t.dim() > 1 and t[0].numel() == 1:
@@ -120,9 +127,7 @@ def select(
     t = _as_1d_targets(targets)
     n = t.shape[0] if t.dim() > 0 else 1
     out = torch.ones(n, dtype=torch.bool, device=t.device)
-    if region is not None and region != "all":
-        if region not in REGIONS:
-            raise ValueError(f"region must be one of {ALL_REGIONS}, got {region!r}")
+    if region is not None and check_region(region) != "all":
         if bins is None:
             raise ValueError(f"region={region!r} needs bins (a LabelBins of the training labels)")
         m, f = bins.thresholds(many, few)
@@ -155,8 +160,8 @@ class Subset:
     def __init__(self, bins: LabelBins | None = None, region: str | None = None,
                  bin_ids: Sequence[int] | torch.Tensor | None = None, mask: Any = None,
                  many: int | None = None, few: int | None = None) -> None:
-        if region is not None and region != "all" and region not in REGIONS:
-            raise ValueError(f"region must be one of {ALL_REGIONS}, got {region!r}")
+        if region is not None:
+            check_region(region)
         if (region not in (None, "all") or bin_ids is not None) and bins is None:
             raise ValueError("region/bin_ids need bins (a LabelBins of the training labels)")
         self.bins, self.region, self.bin_ids = bins, region, bin_ids

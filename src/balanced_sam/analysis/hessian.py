@@ -68,11 +68,11 @@ __all__ = [
     "hessian_trace",
 ]
 
-METHODS = ("power", "lanczos")
+SOLVERS = ("power", "lanczos")
 #: the one default of the library and ``bsam analyze``: Lanczos returns the largest *algebraic*
 #: eigenvalue (the paper's lambda_max); power iteration the one of largest magnitude, which on an
 #: L1 loss (an indefinite Hessian) can be a negative eigenvalue
-DEFAULT_METHOD = "lanczos"
+DEFAULT_SOLVER = "lanczos"
 
 
 class OperatorOptions(TypedDict, total=False):
@@ -101,7 +101,7 @@ class EigenResult:
         residual: :math:`\\|H u - \\lambda u\\|_2` of the returned unit vector :math:`u`; some
             eigenvalue of :math:`H` lies within this distance of ``eigenvalue``.
         num_samples: size of the subset.
-        method: ``"power"`` or ``"lanczos"``.
+        solver: ``"power"`` or ``"lanczos"``.
         history: the estimate after every iteration.
         eigenvector: the unit eigenvector estimate, one tensor per parameter (only with
             ``return_eigenvector=True``).
@@ -112,7 +112,7 @@ class EigenResult:
     converged: bool
     residual: float
     num_samples: int
-    method: str
+    solver: str
     history: list[float] = field(default_factory=list)
     eigenvector: list[torch.Tensor] | None = None
 
@@ -124,7 +124,7 @@ class EigenResult:
             "converged": self.converged,
             "residual": json_float(self.residual),
             "num_samples": self.num_samples,
-            "method": self.method,
+            "solver": self.solver,
             "history": [json_float(h) for h in self.history],
         }
 
@@ -364,13 +364,13 @@ def hessian_top_eigenvalue(
     iters: int = 100,
     tol: float = 1e-3,
     seed: int = 0,
-    method: Literal["power", "lanczos"] = DEFAULT_METHOD,
+    solver: Literal["power", "lanczos"] = DEFAULT_SOLVER,
     return_eigenvector: bool = False,
     **options: Unpack[OperatorOptions],
 ) -> EigenResult:
     r"""Top eigenvalue of the Hessian of the subset-mean loss, :math:`\lambda_{\max}(H_S)`.
 
-    ``method="power"`` (the PyHessian recipe): start from a seeded Gaussian unit vector
+    ``solver="power"`` (the PyHessian recipe): start from a seeded Gaussian unit vector
     :math:`v_0`; repeat :math:`w = H v_k`, :math:`\lambda_k = v_k^\top w`,
     :math:`v_{k+1} = w / \|w\|`, and stop when :math:`|\lambda_k - \lambda_{k-1}| \le
     \mathrm{tol}\,|\lambda_{k-1}|`. One HVP per iteration and two vectors of memory. It converges
@@ -378,7 +378,7 @@ def hessian_top_eigenvalue(
     positive one), at the rate :math:`(\lambda_2/\lambda_1)^{2k}` for :math:`\lambda_k`; with a
     small gap the relative change can pass ``tol`` before the error does, see ``residual``.
 
-    ``method="lanczos"`` (default, :data:`DEFAULT_METHOD`): Lanczos with full
+    ``solver="lanczos"`` (default, :data:`DEFAULT_SOLVER`): Lanczos with full
     re-orthogonalisation builds the tridiagonal :math:`T_k = Q_k^\top H Q_k`
     (:math:`\alpha_j = q_j^\top H q_j`, :math:`\beta_j = \|r_j\|`) and returns its largest
     eigenvalue :math:`\theta` (the largest *algebraic* eigenvalue), stopping when the residual
@@ -395,14 +395,14 @@ def hessian_top_eigenvalue(
         iters: maximum number of HVPs (iterations).
         tol: relative tolerance of the stopping test (see above).
         seed: seed of the starting vector.
-        method: ``"power"`` or ``"lanczos"``.
+        solver: ``"power"`` or ``"lanczos"``.
         return_eigenvector: attach the unit eigenvector (one tensor per parameter).
 
     Returns:
         :class:`EigenResult`; for an empty subset the eigenvalue is NaN and ``num_samples`` 0.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive integer, got {iters!r}")
     if not tol >= 0:
@@ -410,12 +410,12 @@ def hessian_top_eigenvalue(
     op = HessianOperator(model, loss_fn, inputs, targets, mask, **options)
     progress = bool(options.get("progress", False))
     if op.ensure_count() == 0:
-        return EigenResult(math.nan, 0, False, math.nan, 0, method)
+        return EigenResult(math.nan, 0, False, math.nan, 0, solver)
     gen = torch.Generator().manual_seed(seed)
     v0 = torch.randn(op.numel, generator=gen, dtype=torch.float64)
     v0 = (v0 / v0.norm()).to(op.device, op.dtype)
     with eval_mode(model):  # one mode switch for the whole run; also checks nothing changed
-        if method == "power":
+        if solver == "power":
             return _power(op, v0, iters, tol, return_eigenvector, progress)
         return _lanczos(op, v0, iters, tol, return_eigenvector, progress)
 

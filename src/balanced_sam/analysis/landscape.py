@@ -41,6 +41,7 @@ from balanced_sam.analysis._common import (
     Data,
     LossFn,
     Subset,
+    checked_regions,
     eval_mode,
     resolve_loss,
     sample_losses,
@@ -310,7 +311,7 @@ def loss_landscape(
         raise ValueError(f"dim must be 1 or 2, got {dim!r}")
     if betas is not None and dim == 1:
         dim = 2
-    regions = _checked_regions(regions, bins)
+    regions = checked_regions(regions, bins)
     loss, loss_name = resolve_loss(loss_fn)
     data = Data(inputs, targets, batch_size)
     ag = _grid(alphas, steps, span, "alphas")
@@ -335,16 +336,6 @@ def loss_landscape(
             "random_directions": directions is None, "many": many, "few": few, "label": label,
             "bn": "eval mode (running statistics, not recomputed)"}
     return Landscape(ag, bg, values, {n: int(c) for n, c in zip(names, counts)}, origin, meta)
-
-
-def _checked_regions(regions: Sequence[str], bins: LabelBins | None) -> list[str]:
-    out = list(dict.fromkeys(regions))
-    for r in out:
-        if r not in ("all", "many", "medium", "few"):
-            raise ValueError(f"regions must be among 'all', 'many', 'medium', 'few'; got {r!r}")
-        if r != "all" and bins is None:
-            raise ValueError(f"region {r!r} needs bins (a LabelBins of the training labels)")
-    return out
 
 
 def _directions(params: list[torch.Tensor], directions: Sequence[Sequence[torch.Tensor]] | None,

@@ -20,16 +20,19 @@ from typing import Any
 
 from torch import nn
 
-from balanced_sam.analysis._common import ALL_REGIONS, LossFn, resolve_loss
-from balanced_sam.analysis.hessian import DEFAULT_METHOD, hessian_top_eigenvalue, hessian_trace
+from balanced_sam.analysis._common import LossFn, checked_regions, resolve_loss
+from balanced_sam.analysis.hessian import DEFAULT_SOLVER, hessian_top_eigenvalue, hessian_trace
 from balanced_sam.analysis.landscape import Landscape, loss_landscape
 from balanced_sam.bins import LabelBins
 from balanced_sam.io import json_float, to_json, write_json
 
-__all__ = ["analyze_model", "format_sharpness_table"]
+__all__ = ["analyze_model", "format_sharpness_table", "file_stem"]
 
 
-def _slug(name: str) -> str:
+def file_stem(name: str) -> str:
+    """``name`` as the stem of the files written for it (``<stem>_analysis.json``,
+    ``<stem>_landscape.npz``): runs of other characters than letters, digits, ``_ . -`` become
+    ``_``; ``"model"`` when nothing is left."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
@@ -37,7 +40,7 @@ def analyze_model(
     model: nn.Module, inputs: Any, targets: Any, bins: LabelBins | None,
     loss_fn: LossFn | str | None = None, regions: Sequence[str] = ("all", "few"),
     hessian: bool = True, landscape: bool = True, out_dir: str | Path | None = None, *,
-    iters: int = 20, tol: float = 1e-3, method: str = DEFAULT_METHOD, probes: int = 20,
+    iters: int = 20, tol: float = 1e-3, solver: str = DEFAULT_SOLVER, probes: int = 20,
     trace_tol: float | None = None, grid: int | Sequence[float] = 21, span: float = 1.0,
     landscape_dim: int = 1, seed: int = 0, batch_size: int = 256, progress: bool = True,
     many: int | None = None, few: int | None = None, name: str | None = None,
@@ -50,7 +53,7 @@ def analyze_model(
     ``(x, y)`` batches with ``targets=None``. ``bins`` define the regions (``None``: only
     ``"all"``; thresholds ``many`` / ``few``, default the bins'). ``loss_fn``: per-sample loss
     or its name (default L1). ``hessian``: :math:`\lambda_{\max}` (``iters``, ``tol``,
-    ``method``) and the Hutchinson trace (``probes``, ``trace_tol``) per region; ``landscape``:
+    ``solver``) and the Hutchinson trace (``probes``, ``trace_tol``) per region; ``landscape``:
     one ``landscape_dim``-D landscape over ``grid`` (points per axis over ``[-span, span]``, or
     explicit alphas) for all regions. ``seed`` seeds the start vector, probes and directions;
     ``batch_size`` samples per pass; ``cache_graph`` keeps first-order graphs between
@@ -72,12 +75,12 @@ def analyze_model(
     A region without samples has ``count`` 0 and ``None`` for every estimate.
     """
     t_start = time.perf_counter()
-    regions = _checked_regions(regions, bins)
+    regions = checked_regions(regions, bins)
     loss, loss_name = resolve_loss(loss_fn)
     if bins is not None:  # without bins there are no regions to name
         many, few = bins.thresholds(many, few)
     label = name or "model"
-    settings = {"iters": iters, "tol": tol, "method": method, "probes": probes,
+    settings = {"iters": iters, "tol": tol, "solver": solver, "probes": probes,
                 "trace_tol": trace_tol, "grid": grid if isinstance(grid, int) else
                 [float(a) for a in grid], "span": span, "landscape_dim": landscape_dim,
                 "seed": seed, "batch_size": batch_size, "many": many, "few": few,
@@ -99,7 +102,7 @@ def analyze_model(
     for r in regions if hessian else ():
         per_region[r].update(_sharpness(model, loss, inputs, targets, r, settings, sub, seconds))
     out = Path(out_dir) if out_dir is not None else None
-    land = _landscape_files(ls, regions, out, _slug(label), plots) if landscape else None
+    land = _landscape_files(ls, regions, out, file_stem(label), plots) if landscape else None
     seconds["total"] = time.perf_counter() - t_start
     return _result(model, label, loss_name, ls, per_region, land, settings, seconds, out)
 
@@ -123,21 +126,11 @@ def _result(model: nn.Module, label: str, loss_name: str, ls: Landscape,
         "files": {"analysis_json": None},
     }
     if out is not None:
-        path = out / f"{_slug(label)}_analysis.json"
+        path = out / f"{file_stem(label)}_analysis.json"
         result["files"]["analysis_json"] = str(path)
         out.mkdir(parents=True, exist_ok=True)
         write_json(result, path)
     return result
-
-
-def _checked_regions(regions: Sequence[str], bins: LabelBins | None) -> list[str]:
-    regions = list(dict.fromkeys(regions))
-    for r in regions:
-        if r not in ALL_REGIONS:
-            raise ValueError(f"regions must be among {ALL_REGIONS}, got {r!r}")
-        if r != "all" and bins is None:
-            raise ValueError(f"region {r!r} needs bins (a LabelBins of the training labels)")
-    return regions
 
 
 def _grid_options(landscape: bool, grid: int | Sequence[float], span: float,
@@ -158,7 +151,7 @@ def _sharpness(model: nn.Module, loss: LossFn, inputs: Any, targets: Any, region
     t0 = time.perf_counter()
     eig = hessian_top_eigenvalue(model, loss, inputs, targets, region=region,
                                  iters=settings["iters"], tol=settings["tol"],
-                                 method=settings["method"], seed=settings["seed"], **sub)
+                                 solver=settings["solver"], seed=settings["seed"], **sub)
     seconds["lambda_max"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     tr = hessian_trace(model, loss, inputs, targets, region=region, probes=settings["probes"],

@@ -7,7 +7,7 @@
 * feature regularisers (a scalar from features and targets, added to the reduced loss):
   :class:`RankSim`, :class:`ConR`, :class:`OrdinalEntropy`;
 * a feature-calibration module updated once per epoch: :class:`FDS`;
-* a two-stage recipe: :func:`rnc_loss`, :func:`rnc_pretrain`, :func:`fit_linear_head`.
+* a two-stage recipe (the loop runs its stages): :func:`rnc_loss`, :class:`RnCLoss`.
 
 The feature-space methods take the features of ``model(x, return_features=True)``.
 """
@@ -25,7 +25,7 @@ from balanced_sam.baselines.regularizers import (
     ranksim_loss,
     unique_label_subset,
 )
-from balanced_sam.baselines.rnc import RnCLoss, fit_linear_head, rnc_loss, rnc_pretrain
+from balanced_sam.baselines.rnc import RnCLoss, rnc_loss
 
 __all__ = [
     "FDS",
@@ -46,6 +46,4 @@ __all__ = [
     "unique_label_subset",
     "RnCLoss",
     "rnc_loss",
-    "rnc_pretrain",
-    "fit_linear_head",
 ]

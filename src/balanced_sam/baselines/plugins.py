@@ -90,9 +90,9 @@ class MethodPlugin:
     """
 
     def __init__(self, method: Method, cfg: Any, model: nn.Module, bins: LabelBins,
-                 units: Any, device: torch.device, *, world: int = 1) -> None:
-        self.method, self.cfg, self.model, self.bins, self.units = method, cfg, model, bins, units
-        self.device = device
+                 target_scaler: Any, device: torch.device, *, world: int = 1) -> None:
+        self.method, self.cfg, self.model, self.bins = method, cfg, model, bins
+        self.target_scaler, self.device = target_scaler, device
         where = f"method {method.name!r}"
         self.options = {p: plugin_options(p, cfg.plugins, method.plugin_options)
                         for p in method.plugins}
@@ -119,12 +119,13 @@ class MethodPlugin:
         """The per-sample loss: a loss plug-in's, else the method's own, else the config's."""
         if self.stage == "pretrain":
             return lambda pred, y: torch.zeros_like(y)
-        for name in ("focal-l1", "bni", "gai"):
+        builders = {"focal-l1": self._focal_l1, "bni": self._bni, "gai": self._gai}
+        for name, build in builders.items():
             if name in self.options:
-                return getattr(self, "_" + name.replace("-", "_"))(self.options[name])
+                return build(self.options[name])
         name = self.method.loss or self.cfg.loss
         if name == "bmse":  # batch Monte-Carlo Balanced MSE: fixed sigma, one bin width
-            var = (self._bin_width() / float(getattr(self.units, "std", 1.0))) ** 2
+            var = (self._bin_width() / float(getattr(self.target_scaler, "std", 1.0))) ** 2
             return functools.partial(balanced_mse_loss, noise_var=var)
         return get_loss(name)
 
@@ -159,7 +160,7 @@ class MethodPlugin:
         init = self._bin_width() if o["init_noise_sigma"] is None else o["init_noise_sigma"]
         if not init > 0:
             raise ValueError(f"train.plugins: init_noise_sigma must be > 0, got {init!r}")
-        scale = float(getattr(self.units, "std", 1.0))
+        scale = float(getattr(self.target_scaler, "std", 1.0))
         sigma = torch.tensor(float(init) / scale, device=self.device)
         if o["learn_noise"]:
             if not o["noise_lr"] > 0:
@@ -175,7 +176,7 @@ class MethodPlugin:
     def _bni(self, o: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
         values, counts = self._prior_values(o)
         keep = counts > 0
-        centers = self.units.scale(values[keep]).to(self.device, torch.float32)
+        centers = self.target_scaler.scale(values[keep]).to(self.device, torch.float32)
         probs = (counts[keep] / counts.sum()).to(self.device, torch.float32)
         sigma = self._noise(o)
         return lambda pred, y: bni_loss(pred, y, self._noise_var(sigma), centers, probs)
@@ -188,9 +189,9 @@ class MethodPlugin:
                              f"train.plugins.gai.n_components={o['n_components']} exceeds its "
                              f"{filled} non-empty label bins; lower it or use narrower bins")
         gmm = fit_gmm_1d(values.numpy(), o["n_components"], counts=counts.numpy())
-        std = float(getattr(self.units, "std", 1.0))
+        std = float(getattr(self.target_scaler, "std", 1.0))
         w = torch.as_tensor(gmm.weights, dtype=torch.float32, device=self.device)
-        mu = self.units.scale(torch.as_tensor(gmm.means)).to(self.device, torch.float32)
+        mu = self.target_scaler.scale(torch.as_tensor(gmm.means)).to(self.device, torch.float32)
         var = torch.as_tensor(gmm.variances / std**2, dtype=torch.float32, device=self.device)
         sigma = self._noise(o)
         return lambda pred, y: gai_loss(pred, y, self._noise_var(sigma), w, mu, var)
@@ -277,7 +278,7 @@ class MethodPlugin:
         """The batch's ``loss_fn()``: per-sample losses, or ``(losses, regulariser)``. FDS
         collects the features in its first call only (one pass per batch); RankSim draws the
         same random subset in every call (a generator seeded by seed, epoch and batch)."""
-        y_scaled = self.units.scale(y)
+        y_scaled = self.target_scaler.scale(y)
         calls = [0]
         seed = ((int(self.cfg.seed) * 1_000_003 + epoch) * 1_000_003 + index) % (2**62)
 
@@ -345,7 +346,7 @@ class MethodPlugin:
     def _regularizer(self, feats: torch.Tensor, y: torch.Tensor, pred: torch.Tensor,
                      mask: torch.Tensor | None, seed: int) -> torch.Tensor:
         """The regularisers' sum on the batch (label units; dense maps per image)."""
-        p = self.units.unscale(pred)
+        p = self.target_scaler.unscale(pred)
         w = None if self._weights is None else self._weights(y)
         if y.dim() > 1 and y[0].numel() > 1:  # dense targets: one row per image
             y, p = _dense_to_images(y, mask), _dense_to_images(p, mask)

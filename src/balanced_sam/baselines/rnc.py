@@ -4,32 +4,29 @@ Representations for Regression", NeurIPS 2023).
 RnC learns the encoder first, with a contrastive loss that orders samples in feature space by
 their label distances, and then fits a linear regressor on the frozen features:
 
-* **stage 1** (:func:`rnc_pretrain`): every batch is seen in two augmented views; the encoder is
-  trained with :func:`rnc_loss` only (the regression head is unused). Reference recipe for
-  AgeDB-DIR: ResNet-18, SGD lr 0.5, momentum 0.9, weight decay 1e-4, batch 256, 400 epochs, a
-  per-epoch cosine schedule down to lr x 1e-3, temperature 2, augmentations random resized crop,
-  flip, colour jitter and grayscale.
-* **stage 2** (:func:`fit_linear_head`): the encoder is frozen (evaluation mode: BatchNorm
-  statistics and dropout fixed, features without gradient) and a linear head is trained on its
-  features with the L1 loss. Reference recipe: SGD lr 0.05, momentum 0.9, no weight decay,
-  batch 64, 100 epochs, cosine down to lr x 0.008, a freshly initialised head.
+* **stage 1**: the encoder is trained with :func:`rnc_loss` only (the regression head is unused).
+  Reference recipe for AgeDB-DIR: ResNet-18, SGD lr 0.5, momentum 0.9, weight decay 1e-4, batch
+  256, 400 epochs, a per-epoch cosine schedule down to lr x 1e-3, temperature 2, two augmented
+  views per batch (random resized crop, flip, colour jitter and grayscale).
+* **stage 2**: the encoder is frozen (evaluation mode: BatchNorm statistics and dropout fixed,
+  features without gradient) and a linear head is trained on its features with the L1 loss.
+  Reference recipe: SGD lr 0.05, momentum 0.9, no weight decay, batch 64, 100 epochs, cosine
+  down to lr x 0.008, a freshly initialised head.
 
-Both stages are plain loops over given batches, independent of the package's training loop, so
-the loop can call them with its own data, schedulers and checkpoints.
+The training loop runs both stages (method ``rnc``, ``train.plugins.rnc.stage``; see
+:func:`balanced_sam.baselines.plugins.fit_stages`), with its data, schedules and checkpoints;
+this module holds the loss. ``rnc_loss`` takes a second view (``features2``) for a loop of one's
+own that feeds two augmentations.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
-from balanced_sam.losses import l1_loss, weighted_mean
-
-__all__ = ["rnc_loss", "RnCLoss", "rnc_pretrain", "fit_linear_head"]
+__all__ = ["rnc_loss", "RnCLoss"]
 
 
 def rnc_loss(features: torch.Tensor, targets: torch.Tensor,
@@ -104,175 +101,3 @@ class RnCLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:g}"
-
-
-# ------------------------------------------------------------------------------ the recipe
-def _encoder_of(model: nn.Module | Callable[[torch.Tensor], torch.Tensor]
-                ) -> Callable[[torch.Tensor], torch.Tensor]:
-    fn = getattr(model, "forward_features", None)
-    if fn is not None:
-        return fn
-    if callable(model):
-        return model
-    raise TypeError("model must have forward_features(x) (the built-in models do) or be a "
-                    "callable returning features")
-
-
-def _check_reiterable(batches: Iterable[Any], epochs: int) -> None:
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if epochs > 1 and iter(batches) is batches:
-        raise ValueError("batches is a one-shot iterator but epochs > 1: pass something that "
-                         "can be iterated again (a DataLoader or a list)")
-
-
-def _to(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
-    return t if device is None else t.to(device, non_blocking=True)
-
-
-def _run_epochs(
-    batches: Iterable[Sequence[torch.Tensor]],
-    epochs: int,
-    scheduler: Any,
-    step: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, int]],
-    start_epoch: Callable[[], Any],
-) -> list[float]:
-    """The loop of both stages: per epoch ``start_epoch()`` (the model's mode), ``step(batch)``
-    on every batch (it trains and returns the batch's loss and size), ``scheduler.step()``;
-    returns each epoch's mean loss, weighted by batch size (summed on the loss's device, so
-    no host sync per step)."""
-    history: list[float] = []
-    for _ in range(epochs):
-        start_epoch()
-        total: torch.Tensor | float = 0.0
-        count = 0
-        for batch in batches:
-            loss, n = step(batch)
-            total = total + loss.detach() * n
-            count += n
-        if scheduler is not None:
-            scheduler.step()
-        history.append(float(total) / max(count, 1))
-    return history
-
-
-def rnc_pretrain(
-    model: nn.Module,
-    batches: Iterable[Sequence[torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    *,
-    epochs: int = 1,
-    temperature: float = 2.0,
-    scheduler: Any = None,
-    device: torch.device | str | None = None,
-) -> list[float]:
-    """Stage 1 of RnC: train the encoder with :func:`rnc_loss`.
-
-    Args:
-        model: a built-in model (its ``forward_features`` is the encoder) or any module that
-            returns features.
-        batches: yields ``(view1, view2, labels)``: two augmentations of the same samples and
-            their labels; iterated once per epoch.
-        optimizer: over the encoder's parameters (e.g. SGD lr 0.5, momentum 0.9, weight decay
-            1e-4 as the reference).
-        epochs: passes over ``batches``.
-        temperature: :math:`\\tau` of the loss.
-        scheduler: optional; its ``step()`` is called after every epoch (the reference's
-            per-epoch cosine).
-        device: where to move each batch (``None``: leave it).
-
-    Both views go through the encoder in one forward pass (one set of BatchNorm batch
-    statistics), as in the reference. Returns the mean loss of every epoch.
-    """
-    _check_reiterable(batches, epochs)
-    encode = _encoder_of(model)
-
-    def train_mode() -> None:
-        if isinstance(model, nn.Module):
-            model.train()
-
-    def step(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        if len(batch) != 3:
-            raise ValueError("each batch must be (view1, view2, labels)")
-        x1, x2, y = (_to(t, device) for t in batch)
-        if x1.shape != x2.shape:
-            raise ValueError(f"the two views must have one shape, got {tuple(x1.shape)} and "
-                             f"{tuple(x2.shape)}")
-        feats = encode(torch.cat([x1, x2]))
-        f1, f2 = feats.split(x1.shape[0])
-        loss = rnc_loss(f1, y, f2, temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss, x1.shape[0]
-
-    return _run_epochs(batches, epochs, scheduler, step, train_mode)
-
-
-def fit_linear_head(
-    model: nn.Module,
-    batches: Iterable[Sequence[torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    *,
-    epochs: int = 1,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = l1_loss,
-    weights_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    reset_head: bool = True,
-    scheduler: Any = None,
-    device: torch.device | str | None = None,
-) -> list[float]:
-    """Stage 2 of RnC: a linear regressor on the frozen encoder's features.
-
-    Args:
-        model: a built-in model; ``model.forward_features`` is the frozen encoder and
-            ``model.head`` the layer trained (``model.forward_head`` maps features to the
-            prediction, so the trained model is used as any other afterwards).
-        batches: yields ``(inputs, labels)``; iterated once per epoch.
-        optimizer: over ``model.head.parameters()`` (reference: SGD lr 0.05, momentum 0.9, no
-            weight decay). A SAM-family optimizer of this package (``SAM``, ``BalancedSAM``,
-            ``ImbSAM``) works too: it gets ``step(loss_fn, targets)`` and applies its own
-            weights, so ``weights_fn`` must then be ``None``.
-        loss_fn: per-sample loss ``(pred, target) -> losses`` (L1 as the reference).
-        weights_fn: optional per-sample weights ``targets -> weights`` (e.g. SQINV via
-            ``bins.sample_weights``) for a plain optimizer.
-        reset_head: re-initialise the head first (the reference trains a new ``nn.Linear``).
-        scheduler: optional, stepped after every epoch.
-        device: where to move each batch.
-
-    The encoder runs in evaluation mode under ``no_grad`` (BatchNorm statistics and dropout
-    fixed), as the reference's linear stage. Returns the mean (weighted) loss of every epoch.
-    """
-    from balanced_sam.optim import SAM
-
-    _check_reiterable(batches, epochs)
-    head = getattr(model, "head", None)
-    if not isinstance(head, nn.Module) or not hasattr(model, "forward_features"):
-        raise TypeError("model must be a built-in model with forward_features, forward_head and "
-                        "head (see balanced_sam.models)")
-    sam = isinstance(optimizer, SAM)
-    if sam and weights_fn is not None:
-        raise ValueError("a SAM-family optimizer weights the losses itself: leave weights_fn "
-                         "None and configure its weighting instead")
-    if reset_head and hasattr(head, "reset_parameters"):
-        head.reset_parameters()
-
-    def step(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        if len(batch) != 2:
-            raise ValueError("each batch must be (inputs, labels)")
-        x, y = (_to(t, device) for t in batch)
-        with torch.no_grad():
-            feats = model.forward_features(x)
-
-        def losses(feats: torch.Tensor = feats, y: torch.Tensor = y) -> torch.Tensor:
-            return loss_fn(model.forward_head(feats), y)
-
-        if sam:
-            loss = optimizer.step(losses, y)
-        else:
-            loss = weighted_mean(losses(), None if weights_fn is None else weights_fn(y))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return loss, y.shape[0]
-
-    return _run_epochs(batches, epochs, scheduler, step, model.eval)

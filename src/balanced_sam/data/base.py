@@ -28,10 +28,9 @@ class BenchData:
     ``info`` is recorded verbatim in ``results.json`` (split cap C, train fraction, source of the
     data, ...); its ``files`` (name -> SHA-256) and ``split_params`` make the data's fingerprint.
 
-    The recipe and the model of a registered dataset come from its entry in
-    :mod:`balanced_sam.data.registry`. A dataset registered with the older
-    :func:`register_dataset` may instead carry them here: ``make_model()`` (a fresh regressor)
-    and ``defaults`` (``TrainConfig`` fields, and ``rho_by_method``).
+    The recipe and the model of a dataset come from its entry in
+    :mod:`balanced_sam.data.registry` (:func:`~balanced_sam.data.registry.table_loader` turns a
+    function returning ``BenchData`` into an entry's loader).
     """
 
     name: str
@@ -42,8 +41,9 @@ class BenchData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     bins: dict[str, Any]
+    # never set any more (the recipe's model spec builds the model); read only by bench.py's
+    # _model_text, and removed with it by the bench split
     make_model: Callable[[], nn.Module] | None = None
-    defaults: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     standardize_target: bool = True
     target_unit: str = ""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,10 @@ from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError
 from balanced_sam.metrics import balance_of
 
-__all__ = ["Recipe", "DatasetEntry", "Loaded", "DataSplits", "REGISTRY", "DATASETS", "register",
-           "register_dataset", "get_entry", "dataset_names", "load_data", "get_dataset",
-           "build_model", "MODEL_NAMES", "fingerprint", "DEFAULT_BENCH_DATASET",
-           "IMAGE_BENCH_RECIPE", "default_bench_dataset"]
+__all__ = ["Recipe", "DatasetEntry", "Loaded", "DataSplits", "REGISTRY", "register",
+           "table_loader", "get_entry", "dataset_names", "load_data", "build_model",
+           "MODEL_NAMES", "fingerprint", "DEFAULT_BENCH_DATASET", "IMAGE_BENCH_RECIPE",
+           "default_bench_dataset"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class DatasetEntry:
     unit: str
     description: str
     kind: str = "table"  # table | image | dense
-    options: tuple[str, ...] | None = None  # None: any (a loader registered the older way)
+    options: tuple[str, ...] | None = None  # None: any
     needs_root: bool = False  # read from data.root (the paper benchmarks)
     prepare: bool = False  # `bsam data prepare NAME` knows it
 
@@ -229,18 +229,13 @@ def load_data(data: Mapping[str, Any], *, bins: Mapping[str, Any] | None = None,
     loaded = entry.load(options, bins, stored_bins)
     loaded.bins.set_thresholds(many, few)
     tables = loaded.tables
-    recipe = loaded.recipe or entry.recipe
-    if tables is not None and (tables.defaults or tables.make_model):  # an older registration
-        defaults = dict(tables.defaults)
-        rho = defaults.pop("rho_by_method", recipe.rho_by_method)
-        recipe = replace(recipe, train={**recipe.train, **defaults}, rho_by_method=rho)
     labels = loaded.train[1] if isinstance(loaded.train, (tuple, list)) else getattr(
         loaded.train, "targets", None)
     scaler = TargetScaler.fit(labels) if loaded.standardize else TargetScaler()
     return DataSplits(entry, tables.name if tables is not None else entry.name, loaded.train,
                       loaded.val, loaded.test, loaded.bins, scaler,
                       balance_of(labels, loaded.bins), loaded.info,
-                      fingerprint(loaded.info), recipe, tables)
+                      fingerprint(loaded.info), loaded.recipe or entry.recipe, tables)
 
 
 def fingerprint(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -266,8 +261,6 @@ def build_model(data: DataSplits | BenchData | None, spec: Mapping[str, Any] | N
     tables = data.tables if isinstance(data, DataSplits) else data
     spec = dict(spec or {})
     if "name" not in spec:
-        if tables is not None and tables.make_model is not None:  # an older registration
-            return tables.make_model()
         recipe = data.recipe.model if isinstance(data, DataSplits) else {}
         spec = {**recipe, **spec}
     if "name" not in spec:
@@ -293,8 +286,10 @@ def build_model(data: DataSplits | BenchData | None, spec: Mapping[str, Any] | N
 
 
 # ---------------------------------------------------------------------------- loaders
-def _tables(load: Callable[..., BenchData]) -> Callable[..., Loaded]:
-    """A loader of a :class:`BenchData` as a registry loader."""
+def table_loader(load: Callable[..., BenchData]) -> Callable[..., Loaded]:
+    """A registry loader (``DatasetEntry.load``) from a function returning :class:`BenchData`
+    (called with the config's data options); the bins come from ``BenchData.bins`` unless a
+    config's ``bins`` section or a checkpoint's stored bins are given."""
 
     def loader(options: dict[str, Any], bins_spec: Mapping[str, Any] | None,
                stored: LabelBins | None) -> Loaded:
@@ -521,17 +516,17 @@ _ROTATED = ("data_root", "split_seed", "seed", "cap", "n_train", "val_per_bin", 
 _AGE = ("root", "img_size", "cache", "csv", "verify", "augment")
 
 for _entry in (
-    DatasetEntry("diamonds", _tables(_load_diamonds), DIAMONDS_RECIPE, "$",
+    DatasetEntry("diamonds", table_loader(_load_diamonds), DIAMONDS_RECIPE, "$",
                  "diamond prices (plotnine's table, no download); the tabular regime",
                  options=(*_TABLE_SPLIT, "seed")),
-    DatasetEntry("rotated-mnist", _tables(_rotated("mnist")), ROTATED_RECIPE, "deg",
+    DatasetEntry("rotated-mnist", table_loader(_rotated("mnist")), ROTATED_RECIPE, "deg",
                  "MNIST digits rotated by long-tailed angles; target: the angle", "image",
                  options=_ROTATED),
-    DatasetEntry("rotated-fashion-mnist", _tables(_rotated("fashion")), IMAGE_BENCH_RECIPE,
+    DatasetEntry("rotated-fashion-mnist", table_loader(_rotated("fashion")), IMAGE_BENCH_RECIPE,
                  "deg",
                  "Fashion-MNIST rotated by long-tailed angles; target: the angle", "image",
                  options=_ROTATED),
-    DatasetEntry("csv", _tables(_load_csv), TABLE_RECIPE, "",
+    DatasetEntry("csv", table_loader(_load_csv), TABLE_RECIPE, "",
                  "any CSV table (--csv FILE --target COL)",
                  options=("path", "target", *_TABLE_SPLIT, "dropna", "impute", "features",
                           "categorical", "max_categories", "lower", "min_per_bin",
@@ -556,52 +551,3 @@ for _entry in (
                           "mask_file", "augment"), needs_root=True, prepare=True),
 ):
     register(_entry)
-
-
-# ---------------------------------------------------------------------------- older names
-def register_dataset(name: str) -> Callable[[Callable[..., BenchData]], Callable[..., BenchData]]:
-    """Decorator (the older way): make a loader of :class:`BenchData` available as
-    ``bsam bench --dataset NAME``; its ``defaults`` and ``make_model`` give recipe and model."""
-
-    def deco(loader: Callable[..., BenchData]) -> Callable[..., BenchData]:
-        register(DatasetEntry(_canonical(name), _tables(loader), TABLE_RECIPE, "",
-                              f"{name} (registered by {getattr(loader, '__module__', '?')})"))
-        _LOADERS[_canonical(name)] = loader
-        return loader
-
-    return deco
-
-
-_LOADERS: dict[str, Callable[..., BenchData]] = {
-    "diamonds": _load_diamonds, "rotated-mnist": _rotated("mnist"),
-    "rotated-fashion-mnist": _rotated("fashion")}
-
-
-class _LoaderView(MutableMapping):
-    """``DATASETS``: name -> loader of the table-like built-ins; assigning registers."""
-
-    def __getitem__(self, name: str) -> Callable[..., BenchData]:
-        return _LOADERS[name]
-
-    def __setitem__(self, name: str, loader: Callable[..., BenchData]) -> None:
-        register_dataset(name)(loader)
-
-    def __delitem__(self, name: str) -> None:
-        del _LOADERS[name]
-        REGISTRY.pop(_canonical(name), None)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_LOADERS)
-
-    def __len__(self) -> int:
-        return len(_LOADERS)
-
-
-DATASETS: MutableMapping[str, Callable[..., BenchData]] = _LoaderView()
-
-
-def get_dataset(name: str, **options: Any) -> BenchData:
-    """Load a built-in table-like benchmark by name (the :class:`BenchData` alone)."""
-    if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(_LOADERS))}")
-    return _LOADERS[name](**options)

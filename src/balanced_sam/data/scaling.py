@@ -46,8 +46,8 @@ class TargetScaler:
     @classmethod
     def from_stats(cls, stats: TargetScaler | Sequence[float] | Mapping[str, float] | None
                    ) -> TargetScaler:
-        """From a scaler, a ``(mean, std)`` pair (the older ``target_stats``), a ``to_dict()``
-        mapping, or ``None`` (no scaling)."""
+        """From a scaler, a ``to_dict()`` mapping, a ``(mean, std)`` pair (the ``target_stats``
+        of checkpoints written before ``target_scaler``), or ``None`` (no scaling)."""
         if stats is None:
             return cls()
         if isinstance(stats, TargetScaler):
@@ -76,18 +76,14 @@ class TargetScaler:
     def to_dict(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std}
 
-    def as_tuple(self) -> tuple[float, float] | None:
-        """The older ``target_stats`` form: ``(mean, std)``, or ``None`` for no scaling."""
-        return None if self.is_identity else (self.mean, self.std)
-
 
 class InLabelUnits(nn.Module):
     """A model that predicts scaled targets, seen in label units."""
 
-    def __init__(self, model: nn.Module, scaler: TargetScaler) -> None:
+    def __init__(self, model: nn.Module, target_scaler: TargetScaler) -> None:
         super().__init__()
         self.model = model
-        self.scaler = scaler
+        self.target_scaler = target_scaler
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaler.unscale(self.model(x))
+        return self.target_scaler.unscale(self.model(x))

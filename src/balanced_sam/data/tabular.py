@@ -432,7 +432,7 @@ def load_table(
     features: Sequence[str] | None = None, categorical: Sequence[str] | None = None,
     name: str | None = None, *, dropna: bool = False, impute: str | None = None,
     lower: float | None = None, min_per_bin: int = 3, target_unit: str = "",
-    defaults: dict[str, Any] | None = None, max_categories: int = 200,
+    max_categories: int = 200,
 ) -> BenchData:
     """Read a table and build a DIR benchmark from it (``bsam bench --csv FILE --target COL``).
 
@@ -454,8 +454,6 @@ def load_table(
         lower: first bin edge (default ``floor(min / bin_width) * bin_width``).
         min_per_bin: see :func:`dir_split`.
         target_unit: unit of the target for tables and plots (e.g. ``"$"``).
-        defaults: changes to the ``csv`` recipe (``balanced_sam.data.registry``) for this
-            table (``TrainConfig`` fields).
         max_categories: the most categories a categorical column may have.
 
     The returned ``BenchData.bins`` is ``{"bin_width", "lower", "upper"}`` covering every row
@@ -500,7 +498,7 @@ def load_table(
                                "train": int(train.size), "val": int(val.size),
                                "test": int(test.size)})
     return BenchData(name=name, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te,
-                     y_test=y_te, bins=bins, defaults=dict(defaults or {}), info=info,
+                     y_test=y_te, bins=bins, info=info,
                      standardize_target=True, target_unit=target_unit)
 
 

@@ -40,11 +40,10 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
         "balanced_sam.integrations.torchmetrics needs the torchmetrics package: "
         "pip install 'balanced-sam[torchmetrics]'", name=exc.name) from exc
 
-from balanced_sam.bins import LabelBins
+from balanced_sam.bins import LabelBins, check_region
 from balanced_sam.metrics import (
     BASE_METRICS,
     DEPTH_METRICS,
-    REPORT_REGIONS,
     Report,
     add_batch,
     check_options,
@@ -208,9 +207,7 @@ class RegionMetric(RegressionMetrics):
         allowed = BASE_METRICS + (DEPTH_METRICS if self.depth else ())
         if metric not in allowed:
             raise ValueError(f"metric must be one of {', '.join(allowed)}, got {metric!r}")
-        if region not in REPORT_REGIONS:
-            raise ValueError(f"region must be one of {', '.join(REPORT_REGIONS)}, "
-                             f"got {region!r}")
+        check_region(region)
         self.metric, self.region = metric, region
 
     @property
