@@ -217,12 +217,12 @@ def test_unreadable_images_name_the_row_and_the_count(folder: Path) -> None:
     assert str(pics / "im004.png") in msg and "1 other image(s) failed too (rows 13)" in msg
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf", "strings"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "strings", "far"])
 def test_bad_targets_get_the_csv_messages(tmp_path: Path, bad: str) -> None:
     csv = make_folder(tmp_path / "d", n=12)
     frame = pd.read_csv(csv)
     frame["score"] = frame["score"].astype(object)
-    frame.loc[3, "score"] = {"nan": np.nan, "inf": np.inf, "strings": "high"}[bad]
+    frame.loc[3, "score"] = {"nan": np.nan, "inf": np.inf, "strings": "high", "far": 1e12}[bad]
     frame.to_csv(csv, index=False)
     with pytest.raises(ValueError) as as_table:
         load_table(csv, "score", features=["subject"])

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["LabelBins", "lds_kernel", "SCHEMES", "REGIONS", "check_region"]
+__all__ = ["LabelBins", "lds_kernel", "lds_smooth", "SCHEMES", "REGIONS", "check_region"]
 
 SCHEMES = ("none", "inv", "sqrt_inv", "lds")
 NORMALIZE = ("mean", "none")
@@ -96,10 +96,24 @@ def _too_many_bins(k: float, max_bins: int, lo: float, hi: float, what: str) -> 
         "really want that many")
 
 
+def _finite_number(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (a bool is not a number here)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _make_edges(t64: torch.Tensor, bin_width: float | None, num_bins: int | None,
                 lower: float | None, upper: float | None, max_bins: int) -> torch.Tensor:
     """Equal-width edges for :meth:`LabelBins.from_labels` (see there); the bin count is checked
     against ``max_bins`` before the edges are allocated."""
+    for name, value in (("lower", lower), ("upper", upper)):
+        if value is not None and not _finite_number(value):
+            raise ValueError(f"{name} must be a finite number (or None: from the labels), got "
+                             f"{value!r}")
     lo_t, hi_t = float(t64.min()), float(t64.max())
     if bin_width is None and num_bins is None:
         if bool((t64 == t64.round()).all()):
@@ -168,6 +182,22 @@ def lds_kernel(kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0) -> np.
         window = np.exp(-np.abs(offsets) / sigma) / (2.0 * sigma)
     peak: np.ndarray = window / window.max()
     return peak
+
+
+def lds_smooth(values: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """``values`` (one per bin) convolved with the odd, symmetric ``window``, zero beyond the
+    first and last bin: one value per bin whatever the number of bins, as the DIR code's
+    ``scipy.ndimage.convolve1d(values, weights=window, mode="constant")``. (``np.convolve(...,
+    mode="same")`` agrees when there are at least as many bins as taps, but returns
+    ``max(K, ks)`` values when there are fewer.)"""
+    v = np.asarray(values, dtype=np.float64)
+    w = np.asarray(window, dtype=np.float64)
+    if v.ndim != 1 or w.ndim != 1 or len(w) % 2 == 0:
+        raise ValueError(f"lds_smooth takes 1-D values and an odd 1-D window, got shapes "
+                         f"{v.shape} and {w.shape}")
+    half = (len(w) - 1) // 2
+    out: np.ndarray = np.convolve(v, w, mode="full")[half: half + len(v)]
+    return out
 
 
 class LabelBins:
@@ -390,7 +420,7 @@ class LabelBins:
                 eff, single = n.clamp(lo_c, hi_c), max(lo_c, min(1.0, hi_c))
             if scheme == "lds":
                 window = torch.from_numpy(lds_kernel(kernel, ks, sigma))
-                eff = torch.from_numpy(np.convolve(eff.numpy(), window.numpy(), mode="same"))
+                eff = torch.from_numpy(lds_smooth(eff.numpy(), window.numpy()))
             eff = torch.where(eff > 0, eff, torch.full_like(eff, single))
             w = 1.0 / eff
         if self.share_weight_below is not None:

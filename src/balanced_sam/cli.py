@@ -17,6 +17,7 @@ shows the traceback); a missing optional package prints the install command.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ __all__ = ["main", "build_parser"]
 _SPELLINGS: dict[str, dict[str, str]] = {
     "bench": {"dropna": "--dropna", "impute": "--impute median",
               "features": "--features COL,COL,...", "max_categories": "--max-categories N",
+              "max_features": "--max-features N", "categorical": "--categorical COL",
               "bin_width": "--bin-width W", "train_fraction": "--train-fraction F",
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
               "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
@@ -40,17 +42,21 @@ _SPELLINGS: dict[str, dict[str, str]] = {
     "compare": {"baseline": "--baseline M"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
+              "max_features": "data.max_features=N", "categorical": "data.categorical=[COL]",
               "bin_width": "data.bin_width=W", "train_fraction": "data.train_fraction=F",
               "cap": "data.cap=C", "target": "data.target=COL", "csv_path": "data.path=FILE",
               "resume": "--resume", "overwrite": "--overwrite",
               "allow_data_change": "--allow-data-change", "device": "train.device=cpu",
+              "trust": "--trust-checkpoint",
               "plugins": "train.plugins.NAME.KEY=VALUE", **{
                   "images": "data.path=FILE", "root": "data.root=DIR",
                   "path_col": "data.path_col=COL", "split_col": "data.split_col=COL",
                   "img_size": "data.img_size=N", "pretrained": "model.pretrained=PATH",
                   "allow_download": "model.allow_download=true", "cache": "data.cache=DIR"}},
-    "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
-    "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu"},
+    "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu",
+             "trust": "--trust-checkpoint"},
+    "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu",
+                "trust": "--trust-checkpoint"},
 }
 #: optional packages and the extra that installs them
 _EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli", "plotnine": "cli",
@@ -58,7 +64,18 @@ _EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli", "
            "torchmetrics": "torchmetrics", "lightning": "lightning", "accelerate": "accelerate"}
 
 
-def _csv_list(kind: type = str) -> Callable[[str], list[Any]]:
+def _number(text: str) -> float:
+    """A float option's value: any number but NaN (``--tol nan`` would pass every check)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r} (NaN is not allowed)")
+    return value
+
+
+def _csv_list(kind: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
@@ -181,10 +198,13 @@ def _add_bench(sub: Any) -> None:
                    help="--csv columns to one-hot encode even if numeric")
     b.add_argument("--max-categories", type=int, metavar="N",
                    help="the most categories a --csv column may have (default 200)")
+    b.add_argument("--max-features", type=int, metavar="N",
+                   help="the most input features a --csv table may be encoded into (numeric "
+                        "columns plus one-hot indicators; default 10000)")
     _bench_images(b)
     _bench_runs(b)
-    b.add_argument("--bin-width", type=float, help="label bin width (default: the dataset's)")
-    b.add_argument("--train-fraction", type=float,
+    b.add_argument("--bin-width", type=_number, help="label bin width (default: the dataset's)")
+    b.add_argument("--train-fraction", type=_number,
                    help="fraction of the rows left after the val/test split kept for training "
                         "(diamonds default 0.2, so that the tail has few-shot bins)")
     b.add_argument("--cap", type=int, help="C: at most this many rows per bin in val and test")
@@ -241,6 +261,7 @@ def _images_section(args: argparse.Namespace) -> dict[str, Any] | None:
     table_only = [f for f, v in (("--impute", args.impute), ("--features", args.features),
                                  ("--categorical", args.categorical),
                                  ("--max-categories", args.max_categories),
+                                 ("--max-features", args.max_features),
                                  ("--train-fraction", args.train_fraction),
                                  ("--data-root", args.data_root)) if v is not None]
     if table_only:
@@ -280,13 +301,13 @@ def _bench_runs(b: argparse.ArgumentParser) -> None:
                    help="a count (3 = seeds 0,1,2) or a comma-separated list (default: the "
                         "dataset's choice, else 3)")
     b.add_argument("--epochs", type=int, help="epochs per run (default: the dataset's recipe)")
-    b.add_argument("--rho", type=_csv_list(float),
+    b.add_argument("--rho", type=_csv_list(_number),
                    help="SAM radius; a comma-separated list runs the rho sweep (Figure 2) and "
                         "plots it")
     b.add_argument("--baseline", metavar="M", default=None,
                    help=f"the method every other one is compared with, seed by seed (default "
                         f"{DEFAULT_BASELINE} when among --methods; it must be one of them)")
-    b.add_argument("--confidence", type=float, default=0.95,
+    b.add_argument("--confidence", type=_number, default=0.95,
                    help="level of the paired intervals (default 0.95)")
     b.add_argument("--quick", action="store_true",
                    help="the dataset's short variant (rotated-fashion-mnist: 4 methods, 3 seeds, "
@@ -299,15 +320,15 @@ def _bench_training(b: argparse.ArgumentParser) -> None:
     b.add_argument("--select-by", choices=["mae", "bmae"], default="mae",
                    help="validation metric that picks the best epoch (default mae, as the "
                         "paper's code)")
-    b.add_argument("--lr", type=float, help="learning rate (default: the dataset's recipe)")
+    b.add_argument("--lr", type=_number, help="learning rate (default: the dataset's recipe)")
     b.add_argument("--batch-size", type=int, help="batch size (default: the dataset's recipe)")
-    b.add_argument("--max-grad-norm", type=float, metavar="G",
+    b.add_argument("--max-grad-norm", type=_number, metavar="G",
                    help="clip every update gradient to this 2-norm (default: no clipping)")
     b.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE",
                    help="any training option, e.g. --set warmup_epochs=1 --set interval=5 "
                         "(train.KEY=VALUE also works; repeatable)")
-    b.add_argument("--diverge-factor", type=float, default=3.0, metavar="K",
+    b.add_argument("--diverge-factor", type=_number, default=3.0, metavar="K",
                    help="a run whose test MAE exceeds K times its method's median over seeds "
                         "is marked diverged and left out (default 3; needs 3+ seeds)")
     b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
@@ -335,9 +356,9 @@ def _add_compare(sub: Any) -> None:
     c.add_argument("--baseline", metavar="M", default=None,
                    help="the method the others are compared with (default: the bench's "
                         "baseline, else sqinv)")
-    c.add_argument("--confidence", type=float, default=None,
+    c.add_argument("--confidence", type=_number, default=None,
                    help="level of the intervals (default: the bench's, else 0.95)")
-    c.add_argument("--diverge-factor", type=float, default=None, metavar="K",
+    c.add_argument("--diverge-factor", type=_number, default=None, metavar="K",
                    help="divergence threshold over the method's median test MAE (default: "
                         "the bench's, else 3)")
     c.add_argument("--write", action="store_true",
@@ -383,6 +404,11 @@ def _allow_data_change(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--allow-data-change", action="store_true",
                    help=f"{what} data whose fingerprint (content of the table or split file, "
                         "split parameters) differs from the checkpoint's")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a checkpoint that holds more than tensors, numbers, strings, "
+                        "lists and dicts (e.g. an older last.pt, whose random state held numpy "
+                        "arrays); without it such a file is refused, since unpickling can run "
+                        "any code: pass it only for a file you trust")
 
 
 def _add_analyze(sub: Any) -> None:
@@ -408,9 +434,9 @@ def _add_analyze(sub: Any) -> None:
                         "eigenvalue of largest magnitude (PyHessian's; it can be negative for "
                         "an L1 loss, whose Hessian is indefinite)")
     a.add_argument("--probes", type=int, default=30, help="Hutchinson probes (default 30)")
-    a.add_argument("--tol", type=float, default=1e-3, help="relative tolerance")
+    a.add_argument("--tol", type=_number, default=1e-3, help="relative tolerance")
     a.add_argument("--grid", type=int, default=21, help="landscape points per axis")
-    a.add_argument("--span", type=float, default=1.0, help="landscape range [-span, span]")
+    a.add_argument("--span", type=_number, default=1.0, help="landscape range [-span, span]")
     a.add_argument("--dim", type=int, choices=[1, 2], default=1,
                    help="1-D curves (default) or 2-D surfaces (grid x grid forward passes)")
     a.add_argument("--seed", type=int, default=0, help="sample draw and directions")
@@ -452,7 +478,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rho = args.rho if args.rho is None or len(args.rho) > 1 else args.rho[0]
     table = {k: v for k, v in (("impute", args.impute), ("features", args.features),
                                ("categorical", args.categorical),
-                               ("max_categories", args.max_categories)) if v is not None}
+                               ("max_categories", args.max_categories),
+                               ("max_features", args.max_features)) if v is not None}
     images = _images_section(args)
     if images is not None:
         table["data"] = images
@@ -501,7 +528,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         loggers.append(WandbLogger(out.name, config=spec, project=args.wandb))
     res = run_training(spec, out=out, resume=args.resume, overwrite=args.overwrite,
-                       allow_data_change=args.allow_data_change, loggers=loggers)
+                       allow_data_change=args.allow_data_change, loggers=loggers,
+                       trust_checkpoint=args.trust_checkpoint)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
     if res.test is not None:
@@ -520,7 +548,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from balanced_sam.metrics import format_table
 
     ev = evaluate_checkpoint(args.checkpoint, split=args.split, overrides=args.overrides,
-                             device=args.device, allow_data_change=args.allow_data_change)
+                             device=args.device, allow_data_change=args.allow_data_change,
+                             trust=args.trust_checkpoint)
     print(f"{args.split} set of {args.checkpoint}:")
     print(format_table({f"{ev.method} (epoch {ev.epoch})": ev.report},
                        metrics=("rmse", "delta1") if ev.depth else ("mae", "gm"),
@@ -535,7 +564,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from balanced_sam.experiment import analyze_checkpoints
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1 (torch threads for the analysis), got "
+                             f"{args.threads}")
         torch.set_num_threads(args.threads)
     named = [tuple(spec.split("=", 1)) if "=" in spec else ("", spec)
              for spec in args.checkpoint]
@@ -545,7 +577,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         hessian=args.hessian or both, landscape=args.landscape or both, iters=args.iters,
         solver=args.solver, probes=args.probes, tol=args.tol, grid=args.grid, span=args.span,
         dim=args.dim, seed=args.seed, cache_graph=args.cache_graph, device=args.device,
-        out=args.out, overrides=args.overrides, allow_data_change=args.allow_data_change)
+        out=args.out, overrides=args.overrides, allow_data_change=args.allow_data_change,
+        trust=args.trust_checkpoint)
     return 0
 
 

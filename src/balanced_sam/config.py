@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from balanced_sam.baselines.specs import check_options as check_plugin_options
+from balanced_sam.bins import KERNELS
 from balanced_sam.errors import ConfigError
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import get_method
@@ -25,6 +26,8 @@ from balanced_sam.methods import get_method
 __all__ = ["TrainConfig", "SAFE_TO_CHANGE", "SCHEDULES", "DEVICES"]
 
 SCHEDULES = ("cosine", "cosine_ref", "step", "none")
+#: the keys of ``train.lds`` (:meth:`balanced_sam.bins.LabelBins.weights`'s LDS options)
+LDS_KEYS = ("kernel", "ks", "sigma", "lds_base", "clip")
 #: settings a resumed run may change: they decide where and how fast it runs, not what it learns
 #: (``epochs`` may change too: the schedule is re-planned, see :meth:`LRPlan.extended`)
 SAFE_TO_CHANGE = frozenset({"device", "num_workers", "progress", "eval_batch_size",
@@ -106,6 +109,7 @@ class TrainConfig:
         get_method(self.method)
         get_loss(self.loss)
         check_plugin_options(self.plugins, f"{section}.plugins")
+        _check_lds(self.lds, f"{section}.lds")
         for ok, key, allowed in self._ranges():
             if not ok:
                 raise ConfigError(f"{section}.{key} = {getattr(self, key)!r}: {allowed}")
@@ -116,7 +120,12 @@ class TrainConfig:
             (self.epochs >= 1, "epochs", "must be >= 1"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr", "must be a finite number > 0"),
-            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (0 <= self.momentum and math.isfinite(self.momentum), "momentum",
+             "must be a finite number >= 0 (SGD's momentum; 0.9 is usual)"),
+            (self.gamma > 0 and math.isfinite(self.gamma), "gamma",
+             "must be a finite number > 0 (the step schedule's factor)"),
+            (self.weight_decay >= 0 and math.isfinite(self.weight_decay), "weight_decay",
+             "must be a finite number >= 0"),
             (self.rho >= 0 and math.isfinite(self.rho), "rho", "must be a finite number >= 0"),
             (self.p >= 1, "p", "must be >= 1 (or inf)"),
             (self.interval >= 1, "interval", "must be an integer >= 1 (1: a fresh perturbation "
@@ -151,6 +160,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], section: str = "train") -> TrainConfig:
         names = [f.name for f in fields(cls)]
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{section}: expected a mapping of training options, got {d!r} "
+                              f"({type(d).__name__})")
         for key in d:
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1)
@@ -192,6 +204,28 @@ def _check_types(cfg: Any, section: str) -> None:
             names = " or ".join(_type_name(t) for t in options)
             raise ConfigError(f"{section}.{f.name}: expected {names}, got {value!r} "
                               f"({type(value).__name__})")
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{section}.{f.name}: expected a number, got NaN")
+
+
+def _check_lds(lds: Mapping[str, Any], section: str) -> None:
+    """``train.lds``: known keys, and values :meth:`LabelBins.weights` accepts."""
+    for key in lds:
+        if key not in LDS_KEYS:
+            close = difflib.get_close_matches(str(key), LDS_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {section}{hint}; it takes: "
+                              f"{', '.join(LDS_KEYS)}")
+    kernel, ks, sigma = lds.get("kernel", "gaussian"), lds.get("ks", 5), lds.get("sigma", 2.0)
+    if kernel not in KERNELS:
+        raise ConfigError(f"{section}.kernel = {kernel!r}: must be one of {', '.join(KERNELS)}")
+    if isinstance(ks, bool) or not isinstance(ks, int) or ks < 1 or ks % 2 == 0:
+        raise ConfigError(f"{section}.ks = {ks!r}: must be an odd integer >= 1 (the window size)")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (
+            sigma > 0 and math.isfinite(sigma)):
+        raise ConfigError(f"{section}.sigma = {sigma!r}: must be a finite number > 0")
+    if lds.get("lds_base", "sqrt_inv") not in ("sqrt_inv", "inv"):
+        raise ConfigError(f"{section}.lds_base = {lds['lds_base']!r}: must be sqrt_inv or inv")
 
 
 def _is_a(value: Any, t: Any) -> bool:

@@ -88,16 +88,45 @@ class Experiment:
 
 
 # ---------------------------------------------------------------------------- configs
+def _yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, except that a mapping that names a key twice is an error
+    (PyYAML keeps the last silently: a second ``train:`` section would replace the first)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        mark = first.setdefault(key, key_node.start_mark)
+                    except TypeError:  # an unhashable key: PyYAML's own error follows
+                        continue
+                    if mark is not key_node.start_mark:
+                        raise ConfigError(
+                            f"{source}: duplicate key {key!r} (line "
+                            f"{key_node.start_mark.line + 1}; first on line {mark.line + 1}); "
+                            "give each key once")
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config: a file, or the name of a config shipped with the package (``bsam
-    configs`` lists them); clear errors for a missing file or bad YAML."""
+    configs`` lists them); clear errors for a missing file, a file that is not UTF-8 text, bad
+    YAML and a key given twice."""
     import yaml
 
     from balanced_sam.configs import config_path
 
     p = config_path(path)  # a file that exists, else a config shipped with the package
     try:
-        spec = yaml.safe_load(p.read_text())
+        spec = _yaml(p.read_text(encoding="utf-8"), f"config {p}")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {p} is not UTF-8 text (byte {exc.start}); a config is a "
+                          "YAML file") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {p} is not valid YAML: {exc}") from exc
     if not isinstance(spec, dict):
@@ -124,7 +153,7 @@ def apply_overrides(spec: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         try:
-            node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+            node[path[-1]] = _yaml(raw, f"override {item!r}") if raw != "" else None
         except yaml.YAMLError:
             node[path[-1]] = raw  # not YAML: the text itself (the type check judges it)
     return spec
@@ -135,12 +164,12 @@ def _check_sections(spec: Mapping[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use data, model, bins, "
                           "train, out (and paper for notes)")
-    if "data" not in spec or "name" not in (spec.get("data") or {}):
-        raise ConfigError(f"config needs data.name ({', '.join(REGISTRY)})")
     for section in ("data", "model", "bins", "train"):
         if spec.get(section) is not None and not isinstance(spec[section], Mapping):
             raise ConfigError(f"config section {section} must be a mapping, got "
                               f"{spec[section]!r}")
+    if "data" not in spec or "name" not in (spec.get("data") or {}):
+        raise ConfigError(f"config needs data.name ({', '.join(REGISTRY)})")
 
 
 def train_config(data: DataSplits, train: Mapping[str, Any] | None = None,
@@ -157,9 +186,10 @@ def train_config(data: DataSplits, train: Mapping[str, Any] | None = None,
     values = {**data.recipe.train, **tune, **train}
     if "plugins" in train and data.recipe.train.get("plugins"):  # per plug-in, key by key
         mine, recipe = train["plugins"] or {}, data.recipe.train["plugins"]
-        if isinstance(mine, dict):
+        if isinstance(mine, dict):  # (a value that is not a mapping: the check names it)
             values["plugins"] = {p: {**(recipe.get(p) or {}), **(mine.get(p) or {})}
-                                   for p in dict.fromkeys([*recipe, *mine])}
+                                 if isinstance(mine.get(p) or {}, Mapping) else mine[p]
+                                 for p in dict.fromkeys([*recipe, *mine])}
     # a composed or interval method (ranksim+bsam, bsam-i5) takes its optimizer part's rho
     rho = rho_for(train["method"], data.recipe.rho_by_method) if "method" in train else None
     if "rho" not in train and rho is not None:
@@ -188,9 +218,11 @@ def build_experiment(spec: Mapping[str, Any], *, bins: LabelBins | Mapping[str, 
 def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
                  resume: bool = False, overwrite: bool = False,
                  allow_data_change: bool = False, log: Callable[[str], None] = print,
-                 loggers: Sequence[Any] = ()) -> FitResult:
+                 loggers: Sequence[Any] = (), trust_checkpoint: bool = False) -> FitResult:
     """Train the run ``spec`` describes into ``out`` (default: the spec's ``out``, else
     ``runs/run``); writes ``last.pt``, ``best.pt``, ``log.csv`` and ``result.json`` there.
+    ``trust_checkpoint``: resume from a ``last.pt`` that needs full unpickling (see
+    :func:`~balanced_sam.outputs.load_checkpoint`; only for a file you trust).
     Under ``torchrun`` every process calls it; rank 0 writes and logs."""
     distributed = init_distributed()
     rank = torch.distributed.get_rank() if distributed else 0
@@ -203,7 +235,7 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
               depth=exp.depth, meta={"spec": dict(spec), "data": exp.data.fingerprint},
               data_fingerprint=exp.data.fingerprint["digest"],
               allow_data_change=allow_data_change, loggers=loggers,
-              log=log if rank == 0 else (lambda s: None))
+              trust_checkpoint=trust_checkpoint, log=log if rank == 0 else (lambda s: None))
     if rank == 0:
         write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
                     "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
@@ -228,13 +260,17 @@ class Evaluation:
 
 def load_experiment(checkpoint: str | Path | Mapping[str, Any], overrides: Sequence[str] = (),
                     device: str | torch.device = "cpu", *,
-                    allow_data_change: bool = False, source: str | None = None) -> Experiment:
+                    allow_data_change: bool = False, source: str | None = None,
+                    trust: bool = False) -> Experiment:
     """Rebuild the experiment of a checkpoint written by ``bsam train`` / ``bsam bench`` and load
     its weights (``overrides``: e.g. ``data.root=/elsewhere``). Data whose fingerprint differs
-    from the checkpoint's are refused unless ``allow_data_change``."""
+    from the checkpoint's are refused unless ``allow_data_change``. The file is read as data
+    (``weights_only``); ``trust=True`` unpickles one that needs more, for a file you trust
+    (:func:`~balanced_sam.outputs.load_checkpoint`)."""
     if source is None:
         source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "the checkpoint"
-    ck = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+    ck = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint,
+                                                                            trust=trust)
     spec = (ck.get("meta") or {}).get("spec")
     if not spec:
         raise ValueError(f"{source} carries no experiment spec (meta.spec): it was not written "
@@ -261,10 +297,11 @@ def load_experiment(checkpoint: str | Path | Mapping[str, Any], overrides: Seque
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test",
                         overrides: Sequence[str] = (), device: str = "auto",
-                        allow_data_change: bool = False) -> Evaluation:
-    """The metrics of a checkpoint on a split of the data it was trained on."""
+                        allow_data_change: bool = False, trust: bool = False) -> Evaluation:
+    """The metrics of a checkpoint on a split of the data it was trained on (``trust``: see
+    :func:`load_experiment`)."""
     dev = resolve_device(device)
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, trust=trust)
     exp = load_experiment(ck, overrides, dev, allow_data_change=allow_data_change,
                           source=str(checkpoint))
     rep = evaluate(exp.model, exp.data.split(split), exp.bins, device=dev,
@@ -297,6 +334,7 @@ def analyze_checkpoints(
     out: str | Path | None = None,
     overrides: Sequence[str] = (),
     allow_data_change: bool = False,
+    trust: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Table 8 (Hessian top eigenvalue and trace of the training loss per region) and Figure 1
@@ -308,7 +346,7 @@ def analyze_checkpoints(
     the one the model was trained with, in its training units. Writes ``analysis.json``,
     ``sharpness_table.md``, one ``<name>_landscape.npz`` per checkpoint and ``landscapes.png``
     into ``out`` (default: beside the first checkpoint); returns ``{name: {"regions": {region:
-    {...}}, "checkpoint", "split", "method"}}``.
+    {...}}, "checkpoint", "split", "method"}}``. ``trust``: see :func:`load_experiment`.
     """
     items = _named(checkpoints)
     _check_analysis(regions, samples)
@@ -321,7 +359,8 @@ def analyze_checkpoints(
     results: dict[str, Any] = {}
     landscapes: dict[str, Any] = {}
     for name, path in items:
-        exp = load_experiment(path, overrides, dev, allow_data_change=allow_data_change)
+        exp = load_experiment(path, overrides, dev, allow_data_change=allow_data_change,
+                              trust=trust)
         name = _unique(name or exp.cfg.method, results, path)
         log(f"{name}: {path} ({split} split)")
         results[name], merged = _analyze_one(exp, name, split, regions, samples, settings, log)

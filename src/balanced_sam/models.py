@@ -50,6 +50,15 @@ class MLP(nn.Module):
         super().__init__()
         if in_features < 1:
             raise ValueError(f"in_features must be >= 1, got {in_features}")
+        if isinstance(hidden, (int, str)) or not all(
+                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+            raise ValueError(f"hidden must be a list of layer widths, each an integer >= 1 "
+                             f"(e.g. [256, 256]; [] for none), got {hidden!r}")
+        if isinstance(out_features, bool) or not isinstance(out_features, int) or \
+                out_features < 1:
+            raise ValueError(f"out_features must be an integer >= 1, got {out_features!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:

@@ -6,6 +6,8 @@
   (and only those, :data:`RUN_OUTPUTS`) before anything new is written.
 * :class:`Checkpointer` writes ``last.pt`` (every epoch, everything needed to resume) and
   ``best.pt`` (the weights of the best epoch) atomically, and reads them back with clear errors.
+  A checkpoint is data (:func:`plain` on the way in, ``weights_only`` on the way out): loading
+  one never runs code, unless the user vouches for the file (``trust=True``).
 * An :class:`EpochLogger` receives one row of figures per epoch. :class:`CSVLogger` (``log.csv``)
   and :class:`TensorBoardLogger` (``tb/``, when tensorboard is installed) are the built-in ones;
   anything with ``log_epoch(row)`` and ``close()`` (a Weights & Biases logger, say) plugs in
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections import OrderedDict as _OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -26,7 +29,8 @@ from balanced_sam.errors import spell
 from balanced_sam.io import FolderLock, append_csv_row, save_torch
 
 __all__ = ["RunFolder", "RunExistsError", "Checkpointer", "EpochLogger", "CSVLogger",
-           "TensorBoardLogger", "RUN_OUTPUTS", "load_checkpoint"]
+           "TensorBoardLogger", "RUN_OUTPUTS", "load_checkpoint", "UntrustedCheckpointError",
+           "CHECKPOINT_TYPES", "plain"]
 
 #: what a run writes into its folder; ``--overwrite`` removes exactly these
 RUN_OUTPUTS = ("result.json", "best.pt", "last.pt", "log.csv", "tb")
@@ -104,18 +108,95 @@ class RunFolder:
             self._lock.release()
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`balanced_sam.train.fit` (a dict)."""
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that holds more than plain data, refused because unpickling it could run
+    code (load it with ``trust=True`` / ``--trust-checkpoint`` only if you trust its source)."""
+
+
+#: what a checkpoint may hold: loaded with ``torch.load(weights_only=True)``, which rebuilds
+#: these and nothing else (no class of any module is ever imported or called)
+CHECKPOINT_TYPES = "tensors, numbers, strings, lists, tuples and dicts"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    trust: bool = False) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`balanced_sam.train.fit` (a dict).
+
+    A checkpoint is data: it is read with ``torch.load(weights_only=True)``, so only
+    :data:`CHECKPOINT_TYPES` come back and no code the file names can run. A file that needs
+    full unpickling (a class, a numpy array, the ``last.pt`` of a bsam older than this check,
+    whose random state held numpy arrays) raises :class:`UntrustedCheckpointError` naming the
+    file, unless ``trust=True`` (``--trust-checkpoint`` on the command line): pass it only for
+    a file you wrote yourself or whose source you trust, since unpickling can run any code."""
+    import pickle
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=False)
+        ck = torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if trust or "weights only" not in str(exc).lower():
+            raise ValueError(f"could not read checkpoint {path}: {_first_line(exc)}") from exc
+        raise UntrustedCheckpointError(
+            f"checkpoint {path} holds more than {CHECKPOINT_TYPES}{_unsafe_global(exc)}: "
+            "refused, since unpickling it could run code; if you wrote it yourself or trust "
+            f"its source, pass {spell('trust')}") from None
     except Exception as exc:  # corrupt or foreign file
         raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
     if not isinstance(ck, dict) or "model" not in ck:
         raise ValueError(f"{path} is not a checkpoint written by bsam (no model weights in it)")
     return ck
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _unsafe_global(exc: BaseException) -> str:
+    """``" (it asks for module.name)"``: what the refused file wanted to import, when torch
+    says."""
+    import re
+
+    m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f" (it asks for {m.group(1)})" if m else ""
+
+
+def plain(obj: Any, where: str = "checkpoint") -> Any:
+    """``obj`` as what :func:`load_checkpoint` reads back without unpickling
+    (:data:`CHECKPOINT_TYPES`): paths become strings, numpy scalars numbers, numpy arrays
+    tensors, sets sorted lists; anything else raises :class:`TypeError` naming where it sits
+    (so a checkpoint that could not be read back is never written). A container whose items
+    are all plain already is returned as it is (a ``state_dict`` keeps its ``_metadata``)."""
+    import os
+
+    import numpy as np
+
+    if isinstance(obj, np.generic):  # before float: np.float64 is a float
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.dtype,
+                                       torch.device, torch.Size)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, Mapping):
+        items = [(plain(k, where), plain(v, f"{where}.{k}")) for k, v in obj.items()]
+        if type(obj) in (dict, _OrderedDict) and all(
+                k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items())):
+            return obj
+        return (_OrderedDict if isinstance(obj, _OrderedDict) else dict)(items)
+    if isinstance(obj, (list, tuple)):
+        vals = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if type(obj) in (list, tuple) and all(v is v0 for v, v0 in zip(vals, obj)):
+            return obj
+        return tuple(vals) if isinstance(obj, tuple) else vals
+    if isinstance(obj, (set, frozenset)):
+        return sorted(plain(v, where) for v in obj)
+    raise TypeError(f"{where} holds a {type(obj).__name__}; a checkpoint holds only "
+                    f"{CHECKPOINT_TYPES} (convert it, e.g. to a dict or a string)")
 
 
 class Checkpointer:
@@ -132,15 +213,16 @@ class Checkpointer:
 
     def save_best(self, payload: Mapping[str, Any]) -> None:
         if self.folder.writes and self.policy != "none" and self.folder.best is not None:
-            save_torch(dict(payload), self.folder.best)
+            save_torch(plain(dict(payload)), self.folder.best)
 
     def save_last(self, payload: Mapping[str, Any]) -> None:
         if self.keeps_last and self.folder.last is not None:
-            save_torch(dict(payload), self.folder.last)
+            save_torch(plain(dict(payload)), self.folder.last)
 
-    def load_last(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    def load_last(self, map_location: str | torch.device = "cpu", *,
+                  trust: bool = False) -> dict[str, Any]:
         assert self.folder.last is not None
-        return load_checkpoint(self.folder.last, map_location)
+        return load_checkpoint(self.folder.last, map_location, trust=trust)
 
 
 # ---------------------------------------------------------------------------- loggers

@@ -61,6 +61,7 @@ from balanced_sam.outputs import (
 
 __all__ = ["TrainConfig", "FitResult", "LRPlan", "fit", "evaluate", "predict",
            "train_one_epoch", "batches", "EpochLoader", "load_checkpoint", "load_weights",
+           "check_optimizer_state",
            "seed_everything", "resolve_device", "init_distributed", "RunExistsError",
            "SAFE_TO_CHANGE"]
 
@@ -331,7 +332,10 @@ def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.devi
 
 # ---------------------------------------------------------------------------- checkpoints
 def _rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002
+    """The random generators' states as plain data (a checkpoint holds no numpy array)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    st = {"python": random.getstate(),
+          "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -339,11 +343,52 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])  # noqa: NPY002
+    random.setstate(tuple(st["python"]))
+    name, keys, *rest = st["numpy"]  # keys: a tensor (an older, trusted checkpoint: an array)
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), *rest))  # noqa: NPY002
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def check_optimizer_state(opt: torch.optim.Optimizer, state: Mapping[str, Any],
+                          model: nn.Module | None = None, source: str = "the checkpoint") -> None:
+    """Refuse an optimizer state whose per-parameter tensors (momentum buffers, Adam moments,
+    a stored perturbation) do not have their parameter's shape: ``load_state_dict`` takes such
+    a state when it holds as many parameters, and the run fails at its next step deep inside
+    torch. Nested states (a SAM wrapper's ``base_optimizer``) are checked too; the parameter
+    is named by ``model``'s parameter names when given."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+
+    def walk(sd: Any, where: str) -> None:
+        if not isinstance(sd, Mapping):
+            return
+        if isinstance(sd.get("state"), Mapping) and isinstance(sd.get("param_groups"), list):
+            ids = [i for g in sd["param_groups"] if isinstance(g, Mapping)
+                   for i in g.get("params", [])]
+            if len(ids) != len(params):
+                raise ValueError(f"the optimizer state in {source} ({where or 'top level'}) "
+                                 f"holds {len(ids)} parameters, the model's optimizer "
+                                 f"{len(params)}: it was written for another model")
+            by_id = dict(zip(ids, params))
+            for i, per_param in sd["state"].items():
+                p = by_id.get(i)
+                if p is None or not isinstance(per_param, Mapping):
+                    continue
+                for key, v in per_param.items():
+                    if key != "step" and isinstance(v, torch.Tensor) and v.shape != p.shape:
+                        name = names.get(id(p), f"parameter {i}")
+                        raise ValueError(
+                            f"the optimizer state in {source} does not fit the model: "
+                            f"{where}{key} of {name} is {tuple(v.shape)} there, the parameter "
+                            f"is {tuple(p.shape)}; it was written for another model")
+        for key, sub in sd.items():
+            if key != "state" and isinstance(sub, Mapping):
+                walk(sub, f"{where}{key}.")
+
+    walk(state, "")
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the "
@@ -442,6 +487,7 @@ def fit(
     meta: dict[str, Any] | None = None,
     data_fingerprint: str | None = None,
     allow_data_change: bool = False,
+    trust_checkpoint: bool = False,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     loggers: Iterable[EpochLogger] = (),
     log: Callable[[str], None] = print,
@@ -459,7 +505,7 @@ def fit(
     removes that run's outputs first. ``target_scaler`` standardises the targets for the
     loss (``None``: unscaled); ``depth`` adds the depth metrics; ``meta`` goes into the
     checkpoints; ``on_epoch_end(epoch, row)`` runs after each epoch's checkpoint; ``loggers``
-    receive every epoch's row.
+    receive every epoch's row. ``trust_checkpoint``: see :func:`load_checkpoint`.
 
     Under ``torchrun`` the model is wrapped in DDP; ``cfg.scope="global"`` all-reduces the first
     pass's weighted gradient (the perturbation of the single-process run with the global batch),
@@ -471,7 +517,8 @@ def fit(
                           out_dir=out_dir, resume=resume, overwrite=overwrite, log=log,
                           target_scaler=target_scaler, depth=depth,
                           meta=meta, data_fingerprint=data_fingerprint, loggers=loggers,
-                          allow_data_change=allow_data_change, on_epoch_end=on_epoch_end)
+                          allow_data_change=allow_data_change, on_epoch_end=on_epoch_end,
+                          trust_checkpoint=trust_checkpoint)
     cfg = _resolved(cfg, bins, train_data)
     rank, world = _dist()
     folder = RunFolder(out_dir, rank=rank, log=log)
@@ -485,7 +532,8 @@ def fit(
         if run.pipeline is not None and rank == 0:
             run.pipeline.prepare(val_data, test_data)  # fill their caches now
         ckpt = Checkpointer(folder, cfg.checkpoint)
-        state = _restore(run, ckpt, allow_data_change, log) if resume else _State()
+        state = _restore(run, ckpt, allow_data_change, log, trust_checkpoint) if resume else \
+            _State()
         sinks = run_loggers(folder, loggers) if rank == 0 else []
         for epoch in range(state.start_epoch, cfg.epochs):
             row = _train_epoch(run, epoch)
@@ -594,13 +642,14 @@ def _lr_lambdas(opt: torch.optim.Optimizer, plan: LRPlan) -> list[Callable[[int]
 
 
 def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
-             log: Callable[[str], None]) -> _State:
+             log: Callable[[str], None], trust: bool = False) -> _State:
     """Load ``last.pt`` into the run after checking it is the same run on the same data."""
-    ck = ckpt.load_last(run.device)
+    ck = ckpt.load_last(run.device, trust=trust)
     cfg = run.cfg
     _check_same_config(ck.get("config", {}), cfg)
     _check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
     load_weights(run.model, ck["model"], str(ckpt.folder.last))
+    check_optimizer_state(run.opt, ck["optimizer"], run.model, str(ckpt.folder.last))
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])
     if run.amp_scaler is not None and ck.get("amp_scaler"):

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from balanced_sam.baselines.gmm import GaussianMixture1D, fit_gmm_1d
-from balanced_sam.bins import LabelBins, lds_kernel
+from balanced_sam.bins import LabelBins, lds_kernel, lds_smooth
 
 __all__ = [
     "focal_l1_loss",
@@ -254,7 +254,7 @@ class BNILoss(_NoiseModule):
         if bins.share_weight_below is not None:
             counts[: bins.share_weight_below] = counts[bins.share_weight_below]
         if lds:
-            counts = np.convolve(counts, lds_kernel(kernel, ks, sigma), mode="same")
+            counts = lds_smooth(counts, lds_kernel(kernel, ks, sigma))
         return cls(_bin_values(bins, value), counts, **kwargs)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

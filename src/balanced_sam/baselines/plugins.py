@@ -42,7 +42,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,7 +60,7 @@ from balanced_sam.baselines.specs import (
     check_options,
     plugin_options,
 )
-from balanced_sam.bins import LabelBins, lds_kernel
+from balanced_sam.bins import LabelBins, lds_kernel, lds_smooth
 from balanced_sam.losses import balanced_mse_loss, get_loss
 from balanced_sam.methods import Method
 
@@ -146,7 +145,7 @@ class MethodPlugin:
             lds = self.cfg.lds
             window = lds_kernel(lds.get("kernel", "gaussian"), lds.get("ks", 5),
                                 lds.get("sigma", 2.0))
-            counts = torch.from_numpy(np.convolve(counts.numpy(), window, mode="same"))
+            counts = torch.from_numpy(lds_smooth(counts.numpy(), window))
         return values.to(torch.float64), counts
 
     def _bin_width(self) -> float:

@@ -227,7 +227,11 @@ def conr_loss(
     any is skipped. Differences from the reference code, where we follow the paper: its
     denominator also adds :math:`e^0 = 1` for every non-positive pair (a masking artefact); it
     multiplies each anchor's loss by its weight again (``weight_anchors=True`` reproduces
-    that); an anchor without positives gives NaN there.
+    that); an anchor without positives gives NaN there. Its NYUD2 code (the depth form, with
+    ``pushing="linear"``) differs once more: it keeps each sample's match with itself among the
+    positives and divides each anchor's sum by :math:`|K^+_j| + 1` instead of
+    :math:`|K^+_j|`; we use the paper's :math:`K^+_j` (``i \ne j``) and :math:`1/|K^+_j|` for
+    every dataset.
     """
     z, y, p, w = _conr_views(features, targets, preds, weights, features2, preds2)
     omega = _positive(omega, "omega", allow_zero=True)

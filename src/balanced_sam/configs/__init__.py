@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,7 +112,9 @@ def copy_config(name: str, dest_dir: str | os.PathLike[str], *,
     return the new file's path.
 
     An existing file of the same name raises :class:`FileExistsError` unless
-    ``overwrite=True``, and so does a ``dest_dir`` that is an existing file.
+    ``overwrite=True``, and so does a ``dest_dir`` that is an existing file. A symbolic link
+    in the new file's place (even a dangling one) is always refused, with or without
+    ``overwrite``: the copy never writes through a link to somewhere outside ``dest_dir``.
     """
     stem = _stem(os.fspath(name))
     if stem not in list_configs():
@@ -124,9 +125,38 @@ def copy_config(name: str, dest_dir: str | os.PathLike[str], *,
         raise FileExistsError(f"copy destination {dest} is a file; --copy takes a folder")
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / src.name
+    if target.is_symlink():
+        raise FileExistsError(
+            f"{target} is a symbolic link (to {os.readlink(target)}); bsam configs --copy never "
+            "writes through a link, with or without --force: remove the link or copy into "
+            "another folder")
+    if target.is_dir():
+        raise FileExistsError(f"{target} is a folder; remove it or copy into another folder")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; remove it or pass --force to replace it")
-    shutil.copyfile(src, target)
+    data = src.read_bytes()
+    if not target.exists():
+        # O_EXCL | O_NOFOLLOW: a link (or file) that appeared since the check is not followed
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            raise FileExistsError(f"{target} appeared while copying; run the copy again") \
+                from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return target
+    # --force over a regular file: write beside it and rename over it (a rename replaces the
+    # directory entry itself, so even a link put there meanwhile is replaced, not followed)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return target
 
 

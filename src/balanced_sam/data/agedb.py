@@ -175,6 +175,14 @@ def read_age_csv(csv_path: str | os.PathLike[str], what: str) -> Any:
         i = int(np.flatnonzero(bad)[0])
         raise CSVFormatError(f"{what} {csv_path}: column 'age' must hold finite ages >= 0; row "
                              f"{i + 2} has {df['age'].iloc[i]!r} ({int(bad.sum())} bad rows)")
+    from balanced_sam.data.tabular import FAR_IQRS, far_targets
+
+    far, med, _ = far_targets(ages.to_numpy(dtype=np.float64))
+    if far.size:
+        i = int(far[0])
+        raise CSVFormatError(f"{what} {csv_path}: row {i + 2} has age {df['age'].iloc[i]!r}, "
+                             f"more than {FAR_IQRS:g} interquartile ranges from the median "
+                             f"{med:g} ({far.size} such rows): fix or drop it")
     df["age"] = ages.astype(np.float32)
     unknown = sorted(set(df["split"].astype(str)) - set(SPLITS))
     if unknown:

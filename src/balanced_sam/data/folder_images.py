@@ -465,7 +465,7 @@ def _read_rows(path: str | os.PathLike[str], target: str, root: str | os.PathLik
                            path_col=path_col, source=csv.name)
     frame = frame.reset_index(drop=True)
     frame["_row"] = np.arange(len(frame))
-    frame, dropped = numeric_target(frame, target, dropna=dropna)
+    frame, dropped = numeric_target(frame, target, dropna=dropna, source=str(csv))
     rows = frame["_row"].to_numpy()
     if frame[col].isna().any():
         i = int(np.flatnonzero(frame[col].isna().to_numpy())[0])

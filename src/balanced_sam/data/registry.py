@@ -20,9 +20,12 @@ a method's rho for a dataset lives in that dataset's recipe (data modules name n
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import json
+import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -216,6 +219,10 @@ def load_data(data: Mapping[str, Any], *, bins: Mapping[str, Any] | None = None,
     dataset's; ``stored_bins``: the bins of a checkpoint (not recomputed); ``many`` / ``few``:
     region thresholds (else those of the stored bins, else 100 / 20).
     """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"data: expected a mapping with the dataset's name, got {data!r}")
+    if bins is not None:
+        check_bins_section(bins)
     options = dict(data)
     if "name" not in options:
         raise ConfigError("data.name is missing: name a dataset (" + ", ".join(REGISTRY) + ")")
@@ -236,6 +243,41 @@ def load_data(data: Mapping[str, Any], *, bins: Mapping[str, Any] | None = None,
                       loaded.val, loaded.test, loaded.bins, scaler,
                       balance_of(labels, loaded.bins), loaded.info,
                       fingerprint(loaded.info), loaded.recipe or entry.recipe, tables)
+
+
+#: a config's ``bins`` keys (``LabelBins.from_labels`` keywords) and what each takes
+BINS_KEYS: dict[str, str] = {
+    "bin_width": "number", "edges": "numbers", "lower": "number", "upper": "number",
+    "num_bins": "integer", "clamp": "bool", "share_weight_below": "integer",
+    "max_bins": "integer", "many": "number", "few": "number"}
+
+
+def check_bins_section(bins: Any, section: str = "bins") -> None:
+    """A config's ``bins`` section: known keys (a close one suggested) and a value of the
+    right kind for each (finite numbers; ``null`` leaves a key to the labels)."""
+    if not isinstance(bins, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of LabelBins options, got {bins!r}")
+    for key, value in bins.items():
+        if key not in BINS_KEYS:
+            close = difflib.get_close_matches(str(key), list(BINS_KEYS), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {section}{hint}; it takes: "
+                              f"{', '.join(BINS_KEYS)}")
+        if value is None:
+            continue
+        kind = BINS_KEYS[key]
+        ok = {"number": _finite, "integer": lambda v: isinstance(v, int)
+              and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+              "numbers": lambda v: isinstance(v, (list, tuple)) and all(map(_finite, v))}[kind]
+        if not ok(value):
+            want = {"number": "a finite number", "integer": "an integer", "bool": "true or false",
+                    "numbers": "a list of finite numbers"}[kind]
+            raise ConfigError(f"{section}.{key}: expected {want}, got {value!r} "
+                              f"({type(value).__name__})")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def fingerprint(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -272,17 +314,38 @@ def build_model(data: DataSplits | BenchData | None, spec: Mapping[str, Any] | N
     if name == "mlp":
         if tables is not None:
             spec.setdefault("in_features", int(tables.x_train.shape[1]))
-        return models.MLP(**spec)
+        return _construct(models.MLP, name, spec)
     if name == "small-cnn":
         if tables is not None:  # the images' size and channels, unless the spec says
             spec.setdefault("input_size", int(tables.x_train.shape[-1]))
             spec.setdefault("in_channels", int(tables.x_train.shape[1]))
-        return models.SmallCNN(**spec)
+        return _construct(models.SmallCNN, name, spec)
     if name in ("resnet18", "resnet34", "resnet50"):
-        return models.ResNetRegressor(arch=name, **spec)
+        return _construct(models.ResNetRegressor, name, spec, arch=name)
     if name.startswith("depth-") and name[6:] in ("resnet18", "resnet34", "resnet50"):
-        return models.DepthResNet(encoder=name[6:], **spec)
+        return _construct(models.DepthResNet, name, spec, encoder=name[6:])
     raise ConfigError(f"model.name {name!r} is not known; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def _construct(cls: type[nn.Module], name: str, spec: dict[str, Any], **fixed: Any) -> nn.Module:
+    """``cls(**fixed, **spec)``; a key the model does not take, or a value it refuses, is a
+    :class:`ConfigError` that names the ``model`` section."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    takes = [p for p in params if p not in fixed and params[p].kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for key in spec:
+            if key not in takes:
+                close = difflib.get_close_matches(str(key), takes, n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown key {key!r} in model ({name}){hint}; it takes: "
+                                  f"{', '.join(takes)}")
+    try:
+        return cls(**fixed, **spec)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model ({name}): {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- loaders
@@ -315,9 +378,24 @@ def _load_csv(**options: Any) -> BenchData:
     if path is None or target is None:
         raise ConfigError("the csv dataset needs a file and its target column (data.path and "
                           "data.target; on bsam bench: --csv FILE --target COL)")
+    import pandas as pd
+
+    _check_kind("data.path", path, "a file path", lambda v: isinstance(v, (str, os.PathLike,
+                                                                          pd.DataFrame)))
+    _check_kind("data.target", target, "a column name", lambda v: isinstance(v, str))
+    for key in ("features", "categorical"):
+        if options.get(key) is not None:
+            _check_kind(f"data.{key}", options[key], "a list of column names", lambda v: (
+                isinstance(v, str) or isinstance(v, (list, tuple))
+                and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in v)))
     if "split_seed" in options:
         options["seed"] = options.pop("split_seed")
     return load_table(path, target, **options)
+
+
+def _check_kind(key: str, value: Any, want: str, ok: Callable[[Any], bool]) -> None:
+    if not ok(value):
+        raise ConfigError(f"{key}: expected {want}, got {value!r} ({type(value).__name__})")
 
 
 def _rotated(kind: str) -> Callable[..., BenchData]:
@@ -529,8 +607,8 @@ for _entry in (
     DatasetEntry("csv", table_loader(_load_csv), TABLE_RECIPE, "",
                  "any CSV table (--csv FILE --target COL)",
                  options=("path", "target", *_TABLE_SPLIT, "dropna", "impute", "features",
-                          "categorical", "max_categories", "lower", "min_per_bin",
-                          "target_unit", "name")),
+                          "categorical", "max_categories", "max_features", "lower",
+                          "min_per_bin", "target_unit", "name")),
     DatasetEntry("images", _load_images, IMAGES_RECIPE, "",
                  "your own images: a CSV of image paths and a continuous target "
                  "(--images FILE --target COL)", "image", options=IMAGE_OPTIONS),

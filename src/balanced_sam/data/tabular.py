@@ -37,6 +37,7 @@ __all__ = [
     "bin_range",
     "default_bin_width",
     "dir_split",
+    "far_targets",
     "load_table",
     "subsample",
     "table_bins",
@@ -47,6 +48,11 @@ _NICE_STEPS = (1.0, 2.0, 2.5, 5.0, 10.0)
 _TAIL = 0.005
 #: with more bins than this many times max_bins, the range is cut at the quantiles (outliers)
 _STRETCH = 4
+#: a target farther than this many interquartile ranges from the median is refused
+#: (:func:`far_targets`); diamond prices reach 3.8, a log-normal tail of sigma 1 about 60 and
+#: one of sigma 2 (eight orders of magnitude) about 2,000 in 100,000 rows: only a value orders
+#: of magnitude off the scale of the rest trips it
+FAR_IQRS = 10_000.0
 
 
 # ---------------------------------------------------------------------------------- binning
@@ -145,6 +151,43 @@ def _split_bins(targets: np.ndarray, bin_width: float | None, edges: Any, lower:
     return bins.bin_index(targets).numpy()
 
 
+def far_targets(targets: Any, iqrs: float = FAR_IQRS) -> tuple[np.ndarray, float, float]:
+    """``(indices, median, scale)``: the targets farther than ``iqrs`` times ``scale`` from the
+    median, where ``scale`` is the interquartile range (the 1%-99% range when half the targets
+    share one value; no target is far when that is zero too).
+
+    One such value (a price of 1e12 among prices up to 1e4, a typo or a missing-value code)
+    makes the standardised target and equal-width bins meaningless: the standard deviation is
+    the outlier's, every ordinary target lands within a hair of the mean. The rule is robust:
+    the outlier itself moves neither the median nor the quartiles, and a genuinely long tail
+    stays far below the threshold (see :data:`FAR_IQRS`)."""
+    y = np.asarray(targets, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        return np.zeros(0, dtype=np.int64), math.nan, math.nan
+    q01, q1, med, q3, q99 = np.quantile(y, [0.01, 0.25, 0.5, 0.75, 0.99])
+    scale = float(q3 - q1) if q3 > q1 else float(q99 - q01)
+    if not scale > 0:
+        return np.zeros(0, dtype=np.int64), float(med), 0.0
+    far = np.flatnonzero(np.abs(y - med) > iqrs * scale)
+    return far.astype(np.int64), float(med), scale
+
+
+def _check_far_targets(y: np.ndarray, index: Any, target: str, source: str) -> None:
+    far, med, scale = far_targets(y)
+    if far.size == 0:
+        return
+    worst = int(far[np.argmax(np.abs(y[far] - med))])
+    label = index[worst]
+    where = (f"row {label} (line {int(label) + 2} of {source})" if source != "dataframe"
+             and isinstance(label, (int, np.integer)) else f"row {label!r}")
+    raise ValueError(
+        f"target column {target!r}: {where} holds {y[worst]:.6g}, "
+        f"{abs(y[worst] - med) / scale:.3g} interquartile ranges from the median {med:.6g} "
+        f"({far.size} value(s) beyond {FAR_IQRS:g} of them); a value that far off the scale "
+        "makes the bins and the standardised target meaningless: drop or fix that row (a typo, "
+        "a missing-value code?), or, for a tail that long, predict log(target)")
+
+
 # ---------------------------------------------------------------------------------- the split
 def dir_split(
     targets: Any,
@@ -230,6 +273,38 @@ def subsample(indices: Any, fraction: float, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- features
+#: the most input features the encoded table may have (numeric columns plus one-hot indicators)
+MAX_FEATURES = 10_000
+#: a text column whose values are at least this share numbers is "mostly numeric"
+_MOSTLY_NUMERIC = 0.5
+
+
+def _refuse_mixed(frame: pd.DataFrame, categorical: Sequence[Any]) -> None:
+    """A text column whose values are mostly numbers, with a few that are not (``"n/a"``,
+    ``"?"``, a typo), is an error naming the column and some of those values: one-hot encoding
+    it would make every distinct number a category, dropping it would lose the feature."""
+    for col in frame.columns:
+        s = frame[col]
+        if col in categorical or not _is_categorical_dtype(s) or pd.api.types.is_bool_dtype(
+                s.dtype) or isinstance(s.dtype, pd.CategoricalDtype):
+            continue
+        values = s.dropna()
+        if len(values) == 0:
+            continue
+        numbers = pd.to_numeric(values, errors="coerce").notna()
+        n_num = int(numbers.sum())
+        if n_num == len(values) or n_num < _MOSTLY_NUMERIC * len(values):
+            continue
+        bad = pd.unique(values[~numbers].astype(str))
+        raise ValueError(
+            f"column {col!r} is mostly numbers ({n_num} of {len(values)} values) but holds "
+            f"{len(values) - n_num} that are not, e.g. {bad[:5].tolist()}: fix them or leave "
+            "them blank (blanks can be filled with "
+            f"{spell('impute', 'median')}), leave the column out "
+            f"({spell('features', ['...'])}), or, if its values are codes, declare it "
+            f"categorical ({spell('categorical', [str(col)])})")
+
+
 def _is_categorical_dtype(s: pd.Series) -> bool:
     """Bool, object, string and category columns are categorical; numbers are numeric."""
     dt = s.dtype
@@ -248,11 +323,15 @@ class TablePreprocessor:
       ``categorical``): one 0/1 indicator per category seen in training, in sorted order. These are
       not standardised. A category unseen in training, or a missing value, gives all zeros.
       Columns with more than ``max_categories`` categories are refused (likely an ID or free text).
+    * A text column that is mostly numbers with a few strings (``"n/a"``, ``"?"``) is an error
+      naming the column and some of those strings, unless it is named in ``categorical``.
+    * More than ``max_features`` encoded features in all is an error naming the widest columns.
 
     Args:
         categorical: columns to treat as categorical even if numeric (e.g. integer codes).
         impute: ``None`` (missing numeric values are an error) or ``"median"``.
         max_categories: the most categories one column may have.
+        max_features: the most encoded features (numeric columns plus one-hot indicators).
     """
 
     def __init__(
@@ -260,9 +339,14 @@ class TablePreprocessor:
         categorical: Sequence[str] | None = None,
         impute: str | None = None,
         max_categories: int = 200,
+        max_features: int = MAX_FEATURES,
     ) -> None:
         if impute not in (None, "median"):
             raise ValueError(f"impute must be None or 'median', got {impute!r}")
+        for key, v in (("max_categories", max_categories), ("max_features", max_features)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        self.max_features = int(max_features)
         if isinstance(categorical, str):
             categorical = [categorical]
         self.categorical_names: list[str] = list(categorical or [])
@@ -292,6 +376,7 @@ class TablePreprocessor:
         if unknown:
             raise ValueError(f"categorical names column(s) {unknown} that are not features; "
                              f"features are {list(frame.columns)}")
+        _refuse_mixed(frame, self.categorical_names)
         self.columns_ = list(frame.columns)
         self.numeric_, self.categorical_ = [], []
         self.mean_, self.std_, self.median_, self.categories_ = {}, {}, {}, {}
@@ -329,7 +414,22 @@ class TablePreprocessor:
                 self.mean_[col] = float(x.mean())
                 self.std_[col] = std if std > 0 and math.isfinite(std) else 1.0
                 self.median_[col] = med
+        self._check_width()
         return self
+
+    def _check_width(self) -> None:
+        width = self.num_features
+        if width <= self.max_features:
+            return
+        widest = sorted(self.categorical_, key=lambda c: -len(self.categories_[c]))[:3]
+        shown = ", ".join(f"{c!r} ({len(self.categories_[c])})" for c in widest)
+        raise ValueError(
+            f"the table would be encoded into {width} features ({len(self.numeric_)} numeric, "
+            f"{width - len(self.numeric_)} one-hot indicators of {len(self.categorical_)} "
+            f"categorical columns; the widest: {shown}), more than "
+            f"max_features={self.max_features}: leave wide columns out "
+            f"({spell('features', ['...'])}) or raise the limit "
+            f"({spell('max_features', width)})")
 
     @property
     def feature_names(self) -> list[str]:
@@ -388,17 +488,30 @@ def _read_frame(source: Any) -> tuple[pd.DataFrame, str]:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"csv_path_or_dataframe: no such file: {path!r}")
+        with open(path, "rb") as f:
+            if b"\0" in f.read(1 << 16):
+                raise ValueError(f"{path} is a binary file (it holds NUL bytes), not a CSV text "
+                                 "table")
         try:
             frame = pd.read_csv(path)
         except pd.errors.EmptyDataError as exc:
             raise ValueError(f"csv_path_or_dataframe: {path!r} is empty") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not a UTF-8 text table ({exc.reason} at byte "
+                             f"{exc.start} of a block): give a CSV file saved as UTF-8 (a "
+                             "binary file, or one in another encoding, cannot be read)") from None
+        except pd.errors.ParserError as exc:
+            raise ValueError(f"{path} is not a readable CSV table: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
         return frame, path
     raise TypeError("csv_path_or_dataframe must be a CSV path or a pandas DataFrame, got "
                     f"{type(source).__name__}")
 
 
-def _numeric_target(frame: pd.DataFrame, target: str, dropna: bool) -> tuple[pd.DataFrame, int]:
-    """The rows with a usable target, and how many were dropped for a missing one."""
+def _numeric_target(frame: pd.DataFrame, target: str, dropna: bool,
+                    source: str = "dataframe") -> tuple[pd.DataFrame, int]:
+    """The rows with a usable target, and how many were dropped for a missing one; a target
+    orders of magnitude off the others' scale is refused (:func:`far_targets`)."""
     raw = frame[target]
     if pd.api.types.is_bool_dtype(raw.dtype):
         raise ValueError(f"target column {target!r} is boolean; a regression target must be a "
@@ -421,6 +534,7 @@ def _numeric_target(frame: pd.DataFrame, target: str, dropna: bool) -> tuple[pd.
                              "rows")
         frame = frame.loc[~nan]
         y = y.loc[~nan]
+    _check_far_targets(y.to_numpy(), frame.index, target, source)
     frame = frame.copy()
     frame[target] = y
     return frame.reset_index(drop=True), int(nan.sum())
@@ -432,7 +546,7 @@ def load_table(
     features: Sequence[str] | None = None, categorical: Sequence[str] | None = None,
     name: str | None = None, *, dropna: bool = False, impute: str | None = None,
     lower: float | None = None, min_per_bin: int = 3, target_unit: str = "",
-    max_categories: int = 200,
+    max_categories: int = 200, max_features: int = MAX_FEATURES,
 ) -> BenchData:
     """Read a table and build a DIR benchmark from it (``bsam bench --csv FILE --target COL``).
 
@@ -455,6 +569,7 @@ def load_table(
         min_per_bin: see :func:`dir_split`.
         target_unit: unit of the target for tables and plots (e.g. ``"$"``).
         max_categories: the most categories a categorical column may have.
+        max_features: the most encoded input features (see :class:`TablePreprocessor`).
 
     The returned ``BenchData.bins`` is ``{"bin_width", "lower", "upper"}`` covering every row
     (plus ``"clamp": True`` when outliers were left beyond the default bins, see
@@ -465,7 +580,7 @@ def load_table(
     """
     frame, source = _read_frame(csv_path_or_dataframe)
     feats, categorical = _feature_columns(frame, target, features, categorical)
-    frame, n_dropped = _numeric_target(frame, target, dropna)
+    frame, n_dropped = _numeric_target(frame, target, dropna, source)
     if len(frame) == 0:
         raise ValueError(f"no rows left: every value of target column {target!r} is missing")
     # Bin the float32 targets the model and the training loop will see, so that the bins the
@@ -478,8 +593,9 @@ def load_table(
                                               min_per_bin, train_fraction)
 
     x_frame = frame[feats]
+    _refuse_mixed(x_frame, categorical or [])  # every row's values, not only the training rows'
     pre = TablePreprocessor(categorical=categorical, impute=impute,
-                            max_categories=max_categories)
+                            max_categories=max_categories, max_features=max_features)
     pre.fit(x_frame.iloc[train])
 
     def take(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,11 +711,13 @@ def _frame_digest(source: Any) -> str:
     return file_digest(source)
 
 
-def numeric_target(frame: pd.DataFrame, target: str, *, dropna: bool = False
-                   ) -> tuple[pd.DataFrame, int]:
+def numeric_target(frame: pd.DataFrame, target: str, *, dropna: bool = False,
+                   source: str = "dataframe") -> tuple[pd.DataFrame, int]:
     """``(rows, dropped)``: the rows of ``frame`` whose ``target`` is a usable number (the
     column converted to float64, the index reset) and how many were dropped for a missing one
     (``dropna``). The checks and messages of :func:`load_table` (``--csv``): a boolean or
-    text target, infinite values and, without ``dropna``, missing ones are errors naming the
-    column; other loaders of a CSV with a target (the ``images`` dataset) share them."""
-    return _numeric_target(frame, target, dropna)
+    text target, infinite values, a value orders of magnitude off the others' scale
+    (:func:`far_targets`; ``source`` names the file in that message) and, without ``dropna``,
+    missing ones are errors naming the column; other loaders of a CSV with a target (the
+    ``images`` dataset) share them."""
+    return _numeric_target(frame, target, dropna, source)
