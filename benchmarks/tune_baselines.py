@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from balanced_sam.baselines.plugins import PLUGINS
-from balanced_sam.bench import run_bench
+from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.data.registry import get_entry
 
 #: the weight of each regulariser, and which options it sets (rnc: its linear head's lr, as a
@@ -33,16 +33,20 @@ WEIGHTS = {"ranksim": ("gamma",), "conr": ("beta",), "ordinal-entropy": ("lambda
 def val_mae(dataset: str, method: str, options: dict, seeds: list[int], epochs: int | None,
             out: Path, data_root: str | None = None, jobs: int = 1) -> float:
     shutil.rmtree(out, ignore_errors=True)
+    plugins = {"plugins": {method: options}} if options else {}
     try:
-        res = run_bench(dataset, methods=[method], seeds=seeds, epochs=epochs, plots=False,
-                        data_root=data_root, jobs=jobs,
-                        overrides={"device": "cpu", **({"plugins": {method: options}}
-                                                         if options else {})}, out=out,
+        res = run_bench(BenchConfig(dataset=dataset, methods=[method], seeds=seeds, epochs=epochs,
+                                    plots=False, data_root=data_root, jobs=jobs,
+                                    overrides={"device": "cpu", **plugins}, out=out),
                         log=lambda s: None)
-    except ValueError as exc:  # a diverged run (NaN predictions)
+    except ValueError as exc:  # a setting the method refuses
         print(f"    {method} {options}: {exc}", flush=True)
         return math.inf
     runs = res["methods"][method]["runs"]
+    gone = [r for r in runs if r.get("failure")]
+    if gone:  # the bench marks a diverged run (NaN predictions) and goes on
+        print(f"    {method} {options}: {gone[0]['diverged_reason']}", flush=True)
+        return math.inf
     return sum(r["val"]["all"]["mae"] for r in runs) / len(runs)
 
 

@@ -15,7 +15,7 @@ import argparse
 import itertools
 from pathlib import Path
 
-from balanced_sam.bench import run_bench
+from balanced_sam.bench import BenchConfig, run_bench
 
 
 def val_mae(results: dict, method: str, rho: float | None = None) -> float:
@@ -47,9 +47,10 @@ def main() -> None:
                                              [int(v) for v in args.epochs.split(",")]):
             if opt == "adam":
                 lr = lr / 50  # Adam's scale: 4e-4 .. 2e-3 for the same grid
-            res = run_bench("diamonds", methods=["vanilla", "sqinv"], seeds=seeds, epochs=ep,
-                            overrides={"lr": lr, "optimizer": opt}, plots=False,
-                            out=out / f"s1-{opt}-lr{lr:g}-ep{ep}", log=lambda s: None)
+            res = run_bench(BenchConfig(dataset="diamonds", methods=["vanilla", "sqinv"],
+                                        seeds=seeds, epochs=ep,
+                                        overrides={"lr": lr, "optimizer": opt}, plots=False,
+                                        out=out / f"s1-{opt}-lr{lr:g}-ep{ep}"), log=lambda s: None)
             v, s = val_mae(res, "vanilla"), val_mae(res, "sqinv")
             scores[(opt, lr, ep)] = (v + s) / 2
             print(f"  {opt:<5} lr {lr:<8g} epochs {ep:<4} vanilla {v:8.1f}  sqinv {s:8.1f}",
@@ -60,9 +61,10 @@ def main() -> None:
         opt, lr, ep = best
         rhos = [float(v) for v in args.rhos.split(",")]
         print(f"stage 2: val MAE against rho at {opt} lr {lr:g}, {ep} epochs")
-        res = run_bench("diamonds", methods=["sam", "imbsam", "bsam"], seeds=seeds, epochs=ep,
-                        rho=rhos, overrides={"lr": lr, "optimizer": opt}, plots=False,
-                        out=out / f"s2-{opt}-lr{lr:g}-ep{ep}", log=lambda s: None)
+        res = run_bench(BenchConfig(dataset="diamonds", methods=["sam", "imbsam", "bsam"],
+                                    seeds=seeds, epochs=ep, rho=rhos,
+                                    overrides={"lr": lr, "optimizer": opt}, plots=False,
+                                    out=out / f"s2-{opt}-lr{lr:g}-ep{ep}"), log=lambda s: None)
         for m in ("sam", "imbsam", "bsam"):
             cells = "  ".join(f"rho {r:g}: {val_mae(res, m, r):7.1f}" for r in rhos)
             print(f"  {m:<7} {cells}", flush=True)

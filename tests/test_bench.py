@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from balanced_sam.bench import (
+    BenchConfig,
     BenchInterrupted,
     bench_defaults,
     bench_table,
@@ -58,8 +59,8 @@ def serial(table, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("serial") / "b"
     logs: list[str] = []
-    res = run_bench(None, csv_path=str(table), methods=["sqinv", "bsam", "sam"], seeds=[0, 1, 2],
-                    out=out, jobs=1, log=logs.append, **TABLE)
+    res = run_bench(BenchConfig(csv_path=str(table), methods=["sqinv", "bsam", "sam"],
+                                seeds=[0, 1, 2], out=out, jobs=1, **TABLE), log=logs.append)
     return res, out, "\n".join(logs)
 
 
@@ -71,9 +72,9 @@ def _per_run(results):
 # ---------------------------------------------------------------------------- parallel runs
 def test_jobs_2_gives_the_same_per_run_figures_as_jobs_1(serial, table, tmp_path, capsys):
     ser, _, _ = serial
-    par = run_bench(None, csv_path=str(table), methods=["sqinv", "bsam", "sam"],
-                    seeds=[0, 1, 2], out=tmp_path / "p", jobs=2, plots=False,
-                    log=lambda s: None, **TABLE)
+    par = run_bench(BenchConfig(csv_path=str(table), methods=["sqinv", "bsam", "sam"],
+                                seeds=[0, 1, 2], out=tmp_path / "p", jobs=2, plots=False, **TABLE),
+                                log=lambda s: None)
     assert par["parallel"] == {"jobs": 2, "threads_per_run": 1, "start_method": "spawn"}
     assert ser["parallel"]["start_method"] == "in-process"
     # bit-identical: every metric of every run, validation and test, and the best epoch
@@ -92,8 +93,8 @@ def test_jobs_2_gives_the_same_per_run_figures_as_jobs_1(serial, table, tmp_path
 def test_initial_weights_depend_on_the_seed_alone(serial, table, tmp_path):
     # one run alone (nothing before it in the queue) gives the same figures as inside the bench
     ser, _, _ = serial
-    alone = run_bench(None, csv_path=str(table), methods=["bsam"], seeds=[2],
-                      out=tmp_path / "one", plots=False, log=lambda s: None, **TABLE)
+    alone = run_bench(BenchConfig(csv_path=str(table), methods=["bsam"], seeds=[2],
+                                  out=tmp_path / "one", plots=False, **TABLE), log=lambda s: None)
     assert _per_run(alone)[("bsam", 2, 0.05)] == _per_run(ser)[("bsam", 2, 0.05)]
 
 
@@ -150,9 +151,9 @@ def test_ctrl_c_stops_the_workers(monkeypatch):
 
 
 def test_an_interrupted_bench_says_how_to_resume_and_resumes(table, tmp_path, monkeypatch):
-    from balanced_sam import bench
+    from balanced_sam.bench import run as bench_run
 
-    real = bench._train_task
+    real = bench_run.train_task
     calls = []
 
     def flaky(ctx, task, device):
@@ -161,13 +162,13 @@ def test_an_interrupted_bench_says_how_to_resume_and_resumes(table, tmp_path, mo
             raise KeyboardInterrupt
         return real(ctx, task, device)
 
-    monkeypatch.setattr(bench, "_train_task", flaky)
+    monkeypatch.setattr(bench_run, "train_task", flaky)
     kw = dict(csv_path=str(table), methods=["sqinv", "bsam"], seeds=[0], out=tmp_path / "b",
               plots=False, **TABLE)
     with pytest.raises(BenchInterrupted, match=r"1 of 2 runs finished.*--out .*b"):
-        run_bench(None, log=lambda s: None, **kw)
+        run_bench(BenchConfig(**kw), log=lambda s: None)
     logs = []
-    res = run_bench(None, log=logs.append, **kw)
+    res = run_bench(BenchConfig(**kw), log=logs.append)
     assert any("sqinv-seed0: done earlier, read back" in s for s in logs)
     assert calls == ["sqinv-seed0", "bsam-rho0.05-seed0", "bsam-rho0.05-seed0"]
     assert set(res["methods"]) == {"sqinv", "bsam"}
@@ -208,8 +209,8 @@ def test_results_hold_the_paired_comparisons(serial):
 def test_a_baseline_outside_the_methods_is_refused_before_training(table, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"baseline 'sam' is not among the methods \(sqinv, "
                                          r"bsam\): add it to methods="):
-        run_bench(None, csv_path=str(table), methods=["sqinv", "bsam"], baseline="sam",
-                  out=tmp_path / "x", **TABLE)
+        run_bench(BenchConfig(csv_path=str(table), methods=["sqinv", "bsam"], baseline="sam",
+                              out=tmp_path / "x", **TABLE))
     assert not (tmp_path / "x").exists()  # nothing read or trained
     assert main(["bench", "--csv", str(table), "--target", "target", "--methods",
                  "sqinv,bsam", "--baseline", "sam", "--out", str(tmp_path / "y")]) == 2
@@ -217,8 +218,8 @@ def test_a_baseline_outside_the_methods_is_refused_before_training(table, tmp_pa
     assert "add it to --methods" in err and "--baseline M" in err
     # no default baseline among the methods: no comparisons, and the bench says so
     logs = []
-    res = run_bench(None, csv_path=str(table), methods=["vanilla", "bsam"], seeds=[0],
-                    out=tmp_path / "z", plots=False, log=logs.append, **TABLE)
+    res = run_bench(BenchConfig(csv_path=str(table), methods=["vanilla", "bsam"], seeds=[0],
+                                out=tmp_path / "z", plots=False, **TABLE), log=logs.append)
     assert res["comparisons"] == {} and res["comparisons_info"]["baseline"] is None
     assert any("no paired comparisons: the default baseline sqinv is not among" in s
                for s in logs)
@@ -377,8 +378,8 @@ def test_the_bench_records_skipped_steps_and_flags_those_runs(tmp_path, monkeypa
                     model={"name": "mlp", "hidden": [8]})
     monkeypatch.setitem(REGISTRY, "nan-rows", DatasetEntry("nan-rows", table_loader(_nan_loader),
                                                            recipe, "", "one poisoned row"))
-    res = run_bench("nan-rows", methods=["sqinv", "bsam"], seeds=[0], out=tmp_path / "n",
-                    plots=False, log=lambda s: None)
+    res = run_bench(BenchConfig(dataset="nan-rows", methods=["sqinv", "bsam"], seeds=[0],
+                                out=tmp_path / "n", plots=False), log=lambda s: None)
     for name in ("sqinv", "bsam"):
         run = res["methods"][name]["runs"][0]
         assert run["skipped_steps"] == 2  # one poisoned batch per epoch, 2 epochs
@@ -398,40 +399,40 @@ def _label(name: str) -> str:
 def test_a_folder_of_an_older_bench_is_still_the_same_bench(table, tmp_path):
     kw = dict(csv_path=str(table), methods=["sqinv"], seeds=[0], out=tmp_path / "b",
               plots=False, **TABLE)
-    run_bench(None, log=lambda s: None, **kw)
+    run_bench(BenchConfig(**kw), log=lambda s: None)
     path = tmp_path / "b" / "bench_config.json"
     cfg = json.loads(path.read_text())
     for key in ("interval", "max_grad_norm"):  # written before these options existed
         del cfg["train"][key]
     path.write_text(json.dumps(cfg))
     logs = []
-    run_bench(None, log=logs.append, **kw)
+    run_bench(BenchConfig(**kw), log=logs.append)
     assert any("read back" in s for s in logs)
     with pytest.raises(FileExistsError, match="another configuration"):
-        run_bench(None, log=lambda s: None, overrides={"max_grad_norm": 1.0}, **kw)
+        run_bench(BenchConfig(overrides={"max_grad_norm": 1.0}, **kw), log=lambda s: None)
 
 
 def test_a_bench_may_add_methods_and_seeds_to_a_folder_and_reads_the_common_runs_back(
         table, tmp_path):
     kw = dict(csv_path=str(table), out=tmp_path / "b", plots=False, **TABLE)
-    first = run_bench(None, methods=["sqinv", "bsam"], seeds=[0], log=lambda s: None, **kw)
+    first = run_bench(BenchConfig(methods=["sqinv", "bsam"], seeds=[0], **kw), log=lambda s: None)
     logs: list[str] = []
-    more = run_bench(None, methods=["sqinv", "bsam", "vanilla"], seeds=[0, 1], log=logs.append,
-                     **kw)
+    more = run_bench(BenchConfig(methods=["sqinv", "bsam", "vanilla"], seeds=[0, 1], **kw),
+                                 log=logs.append)
     assert sum("read back" in s for s in logs) == 2  # sqinv-seed0, bsam-rho0.05-seed0
     assert more["methods"]["bsam"]["runs"][0]["test"] == first["methods"]["bsam"]["runs"][0]["test"]
     assert [r["seed"] for r in more["methods"]["vanilla"]["runs"]] == [0, 1]
     # the earlier, smaller bench still runs from the same folder, training nothing
     logs = []
-    run_bench(None, methods=["sqinv", "bsam"], seeds=[0], log=logs.append, **kw)
+    run_bench(BenchConfig(methods=["sqinv", "bsam"], seeds=[0], **kw), log=logs.append)
     assert sum("read back" in s for s in logs) == 2
     # a method's rho is part of the setting: another one is refused, as is another recipe
     with pytest.raises(FileExistsError, match="another configuration"):
-        run_bench(None, methods=["bsam"], seeds=[0], log=lambda s: None,
-                  **{**kw, "rho": 0.2})
+        run_bench(BenchConfig(methods=["bsam"], seeds=[0], **{**kw, "rho": 0.2}),
+                              log=lambda s: None)
     with pytest.raises(FileExistsError, match="another configuration"):
-        run_bench(None, methods=["sqinv"], seeds=[0], log=lambda s: None,
-                  overrides={"weight_decay": 0.0}, **kw)
+        run_bench(BenchConfig(methods=["sqinv"], seeds=[0], overrides={"weight_decay": 0.0}, **kw),
+                              log=lambda s: None)
 
 
 def test_an_interval_variant_takes_its_base_methods_rho_from_the_recipe(tiny_default, tmp_path):
@@ -440,8 +441,8 @@ def test_an_interval_variant_takes_its_base_methods_rho_from_the_recipe(tiny_def
     recipe = registry.Recipe(train={"epochs": 1, "batch_size": 64, "rho": 0.3},
                              rho_by_method={"bsam": 0.07}, model={"name": "mlp", "hidden": [8]})
     registry.REGISTRY["tiny-default"] = dataclasses.replace(tiny_default, recipe=recipe)
-    res = run_bench(methods=["sqinv", "bsam", "bsam-i3", "sam-i3"], seeds=[0],
-                    out=tmp_path / "r", plots=False, log=lambda s: None)
+    res = run_bench(BenchConfig(methods=["sqinv", "bsam", "bsam-i3", "sam-i3"], seeds=[0],
+                                out=tmp_path / "r", plots=False), log=lambda s: None)
     assert res["config"]["rho_by_method"] == {"bsam": 0.07, "bsam-i3": 0.07, "sam-i3": 0.3}
     data = registry.load_data({"name": "tiny-default"})
     assert train_config(data, {"method": "bsam-i3"}).rho == 0.07
@@ -497,12 +498,12 @@ def tiny_default(monkeypatch):
 
 
 def test_bench_without_a_dataset_runs_the_registry_default(tiny_default, tmp_path, capsys):
-    res = run_bench(out=tmp_path / "d", plots=False, log=lambda s: None)
+    res = run_bench(BenchConfig(out=tmp_path / "d", plots=False), log=lambda s: None)
     assert res["dataset"] == "tiny-default"
     assert list(res["methods"]) == ["sqinv", "bsam"]  # the recipe's bench methods and seeds
     assert [r["seed"] for r in res["methods"]["bsam"]["runs"]] == [0, 1]
     assert res["split"]["train"] + res["split"]["val"] + res["split"]["test"] == 400
-    quick = run_bench(out=tmp_path / "q", quick=True, plots=False, log=lambda s: None)
+    quick = run_bench(BenchConfig(out=tmp_path / "q", quick=True, plots=False), log=lambda s: None)
     assert [r["seed"] for r in quick["methods"]["bsam"]["runs"]] == [0]
     assert quick["split"]["train"] + quick["split"]["val"] + quick["split"]["test"] == 200
     assert bench_defaults(quick=True)["data"] == {"n": 200}

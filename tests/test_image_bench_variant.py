@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from _vision_fixtures import make_mnist_folder
 
-from balanced_sam.bench import run_bench
+from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.data import registry, rotated_mnist
 
 SMALL = {"n_train": 60, "val_per_bin": 1, "test_per_bin": 2, "bin_width": 20.0}
@@ -62,7 +62,7 @@ def test_the_recipe_carries_the_variant_and_the_model_follows_the_data(mini: Pat
     assert told.train[0].shape[-2:] == (14, 14) and told.make_model()(told.val[0]).ndim == 1
     assert told.fingerprint["digest"] != data.fingerprint["digest"]
     # the bench runs it: the recipe's methods and seeds
-    res = run_bench("rotated-fashion-mnist", data_root=str(mini), out=tmp_path / "b",
-                    plots=False, log=lambda s: None)
+    res = run_bench(BenchConfig(dataset="rotated-fashion-mnist", data_root=str(mini),
+                                out=tmp_path / "b", plots=False), log=lambda s: None)
     assert list(res["methods"]) == ["sqinv", "bsam"] and len(res["methods"]["bsam"]["runs"]) == 1
     assert res["config"]["model"] == "small-cnn(channels=[4], hidden=8)"

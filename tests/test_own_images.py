@@ -14,15 +14,14 @@ import torch
 from PIL import Image
 
 from balanced_sam.cli import main
-from balanced_sam.data import folder_images
+from balanced_sam.data import folder_recipe
 from balanced_sam.data.folder_images import (
-    FINETUNE_TRAIN,
-    SCRATCH_TRAIN,
     UnreadableImagesError,
     build_splits,
     default_img_size,
     read_rgb,
 )
+from balanced_sam.data.folder_recipe import FINETUNE_TRAIN, SCRATCH_TRAIN
 from balanced_sam.data.images import CSVFormatError, MissingImagesError
 from balanced_sam.data.registry import load_data
 from balanced_sam.data.tabular import load_table
@@ -298,4 +297,4 @@ def test_pretrained_errors(folder: Path, tmp_path: Path, monkeypatch: pytest.Mon
     rc, _, err = _cli(capsys, *base, "--pretrained", "imagenet")
     assert rc == 2 and "not in torchvision's cache" in err and "--allow-download" in err
     with pytest.raises(FileNotFoundError):
-        folder_images.resolve_pretrained("imagenet")
+        folder_recipe.resolve_pretrained("imagenet")

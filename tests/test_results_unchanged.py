@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from balanced_sam.bench import run_bench
+from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
 
 REL = 1e-5
@@ -58,9 +58,9 @@ def table(tmp_path_factory):
 
 
 def test_short_bench_gives_the_same_metrics(table, tmp_path):
-    res = run_bench(None, csv_path=str(table), target="target", methods=["sqinv", "bsam"],
-                    seeds=[0], epochs=3, rho=0.05, bin_width=10, cap=20, out=tmp_path / "b",
-                    plots=False, log=lambda s: None)
+    res = run_bench(BenchConfig(csv_path=str(table), target="target", methods=["sqinv", "bsam"],
+                                seeds=[0], epochs=3, rho=0.05, bin_width=10, cap=20,
+                                out=tmp_path / "b", plots=False), log=lambda s: None)
     assert res["config"]["train"]["balance"] == "bin"  # recorded, as before
     for method, regions in BENCH.items():
         test = res["methods"][method]["runs"][0]["test"]

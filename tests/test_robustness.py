@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from balanced_sam.bench import run_bench
+from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
 from balanced_sam.experiment import run_training
 
@@ -49,17 +49,17 @@ def test_bench_trains_again_the_runs_whose_data_changed(tmp_path):
     csv = table(tmp_path / "t.csv")
     kw = dict(csv_path=str(csv), target="y", methods=["sqinv"], seeds=[0], epochs=2,
               bin_width=10, cap=20, plots=False)
-    first = run_bench(None, out=tmp_path / "b", log=lambda s: None, **kw)
+    first = run_bench(BenchConfig(out=tmp_path / "b", **kw), log=lambda s: None)
     table(csv, shift=3.0)  # same shape, other feature values
     logs = []
-    again = run_bench(None, out=tmp_path / "b", log=logs.append, **kw)
-    fresh = run_bench(None, out=tmp_path / "fresh", log=lambda s: None, **kw)
+    again = run_bench(BenchConfig(out=tmp_path / "b", **kw), log=logs.append)
+    fresh = run_bench(BenchConfig(out=tmp_path / "fresh", **kw), log=lambda s: None)
     assert any("data changed" in s and "training it again" in s for s in logs)
     assert again["fingerprint"]["digest"] != first["fingerprint"]["digest"]
     mae = [r["methods"]["sqinv"]["runs"][0]["test"]["all"]["mae"] for r in (again, fresh)]
     assert mae[0] == mae[1]  # before: the stale run was read back
     logs = []
-    run_bench(None, out=tmp_path / "b", log=logs.append, **kw)
+    run_bench(BenchConfig(out=tmp_path / "b", **kw), log=logs.append)
     assert any("read back" in s for s in logs)  # same data again: reused
 
 
@@ -87,8 +87,8 @@ def test_an_outlier_no_longer_collapses_the_default_bins(tmp_path):
     # 2e4, about 1,800 interquartile ranges out, still stretches the default bins 200-fold)
     csv = table(tmp_path / "t.csv", n=600, outlier=2e4)
     logs = []
-    res = run_bench(None, csv_path=str(csv), target="y", methods=["sqinv"], seeds=[0],
-                    epochs=2, out=tmp_path / "b", plots=False, log=logs.append)
+    res = run_bench(BenchConfig(csv_path=str(csv), target="y", methods=["sqinv"], seeds=[0],
+                                epochs=2, out=tmp_path / "b", plots=False), log=logs.append)
     counts = np.array(res["bins"]["counts"])
     assert (counts > 0).mean() > 0.5  # before: 99 of 101 bins empty
     assert res["config"]["bins"].get("clamp") is True
@@ -100,9 +100,9 @@ def test_an_outlier_no_longer_collapses_the_default_bins(tmp_path):
                                            (1000.0, "a single label bin")])
 def test_bench_warns_about_useless_bins(tmp_path, width, warning):
     logs = []
-    res = run_bench(None, csv_path=str(table(tmp_path / "t.csv")), target="y",
-                    methods=["vanilla"], seeds=[0], epochs=1, bin_width=width, cap=20,
-                    out=tmp_path / "b", plots=False, log=logs.append)
+    res = run_bench(BenchConfig(csv_path=str(table(tmp_path / "t.csv")), target="y",
+                                methods=["vanilla"], seeds=[0], epochs=1, bin_width=width, cap=20,
+                                out=tmp_path / "b", plots=False), log=logs.append)
     assert any(warning in w for w in res["warnings"])
     assert any(s.startswith("warning:") and warning in s for s in logs)
 
@@ -112,9 +112,9 @@ def test_bench_warns_about_useless_bins(tmp_path, width, warning):
 def test_bmae_balances_the_same_way_in_train_eval_and_bench(tmp_path, capsys, integer,
                                                              balance):
     csv = table(tmp_path / "t.csv", integer=integer)
-    bench = run_bench(None, csv_path=str(csv), target="y", methods=["bsam"], seeds=[0],
-                      epochs=2, bin_width=1 if integer else 10, cap=20, out=tmp_path / "b",
-                      plots=False, log=lambda s: None)
+    bench = run_bench(BenchConfig(csv_path=str(csv), target="y", methods=["bsam"], seeds=[0],
+                                  epochs=2, bin_width=1 if integer else 10, cap=20,
+                                  out=tmp_path / "b", plots=False), log=lambda s: None)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"data: {{name: csv, path: {csv}, target: y, bin_width: "
                    f"{1 if integer else 10}, cap: 20}}\ntrain: {{method: bsam, epochs: 2, "
@@ -134,10 +134,9 @@ def test_bmae_balances_the_same_way_in_train_eval_and_bench(tmp_path, capsys, in
 def test_overwrite_clears_the_old_runs_outputs_first(tmp_path):
     csv = table(tmp_path / "t.csv")
     out = tmp_path / "run"
-    out.mkdir()
-    for name in ("result.json", "best.pt", "last.pt", "log.csv"):
-        (out / name).write_text("old")
-    (out / "tb").mkdir()
+    spec = {"data": {"name": "csv", "path": str(csv), "target": "y", "bin_width": 10,
+                     "cap": 20}, "train": {"epochs": 1, "batch_size": 64, "progress": False}}
+    run_training(spec, out=out, log=lambda s: None)  # an earlier run: the folder is ours
     (out / "notes.txt").write_text("mine")
 
     class Kill:
@@ -147,13 +146,13 @@ def test_overwrite_clears_the_old_runs_outputs_first(tmp_path):
         def close(self):
             pass
 
-    spec = {"data": {"name": "csv", "path": str(csv), "target": "y", "bin_width": 10,
-                     "cap": 20}, "train": {"epochs": 3, "batch_size": 64, "progress": False}}
+    spec["train"]["epochs"] = 3
     with pytest.raises(KeyboardInterrupt):
         run_training(spec, out=out, overwrite=True, loggers=[Kill()], log=lambda s: None)
-    assert not (out / "result.json").exists() and not (out / "tb").exists()
+    assert not (out / "result.json").exists()
     assert (out / "notes.txt").read_text() == "mine"  # not ours: kept
-    assert (out / "log.csv").read_text() != "old" and not (out / ".lock").exists()
+    assert len((out / "log.csv").read_text().splitlines()) == 1 + 1  # the new run's epoch 0
+    assert not (out / ".lock").exists()
 
 
 def test_a_second_run_on_a_folder_is_refused(tmp_path, capsys):
@@ -243,7 +242,7 @@ def test_a_repeated_seed_is_refused(tmp_path, capsys):
         main(["bench", "--seeds", "0,0"])
     assert e.value.code == 2 and "repeated" in capsys.readouterr().err
     with pytest.raises(ValueError, match="repeats seed"):
-        run_bench(None, csv_path="x.csv", target="y", seeds=[1, 0, 1])
+        run_bench(BenchConfig(csv_path="x.csv", target="y", seeds=[1, 0, 1]))
 
 
 def test_a_missing_extra_gives_the_install_hint(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from balanced_sam import LabelBins
-from balanced_sam.bench import run_bench
+from balanced_sam.bench import BenchConfig, run_bench
 from balanced_sam.cli import main
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.methods import METHODS, build_stepper, get_method
@@ -198,9 +198,9 @@ def test_bench_results_schema_and_resume(tmp_path):
     write_csv(csv)
     out = tmp_path / "bench"
     logs = []
-    res = run_bench(None, csv_path=str(csv), target="target", methods=["vanilla", "bsam"],
-                    seeds=[0, 1], epochs=2, rho=[0.05, 0.2], bin_width=10, cap=20,
-                    out=out, log=logs.append)
+    res = run_bench(BenchConfig(csv_path=str(csv), target="target", methods=["vanilla", "bsam"],
+                                seeds=[0, 1], epochs=2, rho=[0.05, 0.2], bin_width=10, cap=20,
+                                out=out), log=logs.append)
     on_disk = json.loads((out / "results.json").read_text())
     assert set(on_disk) >= {"dataset", "config", "split", "methods", "bins"}
     sp = on_disk["split"]
@@ -226,14 +226,14 @@ def test_bench_results_schema_and_resume(tmp_path):
     assert "| bsam (rho" in table and "| vanilla |" in table
     # a second run with the same --out reads the finished runs back: same numbers
     logs2 = []
-    again = run_bench(None, csv_path=str(csv), target="target", methods=["vanilla", "bsam"],
-                      seeds=[0, 1], epochs=2, rho=[0.05, 0.2], bin_width=10, cap=20, out=out,
-                      log=logs2.append, plots=False)
+    again = run_bench(BenchConfig(csv_path=str(csv), target="target", methods=["vanilla", "bsam"],
+                                  seeds=[0, 1], epochs=2, rho=[0.05, 0.2], bin_width=10, cap=20,
+                                  out=out, plots=False), log=logs2.append)
     assert sum("read back" in s for s in logs2) == 6
     assert again["methods"]["bsam"]["mean"] == res["methods"]["bsam"]["mean"]
     with pytest.raises(RunExistsError, match="another configuration"):
-        run_bench(None, csv_path=str(csv), target="target", methods=["vanilla"], seeds=[0],
-                  epochs=3, bin_width=10, cap=20, out=out, log=lambda s: None)
+        run_bench(BenchConfig(csv_path=str(csv), target="target", methods=["vanilla"], seeds=[0],
+                              epochs=3, bin_width=10, cap=20, out=out), log=lambda s: None)
 
 
 def test_cli_bench_bad_input(tmp_path, capsys):
@@ -347,13 +347,13 @@ def test_bench_uses_the_datasets_rho_per_method_unless_told(tmp_path, monkeypatc
                     rho_by_method={"bsam": 0.07}, model={"name": "mlp", "hidden": [8]})
     monkeypatch.setitem(REGISTRY, "tiny-test",
                         DatasetEntry("tiny-test", table_loader(load), recipe, "", "a test table"))
-    res = run_bench("tiny-test", methods=["bsam", "sam"], seeds=[0], out=tmp_path / "a",
-                    plots=False, log=lambda s: None)
+    res = run_bench(BenchConfig(dataset="tiny-test", methods=["bsam", "sam"], seeds=[0],
+                                out=tmp_path / "a", plots=False), log=lambda s: None)
     assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.07
     assert res["methods"]["sam"]["runs"][0]["rho"] == 0.3  # no entry: the dataset's rho
     assert res["config"]["rho_by_method"] == {"bsam": 0.07, "sam": 0.3}
-    res = run_bench("tiny-test", methods=["bsam"], seeds=[0], rho=0.01,
-                    out=tmp_path / "b", plots=False, log=lambda s: None)
+    res = run_bench(BenchConfig(dataset="tiny-test", methods=["bsam"], seeds=[0], rho=0.01,
+                                out=tmp_path / "b", plots=False), log=lambda s: None)
     assert res["methods"]["bsam"]["runs"][0]["rho"] == 0.01
 
 

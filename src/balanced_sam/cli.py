@@ -34,7 +34,8 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "bin_width": "--bin-width W", "train_fraction": "--train-fraction F",
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
               "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
-              "plugins": "--set train.plugins.NAME.KEY=VALUE", **{
+              "plugins": "--set train.plugins.NAME.KEY=VALUE", "out": "--out",
+              "overwrite": "--overwrite", "resume": "the same --out without --overwrite", **{
                   "images": "--images FILE", "root": "--root DIR", "path_col": "--path-col COL",
                   "split_col": "--split-col COL", "img_size": "--img-size N",
                   "pretrained": "--pretrained PATH", "allow_download": "--allow-download",
@@ -45,7 +46,7 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "max_features": "data.max_features=N", "categorical": "data.categorical=[COL]",
               "bin_width": "data.bin_width=W", "train_fraction": "data.train_fraction=F",
               "cap": "data.cap=C", "target": "data.target=COL", "csv_path": "data.path=FILE",
-              "resume": "--resume", "overwrite": "--overwrite",
+              "resume": "--resume", "overwrite": "--overwrite", "out_dir": "--out",
               "allow_data_change": "--allow-data-change", "device": "train.device=cpu",
               "trust": "--trust-checkpoint",
               "plugins": "train.plugins.NAME.KEY=VALUE", **{
@@ -117,12 +118,15 @@ _ABOUT = {
               "seeds, then every method against --baseline seed by seed (mean difference, 95% "
               "Student-t interval, wins), saying where an interval includes 0. Runs train "
               "--jobs at a time in worker processes, one CPU thread each (--threads), with the "
-              "same figures for any --jobs. A run that diverges (NaN/inf metrics, steps skipped "
-              "for a non-finite gradient, or test MAE above --diverge-factor times its method's "
-              "median) is marked † and left out of the means and comparisons. Writes "
-              "results.json, results.csv and plots (paired_differences.png among them) into "
-              "--out. Re-running with the same --out reuses finished runs (and trains again "
-              "those whose data changed); Ctrl-C stops cleanly and says how to resume."),
+              "same figures for any --jobs. A run that diverges (NaN/inf predictions or metrics, "
+              "steps skipped for a non-finite gradient, or test MAE above --diverge-factor times "
+              "its method's median) is marked † and left out of the means and comparisons, and "
+              "the bench goes on. Writes results.json, results.csv and plots "
+              "(paired_differences.png among them) into --out, a new or empty folder or one a "
+              "bench made. Re-running with the same --out reuses finished runs (and trains again "
+              "those whose data changed); its results.json keeps every finished method, however "
+              "few --methods name; --overwrite removes the earlier bench's files first. Ctrl-C "
+              "stops cleanly and says how to resume."),
     "compare": ("paired comparisons of a finished bench, recomputed",
                 "Read a bench's results.json, mark diverged runs and compare every method with "
                 "--baseline seed by seed (mean difference, Student-t interval, wins); print "
@@ -343,8 +347,12 @@ def _bench_training(b: argparse.ArgumentParser) -> None:
 
 
 def _bench_output(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--out", help="output folder (default runs/bench-<timestamp>); the same "
-                                 "--out resumes a stopped bench")
+    b.add_argument("--out", help="output folder (default runs/bench-<timestamp>): new, empty or "
+                                 "one a bench made; the same --out resumes a stopped bench or "
+                                 "adds methods and seeds to it")
+    b.add_argument("--overwrite", action="store_true",
+                   help="first remove what an earlier bench wrote into --out (exactly the "
+                        "files its manifest lists, nothing else) and start afresh")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--progress", action="store_true",
                    help="a progress bar per epoch (runs trained in one process only, --jobs 1)")
@@ -381,8 +389,9 @@ def _add_train(sub: Any) -> None:
                         "epochs may change (a longer run continues the cosine from where it "
                         "stands, down to its floor at the new end)")
     t.add_argument("--overwrite", action="store_true",
-                   help="remove the run in the output folder (result.json, best.pt, last.pt, "
-                        "log.csv, tb/) and start again")
+                   help="remove the run in the output folder (exactly the files its "
+                        ".bsam-manifest.json lists: result.json, best.pt, last.pt, log.csv, "
+                        "tb/) and start again")
     _allow_data_change(t, "resume on")
     t.add_argument("--wandb", metavar="PROJECT",
                    help="also log every epoch to this Weights & Biases project (needs the "
@@ -472,26 +481,24 @@ def _add_list(sub: Any) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from balanced_sam.bench import run_bench
 
+    run_bench(_bench_config(args))
+    return 0
+
+
+def _bench_config(args: argparse.Namespace) -> Any:
+    """``bsam bench``'s options -> the :class:`balanced_sam.bench.BenchConfig` (one field per
+    option; the training flags join ``--set``'s overrides)."""
+    from balanced_sam.bench import BenchConfig
+
     overrides = _train_overrides(args.overrides)
     overrides.update({k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size),
                                         ("max_grad_norm", args.max_grad_norm)) if v is not None})
-    rho = args.rho if args.rho is None or len(args.rho) > 1 else args.rho[0]
-    table = {k: v for k, v in (("impute", args.impute), ("features", args.features),
-                               ("categorical", args.categorical),
-                               ("max_categories", args.max_categories),
-                               ("max_features", args.max_features)) if v is not None}
-    images = _images_section(args)
-    if images is not None:
-        table["data"] = images
-    run_bench(args.dataset, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
-              rho=rho, bin_width=args.bin_width, device=args.device, out=args.out,
-              csv_path=args.csv_path, target=args.target, train_fraction=args.train_fraction,
-              cap=args.cap, data_root=args.data_root, dropna=args.dropna,
-              select_by=args.select_by, quick=args.quick, overrides=overrides,
-              progress=args.progress, plots=not args.no_plots, baseline=args.baseline,
-              jobs=args.jobs, threads=args.threads, diverge_factor=args.diverge_factor,
-              confidence=args.confidence, **table)
-    return 0
+    same = ("dataset", "methods", "seeds", "epochs", "rho", "bin_width", "device", "out",
+            "csv_path", "target", "train_fraction", "cap", "data_root", "dropna", "select_by",
+            "quick", "progress", "baseline", "jobs", "threads", "diverge_factor", "confidence",
+            "impute", "features", "categorical", "max_categories", "max_features", "overwrite")
+    return BenchConfig(**{k: getattr(args, k) for k in same}, overrides=overrides,
+                       plots=not args.no_plots, data=_images_section(args))
 
 
 def _train_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -659,6 +666,14 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader went away (`bsam configs | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # a folder that cannot be written (read-only, full disk): one line
+        from balanced_sam.io import write_error
+
+        line = write_error(exc)
+        if line is None or os.environ.get("BSAM_DEBUG"):
+            raise
+        print(f"bsam {args.command}: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         print(f"\n{exc}" if str(exc) else "\ninterrupted; run the same command with --resume "
               "(train) or the same --out (bench) to continue", file=sys.stderr)

@@ -45,6 +45,7 @@ from balanced_sam.errors import ConfigError, spell
 from balanced_sam.io import write_json, write_text
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import rho_for
+from balanced_sam.outputs import output_path
 from balanced_sam.train import (
     FitResult,
     evaluate,
@@ -241,7 +242,8 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
                     "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
                     "skipped_steps": res.skipped_steps,
                     "config": res.config or exp.cfg.to_dict(), "balance": exp.cfg.balance,
-                    "data_fingerprint": exp.data.fingerprint}, folder / "result.json")
+                    "data_fingerprint": exp.data.fingerprint},
+                   output_path(folder / "result.json"))
     return res
 
 

@@ -13,11 +13,16 @@ progress bars and the lock that keeps two runs out of one folder.
 * :func:`progress_bar` is a tqdm bar when asked for and tqdm is installed, else a silent stand-in.
 * :class:`FolderLock` is a lock file (pid and host inside) that refuses a second process; a lock
   left by a dead process on this host is detected and taken over.
+* A write that fails for want of room or permission (a read-only folder, a full disk, torch's
+  checkpoint writer failing) raises :class:`WriteError`, an ``OSError`` whose message names the
+  file meant (never the temporary one) and the reason; :func:`write_error` turns any such
+  ``OSError`` into that one line. The file that was there before stays as it was.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -45,7 +50,53 @@ __all__ = [
     "progress_bar",
     "FolderLock",
     "FolderLockedError",
+    "WriteError",
+    "write_error",
 ]
+
+
+# ---------------------------------------------------------------------------- write errors
+#: errno values that mean "this place cannot be written": permission, read-only, no room
+WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                          errno.EFBIG})
+
+
+class WriteError(OSError):
+    """A file could not be written (read-only folder, full disk, ...); ``filename`` is the file
+    meant and the message is one line: ``cannot write PATH: REASON``."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def write_error(exc: BaseException) -> str | None:
+    """The one-line message for a :class:`WriteError`, or for an ``OSError`` of permission or
+    room (:data:`WRITE_ERRNOS`; ``PATH: REASON``, since it may come from a read), else
+    ``None``."""
+    if isinstance(exc, WriteError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    return None
+
+
+def _as_write_error(exc: BaseException, target: Path) -> WriteError | None:
+    """``exc`` raised while writing ``target`` as a :class:`WriteError`, when it is one."""
+    if isinstance(exc, WriteError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return WriteError(exc.errno, exc.strerror or str(exc), os.fspath(target))
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("inline_container" in text
+                                          or "PytorchStreamWriter" in text):
+        # torch's zip writer: "open file failed with strerror: Read-only file system", or
+        # "unexpected pos 576 vs 534" when the disk filled up mid-write
+        reason = (text.split("strerror:", 1)[1].strip() if "strerror:" in text else
+                  "the checkpoint writer failed (" + text.strip().splitlines()[0] + "); "
+                  "is the disk full?")
+        return WriteError(errno.EIO, reason, os.fspath(target))
+    return None
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -61,8 +112,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any],
     try:
         write(tmp)
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # (a read-only folder: nothing was created)
+        failed = _as_write_error(exc, target)
+        if failed is not None and failed is not exc:
+            raise failed from exc
         raise
     return target
 
@@ -255,7 +312,12 @@ class FolderLock:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            except OSError as exc:
+                if not isinstance(exc, FileExistsError):
+                    failed = _as_write_error(exc, self.path)
+                    if failed is not None:
+                        raise failed from exc
+                    raise
                 holder = self._holder()
                 if holder is not None and _is_stale(*holder):
                     self.path.unlink(missing_ok=True)

@@ -41,6 +41,7 @@ from balanced_sam.bins import REGIONS, LabelBins
 
 __all__ = [
     "RegressionMetrics",
+    "NonFinitePredictionsError",
     "resolve_balance",
     "balance_of",
     "BALANCES",
@@ -117,6 +118,10 @@ def check_options(bins: Any, balance: str, gm_eps: float) -> None:
         raise ValueError(f"gm_eps must be >= 0, got {gm_eps!r}")
 
 
+class NonFinitePredictionsError(ValueError):
+    """Predictions hold NaN/inf values: the model diverged (or its input is bad)."""
+
+
 def flat_batch(preds: Any, targets: Any, mask: Any = None,
                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``preds`` and ``targets`` of the elements that count (``mask``), flattened to float64 on
@@ -137,7 +142,8 @@ def flat_batch(preds: Any, targets: Any, mask: Any = None,
         m = m.expand(targets.shape).reshape(-1)
         p, t = p[m], t[m]
     if t.numel() and not bool(torch.isfinite(p).all()):
-        raise ValueError("preds hold NaN/inf values: the model diverged or the input is bad")
+        raise NonFinitePredictionsError("preds hold NaN/inf values: the model diverged or the "
+                                        "input is bad")
     return p, t
 
 

@@ -14,7 +14,12 @@ comes back:
   traceback attached as a note;
 * Ctrl-C (or any error) stops the workers: each gets one ``SIGINT`` (a ``KeyboardInterrupt``
   inside the task, so its ``finally`` blocks run and files are left consistent), then
-  ``terminate`` after a grace period. A worker whose parent died stops after its task.
+  ``terminate`` after a grace period;
+* a worker dies with its parent: when the process that started it ends, even by ``SIGKILL``, the
+  worker exits within about a second, whatever it is doing (in a task or waiting for one). On
+  Linux the kernel sends it ``SIGKILL`` (``prctl(PR_SET_PDEATHSIG)``, set when the workers are
+  started from the main thread); everywhere (macOS too) a daemon thread in the worker checks
+  every :data:`WATCH_S` seconds that its parent is still the process that started it.
 
 The caller's main module must be importable without side effects (the usual
 ``if __name__ == "__main__":`` guard), as for any ``spawn`` pool; ``bsam`` itself is.
@@ -23,11 +28,14 @@ The caller's main module must be importable without side effects (the usual
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
+import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -38,6 +46,8 @@ __all__ = ["run_tasks", "usable_cpus", "default_jobs", "pinned_threads", "Worker
 
 #: seconds a stopped worker gets to unwind (its ``finally`` blocks) before it is terminated
 GRACE_S = 20.0
+#: how often a worker checks that its parent is alive (seconds)
+WATCH_S = 1.0
 
 
 class WorkerDiedError(RuntimeError):
@@ -114,9 +124,39 @@ def _portable(exc: BaseException) -> tuple[BaseException, str]:
         return RuntimeError(f"{type(exc).__name__}: {exc}"), text
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int, kernel: bool) -> None:
+    """End this worker as soon as the process ``parent_pid`` that started it is gone.
+
+    ``kernel`` (Linux, workers started from the parent's main thread: the signal follows the
+    thread that forked): ask the kernel for ``SIGKILL`` at the parent's death. In any case a
+    daemon thread polls :func:`os.getppid` (the parent's death re-parents this process) and
+    calls :func:`os._exit`: it also ends a worker blocked in a pipe, or in a queue's flush at
+    exit, with no one left to read. The parent may have died before either was in place: it is
+    checked once more after.
+    """
+    if kernel and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL),
+                                                    0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(WATCH_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="bsam-parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _worker(fn: Callable[..., Any], context: Any, tasks: Any, results: Any, threads: int,
-            device: str | None) -> None:
-    """A worker's life: pin threads, then run tasks until told to stop."""
+            device: str | None, parent_pid: int | None = None, kernel: bool = False) -> None:
+    """A worker's life: die with the parent, pin threads, then run tasks until told to stop."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid, kernel)
     _interrupt_once()
     import torch
 
@@ -124,7 +164,11 @@ def _worker(fn: Callable[..., Any], context: Any, tasks: Any, results: Any, thre
     parent = mp.parent_process()
     while True:
         try:
-            item = tasks.get()
+            item = tasks.get(timeout=WATCH_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return
+            continue
         except KeyboardInterrupt:
             return
         if item is None or (parent is not None and not parent.is_alive()):
@@ -162,8 +206,10 @@ def run_tasks(fn: Callable[[Any, Any, str | None], Any], context: Any,
     task_q, result_q = ctx.Queue(), ctx.Queue()
     n = min(jobs, len(tasks))
     devices = list(devices) if devices else [None]
+    kernel = threading.current_thread() is threading.main_thread()
     procs = [ctx.Process(target=_worker, name=f"bsam-worker-{i}", args=(
-        fn, context, task_q, result_q, threads, devices[i % len(devices)])) for i in range(n)]
+        fn, context, task_q, result_q, threads, devices[i % len(devices)], os.getpid(),
+        kernel)) for i in range(n)]
     pending = deque(tasks)
     with _environment(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)):
         for p in procs:

@@ -50,6 +50,7 @@ __all__ = [
     "format_comparisons",
     "COMPARISON_METRICS",
     "UnpairedRunsError",
+    "is_finite",
 ]
 
 #: the (metric, region) pairs compared, keyed ``f"{metric}_{region}"`` in the output
@@ -171,7 +172,8 @@ def _t_ppf(q: float, df: float) -> float:
 
 
 # ---------------------------------------------------------------------------- one comparison
-def _finite(v: Any) -> bool:
+def is_finite(v: Any) -> bool:
+    """A real number (int, float or a numpy scalar) that is neither NaN nor infinite."""
     return v is not None and isinstance(v, (int, float, np.floating, np.integer)) \
         and math.isfinite(float(v))
 
@@ -189,7 +191,7 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
     if len(values) == 0:
         raise ValueError("values is empty: need at least one paired seed")
     for name, seq in (("values", values), ("baseline", baseline)):
-        bad = [v for v in seq if not _finite(v)]
+        bad = [v for v in seq if not is_finite(v)]
         if bad:
             raise ValueError(f"{name} must be finite numbers, got {bad[0]!r}")
     d = np.asarray(values, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
@@ -269,7 +271,7 @@ def left_out_seeds(results: Mapping[str, Any], baseline: str = "sqinv",
 
 def _metric(run: Mapping[str, Any], split: str, region: str, metric: str) -> float | None:
     v = run.get(split, {}).get(region, {}).get(metric)
-    return float(v) if _finite(v) else None
+    return float(v) if is_finite(v) else None
 
 
 def paired_comparisons(

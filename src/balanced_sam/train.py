@@ -515,10 +515,9 @@ def fit(
     if is_staged(get_method(cfg.method), cfg):
         return fit_stages(fit, model, train_data, val_data, bins, cfg, test_data=test_data,
                           out_dir=out_dir, resume=resume, overwrite=overwrite, log=log,
-                          target_scaler=target_scaler, depth=depth,
-                          meta=meta, data_fingerprint=data_fingerprint, loggers=loggers,
-                          allow_data_change=allow_data_change, on_epoch_end=on_epoch_end,
-                          trust_checkpoint=trust_checkpoint)
+                          target_scaler=target_scaler, depth=depth, meta=meta, loggers=loggers,
+                          data_fingerprint=data_fingerprint, allow_data_change=allow_data_change,
+                          on_epoch_end=on_epoch_end, trust_checkpoint=trust_checkpoint)
     cfg = _resolved(cfg, bins, train_data)
     rank, world = _dist()
     folder = RunFolder(out_dir, rank=rank, log=log)
@@ -545,7 +544,9 @@ def fit(
                     on_epoch_end(epoch, row)
             if world > 1:
                 torch.distributed.barrier()
-        return _final_evaluation(run, state, val_data, test_data, folder)
+        result = _final_evaluation(run, state, val_data, test_data, folder)
+        folder.finish()  # records result.json, which the callers write next
+        return result
     finally:
         for sink in sinks:
             sink.close()

@@ -422,13 +422,15 @@ def fit_stages(fit: Callable[..., Any], model: nn.Module, train_data: Any, val_d
     pre-training's rows marked ``stage: pretrain``); ``loggers`` the head stage's. The result
     is the head stage's, with the pre-training's epochs first in ``history`` (marked) and its
     seconds added."""
-    from balanced_sam.outputs import RunExistsError
+    from balanced_sam.io import FolderLock
+    from balanced_sam.outputs import claim_run_folder
 
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and not resume and not overwrite and any(
-            (out / f).exists() for f in ("last.pt", "best.pt")):
-        raise RunExistsError(f"{out} already holds a run (last.pt/best.pt); resume it, "
-                             "overwrite it, or choose another output folder")
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if out is not None and rank0:  # the folder first: refused, or cleared (pretrain/ too)
+        with FolderLock(out, what="run"):
+            claim_run_folder(out, resume=resume, overwrite=overwrite, log=log).record(
+                "pretrain", "folder")
     pre_cfg, head_cfg = _stage_configs(cfg)
     first = None
     if not (out is not None and resume and (out / "last.pt").exists()):

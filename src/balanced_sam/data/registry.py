@@ -36,8 +36,8 @@ from torch import nn
 
 from balanced_sam.bins import LabelBins
 from balanced_sam.data.base import BenchData, file_digest
-from balanced_sam.data.folder_images import FINETUNE_TRAIN, RHO_SWEEP, SCRATCH_TRAIN
 from balanced_sam.data.folder_images import OPTIONS as IMAGE_OPTIONS
+from balanced_sam.data.folder_recipe import FINETUNE_TRAIN, RHO_SWEEP, SCRATCH_TRAIN
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError
 from balanced_sam.metrics import balance_of
@@ -577,9 +577,9 @@ IMAGES_RECIPE = Recipe(
 
 def _load_images(options: dict[str, Any], bins_spec: Mapping[str, Any] | None,
                  stored: LabelBins | None) -> Loaded:
-    from balanced_sam.data import folder_images
+    from balanced_sam.data import folder_recipe
 
-    data, bins, model = folder_images.load(options, bins_spec, stored)
+    data, bins, model = folder_recipe.load(options, bins_spec, stored)
     return Loaded(data.train, data.val, data.test, bins, data.info, standardize=True,
                   recipe=replace(IMAGES_RECIPE, model=model))
 

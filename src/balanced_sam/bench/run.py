@@ -1,0 +1,349 @@
+"""Running a bench: every run of the plan read back or trained (here, or in worker processes
+through :mod:`balanced_sam.parallel`), with one progress line; then :func:`run_bench` writes the
+results and prints the report."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from balanced_sam import parallel
+from balanced_sam.bench.folder import claim_bench_folder, folder_runs, read_back, start_results
+from balanced_sam.bench.plan import BenchConfig, BenchPlan, RunKey, make_plan
+from balanced_sam.bench.report import bench_table, comparison_text, csv_row, draw_plots
+from balanced_sam.bench.summary import DEFAULT_BASELINE, finish_results
+from balanced_sam.config import TrainConfig
+from balanced_sam.io import FolderLock, write_csv, write_json
+from balanced_sam.metrics import NonFinitePredictionsError
+from balanced_sam.outputs import OwnedFolder, output_path
+from balanced_sam.train import fit, seed_everything
+
+__all__ = ["run_bench", "BenchInterrupted", "train_task", "Context", "Task"]
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the bench; the message says how to resume it."""
+
+
+def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark that ``config`` describes and write its files into ``config.out``;
+    returns the results of its methods, as printed (see :mod:`balanced_sam.bench`). The
+    folder's ``results.json`` and ``results.csv`` hold those and every other run finished in
+    the folder on the same data: a narrower ``methods`` never drops an earlier bench's."""
+    t_start = time.perf_counter()
+    plan = make_plan(config)
+    with FolderLock(plan.out, name=".bench.lock", what="bench"):
+        owned = claim_bench_folder(plan, log)
+        results = start_results(plan, owned, log)
+        stored = results.pop("record_config")
+        done = _run_all(plan, log)
+        results["methods"] = {m.name: {"runs": [done[k] for k in plan.keys_of(m)]}
+                              for m in plan.methods}
+        finish_results(results, baseline=plan.baseline, factor=config.diverge_factor,
+                       confidence=config.confidence)
+        results["parallel"] = {"jobs": plan.jobs_used, "threads_per_run": config.threads,
+                               "start_method": "spawn" if plan.jobs_used > 1 else "in-process"}
+        results["total_seconds"] = time.perf_counter() - t_start
+        record = _folder_record(plan, owned, results, stored)
+        write_json(record, owned.record("results.json"))
+        write_csv([csv_row(name, run) for name, m in record["methods"].items()
+                   for run in m["runs"]], owned.record("results.csv"))
+        if config.plots:
+            draw_plots(results, plan.data, owned.record, log)
+    log("")
+    log(bench_table(results))
+    log("")
+    log(comparison_text(results))
+    more = [m for m in record["methods"] if m not in results["methods"]]
+    if more:
+        log(f"\n{plan.out}/results.json also holds the finished runs of {', '.join(more)} "
+            "(earlier benches in this folder); bsam compare shows them all")
+    log(f"\nwrote {plan.out}/results.json, results.csv and plots "
+        f"({results['total_seconds']:.0f}s in all)")
+    return results
+
+
+def _run_order(run: dict[str, Any]) -> tuple[bool, float, int]:
+    rho = run.get("rho")
+    return (rho is not None, float(rho) if isinstance(rho, (int, float)) else 0.0,
+            int(run.get("seed") or 0))
+
+
+def _folder_record(plan: BenchPlan, owned: OwnedFolder, results: dict[str, Any],
+                   stored: dict[str, Any]) -> dict[str, Any]:
+    """What the folder's ``results.json`` holds: this bench's results, and every other run
+    finished in the folder (other methods, seeds or rho of earlier benches), summarised and
+    compared together. ``results`` itself when the folder holds nothing else."""
+    methods: dict[str, list[dict[str, Any]]] = {
+        name: list(entry["runs"]) for name, entry in results["methods"].items()}
+    extra = False
+    for name, runs in folder_runs(plan, owned).items():
+        mine = methods.setdefault(name, [])
+        seen = {(r["rho"], r["seed"]) for r in mine}
+        new = sorted((r for r in runs if (r.get("rho"), r.get("seed")) not in seen),
+                     key=_run_order)
+        mine += new
+        extra = extra or bool(new)
+    if not extra:
+        return results
+    record = copy.deepcopy({k: v for k, v in results.items() if k != "methods"})
+    record["methods"] = {name: {"runs": copy.deepcopy(runs)} for name, runs in methods.items()}
+    record["config"].update(methods=list(methods), seeds=stored["seeds"],
+                            rho_by_method=stored["rho_by_method"])
+    baseline = plan.baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in methods
+                                 and len(methods) > 1 else None)
+    finish_results(record, baseline=baseline, factor=plan.config.diverge_factor,
+                   confidence=plan.config.confidence, unpaired="skip")
+    record["config"]["this_bench"] = {"methods": plan.names, "seeds": plan.seeds}
+    return record
+
+
+# ---------------------------------------------------------------------------- one run
+@dataclass
+class Context:
+    """What every run of a bench shares; sent once to each worker process (tensors through
+    shared memory). ``template``: a model of the bench's architecture, whose weights each task
+    replaces with its own."""
+
+    train: Any
+    val: Any
+    test: Any
+    bins: Any
+    scaler: Any
+    dense: bool
+    name: str
+    fingerprint: dict[str, Any]
+    spec: dict[str, Any]
+    cfg: TrainConfig
+    out: str
+    template: nn.Module | None = None
+
+
+@dataclass
+class Task:
+    """One run to train: its key, whether it starts afresh, and its initial weights (a module
+    in this process; for a worker, the ``torch.save`` bytes of its state dict, loaded there with
+    ``weights_only=True`` into a copy of the context's template)."""
+
+    key: RunKey
+    fresh: bool
+    model: nn.Module | bytes
+
+    @property
+    def label(self) -> str:
+        return self.key.label
+
+
+def _task(plan: BenchPlan, key: RunKey, fresh: bool, *, portable: bool) -> Task:
+    """The run's task with its initial weights, built from its seed alone (the same for every
+    method of a seed, whatever ran before); ``portable``: as bytes for a worker process."""
+    seed_everything(key.seed)
+    model: nn.Module | bytes = plan.data.make_model()
+    if portable:
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        model = buf.getvalue()
+    return Task(key, fresh, model)
+
+
+def _model(ctx: Context, task: Task) -> nn.Module:
+    if isinstance(task.model, nn.Module):
+        return task.model
+    if ctx.template is None:
+        raise ValueError("a task with its weights as bytes needs the context's template model")
+    model = copy.deepcopy(ctx.template)
+    model.load_state_dict(torch.load(io.BytesIO(task.model), weights_only=True))
+    return model
+
+
+def train_task(ctx: Context, task: Task, device: str | None) -> dict[str, Any]:
+    """Train one run (here or in a worker process) and write its ``result.json``. A run whose
+    predictions turn NaN/inf (it diverged) is recorded as such, with NaN figures, and the bench
+    goes on: :func:`balanced_sam.bench.summary.finish_results` marks it † and leaves it out."""
+    key = task.key
+    cfg = replace(ctx.cfg, method=key.name, seed=key.seed,
+                  rho=key.rho if key.rho is not None else ctx.cfg.rho,
+                  **({"device": device} if device is not None else {}))
+    run_dir = Path(ctx.out) / "runs" / task.label
+    t0 = time.perf_counter()
+    try:
+        res = fit(_model(ctx, task), ctx.train, ctx.val, ctx.bins, cfg, test_data=ctx.test,
+                  out_dir=run_dir, resume=not task.fresh, overwrite=task.fresh,
+                  target_scaler=ctx.scaler, depth=ctx.dense,
+                  meta={"dataset": ctx.name, "bench_out": ctx.out,
+                        "spec": {"data": ctx.spec, "train": cfg.to_dict()},
+                        "data": ctx.fingerprint},
+                  data_fingerprint=ctx.fingerprint["digest"], log=lambda s: None)
+    except NonFinitePredictionsError as exc:
+        run = _diverged_run(key, time.perf_counter() - t0, str(exc), ctx.fingerprint["digest"])
+    else:
+        run = {"seed": key.seed, "rho": key.rho, "best_epoch": res.best_epoch,
+               "train_seconds": res.train_seconds, "skipped_steps": res.skipped_steps,
+               "val": res.val, "test": res.test, "test_per_bin": res.test_per_bin,
+               "data_fingerprint": ctx.fingerprint["digest"]}
+    write_json(run, output_path(run_dir / "result.json"))
+    (run_dir / "last.pt").unlink(missing_ok=True)  # finished: best.pt suffices
+    return run
+
+
+#: the report of a run without figures (it diverged): every region and metric NaN
+_REGIONS, _METRICS = ("all", "many", "medium", "few"), ("mae", "mse", "rmse", "gm", "bmae")
+
+
+def _diverged_run(key: RunKey, seconds: float, error: str, digest: str) -> dict[str, Any]:
+    nan = {region: {m: math.nan for m in _METRICS} for region in _REGIONS}
+    return {"seed": key.seed, "rho": key.rho, "best_epoch": None, "train_seconds": seconds,
+            "skipped_steps": None, "val": copy.deepcopy(nan), "test": copy.deepcopy(nan),
+            "test_per_bin": None, "data_fingerprint": digest,
+            "failure": "training diverged: its predictions became NaN/inf", "error": error}
+
+
+# ---------------------------------------------------------------------------- every run
+def _context(plan: BenchPlan, jobs: int) -> Context:
+    d = plan.data
+    template = None
+    if jobs > 1:
+        seed_everything(plan.keys[0].seed if plan.keys else 0)
+        template = d.make_model()
+    return Context(d.train, d.val, d.test, d.bins, d.scaler, d.dense, d.name, d.fingerprint,
+                   plan.spec, replace(plan.cfg, progress=plan.cfg.progress and jobs <= 1),
+                   str(plan.out), template)
+
+
+def _run_all(plan: BenchPlan, log: Callable[[str], None]) -> dict[RunKey, dict[str, Any]]:
+    """Every run of the plan by key: read back, or trained here or in worker processes."""
+    done: dict[RunKey, dict[str, Any]] = {}
+    todo: list[tuple[RunKey, bool]] = []
+    for key in plan.keys:
+        got = read_back(plan, key, log)
+        if isinstance(got, dict):
+            done[key] = got
+        else:
+            todo.append((key, got))
+    jobs = plan.jobs_used = max(1, min(plan.jobs, len(todo)))
+    if plan.cfg.progress and jobs > 1:
+        log("(a progress bar per epoch needs the runs in one process, jobs=1; the bench's "
+            "own line counts the runs)")
+    ctx = _context(plan, jobs)
+    threads = plan.config.threads
+    status = _Status([k for k, _ in todo], len(done), jobs, threads, plan.config.status, log)
+
+    def finished(key: RunKey, run: dict[str, Any], seconds: float) -> None:
+        done[key] = run
+        status.finished(key, run, seconds)
+
+    try:
+        if jobs <= 1:
+            with parallel.pinned_threads(threads):
+                for key, fresh in todo:
+                    status.started(key)
+                    t0 = time.perf_counter()
+                    run = train_task(ctx, _task(plan, key, fresh, portable=False), None)
+                    finished(key, run, time.perf_counter() - t0)
+        else:
+            def handed_out(key: RunKey, fresh: bool) -> Task:
+                status.started(key)
+                return _task(plan, key, fresh, portable=True)
+
+            parallel.run_tasks(train_task, ctx, todo, jobs=jobs, threads=threads,
+                               devices=_worker_devices(plan.config.device), prepare=handed_out,
+                               on_done=finished)
+    except KeyboardInterrupt:
+        status.close()
+        raise BenchInterrupted(
+            f"bench interrupted: {len(done)} of {status.total} runs finished and kept in "
+            f"{plan.out}. To resume, run the same bench again into that folder (bsam bench ... "
+            f"--out {plan.out}): finished runs are read back and an interrupted one continues "
+            "from its last.pt") from None
+    status.close()
+    return done
+
+
+def _worker_devices(device: str) -> list[str | None] | None:
+    """Spread the workers over the visible GPUs when the device names none in particular."""
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return None
+
+
+# ---------------------------------------------------------------------------- progress
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (
+        f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+class _Status:
+    """The bench's one progress line on stderr: runs done / total, time left (each method's
+    mean run time so far, spread over the workers), the run that finished last. Rewritten in
+    place on a terminal, one line per finished run otherwise; ``enabled`` False sends the
+    finished runs to ``log`` instead."""
+
+    def __init__(self, todo: list[RunKey], read_back: int, jobs: int, threads: int,
+                 enabled: bool, log: Callable[[str], None]) -> None:
+        self.pending = Counter(k.name for k in todo)
+        self.total, self.done, self.jobs = len(todo) + read_back, read_back, max(1, jobs)
+        self.seconds: dict[str, list[float]] = {}
+        self.running: dict[RunKey, float] = {}  # key -> when it was handed out
+        self.enabled, self.log, self.stream = enabled, log, sys.stderr
+        self.tty = self.enabled and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.wrote = False
+        if self.enabled and todo:
+            self._write(f"bench: {self.done}/{self.total} runs done; {len(todo)} to train, "
+                        f"{self.jobs} at a time, {threads} CPU thread(s) each")
+
+    def started(self, key: RunKey) -> None:
+        self.running[key] = time.perf_counter()
+
+    def finished(self, key: RunKey, run: dict[str, Any], seconds: float) -> None:
+        self.done += 1
+        self.pending[key.name] -= 1
+        self.running.pop(key, None)
+        self.seconds.setdefault(key.name, []).append(seconds)
+        t = run["test"]["all"]["mae"]
+        what = f"{key.label}: test MAE {t:.4g} (few {run['test']['few']['mae']:.4g}), best " \
+               f"epoch {run['best_epoch']}, {seconds:.1f}s"
+        if run.get("failure"):
+            what = f"{key.label}: {run['failure']}, {seconds:.1f}s"
+        if not self.enabled:
+            self.log(what)
+            return
+        self._write(f"bench: {self.done}/{self.total} runs done, {self._left()} | {what}")
+
+    def _left(self) -> str:
+        remaining = sum(self.pending.values())
+        if not remaining:
+            return "all trained"
+        every = statistics.fmean(x for v in self.seconds.values() for x in v)
+
+        def cost(method: str) -> float:
+            return statistics.fmean(self.seconds[method]) if method in self.seconds else every
+
+        # the runs under way have done part of their work already
+        now = time.perf_counter()
+        work = sum(n * cost(m) for m, n in self.pending.items() if n > 0)
+        work -= sum(min(now - t0, cost(key.name)) for key, t0 in self.running.items())
+        return f"about {_duration(max(0.0, work) / min(self.jobs, remaining))} left"
+
+    def _write(self, line: str) -> None:
+        self.stream.write(("\r\x1b[K" + line) if self.tty else line + "\n")
+        self.stream.flush()
+        self.wrote = True
+
+    def close(self) -> None:
+        if self.tty and self.wrote:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.tty = False
