@@ -83,6 +83,9 @@ def test_bench_on_a_folder_writes_results(folder: Path, tmp_path: Path,
     sizes = data["sizes"]
     assert sizes["train"] + sizes["val"] + sizes["test"] == 48 and sizes["val"] > 0
     assert results["fingerprint"]["params"]["split_seed"] == 0
+    assert (f"images: 48 pictures of labels.csv under {folder.parent}, path column 'file' "
+            "(found), DIR split (C 50, seed 0), input 16 x 16, decoded-image cache "
+            f"{folder.parent / '.bsam_cache'}") in text
     assert "no rho was tuned for this data" in text
     assert "--rho 0.01,0.02,0.05,0.1,0.2" in text
     assert f"lr {SCRATCH_TRAIN['lr']}" in text
@@ -97,6 +100,7 @@ def test_train_eval_analyze_on_an_images_config(folder: Path, tmp_path: Path,
     rc, text, err = _cli(capsys, "train", "--config", str(cfg), "--out", str(run))
     assert rc == 0, err
     assert (run / "best.pt").is_file() and "test set, best epoch 1" in text
+    assert "input 16 x 16, decoded" in text  # the config's size, not "(default)"
     trained = json.loads((run / "result.json").read_text())
     rc, text, err = _cli(capsys, "eval", "--checkpoint", str(run / "best.pt"))
     assert rc == 0, err

@@ -231,6 +231,8 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     exp = build_experiment(spec)
     if rank == 0:
         log(f"{exp.cfg.method} on {exp.data.name}: {exp.bins}")
+        if exp.data.info.get("summary"):
+            log(str(exp.data.info["summary"]))
     res = fit(exp.model, exp.train, exp.val, exp.bins, exp.cfg, test_data=exp.test,
               out_dir=folder, resume=resume, overwrite=overwrite, target_scaler=exp.target_scaler,
               depth=exp.depth, meta={"spec": dict(spec), "data": exp.data.fingerprint},

@@ -140,6 +140,8 @@ def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
     log(f"dataset {data.name}: train {split['train']}, val {split['val']}, test {split['test']}; "
         f"{data.bins.num_bins} bins ({regions['many']} many / {regions['medium']} medium / "
         f"{regions['few']} few with training samples)")
+    if data.info.get("summary"):  # what a loader chose by itself (images: the path column, ...)
+        log(str(data.info["summary"]))
     warnings = bin_warnings(data)
     for w in warnings:
         log(f"warning: {w}")

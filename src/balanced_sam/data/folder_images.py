@@ -390,6 +390,12 @@ def build_splits(
                       **{k: len(v) for k, v in out.items()}},
             "files": {t.csv.name: file_digest(t.csv), "images": _listing_digest(t.base, t.paths)},
             "split_params": split_params}
+    how = (f"split column {split_col!r}" if split_col else
+           f"DIR split (C {int(cap)}, seed {int(split_seed)})")
+    info["summary"] = (f"images: {len(t.paths)} pictures of {t.csv.name} under {t.base}, path "
+                       f"column {t.col!r}{'' if path_col else ' (found)'}, {how}, input "
+                       f"{size} x {size}{'' if img_size else ' (default)'}, decoded-image "
+                       f"cache {cache_dir or 'none'}")
     return ImageFolderData(out["train"], out["val"], out["test"], bins, info)
 
 
