@@ -302,3 +302,25 @@ def test_pretrained_errors(folder: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert rc == 2 and "not in torchvision's cache" in err and "--allow-download" in err
     with pytest.raises(FileNotFoundError):
         folder_recipe.resolve_pretrained("imagenet")
+
+
+def test_root_cache_and_flag_checks(folder: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    elsewhere = tmp_path / "tables" / "mine.csv"  # the CSV away from the pictures
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(folder.read_text())
+    with pytest.raises(CSVFormatError, match="no column names image files under"):
+        load_data({"name": "images", "path": str(elsewhere), "target": "score"})
+    data = load_data({"name": "images", "path": str(elsewhere), "target": "score",
+                      "root": str(folder.parent), "cache": str(tmp_path / "cache")})
+    assert data.train.root == folder.parent and data.info["root"] == str(folder.parent)
+    assert data.train.cache.prefix.parent == tmp_path / "cache"
+    assert not (folder.parent / ".bsam_cache").exists()  # nothing written beside the pictures
+    for argv, want in ((["--images", str(folder), "--csv", str(folder)], "--images replaces"),
+                       (["--dataset", "diamonds", "--path-col", "file"],
+                        "--path-col is an option of --images"),
+                       (["--images", str(folder)], "--images needs the target column"),
+                       (["--images", str(folder), "--target", "score", "--features", "a"],
+                        "--features is not an option of --images")):
+        rc, _, err = _cli(capsys, "bench", *argv)
+        assert rc == 2 and want in err, err
