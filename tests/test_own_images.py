@@ -209,15 +209,23 @@ def test_missing_images_name_the_row_and_the_count(folder: Path,
     assert rc == 2 and err.count("\n") == 1 and "row 5" in err and "--root DIR" in err
 
 
-def test_unreadable_images_name_the_row_and_the_count(folder: Path) -> None:
+def test_unreadable_images_name_the_row_and_the_count(folder: Path, tmp_path: Path) -> None:
     pics = folder.parent / "pics"
     (pics / "im004.png").write_bytes(b"not a picture at all")
     (pics / "im013.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    with pytest.raises(UnreadableImagesError) as info:
-        build_splits(folder, "score")
-    msg = str(info.value)
-    assert "row 4 (line 6 of labels.csv) cannot be read" in msg
-    assert str(pics / "im004.png") in msg and "1 other image(s) failed too (rows 13)" in msg
+    for processes in (1, 2):  # decoded in this process, or in workers: the same message
+        with pytest.raises(UnreadableImagesError) as info:
+            build_splits(folder, "score", processes=processes, cache=tmp_path / f"c{processes}")
+        msg = str(info.value)
+        assert "row 4 (line 6 of labels.csv) cannot be read" in msg
+        assert str(pics / "im004.png") in msg and "1 other image(s) failed too (rows 13)" in msg
+    # the workers filled the cache of every good picture (shared memory maps)
+    data = build_splits(folder, "score", processes=2, cache=tmp_path / "c3", verify="exists")
+    with pytest.raises(UnreadableImagesError):
+        build_splits(folder, "score", processes=2, cache=tmp_path / "c3")
+    good = [i for i, p in enumerate(data.train.paths) if p not in ("pics/im004.png",
+                                                                   "pics/im013.jpg")]
+    assert sorted(set(range(len(data.train))) - set(data.train.cache.missing().tolist())) == good
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "strings", "far"])

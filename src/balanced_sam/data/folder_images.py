@@ -353,11 +353,13 @@ def build_splits(
     cache: bool | str | os.PathLike[str] = True, augment: str = "auto", verify: str = "decode",
     bin_width: float | None = None, cap: int = 50, split_seed: int = 0, min_per_bin: int = 3,
     lower: float | None = None, dropna: bool = False, progress: bool = True,
+    processes: int | None = None,
 ) -> ImageFolderData:
     """Train / val / test datasets of a CSV of images (see the module docstring).
 
     ``verify``: ``decode`` (default) decodes every image once now (into the cache when there is
-    one), ``exists`` only checks that the files exist."""
+    one), with ``processes`` worker processes (default: up to 8 when there are more than 512 to
+    decode); ``exists`` only checks that the files exist."""
     _check_options(augment, verify, img_size)
     t = _read_rows(path, target, root, path_col, split_col, dropna)
     if split_col is not None:
@@ -372,7 +374,7 @@ def build_splits(
     out = {name: _dataset(t, np.flatnonzero(split == name), name, size, cache_dir, augment)
            for name in ("train", "val", "test")}
     if verify == "decode":
-        _decode_all(list(out.values()), t.csv.name, progress)
+        _decode_all(list(out.values()), t.csv.name, progress, processes)
     split_params = {"target": target, "path_col": t.col, "split_col": split_col,
                     "split": "column" if split_col else "dir", **bins, "img_size": size,
                     "dropna": bool(dropna)}
@@ -507,27 +509,40 @@ def _cache_dir(cache: bool | str | os.PathLike[str], base: Path) -> Path | None:
     return folder
 
 
-def _decode_all(splits: Sequence[FolderImageDataset], source: str, progress: bool) -> None:
-    """Decode every image not in the cache yet (and store it there); one error names the first
-    image that failed, its row and how many others failed."""
-    failures: list[tuple[int, str, str]] = []
-    todo = [(ds, i) for ds in splits for i in range(len(ds))
-            if ds.cache is None or ds.cache.get(i) is None]
-    if not todo:
+def _decode_all(splits: Sequence[FolderImageDataset], source: str, progress: bool,
+                processes: int | None = None) -> None:
+    """Decode every image not in the cache yet (and store it there), in ``processes`` worker
+    processes (default: up to 8 for more than 512 images); one error names the first image
+    that failed, its row and how many others failed."""
+    jobs = []
+    for ds in splits:
+        todo = ds.cache.missing() if ds.cache is not None else np.arange(len(ds))
+        jobs += [(ds, chunk) for chunk in np.array_split(todo, max(1, len(todo) // 256))
+                 if len(chunk)]
+    total = sum(len(c) for _, c in jobs)
+    if not total:
         return
+    if processes is None:
+        processes = min(8, os.cpu_count() or 1) if total > 512 else 1
     import sys
 
     from balanced_sam.io import progress_bar
 
-    bar = progress_bar(total=len(todo), enabled=progress, desc="decoding images", leave=False,
+    bar = progress_bar(total=total, enabled=progress, desc="decoding images", leave=False,
                        disable=not sys.stderr.isatty())
-    for ds, i in todo:
-        try:
-            ds.load_image(i)
-        except (CorruptImageError, DatasetNotFoundError) as exc:
-            cause = exc.__cause__ if exc.__cause__ is not None else exc
-            failures.append((ds.rows[i], str(ds.root / ds.paths[i]), str(cause)))
-        bar.update(1)
+    failures: list[tuple[int, str, str]] = []
+    if processes <= 1:
+        for job in jobs:
+            failures += _decode_chunk(job)
+            bar.update(len(job[1]))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(min(processes, len(jobs))) as pool:
+            for (_, chunk), failed in zip(jobs, pool.imap(_decode_chunk, jobs)):
+                failures += failed
+                bar.update(len(chunk))
     bar.close()
     if failures:
         failures.sort()
@@ -539,6 +554,19 @@ def _decode_all(splits: Sequence[FolderImageDataset], source: str, progress: boo
                   + (", ..." if more > _SHOW else "") + ")" if more else "")
         raise UnreadableImagesError(f"image of {_row_text(row, source)} cannot be read: {path} "
                                     f"({reason}){others}; fix or remove those rows", failures)
+
+
+def _decode_chunk(job: tuple[FolderImageDataset, np.ndarray]) -> list[tuple[int, str, str]]:
+    """Decode (and cache) some samples of a split; ``(row, path, reason)`` of each failure."""
+    ds, idx = job
+    failures = []
+    for i in idx.tolist():
+        try:
+            ds.load_image(i)
+        except (CorruptImageError, DatasetNotFoundError) as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            failures.append((ds.rows[i], str(ds.root / ds.paths[i]), str(cause)))
+    return failures
 
 
 def _listing_digest(base: Path, paths: Sequence[str]) -> str:
