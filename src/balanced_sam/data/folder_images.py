@@ -522,9 +522,13 @@ def _decode_all(splits: Sequence[FolderImageDataset], source: str, progress: boo
     total = sum(len(c) for _, c in jobs)
     if not total:
         return
+    import multiprocessing as mp
+    import sys
+
     if processes is None:
         processes = min(8, os.cpu_count() or 1) if total > 512 else 1
-    import sys
+    if mp.current_process().daemon:  # a bench's worker may not start processes of its own
+        processes = 1
 
     from balanced_sam.io import progress_bar
 
@@ -536,8 +540,6 @@ def _decode_all(splits: Sequence[FolderImageDataset], source: str, progress: boo
             failures += _decode_chunk(job)
             bar.update(len(job[1]))
     else:
-        import multiprocessing as mp
-
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(min(processes, len(jobs))) as pool:
             for (_, chunk), failed in zip(jobs, pool.imap(_decode_chunk, jobs)):
