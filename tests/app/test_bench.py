@@ -535,7 +535,7 @@ def test_bench_without_a_dataset_runs_the_registry_default(tiny_default, tmp_pat
     assert bench_defaults("diamonds")["seeds"] == [0, 1, 2, 3, 4]
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
-    assert "(default tiny-default; see `bsam list`)" in capsys.readouterr().out
+    assert "(default tiny-default; see `bsam list`)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_the_default_bench_is_the_image_benchmark_in_the_methods_regime():

@@ -140,6 +140,8 @@ def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
     log(f"dataset {data.name}: train {split['train']}, val {split['val']}, test {split['test']}; "
         f"{data.bins.num_bins} bins ({regions['many']} many / {regions['medium']} medium / "
         f"{regions['few']} few with training samples)")
+    if data.info.get("summary"):  # what a loader chose by itself (images: the path column, ...)
+        log(str(data.info["summary"]))
     warnings = bin_warnings(data)
     for w in warnings:
         log(f"warning: {w}")
@@ -151,6 +153,12 @@ def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
         f"{cfg.epochs} epochs, {cfg.schedule} schedule, rho {_rho_text(plan)}; seeds "
         f"{plan.seeds}; best epoch by val {cfg.select_by}; bMAE by {cfg.balance}"
         + (f" [--quick: {len(plan.seeds)} seed(s), {cfg.epochs} epochs]" if quick else ""))
+    sweep = data.recipe.bench.get("rho_sweep")
+    if sweep and not data.recipe.rho_by_method and plan.config.rho is None and any(
+            m.uses_rho for m in plan.methods):
+        log(f"note: no rho was tuned for this data: the SAM-family methods run at rho "
+            f"{cfg.rho:g}, a starting point; sweep it, e.g. --rho "
+            f"{','.join(f'{r:g}' for r in sweep)}, and choose by validation MAE")
     if plan.baseline is None and len(plan.methods) > 1:
         log(f"no paired comparisons: the default baseline {DEFAULT_BASELINE} is not among the "
             f"methods; name one of them with {spell('baseline', plan.names[0])}")

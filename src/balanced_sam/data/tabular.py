@@ -477,3 +477,15 @@ def _frame_digest(source: Any) -> str:
         cols = ",".join(map(str, source.columns)).encode()
         return hashlib.sha256(values.tobytes() + cols).hexdigest()
     return file_digest(source)
+
+
+def numeric_target(frame: pd.DataFrame, target: str, *, dropna: bool = False,
+                   source: str = "dataframe") -> tuple[pd.DataFrame, int]:
+    """``(rows, dropped)``: the rows of ``frame`` whose ``target`` is a usable number (the
+    column converted to float64, the index reset) and how many were dropped for a missing one
+    (``dropna``). The checks and messages of :func:`load_table` (``--csv``): a boolean or
+    text target, infinite values, a value orders of magnitude off the others' scale
+    (:func:`far_targets`; ``source`` names the file in that message) and, without ``dropna``,
+    missing ones are errors naming the column; other loaders of a CSV with a target (the
+    ``images`` dataset) share them."""
+    return _numeric_target(frame, target, dropna, source)
