@@ -65,6 +65,7 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return rc, out.out, out.err
 
 
+@pytest.mark.e2e
 # ---------------------------------------------------------------------------- end to end
 def test_bench_on_a_folder_writes_results(folder: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,6 +92,7 @@ def test_bench_on_a_folder_writes_results(folder: Path, tmp_path: Path,
     assert f"lr {SCRATCH_TRAIN['lr']}" in text
 
 
+@pytest.mark.e2e
 def test_train_eval_analyze_on_an_images_config(folder: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "mine.yaml"
@@ -266,6 +268,7 @@ def _weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.e2e
 def test_fine_tune_from_a_local_weights_file(folder: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     state = _weights_file(tmp_path / "r18.pth")
