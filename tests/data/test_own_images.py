@@ -65,8 +65,8 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return rc, out.out, out.err
 
 
-@pytest.mark.e2e
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.e2e
 def test_bench_on_a_folder_writes_results(folder: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
