@@ -1,10 +1,10 @@
-"""Set-up shared by the optimizer tests (test_optim*.py): float64 default dtype, a tiny model,
-random data, long-tailed label bins, flat parameter and gradient vectors, one optimizer of each
-kind. The modules run in float64 because their hand computations compare at 1e-12."""
+"""Factories shared by the optimizer tests (tests/optim): a tiny model, random data, long-tailed
+label bins, flat parameter and gradient vectors, one optimizer of each kind. Their sizes and
+seeds are arguments, so a test states the numbers it is written against. The float64 default
+dtype of the hand computations is the ``float64_default`` fixture of tests/optim/conftest.py."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -13,13 +13,11 @@ from balanced_sam import SAM, BalancedSAM, ImbSAM, LabelBins
 KINDS = ["sam", "bsam", "imbsam"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64_default():
-    """Run the importing module in float64 (import this name into the module to apply it)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+def __getattr__(name: str):
+    if name == "float64_default":  # an autouse fixture that applied only where it was imported
+        raise ImportError("float64_default is a fixture of tests/optim/conftest.py now: mark the "
+                          "module with pytestmark = pytest.mark.usefixtures(\"float64_default\")")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def data(n=64, d=4, seed=0):

@@ -1,4 +1,7 @@
-"""Shared test set-up."""
+"""Set-up shared by every test folder. Each layer's folder (optim, core, data, baselines, app;
+scripts/test_layout.py) has its own conftest.py with the fixtures its tests share; the helper
+modules beside this file (_tables, _optim_helpers, _vision_fixtures, _repo_scripts) import from
+any folder (pyproject's ``pythonpath``)."""
 
 from __future__ import annotations
 

@@ -35,7 +35,11 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
               "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
               "plugins": "--set train.plugins.NAME.KEY=VALUE", "out": "--out",
-              "overwrite": "--overwrite", "resume": "the same --out without --overwrite"},
+              "overwrite": "--overwrite", "resume": "the same --out without --overwrite", **{
+                  "images": "--images FILE", "root": "--root DIR", "path_col": "--path-col COL",
+                  "split_col": "--split-col COL", "img_size": "--img-size N",
+                  "pretrained": "--pretrained PATH", "allow_download": "--allow-download",
+                  "cache": "--cache DIR"}},
     "compare": {"baseline": "--baseline M"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
@@ -45,7 +49,11 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "resume": "--resume", "overwrite": "--overwrite", "out_dir": "--out",
               "allow_data_change": "--allow-data-change", "device": "train.device=cpu",
               "trust": "--trust-checkpoint",
-              "plugins": "train.plugins.NAME.KEY=VALUE"},
+              "plugins": "train.plugins.NAME.KEY=VALUE", **{
+                  "images": "data.path=FILE", "root": "data.root=DIR",
+                  "path_col": "data.path_col=COL", "split_col": "data.split_col=COL",
+                  "img_size": "data.img_size=N", "pretrained": "model.pretrained=PATH",
+                  "allow_download": "model.allow_download=true", "cache": "data.cache=DIR"}},
     "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu",
              "trust": "--trust-checkpoint"},
     "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu",
@@ -198,6 +206,7 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--max-features", type=int, metavar="N",
                    help="the most input features a --csv table may be encoded into (numeric "
                         "columns plus one-hot indicators; default 10000)")
+    _bench_images(b)
     _bench_runs(b)
     b.add_argument("--bin-width", type=_number, help="label bin width (default: the dataset's)")
     b.add_argument("--train-fraction", type=_number,
@@ -208,6 +217,79 @@ def _add_bench(sub: Any) -> None:
                                        "of a paper benchmark)")
     _bench_training(b)
     _bench_output(b)
+
+
+def _bench_images(b: argparse.ArgumentParser) -> None:
+    """Your own images: a CSV of image paths and a target (docs/own-images.md)."""
+    g = b.add_argument_group("your own images (--images FILE --target COL)")
+    g.add_argument("--images", metavar="FILE",
+                   help="a CSV with one row per image: its path and a continuous target "
+                        "(--target); any Pillow format, RGB or grayscale; a DIR-style split "
+                        "unless --split-col")
+    g.add_argument("--root", metavar="DIR",
+                   help="the folder the --images paths are relative to (default: the CSV's)")
+    g.add_argument("--path-col", metavar="COL",
+                   help="the column of image paths (default: the one column whose values "
+                        "are image files that exist)")
+    g.add_argument("--split-col", metavar="COL",
+                   help="a column of train/val/test to use as the split (default: a DIR split "
+                        "from the targets, seeded)")
+    g.add_argument("--img-size", type=int, metavar="N",
+                   help="network input side (default 224, or the images' median shorter side "
+                        "when smaller)")
+    g.add_argument("--pretrained", metavar="PATH",
+                   help="fine-tune a ResNet-18 from these weights (a torchvision state dict), "
+                        "or 'imagenet' for torchvision's cached ImageNet weights; default: "
+                        "from scratch")
+    g.add_argument("--allow-download", action="store_true",
+                   help="let --pretrained imagenet download the weights when not cached")
+    g.add_argument("--cache", metavar="DIR",
+                   help="folder of the decoded-image cache (default ROOT/.bsam_cache; 'none' "
+                        "for no cache)")
+
+
+def _images_section(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``data`` section of ``bsam bench --images``, or ``None`` without it."""
+    image_flags = [f for f, v in (("--root", args.root), ("--path-col", args.path_col),
+                                  ("--split-col", args.split_col), ("--img-size", args.img_size),
+                                  ("--pretrained", args.pretrained), ("--cache", args.cache),
+                                  ("--allow-download", args.allow_download or None))
+                   if v is not None]
+    if args.images is None:
+        if image_flags:
+            raise ValueError(f"{image_flags[0]} is an option of --images FILE (your own images)")
+        return None
+    if args.csv_path is not None or args.dataset is not None:
+        raise ValueError("--images replaces --dataset / --csv: give one of them")
+    if args.target is None:
+        raise ValueError("--images needs the target column (--target COL)")
+    table_only = [f for f, v in (("--impute", args.impute), ("--features", args.features),
+                                 ("--categorical", args.categorical),
+                                 ("--max-categories", args.max_categories),
+                                 ("--max-features", args.max_features),
+                                 ("--train-fraction", args.train_fraction),
+                                 ("--data-root", args.data_root)) if v is not None]
+    if table_only:
+        raise ValueError(f"{table_only[0]} is not an option of --images (see bsam bench --help, "
+                         "'your own images')")
+    section: dict[str, Any] = {"name": "images", "path": str(Path(args.images).resolve()),
+                               "target": args.target}
+    for key, value in (("root", args.root), ("path_col", args.path_col),
+                       ("split_col", args.split_col), ("img_size", args.img_size),
+                       ("bin_width", args.bin_width), ("cap", args.cap)):
+        if value is not None:
+            section[key] = str(Path(value).resolve()) if key == "root" else value
+    if args.cache is not None:
+        section["cache"] = False if args.cache.lower() == "none" else str(
+            Path(args.cache).resolve())
+    if args.pretrained is not None:
+        section["pretrained"] = (args.pretrained if args.pretrained.lower() == "imagenet"
+                                 else str(Path(args.pretrained).resolve()))
+    if args.allow_download:
+        section["allow_download"] = True
+    if args.dropna:
+        section["dropna"] = True
+    return section
 
 
 def _bench_runs(b: argparse.ArgumentParser) -> None:
@@ -430,7 +512,7 @@ def _bench_config(args: argparse.Namespace) -> Any:
             "effect",
             "impute", "features", "categorical", "max_categories", "max_features", "overwrite")
     return BenchConfig(**{k: getattr(args, k) for k in same}, overrides=overrides,
-                       plots=not args.no_plots)
+                       plots=not args.no_plots, data=_images_section(args))
 
 
 def _train_overrides(items: Sequence[str]) -> dict[str, Any]:

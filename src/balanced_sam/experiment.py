@@ -173,13 +173,18 @@ def _check_sections(spec: Mapping[str, Any]) -> None:
         raise ConfigError(f"config needs data.name ({', '.join(REGISTRY)})")
 
 
-def train_config(data: DataSplits, train: Mapping[str, Any] | None = None) -> TrainConfig:
+def train_config(data: DataSplits, train: Mapping[str, Any] | None = None,
+                 model: Mapping[str, Any] | None = None) -> TrainConfig:
     """The ``TrainConfig`` of ``data``'s recipe changed by ``train`` (a config's section): a
     ``train`` that names a method and no rho gets the recipe's rho for that method; plug-in
     options (``plugins``) change the recipe's key by key; ``balance: auto`` becomes the
-    data's."""
+    data's. A model (``model``, a config's section, else the recipe's) that starts from
+    ``pretrained`` weights trains with the recipe's ``finetune`` values under ``train``."""
     train = dict(train or {})
-    values = {**data.recipe.train, **train}
+    spec = dict(model or {}) if (model or {}).get("name") else {**data.recipe.model,
+                                                                **(model or {})}
+    tune = data.recipe.finetune if spec.get("pretrained") else {}
+    values = {**data.recipe.train, **tune, **train}
     if "plugins" in train and data.recipe.train.get("plugins"):  # per plug-in, key by key
         mine, recipe = train["plugins"] or {}, data.recipe.train["plugins"]
         if isinstance(mine, dict):  # (a value that is not a mapping: the check names it)
@@ -204,7 +209,7 @@ def build_experiment(spec: Mapping[str, Any], *, bins: LabelBins | Mapping[str, 
     train = dict(spec.get("train") or {})
     data = load_data(spec["data"], bins=spec.get("bins"), stored_bins=bins,
                      many=train.get("many"), few=train.get("few"))
-    cfg = train_config(data, train)
+    cfg = train_config(data, train, spec.get("model"))
     seed_everything(cfg.seed)  # the initial weights of seed s: the same as in bsam bench
     model = data.make_model(spec.get("model"))
     return Experiment(data, model, cfg, dict(spec))
@@ -226,6 +231,8 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     exp = build_experiment(spec)
     if rank == 0:
         log(f"{exp.cfg.method} on {exp.data.name}: {exp.bins}")
+        if exp.data.info.get("summary"):
+            log(str(exp.data.info["summary"]))
     res = fit(exp.model, exp.train, exp.val, exp.bins, exp.cfg, test_data=exp.test,
               out_dir=folder, resume=resume, overwrite=overwrite, target_scaler=exp.target_scaler,
               depth=exp.depth, meta={"spec": dict(spec), "data": exp.data.fingerprint},

@@ -261,7 +261,7 @@ DEFAULT_POWER = 0.8
 
 def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
                       confidence: float = 0.95, effect: float | str | None = DEFAULT_EFFECT,
-                      power: float = DEFAULT_POWER) -> dict[str, Any]:
+                      power: float | None = DEFAULT_POWER) -> dict[str, Any]:
     """Compare per-seed ``values`` of a method with the ``baseline``'s on the same seeds (same
     order; lower is better): ``{"mean", "ci_low", "ci_high", "wins", "n"}`` as described in the
     module docstring, and the power entries ``"sd"`` (paired standard deviation), ``"mde"``
@@ -269,7 +269,8 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
     test at level ``1 - confidence``), ``"effect"`` (the effect of interest in the metric's
     units: ``effect`` as given, or a share of the baseline's mean such as the default ``"5%"``)
     and ``"seeds_needed"`` (paired seeds that detect ``effect`` with that power). With one pair
-    the interval and the power entries are ``None`` (undefined)."""
+    the interval and the power entries are ``None`` (undefined); ``power=None`` leaves the
+    power entries out of the computation (``None``), for callers that make many comparisons."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
     if len(values) != len(baseline):
@@ -297,6 +298,8 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
         out["ci_low"], out["ci_high"] = mean - half, mean + half
         alpha = 1.0 - confidence
         out["sd"] = sd
+        if power is None:
+            return out
         out["mde"] = detectable_effect(sd, n, alpha=alpha, power=power)
         if size is not None and size > 0:
             out["seeds_needed"] = seeds_needed(size, sd, alpha=alpha, power=power)
@@ -442,22 +445,29 @@ def paired_comparisons(
             warnings.warn(f"{name} vs {baseline}: comparing the {len(shared)} shared seed(s) "
                           f"{shared} and leaving out the unpaired ones: {detail}", stacklevel=2)
         shared = [s for s in shared if not (_diverged(mine[s]) or _diverged(base[s]))]
-        cmp: dict[str, dict[str, Any] | None] = {}
-        for metric, region in metrics:
-            a = [_metric(mine[s], split, region, metric) for s in shared]
-            b = [_metric(base[s], split, region, metric) for s in shared]
-            if not shared:  # every pair had a diverged run
-                cmp[f"{metric}_{region}"] = {"mean": None, "ci_low": None, "ci_high": None,
-                                             "wins": 0, "n": 0, "sd": None, "mde": None,
-                                             "effect": None, "seeds_needed": None}
-                continue
-            if any(v is None for v in a + b):
-                cmp[f"{metric}_{region}"] = None
-                continue
-            cmp[f"{metric}_{region}"] = paired_difference(  # type: ignore[arg-type]
-                a, b, confidence=confidence, effect=effect, power=power)
+        cmp = _compare_on(mine, base, shared, metrics, split,
+                          dict(confidence=confidence, effect=effect, power=power))
         out[name] = cmp
     return out
+
+
+def _compare_on(mine: Mapping[int, Mapping[str, Any]], base: Mapping[int, Mapping[str, Any]],
+                shared: Sequence[int], metrics: Sequence[tuple[str, str]], split: str,
+                options: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """One method against the baseline on the ``shared`` seeds, metric by metric."""
+    cmp: dict[str, dict[str, Any] | None] = {}
+    for metric, region in metrics:
+        a = [_metric(mine[s], split, region, metric) for s in shared]
+        b = [_metric(base[s], split, region, metric) for s in shared]
+        if not shared:  # every pair had a diverged run
+            cmp[f"{metric}_{region}"] = {"mean": None, "ci_low": None, "ci_high": None,
+                                         "wins": 0, "n": 0, "sd": None, "mde": None,
+                                         "effect": None, "seeds_needed": None}
+        elif any(v is None for v in a + b):
+            cmp[f"{metric}_{region}"] = None
+        else:
+            cmp[f"{metric}_{region}"] = paired_difference(a, b, **options)  # type: ignore[arg-type]
+    return cmp
 
 
 # ---------------------------------------------------------------------------- text

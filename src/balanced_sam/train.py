@@ -6,7 +6,10 @@ Read it top to bottom:
   seed, AMP, DDP scope); :meth:`TrainConfig.validate` checks each value's type and range.
 * :class:`LRPlan` is the per-epoch learning-rate multiplier (warm-up, then cosine, the reference
   code's cosine, steps or constant); a resumed run with a new epoch count re-plans it from where
-  it stands, so the learning rate never jumps back up.
+  it stands, so the learning rate never jumps back up. It lives in
+  :mod:`balanced_sam.train_state` with the checks a checkpoint passes before a run resumes from
+  it; the device, the process group and the seeds are set up by :mod:`balanced_sam.runtime`
+  (``from balanced_sam.train import ...`` keeps working for the names in ``__all__``).
 * :class:`~balanced_sam.data.loader.EpochLoader` yields the epoch's mini-batches: a seeded
   permutation per epoch, split across data-parallel replicas the way ``DistributedSampler``
   does, so a run is reproducible and a resumed run sees exactly the batches an unbroken one
@@ -25,27 +28,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from balanced_sam.baselines.plugins import MethodPlugin, fit_stages, is_staged
 from balanced_sam.bins import LabelBins
-from balanced_sam.config import DEVICES, SAFE_TO_CHANGE, TrainConfig
+from balanced_sam.config import SAFE_TO_CHANGE, TrainConfig
 from balanced_sam.data.loader import EpochLoader, batches, is_tensor_data
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.device_pipeline import DevicePipeline, auto_settings, device_pipeline
-from balanced_sam.errors import spell
 from balanced_sam.io import progress_bar
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import build_stepper, get_method
@@ -57,6 +56,22 @@ from balanced_sam.outputs import (
     RunFolder,
     load_checkpoint,
     run_loggers,
+)
+from balanced_sam.runtime import (
+    init_distributed,
+    rank_and_world,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from balanced_sam.train_state import (
+    LRPlan,
+    check_optimizer_state,
+    check_same_config,
+    check_same_data,
+    load_weights,
+    lr_lambdas,
 )
 
 __all__ = ["TrainConfig", "FitResult", "LRPlan", "fit", "evaluate", "predict",
@@ -78,111 +93,6 @@ class FitResult:
     out_dir: str | None
     config: dict[str, Any] | None = None  # the run's TrainConfig (balance resolved)
     skipped_steps: int = 0  # steps skipped for a non-finite gradient (optimizer's count)
-
-
-# ---------------------------------------------------------------------------- set-up helpers
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002  (user code may use the global RNG)
-    torch.manual_seed(seed)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) or the CPU; else one
-    of ``cpu``, ``cuda``, ``cuda:N``, ``mps``, checked to be available."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not DEVICES.match(str(device)):
-        raise ValueError(f"device {device!r} is not one this library runs on; use "
-                         f"{spell('device', 'cpu')} (or auto, cuda, cuda:N, mps)")
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available; use cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} asked for, but MPS is not available; use cpu")
-    return dev
-
-
-def init_distributed() -> bool:
-    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the
-    environment): NCCL on GPUs, gloo on CPUs. Returns whether this is a multi-process run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if not torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return True
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-# ---------------------------------------------------------------------------- schedule
-@dataclass(frozen=True)
-class LRPlan:
-    """The learning-rate multiplier of every epoch (0-based).
-
-    Warm-up first (``(e + 1) / warmup_epochs``), then the schedule. A cosine runs from the factor
-    ``start_factor`` at epoch ``start`` down to ``lr_min_factor``: ``cosine`` over ``e - start =
-    0 .. n-1`` with ``n = epochs - start`` (it never quite reaches the floor), ``cosine_ref`` over
-    ``1 .. n`` (its last epoch runs at the floor). A fresh plan starts at the end of the warm-up
-    with factor 1; :meth:`extended` starts a new segment where a resumed run stands.
-    """
-
-    schedule: str
-    epochs: int
-    lr_min_factor: float = 1e-3
-    warmup_epochs: int = 0
-    step_size: int = 5
-    gamma: float = 0.1
-    start: int | None = None  # a re-planned segment: first epoch of the segment
-    start_factor: float = 1.0
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> LRPlan:
-        return cls(cfg.schedule, cfg.epochs, cfg.lr_min_factor, cfg.warmup_epochs,
-                   cfg.step_size, cfg.gamma)
-
-    def __call__(self, epoch: int) -> float:
-        if self.start is None and self.warmup_epochs and epoch < self.warmup_epochs:
-            return (epoch + 1) / self.warmup_epochs
-        if self.schedule in ("cosine", "cosine_ref"):
-            start = self.warmup_epochs if self.start is None else self.start
-            n = max(1, self.epochs - start)
-            k = epoch - start + (1 if self.schedule == "cosine_ref" else 0)
-            cos = (1 + math.cos(math.pi * min(k, n) / n)) / 2
-            return self.lr_min_factor + (self.start_factor - self.lr_min_factor) * cos
-        if self.schedule == "step":
-            return self.gamma ** (epoch // self.step_size)
-        return 1.0
-
-    def extended(self, epochs: int, at: int) -> LRPlan:
-        """The plan of a run that stands at epoch ``at`` (epochs ``0..at-1`` done) and now ends
-        after ``epochs``: a cosine is re-planned from the factor it has reached down to the
-        floor at the new end, so the learning rate only goes down; other schedules depend on
-        the epoch alone and are unchanged. Same total: the plan itself."""
-        if epochs == self.epochs:
-            return self
-        if self.schedule not in ("cosine", "cosine_ref") or at <= self.warmup_epochs:
-            return LRPlan(**{**self.to_dict(), "epochs": epochs})
-        # cosine: continue from the factor the old plan gives the next epoch; cosine_ref: from
-        # the factor of the last epoch run (its segment's first epoch is already one step down)
-        reached = self(at) if self.schedule == "cosine" else self(at - 1)
-        return LRPlan(**{**self.to_dict(), "epochs": epochs, "start": at,
-                         "start_factor": reached})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _unpack(batch: Sequence[torch.Tensor], device: torch.device
@@ -249,7 +159,7 @@ def train_one_epoch(
     """
     loss_elem = get_loss(cfg.loss)
     target_scaler = target_scaler or TargetScaler()
-    rank, world = _dist()
+    rank, world = rank_and_world()
     model.train()
     if loader is None:
         loader = EpochLoader(data, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
@@ -328,107 +238,6 @@ def evaluate(model: nn.Module, data: Any, bins: LabelBins, *, device: torch.devi
         metrics.update(pred, y, mask)
     report = metrics.compute()
     return (report, metrics.per_bin()) if per_bin else report
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict[str, Any]:
-    """The random generators' states as plain data (a checkpoint holds no numpy array)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
-    st = {"python": random.getstate(),
-          "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-          "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(tuple(st["python"]))
-    name, keys, *rest = st["numpy"]  # keys: a tensor (an older, trusted checkpoint: an array)
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
-    np.random.set_state((name, keys.astype(np.uint32), *rest))  # noqa: NPY002
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def check_optimizer_state(opt: torch.optim.Optimizer, state: Mapping[str, Any],
-                          model: nn.Module | None = None, source: str = "the checkpoint") -> None:
-    """Refuse an optimizer state whose per-parameter tensors (momentum buffers, Adam moments,
-    a stored perturbation) do not have their parameter's shape: ``load_state_dict`` takes such
-    a state when it holds as many parameters, and the run fails at its next step deep inside
-    torch. Nested states (a SAM wrapper's ``base_optimizer``) are checked too; the parameter
-    is named by ``model``'s parameter names when given."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-
-    def walk(sd: Any, where: str) -> None:
-        if not isinstance(sd, Mapping):
-            return
-        if isinstance(sd.get("state"), Mapping) and isinstance(sd.get("param_groups"), list):
-            ids = [i for g in sd["param_groups"] if isinstance(g, Mapping)
-                   for i in g.get("params", [])]
-            if len(ids) != len(params):
-                raise ValueError(f"the optimizer state in {source} ({where or 'top level'}) "
-                                 f"holds {len(ids)} parameters, the model's optimizer "
-                                 f"{len(params)}: it was written for another model")
-            by_id = dict(zip(ids, params))
-            for i, per_param in sd["state"].items():
-                p = by_id.get(i)
-                if p is None or not isinstance(per_param, Mapping):
-                    continue
-                for key, v in per_param.items():
-                    if key != "step" and isinstance(v, torch.Tensor) and v.shape != p.shape:
-                        name = names.get(id(p), f"parameter {i}")
-                        raise ValueError(
-                            f"the optimizer state in {source} does not fit the model: "
-                            f"{where}{key} of {name} is {tuple(v.shape)} there, the parameter "
-                            f"is {tuple(p.shape)}; it was written for another model")
-        for key, sub in sd.items():
-            if key != "state" and isinstance(sub, Mapping):
-                walk(sub, f"{where}{key}.")
-
-    walk(state, "")
-
-
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the "
-                 "checkpoint") -> None:
-    """``model.load_state_dict(state)`` with an error that says which weights do not fit."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} in {source}, {tuple(v.shape)} in the model"
-              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        detail = "; ".join([*shapes[:3], *(f"missing {missing[:3]}" for _ in [0] if missing),
-                            *(f"unexpected {unexpected[:3]}" for _ in [0] if unexpected)])
-        raise ValueError(f"the weights in {source} do not fit the model built from its config "
-                         f"({detail}); was the model section, or the data's number of "
-                         "features, changed?")
-    model.load_state_dict(state)
-
-
-def _check_same_config(saved: Mapping[str, Any], cfg: TrainConfig) -> None:
-    """A resumed run must learn what the checkpoint learned: only :data:`SAFE_TO_CHANGE` (and
-    ``epochs``, which re-plans the schedule) may differ."""
-    ignore = SAFE_TO_CHANGE | {"epochs"}
-    diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
-            if k not in ignore and k in saved and saved[k] != v}
-    if diff:
-        detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume: the checkpoint was trained with another config "
-                         f"({detail}); only {', '.join(sorted(SAFE_TO_CHANGE))} and epochs may "
-                         "change on resume")
-
-
-def _check_same_data(saved: str | None, now: str | None, allow: bool) -> None:
-    if saved is None or now is None or saved == now or allow:
-        return
-    raise ValueError(
-        f"cannot resume: the data changed since the checkpoint was written (fingerprint "
-        f"{saved[:12]} then, {now[:12]} now: the table or split file, or a split parameter, "
-        f"differs). Train in a new folder, or pass {spell('allow_data_change')} to continue on "
-        "the new data anyway")
 
 
 # ---------------------------------------------------------------------------- fit
@@ -515,12 +324,11 @@ def fit(
     if is_staged(get_method(cfg.method), cfg):
         return fit_stages(fit, model, train_data, val_data, bins, cfg, test_data=test_data,
                           out_dir=out_dir, resume=resume, overwrite=overwrite, log=log,
-                          target_scaler=target_scaler, depth=depth,
-                          meta=meta, data_fingerprint=data_fingerprint, loggers=loggers,
-                          allow_data_change=allow_data_change, on_epoch_end=on_epoch_end,
-                          trust_checkpoint=trust_checkpoint)
+                          target_scaler=target_scaler, depth=depth, meta=meta, loggers=loggers,
+                          data_fingerprint=data_fingerprint, allow_data_change=allow_data_change,
+                          on_epoch_end=on_epoch_end, trust_checkpoint=trust_checkpoint)
     cfg = _resolved(cfg, bins, train_data)
-    rank, world = _dist()
+    rank, world = rank_and_world()
     folder = RunFolder(out_dir, rank=rank, log=log)
     resume = _agree(folder.open(resume=resume, overwrite=overwrite, checkpoint=cfg.checkpoint),
                     world)
@@ -599,7 +407,7 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
     device = resolve_device(cfg.device)
     if cfg.amp != "none" and device.type != "cuda":
         raise ValueError(f"amp={cfg.amp!r} needs a CUDA device (got {device}); use amp=none")
-    rank, world = _dist()
+    rank, world = rank_and_world()
     if world > 1 and method.sharpness == "imbsam":
         raise ValueError("method imbsam does not support distributed training (its head "
                          "gradient is not all-reduced); run it in one process")
@@ -625,7 +433,7 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
                          pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch_factor)
     return _Run(
         cfg=cfg, device=device, rank=rank, world=world, model=model, net=net, opt=opt,
-        step=step, plan=plan, sched=torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambdas(opt, plan)),
+        step=step, plan=plan, sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(opt, plan)),
         amp_scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
         first_ctx=plugin.first_pass_context(net.no_sync if (world > 1 and cfg.scope == "local")
                                             else None),
@@ -633,23 +441,13 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
         fingerprint=fingerprint, pipeline=pipeline, plugin=plugin)
 
 
-def _unscheduled(epoch: int) -> float:
-    return 1.0
-
-
-def _lr_lambdas(opt: torch.optim.Optimizer, plan: LRPlan) -> list[Callable[[int], float]]:
-    """The plan for every parameter group, except those marked ``scheduled: False`` (a
-    plug-in's own parameter, e.g. Balanced MSE's noise scale), whose lr stays fixed."""
-    return [plan if g.get("scheduled", True) else _unscheduled for g in opt.param_groups]
-
-
 def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
              log: Callable[[str], None], trust: bool = False) -> _State:
     """Load ``last.pt`` into the run after checking it is the same run on the same data."""
     ck = ckpt.load_last(run.device, trust=trust)
     cfg = run.cfg
-    _check_same_config(ck.get("config", {}), cfg)
-    _check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
+    check_same_config(ck.get("config", {}), cfg)
+    check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
     load_weights(run.model, ck["model"], str(ckpt.folder.last))
     check_optimizer_state(run.opt, ck["optimizer"], run.model, str(ckpt.folder.last))
     run.opt.load_state_dict(ck["optimizer"])
@@ -660,7 +458,7 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
     saved = LRPlan(**ck["lr_plan"]) if ck.get("lr_plan") else LRPlan.of(
         TrainConfig.from_dict(ck["config"]))
     run.plan = saved.extended(cfg.epochs, start)
-    run.sched.lr_lambdas = _lr_lambdas(run.opt, run.plan)
+    run.sched.lr_lambdas = lr_lambdas(run.opt, run.plan)
     for group, base, lam in zip(run.opt.param_groups, run.sched.base_lrs, run.sched.lr_lambdas):
         group["lr"] = base * lam(start)  # the LR of the next epoch under the (new) plan
     if run.plan != saved and run.rank == 0:
@@ -668,7 +466,7 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
             f"continues from lr {run.opt.param_groups[0]['lr']:.3g} at epoch {start + 1}")
     if run.plugin is not None:
         run.plugin.load_state_dict(ck.get("plugin") or {})
-    _set_rng_state(ck["rng"])
+    set_rng_state(ck["rng"])
     if run.rank == 0:
         log(f"resumed from {ckpt.folder.last} at epoch {start}/{cfg.epochs}")
     return _State(start_epoch=start, best_metric=ck["best_metric"], best_epoch=ck["best_epoch"],
@@ -749,7 +547,7 @@ def _write_epoch(run: _Run, state: _State, ckpt: Checkpointer, row: dict[str, An
             "amp_scaler": run.amp_scaler.state_dict() if run.amp_scaler is not None else None,
             "best_metric": state.best_metric, "best_epoch": state.best_epoch,
             "history": state.history, "train_seconds": state.train_seconds,
-            "rng": _rng_state(), "best_state": state.best_state,
+            "rng": rng_state(), "best_state": state.best_state,
             "plugin": run.plugin.state_dict() if run.plugin is not None else {}})
 
 

@@ -142,6 +142,8 @@ def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
                   f"{split['test']}"))
     log(fit_lines(f"bins: {data.bins.num_bins} ({regions['many']} many / {regions['medium']} "
                   f"medium / {regions['few']} few with training samples)"))
+    if data.info.get("summary"):  # what a loader chose by itself (images: the path column, ...)
+        log(fit_lines(str(data.info["summary"])))
     warnings = bin_warnings(data)
     for w in warnings:
         log(fit_lines(f"warning: {w}"))
@@ -156,6 +158,12 @@ def start_results(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
     log(fit_lines(f"seeds {', '.join(map(str, plan.seeds))}"
                   + (f" [--quick: {len(plan.seeds)} seed(s), {cfg.epochs} epochs]"
                      if quick else "") + f"; bMAE by {cfg.balance}"))
+    sweep = data.recipe.bench.get("rho_sweep")
+    if sweep and not data.recipe.rho_by_method and plan.config.rho is None and any(
+            m.uses_rho for m in plan.methods):
+        log(fit_lines(f"note: no rho was tuned for this data: the SAM-family methods run at rho "
+                      f"{cfg.rho:g}, a starting point; sweep it, e.g. --rho "
+                      f"{','.join(f'{r:g}' for r in sweep)}, and choose by validation MAE"))
     if plan.baseline is None and len(plan.methods) > 1:
         log(f"no paired comparisons: the default baseline {DEFAULT_BASELINE} is not among the "
             f"methods; name one of them with {spell('baseline', plan.names[0])}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -98,7 +98,9 @@ class BenchConfig:
 
     ``dataset``: a registered name (``None``: the registry's default bench dataset) unless
     ``csv_path`` names a table (``target``: its target column; ``impute``, ``features``,
-    ``categorical``, ``max_categories``: its loader's options); ``methods`` / ``seeds`` /
+    ``categorical``, ``max_categories``, ``max_features``: its loader's options), or unless
+    ``data`` gives a whole ``data`` section as in a config (``{"name": "images", "path": ...,
+    "target": ...}``: ``bsam bench --images``); ``methods`` / ``seeds`` /
     ``epochs`` default to the dataset recipe's bench choice (``quick``: its short variant).
     ``rho``: one radius or a sweep (``None``: each method's recipe rho). ``baseline``: the
     method the others are compared with seed by seed (default ``sqinv`` when among the
@@ -147,9 +149,17 @@ class BenchConfig:
     max_categories: int | None = None
     max_features: int | None = None
     overwrite: bool = False
+    max_features: int | None = None
+    data: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a bad device fails before any data is read
+        if self.data is not None and (not isinstance(self.data, Mapping)
+                                      or "name" not in self.data):
+            raise ValueError(f"data must be a data section with the dataset's name (as in a "
+                             f"config), got {self.data!r}")
+        if self.data is not None and (self.dataset is not None or self.csv_path is not None):
+            raise ValueError("data replaces dataset / csv_path: give one of them")
         if self.methods is not None:
             self.methods = tuple(self.methods)
             _check_methods(self.methods)
@@ -312,7 +322,9 @@ class BenchPlan:
 def make_plan(config: BenchConfig) -> BenchPlan:
     """The dataset's defaults for what ``config`` leaves open, the data loaded, the runs."""
     c = config
-    defaults = bench_defaults(c.dataset, c.csv_path, c.quick)
+    section = dict(c.data) if c.data is not None else None
+    defaults = bench_defaults(c.dataset if section is None else section["name"], c.csv_path,
+                              c.quick)
     names = list(c.methods) if c.methods is not None else list(defaults["methods"])
     if c.methods is None:
         _check_methods(names)
@@ -321,9 +333,10 @@ def make_plan(config: BenchConfig) -> BenchPlan:
     epochs = c.epochs if c.epochs is not None else defaults["epochs"]
     baseline = _checked_baseline(c.baseline, names)
     jobs = parallel.default_jobs(c.device, c.threads) if c.jobs is None else c.jobs
-    spec = bench_data_spec(c.dataset, csv_path=c.csv_path, target=c.target,
-                           bin_width=c.bin_width, train_fraction=c.train_fraction, cap=c.cap,
-                           data_root=c.data_root, dropna=c.dropna, **c.table_options())
+    spec = section if section is not None else bench_data_spec(
+        c.dataset, csv_path=c.csv_path, target=c.target, bin_width=c.bin_width,
+        train_fraction=c.train_fraction, cap=c.cap, data_root=c.data_root, dropna=c.dropna,
+        **c.table_options())
     spec = {**defaults["data"], **spec}  # --quick's smaller variant, unless told otherwise
     data = load_data(spec)
     cfg = train_config(data, {"device": c.device, "select_by": c.select_by,

@@ -364,6 +364,10 @@ class ArrayCache:
     def num_filled(self) -> int:
         return int(self._open()["filled"].sum())
 
+    def missing(self) -> np.ndarray:
+        """The indices of the samples never stored (int64, sorted)."""
+        return np.flatnonzero(self._open()["filled"] == 0).astype(np.int64)
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_maps"] = None

@@ -27,7 +27,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from torch import nn
 
 from balanced_sam.bins import LabelBins
 from balanced_sam.data.base import BenchData, file_digest
+from balanced_sam.data.folder_images import OPTIONS as IMAGE_OPTIONS
+from balanced_sam.data.folder_recipe import FINETUNE_TRAIN, RHO_SWEEP, SCRATCH_TRAIN
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.errors import ConfigError
 from balanced_sam.metrics import balance_of
@@ -69,6 +71,9 @@ class Recipe:
     source: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
     bench: Mapping[str, Any] = field(default_factory=dict)
+    #: ``TrainConfig`` fields over ``train`` when the model starts from pretrained weights
+    #: (its spec sets ``pretrained``; see :func:`balanced_sam.experiment.train_config`)
+    finetune: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Loaded:
     info: dict[str, Any]
     standardize: bool = False
     tables: BenchData | None = None
+    recipe: Recipe | None = None  # this load's recipe (its options chose it), else the entry's
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,7 @@ def load_data(data: Mapping[str, Any], *, bins: Mapping[str, Any] | None = None,
     return DataSplits(entry, tables.name if tables is not None else entry.name, loaded.train,
                       loaded.val, loaded.test, loaded.bins, scaler,
                       balance_of(labels, loaded.bins), loaded.info,
-                      fingerprint(loaded.info), entry.recipe, tables)
+                      fingerprint(loaded.info), loaded.recipe or entry.recipe, tables)
 
 
 #: a config's ``bins`` keys (``LabelBins.from_labels`` keywords) and what each takes
@@ -559,6 +565,25 @@ IMAGE_BENCH_RECIPE = Recipe(
            "quick": {"methods": ("vanilla", "sqinv", "sam", "bsam"), "seeds": (0, 1, 2),
                      "epochs": 5, "data": {"n_train": 2000}}})
 
+#: your own images (``bsam bench --images LABELS.csv --target COL``): a ResNet-18 from scratch,
+#: or fine-tuned from ``pretrained`` weights; a starting point, tuned on no data, so the bench
+#: suggests sweeping rho (see :mod:`balanced_sam.data.folder_images`)
+IMAGES_RECIPE = Recipe(
+    train=SCRATCH_TRAIN, finetune=FINETUNE_TRAIN, model={"name": "resnet18"},
+    source="a starting point for your own images, not tuned on them",
+    bench={"seeds": 3, "rho_sweep": RHO_SWEEP,
+           "quick": {"seeds": (0,), "epochs": 5}})
+
+
+def _load_images(options: dict[str, Any], bins_spec: Mapping[str, Any] | None,
+                 stored: LabelBins | None) -> Loaded:
+    from balanced_sam.data import folder_recipe
+
+    data, bins, model = folder_recipe.load(options, bins_spec, stored)
+    return Loaded(data.train, data.val, data.test, bins, data.info, standardize=True,
+                  recipe=replace(IMAGES_RECIPE, model=model))
+
+
 #: what ``bsam bench`` runs without ``--dataset`` / ``--csv``; ``--dataset diamonds`` is the
 #: tabular regime, one option away.
 DEFAULT_BENCH_DATASET = "rotated-fashion-mnist"
@@ -584,6 +609,9 @@ for _entry in (
                  options=("path", "target", *_TABLE_SPLIT, "dropna", "impute", "features",
                           "categorical", "max_categories", "max_features", "lower",
                           "min_per_bin", "target_unit", "name")),
+    DatasetEntry("images", _load_images, IMAGES_RECIPE, "",
+                 "your own images: a CSV of image paths and a continuous target "
+                 "(--images FILE --target COL)", "image", options=IMAGE_OPTIONS),
     DatasetEntry("agedb", _paper("balanced_sam.data.agedb", {"bin_width": 1, "lower": 0,
                                                               "upper": 121},
                                  _age_csv("agedb.csv")),
