@@ -579,6 +579,7 @@ def test_default_jobs_is_what_the_machine_offers(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- the printout
+@pytest.mark.e2e
 def test_every_printed_line_fits_100_columns_and_names_the_plots(serial):
     res, out, text = serial
     too_long = [line for line in text.splitlines() if len(line) > 100]
@@ -590,6 +591,7 @@ def test_every_printed_line_fits_100_columns_and_names_the_plots(serial):
     assert "bMAE |" in text and "bMAE: the mean of the per-bin MAEs" in text  # it differs here
 
 
+@pytest.mark.e2e
 def test_bmae_is_shown_only_where_it_differs_from_mae_all(serial):
     res = copy.deepcopy(serial[0])
     assert "bMAE |" in bench_table(res) and "bMAE All" in comparison_text(res)

@@ -110,6 +110,7 @@ def reference_losses() -> tuple[list[float], list[float]]:
     return first, second
 
 
+@pytest.mark.e2e  # trains with Lightning's Trainer
 def test_trainer_accumulation_warns_and_names_the_alternative():
     _, _, bins = data()
     with pytest.warns(AccumulatedGradientWarning, match=r"accumulate_grad_batches.*"
@@ -117,6 +118,7 @@ def test_trainer_accumulation_warns_and_names_the_alternative():
         fit(Tiny(bins, "automatic"), steps=2, accumulate_grad_batches=2)
 
 
+@pytest.mark.e2e  # trains with Lightning's Trainer
 def test_inner_optimizer_step_warns_that_lightning_does_not_count_it():
     _, _, bins = data()
     with pytest.warns(UserWarning, match=r"optimizers\(\)\.optimizer\.step.*global_step stays "
@@ -125,6 +127,7 @@ def test_inner_optimizer_step_warns_that_lightning_does_not_count_it():
     assert trainer.global_step == 0 and len(logged.values) == STEPS  # never reached)
 
 
+@pytest.mark.e2e  # trains with Lightning's Trainer
 @pytest.mark.parametrize("mode", ["automatic", "manual"])
 def test_the_documented_forms_warn_nothing_and_log_the_first_pass(mode):
     _, _, bins = data()
@@ -137,6 +140,7 @@ def test_the_documented_forms_warn_nothing_and_log_the_first_pass(mode):
     assert logged.values == pytest.approx(first, rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.e2e  # trains with Lightning's Trainer
 def test_unguarded_log_in_automatic_optimization_is_the_second_pass():
     # what lightning.md says: training_step runs twice, the last self.log wins
     _, _, bins = data()
