@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.losses import check_mask, reduce_losses
 from balanced_sam.optim.norms import check_max_norm, finite_clipped_
-from balanced_sam.optim.weighting import PassWeighting, _user_stacklevel
+from balanced_sam.optim.weighting import PassWeighting, user_stacklevel
 
 __all__ = ["sharpness_step", "plain_step", "frozen_bn_stats", "SharpnessOptimizer",
            "ContextFactory", "BN_SECOND_PASS", "AccumulatedGradientWarning"]
@@ -205,7 +205,7 @@ def _check_accumulated(opt: SharpnessOptimizer, log: Any, calls: int,
             "Trainer(accumulate_grad_batches>1) or accelerate's accumulate(); use "
             "opt.step(loss_fn, targets, accumulate=K) (in Lightning: manual optimization), a "
             "closure that loops over the micro-batches, or a larger batch. (Warned once.)",
-            AccumulatedGradientWarning, stacklevel=_user_stacklevel())
+            AccumulatedGradientWarning, stacklevel=user_stacklevel())
 
 
 def _closure_pass(opt: SharpnessOptimizer, closure: Callable[[], Any]) -> _Pass:
@@ -270,7 +270,7 @@ def warn_if_lightning_bypassed(opt: Any) -> None:
             "(self.optimizers().optimizer.step(...)): Lightning does not count this step, so "
             "global_step stays 0, ModelCheckpoint writes nothing and step-wise schedulers do "
             "not advance. Call the wrapper: self.optimizers().step(closure=loss_fn, "
-            "targets=y). (Warned once.)", UserWarning, stacklevel=_user_stacklevel())
+            "targets=y). (Warned once.)", UserWarning, stacklevel=user_stacklevel())
 
 
 def _second_pass_context(model: nn.Module | None, bn_second_pass: str) -> ContextFactory | None:

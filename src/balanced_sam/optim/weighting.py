@@ -55,7 +55,7 @@ _WRAPPER_DIRS = (os.path.dirname(os.path.abspath(__file__)),
                  os.path.dirname(os.path.abspath(torch.optim.__file__)))
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The ``stacklevel`` (for a warning issued by the caller of this function) that points at
     the first frame outside this package's optimizers and ``torch.optim``'s wrappers."""
     level, frame = 1, sys._getframe(1)
@@ -236,7 +236,7 @@ class PassWeighting:
                 f"{'were' if split else 'was'} not applied. Compute "
                 "the loss of every pass with opt.reduce(...) (closure and first_step/second_step "
                 "forms), or call opt.step(loss_fn, targets). (Warned once per optimizer.)",
-                BalancingNotAppliedWarning, stacklevel=_user_stacklevel())
+                BalancingNotAppliedWarning, stacklevel=user_stacklevel())
         self.phase = "perturb"
         self._ran.clear()
         self._reduced.clear()
