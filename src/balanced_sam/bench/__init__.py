@@ -73,10 +73,13 @@ runs). Empty regions are ``null``. ``config.train.balance`` says what bMAE avera
 
 from __future__ import annotations
 
+from balanced_sam.bench.executors import RunsFailedError
 from balanced_sam.bench.plan import (
     DEFAULT_SEEDS,
+    EXECUTORS,
     QUICK,
     BenchConfig,
+    ExecutorConfig,
     RunKey,
     bench_data_spec,
     bench_defaults,
@@ -92,7 +95,8 @@ from balanced_sam.bench.summary import (
     finish_results,
 )
 
-__all__ = ["run_bench", "BenchConfig", "RunKey", "compare_results", "finish_results",
+__all__ = ["run_bench", "BenchConfig", "ExecutorConfig", "EXECUTORS", "RunKey",
+           "compare_results", "finish_results",
            "bench_defaults", "load_bench_data", "bench_data_spec", "bench_table",
            "comparison_text", "QUICK", "DEFAULT_SEEDS", "DEFAULT_BASELINE", "DIVERGE_FACTOR",
-           "CONFIDENCE", "STALLED_RULE", "BenchInterrupted"]
+           "CONFIDENCE", "STALLED_RULE", "BenchInterrupted", "RunsFailedError"]

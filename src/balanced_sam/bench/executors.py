@@ -1,0 +1,619 @@
+"""Where a bench's runs train: on this machine (``local``), on a Ray cluster (``ray``) or as
+Slurm jobs through submitit (``slurm``); ``bsam bench --executor``.
+
+Every executor has one small interface, :meth:`Executor.run`: it is handed the runs left to
+train (the bench read the finished ones back), trains them, reports each as it finishes, and
+on Ctrl-C stops what it started (and only that) before the ``KeyboardInterrupt`` goes on.
+
+* :class:`LocalExecutor`: this process (``jobs=1``) or ``jobs`` worker processes
+  (:mod:`balanced_sam.parallel`); with ``devices``, worker ``i`` trains on ``devices[i]``, so
+  each device takes one run at a time.
+* :class:`RemoteExecutor` over a :class:`RayBackend` or a :class:`SubmititBackend`: each run
+  is one task (one Slurm job) that reloads the bench's data from its ``data`` spec (the same
+  files at the same paths: the filesystem is shared), checks their fingerprint, builds the
+  run's initial weights from its seed and trains it into ``out/runs/<label>/``
+  (:func:`run_remote`), so a run's figures do not depend on where it ran. Its outputs stay in
+  its run folder; the bench reads its ``result.json`` back, and the parent alone writes
+  ``results.json``, the table and the plots. A task writes what it does to
+  ``out/logs/<label>.log`` (host, pid, the epoch it resumes from, its error's traceback).
+
+  A run whose worker died (killed, out of memory, a lost node, a preempted or timed-out job) is
+  started again, at most ``retries`` times, and resumes from its ``last.pt`` (on Slurm,
+  preemption and time-out also requeue the job itself through submitit's checkpointing). A
+  run that raised an error is not retried: it is named, with its log's last lines, when the
+  other runs have finished (:class:`RunsFailedError`); the finished runs are kept and the same
+  command trains only what is missing.
+
+Nothing is unpickled from the bench's folder by the bench itself: Ray and submitit send the
+task (its config and data spec, no tensors) the way they do (submitit through pickles in
+``out/submitit``, which only its own job processes read), and results come back as the
+``result.json`` each run writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from balanced_sam import parallel
+from balanced_sam.bench.plan import BenchPlan, ExecutorConfig, RunKey
+from balanced_sam.config import TrainConfig
+from balanced_sam.io import nan_for_null, read_json
+from balanced_sam.outputs import OwnedFolder
+
+__all__ = ["Executor", "LocalExecutor", "RemoteExecutor", "RayBackend", "SubmititBackend",
+           "RemoteRun", "run_remote", "make_executor", "RunsFailedError", "LOG_TAIL"]
+
+#: the lines of a failed run's log that the bench shows
+LOG_TAIL = 8
+#: seconds between two looks at the remote runs
+POLL_S = 1.0
+
+Finished = Callable[[RunKey, dict[str, Any], float], None]
+
+
+class RunsFailedError(RuntimeError):
+    """Some runs failed (the others finished and are kept); the message names each with the
+    last lines of its log."""
+
+
+def _needs(extra: str, package: str, what: str) -> ModuleNotFoundError:
+    err = ModuleNotFoundError(f"{what} needs the package {package}: install it with "
+                              f"pip install 'balanced-sam[{extra}]'")
+    err.name = package
+    return err
+
+
+class Executor:
+    """Trains the runs a bench has left: ``run(todo, status, finished)`` with ``todo`` a list
+    of ``(key, fresh)`` (``fresh``: the run's folder holds a run on other data, trained
+    afresh), ``status`` the bench's progress line and ``finished(key, run, seconds)`` called
+    as each run ends. ``record()``: what ``results.json`` says about where the runs trained."""
+
+    name = "?"
+
+    def run(self, todo: list[tuple[RunKey, bool]], status: Any, finished: Finished) -> None:
+        raise NotImplementedError
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def start_method(self, jobs: int) -> str:
+        """How the runs were started, for ``results.json``'s ``parallel``."""
+        return self.name
+
+
+def make_executor(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]) -> Executor:
+    """The executor ``plan.config.executor`` names."""
+    cfg = plan.config.executor
+    assert isinstance(cfg, ExecutorConfig)
+    if cfg.name == "local":
+        return LocalExecutor(plan)
+    backend: Backend = (RayBackend(cfg, plan.config.threads, log) if cfg.name == "ray"
+                        else SubmititBackend(cfg, plan.config.threads, plan.out, owned, log))
+    return RemoteExecutor(plan, owned, backend, cfg.retries, log)
+
+
+# ---------------------------------------------------------------------------- local
+class LocalExecutor(Executor):
+    """This machine: in this process (``jobs`` 1) or ``jobs`` spawned worker processes, worker
+    ``i`` on ``devices[i]`` (``--devices``; else the visible GPUs when the device is ``auto``
+    or ``cuda``)."""
+
+    name = "local"
+
+    def __init__(self, plan: BenchPlan) -> None:
+        self.plan = plan
+        self.placed: dict[str, dict[str, Any]] = {}
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "jobs": self.plan.jobs_used, "devices": self.plan.devices,
+                "runs": self.placed}
+
+    def start_method(self, jobs: int) -> str:
+        return "spawn" if jobs > 1 else "in-process"
+
+    def run(self, todo: list[tuple[RunKey, bool]], status: Any, finished: Finished) -> None:
+        from balanced_sam.bench import run as bench
+
+        plan = self.plan
+        jobs = plan.jobs_used
+        ctx = bench._context(plan, jobs)
+        threads = plan.config.threads
+        devices = plan.devices or bench._worker_devices(plan.config.device)
+
+        def done(key: RunKey, out: tuple[dict[str, Any], dict[str, Any]], seconds: float
+                 ) -> None:
+            run, where = out
+            self.placed[key.label] = where
+            finished(key, run, seconds)
+
+        if jobs <= 1:
+            device = devices[0] if devices else None
+            with parallel.pinned_threads(threads):
+                for key, fresh in todo:
+                    status.started(key)
+                    t0 = time.perf_counter()
+                    out = placed_task(ctx, bench._task(plan, key, fresh, portable=False), device)
+                    done(key, out, time.perf_counter() - t0)
+            return
+
+        def handed_out(key: RunKey, fresh: bool) -> Any:
+            status.started(key)
+            return bench._task(plan, key, fresh, portable=True)
+
+        parallel.run_tasks(placed_task, ctx, todo, jobs=jobs, threads=threads, devices=devices,
+                           prepare=handed_out, on_done=done)
+
+
+def placed_task(ctx: Any, task: Any, device: str | None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`balanced_sam.bench.run.train_task`, and where and when it ran (device, host,
+    process, wall-clock start and end)."""
+    from balanced_sam.bench import run as bench
+    from balanced_sam.train import resolve_device
+
+    start = time.time()
+    run = bench.train_task(ctx, task, device)
+    return run, {"device": str(resolve_device(device or ctx.cfg.device)),
+                 "host": socket.gethostname(),
+                 "pid": os.getpid(), "start": start, "end": time.time()}
+
+
+# ---------------------------------------------------------------------------- one remote run
+@dataclass
+class RemoteRun:
+    """What a remote task needs to train one run: no tensors, only where the data are (the
+    ``spec`` of :func:`balanced_sam.data.registry.load_data`) and their fingerprint's
+    ``digest``, the base training config, the run's ``label`` and the bench's folder."""
+
+    label: str
+    out: str
+    spec: dict[str, Any]
+    digest: str
+    cfg: TrainConfig
+    threads: int
+    attempt: int = 1
+
+
+_DATA: dict[str, Any] = {}  # a worker's data by spec: a Ray worker reuses them across runs
+
+
+def _worker_data(spec: dict[str, Any], digest: str) -> Any:
+    from balanced_sam.data.registry import load_data
+
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key not in _DATA:
+        data = load_data(spec)
+        got = data.fingerprint["digest"]
+        if got != digest:
+            raise ValueError(f"the worker on {socket.gethostname()} read other data than the "
+                             f"bench (fingerprint {got[:12]} instead of {digest[:12]}): every "
+                             "worker must see the same files at the same paths as the machine "
+                             "that runs bsam bench")
+        _DATA.clear()
+        _DATA[key] = data
+    return _DATA[key]
+
+
+def _note(path: Path, text: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"[{stamp}] {text}\n")
+
+
+def _run_state(run_dir: Path, digest: str) -> tuple[str, int | None]:
+    """``done`` (a result on these data), ``resume`` (a ``last.pt`` on these data, with its
+    epoch), ``fresh`` (outputs on other data: trained again) or ``new``."""
+    from balanced_sam.train import load_checkpoint
+
+    res = run_dir / "result.json"
+    if res.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            if read_json(res).get("data_fingerprint") == digest:
+                return "done", None
+        return "fresh", None
+    last = run_dir / "last.pt"
+    if last.is_file():
+        ck = load_checkpoint(last)
+        if ck.get("data_fingerprint") != digest:
+            return "fresh", None
+        epoch = ck.get("epoch")
+        return "resume", int(epoch) if isinstance(epoch, int) else None
+    return "new", None
+
+
+def run_remote(job: RemoteRun) -> None:
+    """Train one run in a Ray task or a Slurm job (see the module's docstring): resume it from
+    its ``last.pt``, or do nothing when it has finished already. Writes what it does to
+    ``out/logs/<label>.log``; an error is written there with its traceback and raised."""
+    from balanced_sam.bench import run as bench
+    from balanced_sam.train import seed_everything
+
+    out = Path(job.out)
+    log = out / "logs" / f"{job.label}.log"
+    attempt = f"attempt {job.attempt}"
+    try:
+        with parallel.pinned_threads(job.threads):
+            run_dir = out / "runs" / job.label
+            state, epoch = _run_state(run_dir, job.digest)
+            what = {"done": "finished earlier", "new": "from the start",
+                    "fresh": "afresh (its folder held a run on other data)",
+                    "resume": f"resuming from last.pt (epoch {epoch})"}[state]
+            _note(log, f"{attempt} started on {socket.gethostname()} (pid {os.getpid()}), "
+                       f"device {job.cfg.device}: {what}")
+            if state != "done":
+                data = _worker_data(job.spec, job.digest)
+                key = RunKey.parse(job.label)
+                ctx = bench.Context(data.train, data.val, data.test, data.bins, data.scaler,
+                                    data.dense, data.name, data.fingerprint, job.spec, job.cfg,
+                                    job.out)
+                seed_everything(key.seed)
+                run = bench.train_task(ctx, bench.Task(key, state == "fresh",
+                                                       data.make_model()), None)
+                if run.get("failure"):
+                    _note(log, f"{attempt}: {run['failure']}")
+        _note(log, f"{attempt} finished")
+    except Exception as exc:
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        _note(log, f"{attempt} failed: {type(exc).__name__}: {exc}\n"
+                   + "\n".join("    " + line for line in text.splitlines()))
+        raise
+    except BaseException as exc:  # stopped: Ctrl-C, a cancel, a requeue's exit
+        with contextlib.suppress(OSError):
+            _note(log, f"{attempt} stopped ({type(exc).__name__})")
+        raise
+
+
+# ---------------------------------------------------------------------------- backends
+class Backend:
+    """A scheduler: ``submit`` a :class:`RemoteRun` (a handle back), whether a handle has
+    ``ended``, ``cancel`` handles, the scheduler's own ``log_tail`` of one, ``close``."""
+
+    name = "?"
+
+    def submit(self, jobs: list[RemoteRun]) -> list[Any]:
+        raise NotImplementedError
+
+    def ended(self, handle: Any) -> bool:
+        raise NotImplementedError
+
+    def cancel(self, handles: list[Any]) -> None:
+        raise NotImplementedError
+
+    def log_tail(self, handle: Any) -> str:
+        return ""
+
+    def record(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def _default_gpus(cfg: ExecutorConfig) -> float:
+    if cfg.gpus_per_run is not None:
+        return float(cfg.gpus_per_run)
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+class RayBackend(Backend):
+    """One Ray task per run, asking for ``gpus_per_run`` GPUs and ``cpus_per_run`` CPUs, on
+    the cluster at ``ray_address``; without one: the cluster running here (``auto``), else a
+    local one that the bench starts and stops. A Ray session already open in this process is
+    used as it is (and left open)."""
+
+    name = "ray"
+
+    def __init__(self, cfg: ExecutorConfig, threads: int, log: Callable[[str], None]) -> None:
+        try:
+            import ray
+        except ModuleNotFoundError as exc:
+            raise _needs("ray", "ray", "--executor ray") from exc
+        self.ray = ray
+        self.gpus = _default_gpus(cfg)
+        self.cpus = cfg.cpus_per_run or threads
+        self.mine = False
+        self.started = False
+        if not ray.is_initialized():
+            quiet = {"log_to_driver": False, "logging_level": "WARNING"}
+            if cfg.ray_address is not None:
+                ray.init(address=cfg.ray_address, **quiet)
+            else:
+                try:
+                    ray.init(address="auto", **quiet)
+                except ConnectionError:
+                    ray.init(num_cpus=parallel.usable_cpus(), include_dashboard=False, **quiet)
+                    self.started = True
+            self.mine = True
+        have = ray.cluster_resources()
+        self.address = "local (started by the bench)" if self.started else (
+            cfg.ray_address or "auto")
+        for what, need in (("GPU", self.gpus), ("CPU", float(self.cpus))):
+            if need > have.get(what, 0.0):
+                self.close()
+                raise ValueError(f"each run asks for {need:g} {what}(s) but the Ray cluster "
+                                 f"({self.address}) has {have.get(what, 0.0):g}: lower "
+                                 f"--{what.lower()}s-per-run or add nodes with {what}s")
+        self.task = ray.remote(run_remote).options(num_cpus=self.cpus, num_gpus=self.gpus,
+                                                   max_retries=0)
+        self.errors: dict[Any, str] = {}
+        log(f"ray: cluster {self.address}, {have.get('CPU', 0):g} CPUs / "
+            f"{have.get('GPU', 0):g} GPUs; each run asks for {self.cpus} CPU(s), "
+            f"{self.gpus:g} GPU(s)")
+
+    def submit(self, jobs: list[RemoteRun]) -> list[Any]:
+        return [self.task.remote(job) for job in jobs]
+
+    def ended(self, handle: Any) -> bool:
+        ready, _ = self.ray.wait([handle], timeout=0)
+        if not ready:
+            return False
+        try:
+            self.ray.get(handle)
+        except Exception as exc:  # noqa: BLE001 - told apart by the run's folder and log
+            self.errors[handle] = f"{type(exc).__name__}: {exc}"
+        return True
+
+    def cancel(self, handles: list[Any]) -> None:
+        for h in handles:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(h, force=False)
+        deadline = time.monotonic() + 10.0
+        left = list(handles)
+        while left and time.monotonic() < deadline:
+            _, left = self.ray.wait(left, num_returns=len(left), timeout=0.5)
+        for h in left:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(h, force=True)
+
+    def log_tail(self, handle: Any) -> str:
+        return self.errors.get(handle, "")
+
+    def record(self) -> dict[str, Any]:
+        return {"address": self.address, "gpus_per_run": self.gpus, "cpus_per_run": self.cpus}
+
+    def close(self) -> None:
+        if self.mine:
+            self.ray.shutdown()
+            self.mine = False
+
+
+class _SubmititRun:
+    """The callable of a Slurm job: trains its run; on preemption or time-out submitit calls
+    :meth:`checkpoint`, which requeues the same job (it resumes from ``last.pt``)."""
+
+    def __call__(self, job: RemoteRun) -> None:
+        run_remote(job)
+
+    def checkpoint(self, job: RemoteRun) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, job)
+
+
+class SubmititBackend(Backend):
+    """One Slurm job per run (submitted together as a job array), through submitit, its files
+    in ``out/submitit``: ``slurm_partition``, ``slurm_time``, ``gpus_per_run``, ``cpus_per_run``
+    and ``slurm_options`` (more sbatch options). ``slurm_cluster="local"``: submitit's local
+    executor (a process per job on this machine) instead of Slurm."""
+
+    name = "slurm"
+
+    def __init__(self, cfg: ExecutorConfig, threads: int, out: Path, owned: OwnedFolder,
+                 log: Callable[[str], None]) -> None:
+        try:
+            import submitit
+        except ModuleNotFoundError as exc:
+            raise _needs("slurm", "submitit", "--executor slurm") from exc
+        if cfg.slurm_cluster == "slurm" and shutil.which("sbatch") is None:
+            raise ValueError("--executor slurm submits with Slurm's sbatch, which is not on this "
+                             "machine's PATH: run the bench on a login node of the cluster")
+        self.cluster = cfg.slurm_cluster
+        self.gpus = int(math.ceil(_default_gpus(cfg)))
+        self.cpus = cfg.cpus_per_run or threads
+        folder = owned.record("submitit", "folder")
+        folder.mkdir(exist_ok=True)
+        self.executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster,
+                                              slurm_max_num_timeout=max(3, cfg.retries))
+        params: dict[str, Any] = {"timeout_min": cfg.timeout_min(), "nodes": 1,
+                                  "tasks_per_node": 1, "cpus_per_task": self.cpus,
+                                  "gpus_per_node": self.gpus, "name": f"bsam-{out.name}"}
+        if self.cluster == "slurm":
+            params.update(slurm_signal_delay_s=120,
+                          slurm_additional_parameters=dict(cfg.slurm_options or {}),
+                          **({"slurm_partition": cfg.slurm_partition}
+                             if cfg.slurm_partition else {}))
+        self.executor.update_parameters(**params)
+        self.partition, self.time = cfg.slurm_partition, cfg.slurm_time
+        log(f"slurm: {'submitit local executor' if self.cluster == 'local' else 'sbatch'}, "
+            f"partition {cfg.slurm_partition or '(default)'}, time {cfg.slurm_time}, "
+            f"{self.gpus} GPU(s) and {self.cpus} CPU(s) per run; files in {folder}")
+
+    def submit(self, jobs: list[RemoteRun]) -> list[Any]:
+        if len(jobs) == 1:
+            return [self.executor.submit(_SubmititRun(), jobs[0])]
+        handles: list[Any] = []
+        with self.executor.batch():
+            for job in jobs:
+                handles.append(self.executor.submit(_SubmititRun(), job))
+        return handles
+
+    def ended(self, handle: Any) -> bool:
+        return bool(handle.done())
+
+    def cancel(self, handles: list[Any]) -> None:
+        for h in handles:
+            with contextlib.suppress(Exception):
+                h.cancel(check=False)
+
+    def log_tail(self, handle: Any) -> str:
+        with contextlib.suppress(Exception):
+            text = handle.stderr() or ""
+            return "\n".join(text.rstrip().splitlines()[-LOG_TAIL:])
+        return ""
+
+    def record(self) -> dict[str, Any]:
+        return {"cluster": self.cluster, "partition": self.partition, "time": self.time,
+                "gpus_per_run": self.gpus, "cpus_per_run": self.cpus}
+
+
+# ---------------------------------------------------------------------------- following them
+def _last_event(log: Path, attempt: int) -> str | None:
+    """What the run's log says of ``attempt``: started, finished, failed, stopped or None."""
+    if not log.is_file():
+        return None
+    event = None
+    prefix = f"attempt {attempt} "
+    with contextlib.suppress(OSError):
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            _, _, rest = line.partition("] ")
+            if rest.startswith(prefix):
+                event = rest[len(prefix):].split(" ", 1)[0].rstrip(":")
+    return event
+
+
+def _tail(log: Path, n: int = LOG_TAIL) -> str:
+    if not log.is_file():
+        return "(no log written: the task never started)"
+    lines = log.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()
+    return "\n".join(lines[-n:])
+
+
+def _clear_dead_lock(run_dir: Path, log: Path, attempt: int) -> None:
+    """A worker that died (on another host, perhaps) leaves its run folder's lock: the next
+    attempt would be refused. The scheduler says that attempt is over, so its lock (the pid
+    and host the log names for it) is removed, and no other."""
+    lock = run_dir / ".lock"
+    if not lock.is_file() or lock.is_symlink() or not log.is_file():
+        return
+    want = None
+    prefix = f"attempt {attempt} started on "
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        _, _, rest = line.partition("] ")
+        if rest.startswith(prefix):
+            host, _, pid = rest[len(prefix):].partition(" (pid ")
+            want = (pid.split(")", 1)[0], host)
+    with contextlib.suppress(OSError, ValueError):
+        pid, host = lock.read_text().split(maxsplit=1)
+        if want is not None and (pid, host.strip()) == want:
+            lock.unlink()
+
+
+class RemoteExecutor(Executor):
+    """Submits every run left to a :class:`Backend`, follows them (one progress line: done,
+    running, queued, failed, time left), starts a run whose worker died again (``retries``
+    times, resuming from ``last.pt``), and names the failed runs at the end."""
+
+    def __init__(self, plan: BenchPlan, owned: OwnedFolder, backend: Backend, retries: int,
+                 log: Callable[[str], None]) -> None:
+        self.plan, self.owned, self.backend, self.retries, self.log = (plan, owned, backend,
+                                                                       retries, log)
+        self.name = backend.name
+        self.attempts: dict[str, int] = {}
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, **self.backend.record(), "retries": self.retries,
+                "attempts": dict(self.attempts)}
+
+    def _job(self, key: RunKey, attempt: int) -> RemoteRun:
+        plan = self.plan
+        return RemoteRun(key.label, str(plan.out.resolve()), plan.spec, plan.digest, plan.cfg,
+                         plan.config.threads, attempt)
+
+    def run(self, todo: list[tuple[RunKey, bool]], status: Any, finished: Finished) -> None:
+        try:
+            self._run(todo, status, finished)
+        finally:
+            self.backend.close()
+
+    def _run(self, todo: list[tuple[RunKey, bool]], status: Any, finished: Finished) -> None:
+        plan = self.plan
+        logs = self.owned.record("logs", "folder")
+        logs.mkdir(exist_ok=True)
+        keys = [k for k, _ in todo]
+        for key in keys:
+            self.owned.record(f"logs/{key.label}.log")
+        attempt = {k: 1 for k in keys}
+        handles = dict(zip(keys, self.backend.submit([self._job(k, 1) for k in keys])))
+        since: dict[RunKey, float] = {}
+        failed: dict[RunKey, str] = {}
+        try:
+            while handles:
+                running = queued = 0
+                for key in list(handles):
+                    log = logs / f"{key.label}.log"
+                    event = _last_event(log, attempt[key])
+                    if not self.backend.ended(handles[key]):
+                        if event is None:
+                            queued += 1
+                        else:
+                            running += 1
+                            if key not in since:
+                                since[key] = time.perf_counter()
+                                status.started(key)
+                        continue
+                    handle = handles.pop(key)
+                    self.attempts[key.label] = attempt[key]
+                    run = self._result(key)
+                    if run is not None:
+                        seconds = (time.perf_counter() - since[key] if key in since
+                                   else float(run.get("train_seconds") or 0.0))
+                        finished(key, run, seconds)
+                    elif event == "failed" or attempt[key] > self.retries:
+                        why = ("it raised an error" if event == "failed" else
+                               f"its worker died {attempt[key]} time(s)")
+                        extra = self.backend.log_tail(handle)
+                        failed[key] = (f"{key.label}: {why}; the last lines of {log}:\n"
+                                       + _tail(log) + (f"\n{extra}" if extra else ""))
+                        status.failed(key, why)
+                    else:
+                        _clear_dead_lock(plan.out / "runs" / key.label, log, attempt[key])
+                        attempt[key] += 1
+                        _note(log, f"attempt {attempt[key] - 1} ended without a result (its "
+                                   f"worker died); starting attempt {attempt[key]} of "
+                                   f"{self.retries + 1}")
+                        self.log(f"{key.label}: its worker died; retrying ({attempt[key] - 1} "
+                                 f"of {self.retries}), from its last.pt")
+                        handles[key] = self.backend.submit([self._job(key, attempt[key])])[0]
+                        since.pop(key, None)
+                        queued += 1
+                status.counts(running, queued, len(failed))
+                if handles:
+                    time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            self.log(f"stopping the {len(handles)} run(s) this bench submitted "
+                     f"({self.name}); finished runs are kept")
+            self.backend.cancel(list(handles.values()))
+            raise
+        if failed:
+            raise RunsFailedError(
+                f"{len(failed)} run(s) failed (the others finished and are kept in "
+                f"{plan.out}; the same command trains only what is missing):\n"
+                + "\n".join(failed.values()))
+
+    def _result(self, key: RunKey) -> dict[str, Any] | None:
+        path = self.plan.out / "runs" / key.label / "result.json"
+        if not path.is_file():
+            return None
+        try:
+            run = read_json(path)
+        except (ValueError, OSError):
+            return None
+        if not isinstance(run, dict) or run.get("data_fingerprint") != self.plan.digest:
+            return None
+        run["val"], run["test"] = nan_for_null(run["val"]), nan_for_null(run["test"])
+        return dict(run)
