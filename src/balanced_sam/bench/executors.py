@@ -229,8 +229,8 @@ def _run_state(run_dir: Path, digest: str) -> tuple[str, int | None]:
         ck = load_checkpoint(last)
         if ck.get("data_fingerprint") != digest:
             return "fresh", None
-        epoch = ck.get("epoch")
-        return "resume", int(epoch) if isinstance(epoch, int) else None
+        epoch = ck.get("epoch")  # the last epoch it holds, counted from 0
+        return "resume", int(epoch) + 1 if isinstance(epoch, int) else None
     return "new", None
 
 
@@ -250,7 +250,7 @@ def run_remote(job: RemoteRun) -> None:
             state, epoch = _run_state(run_dir, job.digest)
             what = {"done": "finished earlier", "new": "from the start",
                     "fresh": "afresh (its folder held a run on other data)",
-                    "resume": f"resuming from last.pt (epoch {epoch})"}[state]
+                    "resume": f"resuming from last.pt ({epoch} epoch(s) done)"}[state]
             _note(log, f"{attempt} started on {socket.gethostname()} (pid {os.getpid()}), "
                        f"device {job.cfg.device}: {what}")
             if state != "done":
