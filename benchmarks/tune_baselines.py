@@ -39,10 +39,14 @@ def val_mae(dataset: str, method: str, options: dict, seeds: list[int], epochs: 
                                     plots=False, data_root=data_root, jobs=jobs,
                                     overrides={"device": "cpu", **plugins}, out=out),
                         log=lambda s: None)
-    except ValueError as exc:  # a diverged run (NaN predictions)
+    except ValueError as exc:  # a setting the method refuses
         print(f"    {method} {options}: {exc}", flush=True)
         return math.inf
     runs = res["methods"][method]["runs"]
+    gone = [r for r in runs if r.get("failure")]
+    if gone:  # the bench marks a diverged run (NaN predictions) and goes on
+        print(f"    {method} {options}: {gone[0]['diverged_reason']}", flush=True)
+        return math.inf
     return sum(r["val"]["all"]["mae"] for r in runs) / len(runs)
 
 

@@ -126,6 +126,17 @@ def test_a_narrower_bench_keeps_every_finished_method_in_the_folders_record(tabl
                                 seeds=[0], epochs=1, rho=0.05, bin_width=10, cap=20, out=out,
                                 plots=False), log=lambda s: None)
     assert list(res["methods"]) == ["vanilla"]
+    # more seeds of one method: the record compares it with sqinv on the seeds they share
+    capsys.readouterr()
+    more = [*SMALL]
+    more[more.index("--seeds") + 1] = "2"
+    assert main(["bench", "--csv", str(table), *more, "--out", str(out), "--methods",
+                 "vanilla"]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in record["methods"]["vanilla"]["runs"]] == [0, 1]
+    assert [r["seed"] for r in record["methods"]["sqinv"]["runs"]] == [0]
+    assert record["comparisons"]["vanilla"]["mae_all"]["n"] == 1
+    assert main(["compare", str(out / "results.json")]) == 0
 
 
 # ---------------------------------------------------------------------------- item 11

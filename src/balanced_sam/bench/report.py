@@ -136,9 +136,12 @@ def compare_results(results: str | Path | dict[str, Any], *, baseline: str | Non
                          f"({', '.join(results['methods'])}); choose one with "
                          f"{spell('baseline', next(iter(results['methods'])))}")
     factor = diverge_factor or (results.get("divergence") or {}).get("factor", DIVERGE_FACTOR)
+    # a folder's record of several benches may hold methods run on other seeds: those are
+    # compared on the seeds they share; a single bench's methods must pair up
+    record = bool((results.get("config") or {}).get("this_bench"))
     finish_results(results, baseline=baseline, factor=factor,
                    confidence=confidence or info.get("confidence") or CONFIDENCE,
-                   unpaired="skip")
+                   unpaired="skip" if record else "error")
     log(bench_table(results))
     log("")
     log(comparison_text(results))
