@@ -77,7 +77,7 @@ def test_wheel_holds_configs_typing_and_one_version(dists):
                                                 "Issues"}
     extras = set(meta.get_all("Provides-Extra"))
     assert extras >= {"cli", "test", "docs", "lightning", "accelerate", "torchmetrics",
-                      "wandb", "all"}
+                      "wandb", "ray", "slurm", "all"}
 
 
 def test_sdist_is_complete(dists):

@@ -282,6 +282,8 @@ class Backend:
     ``ended``, ``cancel`` handles, the scheduler's own ``log_tail`` of one, ``close``."""
 
     name = "?"
+    #: the most runs submitted at a time (``None``: all; the scheduler queues them)
+    limit: int | None = None
 
     def submit(self, jobs: list[RemoteRun]) -> list[Any]:
         raise NotImplementedError
@@ -439,6 +441,8 @@ class SubmititBackend(Backend):
                              if cfg.slurm_partition else {}))
         self.executor.update_parameters(**params)
         self.partition, self.time = cfg.slurm_partition, cfg.slurm_time
+        if self.cluster == "local":  # no scheduler queues them: as many as the cores take
+            self.limit = max(1, parallel.usable_cpus() // self.cpus)
         log(f"slurm: {'submitit local executor' if self.cluster == 'local' else 'sbatch'}, "
             f"partition {cfg.slurm_partition or '(default)'}, time {cfg.slurm_time}, "
             f"{self.gpus} GPU(s) and {self.cpus} CPU(s) per run; files in {folder}")
@@ -548,12 +552,23 @@ class RemoteExecutor(Executor):
         for key in keys:
             self.owned.record(f"logs/{key.label}.log")
         attempt = {k: 1 for k in keys}
-        handles = dict(zip(keys, self.backend.submit([self._job(k, 1) for k in keys])))
+        waiting = list(keys)  # not submitted yet (a backend with a limit takes some at a time)
+        handles: dict[RunKey, Any] = {}
         since: dict[RunKey, float] = {}
         failed: dict[RunKey, str] = {}
+
+        def submit_more() -> None:
+            room = len(waiting) if self.backend.limit is None else max(
+                0, self.backend.limit - len(handles))
+            batch = [waiting.pop(0) for _ in range(min(room, len(waiting)))]
+            if batch:
+                handles.update(zip(batch, self.backend.submit(
+                    [self._job(k, attempt[k]) for k in batch])))
+
         try:
+            submit_more()
             while handles:
-                running = queued = 0
+                running, queued = 0, len(waiting)
                 for key in list(handles):
                     log = logs / f"{key.label}.log"
                     event = _last_event(log, attempt[key])
@@ -588,9 +603,10 @@ class RemoteExecutor(Executor):
                                    f"{self.retries + 1}")
                         self.log(f"{key.label}: its worker died; retrying ({attempt[key] - 1} "
                                  f"of {self.retries}), from its last.pt")
-                        handles[key] = self.backend.submit([self._job(key, attempt[key])])[0]
+                        waiting.insert(0, key)
                         since.pop(key, None)
                         queued += 1
+                submit_more()
                 status.counts(running, queued, len(failed))
                 if handles:
                     time.sleep(POLL_S)
