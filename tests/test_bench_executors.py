@@ -315,12 +315,13 @@ def test_executor_options_are_checked_before_any_data_is_read(table, tmp_path, c
     base = ["bench", "--csv", str(table), "--target", "target", "--out", str(tmp_path / "o")]
     for extra, message in [
         (["--executor", "mesos"], "invalid choice"),
-        (["--devices", "cpu,cpu", "--jobs", "3"], "one run per device at a time"),
-        (["--executor", "ray", "--devices", "cpu"], "devices place runs on this machine"),
-        (["--executor", "slurm", "--slurm-time", "soon"], "slurm_time must be MINUTES"),
+        (["--devices", "cpu,cpu", "--jobs", "3"],
+         "--devices runs one run per device at a time (2 devices), but --jobs is 3"),
+        (["--executor", "ray", "--devices", "cpu"], "--devices places runs on this machine"),
+        (["--executor", "slurm", "--slurm-time", "soon"], "--slurm-time must be MINUTES"),
         (["--executor", "slurm", "--slurm-option", "account"], "--slurm-option takes KEY=VALUE"),
-        (["--executor", "ray", "--gpus-per-run", "-1"], "gpus_per_run must be a number >= 0"),
-        (["--executor", "ray", "--retries", "-2"], "retries must be an integer >= 0"),
+        (["--executor", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be a number >= 0"),
+        (["--executor", "ray", "--retries", "-2"], "--retries must be an integer >= 0"),
     ]:
         with pytest.raises(SystemExit) if message == "invalid choice" else _nothing():
             assert main(base + extra) == 2
@@ -329,6 +330,8 @@ def test_executor_options_are_checked_before_any_data_is_read(table, tmp_path, c
     assert ExecutorConfig(slurm_time="1-02:30:00").timeout_min() == 1590
     assert ExecutorConfig(slurm_time="90").timeout_min() == 90
     assert ExecutorConfig(slurm_time="05:30").timeout_min() == 6  # MM:SS, rounded up
+    with pytest.raises(ValueError, match="^retries must be an integer >= 0"):  # the library's
+        ExecutorConfig(retries=-1).check(None)
 
 
 def test_slurm_without_sbatch_says_where_to_run(table, tmp_path, monkeypatch, capsys):

@@ -129,9 +129,9 @@ class LocalExecutor(Executor):
 
         plan = self.plan
         jobs = plan.jobs_used
-        ctx = bench._context(plan, jobs)
+        ctx = bench.make_context(plan, jobs)
         threads = plan.config.threads
-        devices = plan.devices or bench._worker_devices(plan.config.device)
+        devices = plan.devices or bench.worker_devices(plan.config.device)
 
         def done(key: RunKey, out: tuple[dict[str, Any], dict[str, Any]], seconds: float
                  ) -> None:
@@ -145,13 +145,14 @@ class LocalExecutor(Executor):
                 for key, fresh in todo:
                     status.started(key)
                     t0 = time.perf_counter()
-                    out = placed_task(ctx, bench._task(plan, key, fresh, portable=False), device)
+                    task = bench.make_task(plan, key, fresh, portable=False)
+                    out = placed_task(ctx, task, device)
                     done(key, out, time.perf_counter() - t0)
             return
 
         def handed_out(key: RunKey, fresh: bool) -> Any:
             status.started(key)
-            return bench._task(plan, key, fresh, portable=True)
+            return bench.make_task(plan, key, fresh, portable=True)
 
         parallel.run_tasks(placed_task, ctx, todo, jobs=jobs, threads=threads, devices=devices,
                            prepare=handed_out, on_done=done)

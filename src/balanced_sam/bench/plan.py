@@ -220,27 +220,28 @@ class ExecutorConfig:
     def check(self, jobs: int | None) -> None:
         """Validate the fields (``jobs``: the bench's, for ``devices``)."""
         if self.name not in EXECUTORS:
-            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got "
+            raise ValueError(f"{_flag('executor')} must be one of {', '.join(EXECUTORS)}, got "
                              f"{self.name!r}")
         if self.devices is not None:
             if self.name != "local":
-                raise ValueError(f"devices place runs on this machine's devices (executor "
-                                 f"local); the {self.name} executor gives each run its own "
-                                 f"({spell('gpus_per_run', 1)})")
+                raise ValueError(f"{_flag('devices')} places runs on this machine's devices "
+                                 f"(executor local); the {self.name} executor gives each run "
+                                 f"its own ({_flag('gpus_per_run')})")
             self.devices = tuple(str(d).strip() for d in self.devices)
             if not self.devices or any(not d for d in self.devices):
-                raise ValueError("devices is empty: name devices (cuda:0,cuda:1) or auto")
+                raise ValueError(f"{_flag('devices')} is empty: name devices (cuda:0,cuda:1) "
+                                 "or auto")
             if "auto" in self.devices and len(self.devices) > 1:
-                raise ValueError(f"devices: auto stands alone (every visible GPU), got "
+                raise ValueError(f"{_flag('devices')}: auto stands alone (every visible GPU), got "
                                  f"{','.join(self.devices)}")
             if self.devices != ("auto",):
                 for d in self.devices:
                     resolve_device(d)
                 if jobs not in (None, 1, len(self.devices)):
-                    raise ValueError(f"devices runs one run per device at a time "
-                                     f"({len(self.devices)} devices), but jobs is {jobs}: leave "
-                                     f"jobs out or name {jobs} devices (a device named twice "
-                                     "takes two runs at a time)")
+                    raise ValueError(f"{_flag('devices')} runs one run per device at a time "
+                                     f"({len(self.devices)} devices), but {_flag('jobs')} is "
+                                     f"{jobs}: leave it out or name {jobs} devices (a device "
+                                     "named twice takes two runs at a time)")
         for name, low in (("gpus_per_run", 0), ("cpus_per_run", 1), ("retries", 0)):
             v = getattr(self, name)
             if v is None and name != "retries":
@@ -248,18 +249,18 @@ class ExecutorConfig:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             if not ok or v < low or (name != "gpus_per_run" and v != int(v)):
                 kind = "a number" if name == "gpus_per_run" else "an integer"
-                raise ValueError(f"{name} must be {kind} >= {low}, got {v!r}")
+                raise ValueError(f"{_flag(name)} must be {kind} >= {low}, got {v!r}")
         if not isinstance(self.slurm_time, str) or not _SLURM_TIME.match(self.slurm_time) or \
                 self.timeout_min() < 1:
-            raise ValueError(f"slurm_time must be MINUTES, HH:MM:SS or D-HH:MM:SS (at least a "
-                             f"minute), got {self.slurm_time!r}")
+            raise ValueError(f"{_flag('slurm_time')} must be MINUTES, HH:MM:SS or D-HH:MM:SS "
+                             f"(at least a minute), got {self.slurm_time!r}")
         if self.slurm_cluster not in ("slurm", "local"):
-            raise ValueError(f"slurm_cluster must be slurm or local (submitit's local "
+            raise ValueError(f"{_flag('slurm_cluster')} must be slurm or local (submitit's local "
                              f"executor), got {self.slurm_cluster!r}")
         for k, v in (self.slurm_options or {}).items():
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(k)) or not isinstance(v, str):
-                raise ValueError(f"slurm_options: {k!r}={v!r} is not an sbatch option (KEY=VALUE "
-                                 "with KEY like account or qos)")
+                raise ValueError(f"{_flag('slurm_options')}: {k!r}={v!r} is not an sbatch "
+                                 "option (KEY=VALUE with KEY like account or qos)")
 
     def timeout_min(self) -> int:
         """``slurm_time`` in minutes (seconds rounded up)."""
@@ -269,6 +270,12 @@ class ExecutorConfig:
         if m["s"] is None and m["h"] is not None and m["d"] is None:
             h, mins, s = 0, h, mins  # MM:SS, as sbatch reads two fields
         return d * 1440 + h * 60 + mins + (1 if s else 0)
+
+
+def _flag(option: str) -> str:
+    """How the user names ``option`` here: its flag on the command line, else the field."""
+    spelled = spell(option, "X")
+    return option if spelled == f"{option}='X'" else spelled
 
 
 def _check_methods(methods: Sequence[str]) -> None:

@@ -30,7 +30,8 @@ from balanced_sam.metrics import NonFinitePredictionsError
 from balanced_sam.outputs import OwnedFolder, output_path
 from balanced_sam.train import fit, seed_everything
 
-__all__ = ["run_bench", "BenchInterrupted", "train_task", "Context", "Task"]
+__all__ = ["run_bench", "BenchInterrupted", "train_task", "Context", "Task", "make_context",
+           "make_task", "worker_devices"]
 
 
 class BenchInterrupted(KeyboardInterrupt):
@@ -147,7 +148,7 @@ class Task:
         return self.key.label
 
 
-def _task(plan: BenchPlan, key: RunKey, fresh: bool, *, portable: bool) -> Task:
+def make_task(plan: BenchPlan, key: RunKey, fresh: bool, *, portable: bool) -> Task:
     """The run's task with its initial weights, built from its seed alone (the same for every
     method of a seed, whatever ran before); ``portable``: as bytes for a worker process."""
     seed_everything(key.seed)
@@ -212,7 +213,7 @@ def _diverged_run(key: RunKey, seconds: float, error: str, digest: str) -> dict[
 
 
 # ---------------------------------------------------------------------------- every run
-def _context(plan: BenchPlan, jobs: int) -> Context:
+def make_context(plan: BenchPlan, jobs: int) -> Context:
     d = plan.data
     template = None
     if jobs > 1:
@@ -262,7 +263,7 @@ def _run_all(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]
     return done, executor
 
 
-def _worker_devices(device: str) -> list[str | None] | None:
+def worker_devices(device: str) -> list[str | None] | None:
     """Spread the workers over the visible GPUs when the device names none in particular."""
     if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
