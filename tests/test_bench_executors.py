@@ -22,6 +22,7 @@ from balanced_sam.bench import (
     BenchInterrupted,
     ExecutorConfig,
     RunsFailedError,
+    backends,
     run_bench,
 )
 from balanced_sam.bench import executors as ex
@@ -195,10 +196,10 @@ class _FakeBackend(ex.Backend):
             self.submitted.append((job.label, job.attempt))
             log = Path(job.out) / "logs" / f"{job.label}.log"
             if job.label in self.fail:
-                ex._note(log, f"attempt {job.attempt} started on h (pid 1), device cpu: new")
-                ex._note(log, f"attempt {job.attempt} failed: ValueError: out of luck")
+                ex.note(log, f"attempt {job.attempt} started on h (pid 1), device cpu: new")
+                ex.note(log, f"attempt {job.attempt} failed: ValueError: out of luck")
             elif job.label not in self.die and self.interrupt_at is None:
-                ex.run_remote(job)
+                bench_run.run_remote(job)
         return [(job.label, job.attempt) for job in jobs]
 
     def ended(self, handle):
@@ -212,7 +213,7 @@ class _FakeBackend(ex.Backend):
 
 
 def _with_backend(monkeypatch, backend):
-    def make(plan, owned, log):
+    def make(plan, owned, fns, log):
         return ex.RemoteExecutor(plan, owned, backend, plan.config.executor.retries, log)
 
     monkeypatch.setattr(bench_run, "make_executor", make)
@@ -258,7 +259,7 @@ def test_ctrl_c_cancels_what_the_bench_submitted_and_only_that(table, tmp_path, 
 def test_a_dead_workers_lock_is_cleared_only_when_the_log_names_it(tmp_path):
     run, log = tmp_path / "run", tmp_path / "x.log"
     run.mkdir()
-    ex._note(log, "attempt 1 started on node7 (pid 4242), device cuda: from the start")
+    ex.note(log, "attempt 1 started on node7 (pid 4242), device cuda: from the start")
     (run / ".lock").write_text("999 node7")
     ex._clear_dead_lock(run, log, 1)
     assert (run / ".lock").is_file()  # another process's lock stays
@@ -337,7 +338,7 @@ def test_executor_options_are_checked_before_any_data_is_read(table, tmp_path, c
 
 def test_slurm_without_sbatch_says_where_to_run(table, tmp_path, monkeypatch, capsys):
     pytest.importorskip("submitit")
-    monkeypatch.setattr(ex.shutil, "which", lambda name: None)
+    monkeypatch.setattr(backends.shutil, "which", lambda name: None)
     assert main(["bench", "--csv", str(table), "--target", "target", "--epochs", "1",
                  "--seeds", "1", "--methods", "sqinv", "--executor", "slurm", "--no-plots",
                  "--out", str(tmp_path / "n")]) == 2

@@ -12,9 +12,9 @@ on Ctrl-C stops what it started (and only that) before the ``KeyboardInterrupt``
   is one task (one Slurm job) that reloads the bench's data from its ``data`` spec (the same
   files at the same paths: the filesystem is shared), checks their fingerprint, builds the
   run's initial weights from its seed and trains it into ``out/runs/<label>/``
-  (:func:`run_remote`), so a run's figures do not depend on where it ran. Its outputs stay in
-  its run folder; the bench reads its ``result.json`` back, and the parent alone writes
-  ``results.json``, the table and the plots. A task writes what it does to
+  (:func:`balanced_sam.bench.run.run_remote`), so a run's figures do not depend on where it
+  ran. Its outputs stay in its run folder; the bench reads its ``result.json`` back, and the
+  parent alone writes ``results.json``, the table and the plots. A task writes what it does to
   ``out/logs/<label>.log`` (host, pid, the epoch it resumes from, its error's traceback).
 
   A run whose worker died (killed, out of memory, a lost node, a preempted or timed-out job) is
@@ -33,13 +33,11 @@ task (its config and data spec, no tensors) the way they do (submitit through pi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import math
 import os
-import shutil
 import socket
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,32 +45,40 @@ from pathlib import Path
 from typing import Any
 
 from balanced_sam import parallel
+from balanced_sam.bench.backends import LOG_TAIL, Backend, RayBackend, SubmititBackend
 from balanced_sam.bench.plan import BenchPlan, ExecutorConfig, RunKey
 from balanced_sam.config import TrainConfig
 from balanced_sam.io import nan_for_null, read_json
 from balanced_sam.outputs import OwnedFolder
 
-__all__ = ["Executor", "LocalExecutor", "RemoteExecutor", "RayBackend", "SubmititBackend",
-           "RemoteRun", "run_remote", "make_executor", "RunsFailedError", "LOG_TAIL"]
+__all__ = ["Executor", "LocalExecutor", "RemoteExecutor", "Backend", "RayBackend",
+           "SubmititBackend", "RunFunctions", "RemoteRun", "make_executor", "RunsFailedError",
+           "note", "run_state", "worker_data", "LOG_TAIL"]
 
-#: the lines of a failed run's log that the bench shows
-LOG_TAIL = 8
 #: seconds between two looks at the remote runs
 POLL_S = 1.0
 
 Finished = Callable[[RunKey, dict[str, Any], float], None]
 
 
+@dataclass
+class RunFunctions:
+    """How one run is trained, as :mod:`balanced_sam.bench.run` does it: ``context(plan,
+    jobs)`` (what every run shares), ``task(plan, key, fresh, portable=)`` (a run's task),
+    ``train(context, task, device)`` (train it, return its record), ``remote(job)`` (train a
+    :class:`RemoteRun` in a Ray task or a Slurm job: a module-level function, sent by
+    reference) and ``devices(device)`` (the workers' devices when none are named)."""
+
+    context: Callable[..., Any]
+    task: Callable[..., Any]
+    train: Callable[[Any, Any, str | None], dict[str, Any]]
+    remote: Callable[[Any], None]
+    devices: Callable[[str], list[str | None] | None]
+
+
 class RunsFailedError(RuntimeError):
     """Some runs failed (the others finished and are kept); the message names each with the
     last lines of its log."""
-
-
-def _needs(extra: str, package: str, what: str) -> ModuleNotFoundError:
-    err = ModuleNotFoundError(f"{what} needs the package {package}: install it with "
-                              f"pip install 'balanced-sam[{extra}]'")
-    err.name = package
-    return err
 
 
 class Executor:
@@ -94,14 +100,17 @@ class Executor:
         return self.name
 
 
-def make_executor(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]) -> Executor:
+def make_executor(plan: BenchPlan, owned: OwnedFolder, fns: RunFunctions,
+                  log: Callable[[str], None]) -> Executor:
     """The executor ``plan.config.executor`` names."""
     cfg = plan.config.executor
     assert isinstance(cfg, ExecutorConfig)
     if cfg.name == "local":
-        return LocalExecutor(plan)
-    backend: Backend = (RayBackend(cfg, plan.config.threads, log) if cfg.name == "ray"
-                        else SubmititBackend(cfg, plan.config.threads, plan.out, owned, log))
+        return LocalExecutor(plan, fns)
+    backend: Backend = (RayBackend(cfg, plan.config.threads, fns.remote, log)
+                        if cfg.name == "ray" else
+                        SubmititBackend(cfg, plan.config.threads, fns.remote, plan.out, owned,
+                                        log))
     return RemoteExecutor(plan, owned, backend, cfg.retries, log)
 
 
@@ -113,8 +122,8 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, plan: BenchPlan) -> None:
-        self.plan = plan
+    def __init__(self, plan: BenchPlan, fns: RunFunctions) -> None:
+        self.plan, self.fns = plan, fns
         self.placed: dict[str, dict[str, Any]] = {}
 
     def record(self) -> dict[str, Any]:
@@ -125,13 +134,11 @@ class LocalExecutor(Executor):
         return "spawn" if jobs > 1 else "in-process"
 
     def run(self, todo: list[tuple[RunKey, bool]], status: Any, finished: Finished) -> None:
-        from balanced_sam.bench import run as bench
-
-        plan = self.plan
+        plan, fns = self.plan, self.fns
         jobs = plan.jobs_used
-        ctx = bench.make_context(plan, jobs)
+        ctx = fns.context(plan, jobs)
         threads = plan.config.threads
-        devices = plan.devices or bench.worker_devices(plan.config.device)
+        devices = plan.devices or fns.devices(plan.config.device)
 
         def done(key: RunKey, out: tuple[dict[str, Any], dict[str, Any]], seconds: float
                  ) -> None:
@@ -145,31 +152,30 @@ class LocalExecutor(Executor):
                 for key, fresh in todo:
                     status.started(key)
                     t0 = time.perf_counter()
-                    task = bench.make_task(plan, key, fresh, portable=False)
-                    out = placed_task(ctx, task, device)
+                    task = fns.task(plan, key, fresh, portable=False)
+                    out = placed_task(fns.train, ctx, task, device)
                     done(key, out, time.perf_counter() - t0)
             return
 
         def handed_out(key: RunKey, fresh: bool) -> Any:
             status.started(key)
-            return bench.make_task(plan, key, fresh, portable=True)
+            return fns.task(plan, key, fresh, portable=True)
 
-        parallel.run_tasks(placed_task, ctx, todo, jobs=jobs, threads=threads, devices=devices,
-                           prepare=handed_out, on_done=done)
+        parallel.run_tasks(functools.partial(placed_task, fns.train), ctx, todo, jobs=jobs,
+                           threads=threads, devices=devices, prepare=handed_out, on_done=done)
 
 
-def placed_task(ctx: Any, task: Any, device: str | None
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """:func:`balanced_sam.bench.run.train_task`, and where and when it ran (device, host,
-    process, wall-clock start and end)."""
-    from balanced_sam.bench import run as bench
+def placed_task(train: Callable[[Any, Any, str | None], dict[str, Any]], ctx: Any, task: Any,
+                device: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``train(ctx, task, device)``, and where and when it ran (device, host, process,
+    wall-clock start and end)."""
     from balanced_sam.train import resolve_device
 
     start = time.time()
-    run = bench.train_task(ctx, task, device)
+    run = train(ctx, task, device)
     return run, {"device": str(resolve_device(device or ctx.cfg.device)),
-                 "host": socket.gethostname(),
-                 "pid": os.getpid(), "start": start, "end": time.time()}
+                 "host": socket.gethostname(), "pid": os.getpid(), "start": start,
+                 "end": time.time()}
 
 
 # ---------------------------------------------------------------------------- one remote run
@@ -191,7 +197,7 @@ class RemoteRun:
 _DATA: dict[str, Any] = {}  # a worker's data by spec: a Ray worker reuses them across runs
 
 
-def _worker_data(spec: dict[str, Any], digest: str) -> Any:
+def worker_data(spec: dict[str, Any], digest: str) -> Any:
     from balanced_sam.data.registry import load_data
 
     key = json.dumps(spec, sort_keys=True, default=str)
@@ -208,13 +214,13 @@ def _worker_data(spec: dict[str, Any], digest: str) -> Any:
     return _DATA[key]
 
 
-def _note(path: Path, text: str) -> None:
+def note(path: Path, text: str) -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"[{stamp}] {text}\n")
 
 
-def _run_state(run_dir: Path, digest: str) -> tuple[str, int | None]:
+def run_state(run_dir: Path, digest: str) -> tuple[str, int | None]:
     """``done`` (a result on these data), ``resume`` (a ``last.pt`` on these data, with its
     epoch), ``fresh`` (outputs on other data: trained again) or ``new``."""
     from balanced_sam.train import load_checkpoint
@@ -233,247 +239,6 @@ def _run_state(run_dir: Path, digest: str) -> tuple[str, int | None]:
         epoch = ck.get("epoch")  # the last epoch it holds, counted from 0
         return "resume", int(epoch) + 1 if isinstance(epoch, int) else None
     return "new", None
-
-
-def run_remote(job: RemoteRun) -> None:
-    """Train one run in a Ray task or a Slurm job (see the module's docstring): resume it from
-    its ``last.pt``, or do nothing when it has finished already. Writes what it does to
-    ``out/logs/<label>.log``; an error is written there with its traceback and raised."""
-    from balanced_sam.bench import run as bench
-    from balanced_sam.train import seed_everything
-
-    out = Path(job.out)
-    log = out / "logs" / f"{job.label}.log"
-    attempt = f"attempt {job.attempt}"
-    try:
-        with parallel.pinned_threads(job.threads):
-            run_dir = out / "runs" / job.label
-            state, epoch = _run_state(run_dir, job.digest)
-            what = {"done": "finished earlier", "new": "from the start",
-                    "fresh": "afresh (its folder held a run on other data)",
-                    "resume": f"resuming from last.pt ({epoch} epoch(s) done)"}[state]
-            _note(log, f"{attempt} started on {socket.gethostname()} (pid {os.getpid()}), "
-                       f"device {job.cfg.device}: {what}")
-            if state != "done":
-                data = _worker_data(job.spec, job.digest)
-                key = RunKey.parse(job.label)
-                ctx = bench.Context(data.train, data.val, data.test, data.bins, data.scaler,
-                                    data.dense, data.name, data.fingerprint, job.spec, job.cfg,
-                                    job.out)
-                seed_everything(key.seed)
-                run = bench.train_task(ctx, bench.Task(key, state == "fresh",
-                                                       data.make_model()), None)
-                if run.get("failure"):
-                    _note(log, f"{attempt}: {run['failure']}")
-        _note(log, f"{attempt} finished")
-    except Exception as exc:
-        text = "".join(traceback.format_exception(exc)).rstrip()
-        _note(log, f"{attempt} failed: {type(exc).__name__}: {exc}\n"
-                   + "\n".join("    " + line for line in text.splitlines()))
-        raise
-    except BaseException as exc:  # stopped: Ctrl-C, a cancel, a requeue's exit
-        with contextlib.suppress(OSError):
-            _note(log, f"{attempt} stopped ({type(exc).__name__})")
-        raise
-
-
-# ---------------------------------------------------------------------------- backends
-class Backend:
-    """A scheduler: ``submit`` a :class:`RemoteRun` (a handle back), whether a handle has
-    ``ended``, ``cancel`` handles, the scheduler's own ``log_tail`` of one, ``close``."""
-
-    name = "?"
-    #: the most runs submitted at a time (``None``: all; the scheduler queues them)
-    limit: int | None = None
-
-    def submit(self, jobs: list[RemoteRun]) -> list[Any]:
-        raise NotImplementedError
-
-    def ended(self, handle: Any) -> bool:
-        raise NotImplementedError
-
-    def cancel(self, handles: list[Any]) -> None:
-        raise NotImplementedError
-
-    def log_tail(self, handle: Any) -> str:
-        return ""
-
-    def record(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-def _default_gpus(cfg: ExecutorConfig) -> float:
-    if cfg.gpus_per_run is not None:
-        return float(cfg.gpus_per_run)
-    import torch
-
-    return 1.0 if torch.cuda.is_available() else 0.0
-
-
-class RayBackend(Backend):
-    """One Ray task per run, asking for ``gpus_per_run`` GPUs and ``cpus_per_run`` CPUs, on
-    the cluster at ``ray_address``; without one: the cluster running here (``auto``), else a
-    local one that the bench starts and stops. A Ray session already open in this process is
-    used as it is (and left open)."""
-
-    name = "ray"
-
-    def __init__(self, cfg: ExecutorConfig, threads: int, log: Callable[[str], None]) -> None:
-        try:
-            import ray
-        except ModuleNotFoundError as exc:
-            raise _needs("ray", "ray", "--executor ray") from exc
-        self.ray = ray
-        self.gpus = _default_gpus(cfg)
-        self.cpus = cfg.cpus_per_run or threads
-        self.mine = False
-        self.started = False
-        if not ray.is_initialized():
-            quiet = {"log_to_driver": False, "logging_level": "WARNING"}
-            if cfg.ray_address is not None:
-                ray.init(address=cfg.ray_address, **quiet)
-            else:
-                try:
-                    ray.init(address="auto", **quiet)
-                except ConnectionError:
-                    ray.init(num_cpus=parallel.usable_cpus(), include_dashboard=False, **quiet)
-                    self.started = True
-            self.mine = True
-        have = ray.cluster_resources()
-        self.address = "local (started by the bench)" if self.started else (
-            cfg.ray_address or "auto")
-        for what, need in (("GPU", self.gpus), ("CPU", float(self.cpus))):
-            if need > have.get(what, 0.0):
-                self.close()
-                raise ValueError(f"each run asks for {need:g} {what}(s) but the Ray cluster "
-                                 f"({self.address}) has {have.get(what, 0.0):g}: lower "
-                                 f"--{what.lower()}s-per-run or add nodes with {what}s")
-        self.task = ray.remote(run_remote).options(num_cpus=self.cpus, num_gpus=self.gpus,
-                                                   max_retries=0)
-        self.errors: dict[Any, str] = {}
-        log(f"ray: cluster {self.address}, {have.get('CPU', 0):g} CPUs / "
-            f"{have.get('GPU', 0):g} GPUs; each run asks for {self.cpus} CPU(s), "
-            f"{self.gpus:g} GPU(s)")
-
-    def submit(self, jobs: list[RemoteRun]) -> list[Any]:
-        return [self.task.remote(job) for job in jobs]
-
-    def ended(self, handle: Any) -> bool:
-        ready, _ = self.ray.wait([handle], timeout=0)
-        if not ready:
-            return False
-        try:
-            self.ray.get(handle)
-        except Exception as exc:  # noqa: BLE001 - told apart by the run's folder and log
-            self.errors[handle] = f"{type(exc).__name__}: {exc}"
-        return True
-
-    def cancel(self, handles: list[Any]) -> None:
-        for h in handles:
-            with contextlib.suppress(Exception):
-                self.ray.cancel(h, force=False)
-        deadline = time.monotonic() + 10.0
-        left = list(handles)
-        while left and time.monotonic() < deadline:
-            _, left = self.ray.wait(left, num_returns=len(left), timeout=0.5)
-        for h in left:
-            with contextlib.suppress(Exception):
-                self.ray.cancel(h, force=True)
-
-    def log_tail(self, handle: Any) -> str:
-        return self.errors.get(handle, "")
-
-    def record(self) -> dict[str, Any]:
-        return {"address": self.address, "gpus_per_run": self.gpus, "cpus_per_run": self.cpus}
-
-    def close(self) -> None:
-        if self.mine:
-            self.ray.shutdown()
-            self.mine = False
-
-
-class _SubmititRun:
-    """The callable of a Slurm job: trains its run; on preemption or time-out submitit calls
-    :meth:`checkpoint`, which requeues the same job (it resumes from ``last.pt``)."""
-
-    def __call__(self, job: RemoteRun) -> None:
-        run_remote(job)
-
-    def checkpoint(self, job: RemoteRun) -> Any:
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, job)
-
-
-class SubmititBackend(Backend):
-    """One Slurm job per run (submitted together as a job array), through submitit, its files
-    in ``out/submitit``: ``slurm_partition``, ``slurm_time``, ``gpus_per_run``, ``cpus_per_run``
-    and ``slurm_options`` (more sbatch options). ``slurm_cluster="local"``: submitit's local
-    executor (a process per job on this machine) instead of Slurm."""
-
-    name = "slurm"
-
-    def __init__(self, cfg: ExecutorConfig, threads: int, out: Path, owned: OwnedFolder,
-                 log: Callable[[str], None]) -> None:
-        try:
-            import submitit
-        except ModuleNotFoundError as exc:
-            raise _needs("slurm", "submitit", "--executor slurm") from exc
-        if cfg.slurm_cluster == "slurm" and shutil.which("sbatch") is None:
-            raise ValueError("--executor slurm submits with Slurm's sbatch, which is not on this "
-                             "machine's PATH: run the bench on a login node of the cluster")
-        self.cluster = cfg.slurm_cluster
-        self.gpus = int(math.ceil(_default_gpus(cfg)))
-        self.cpus = cfg.cpus_per_run or threads
-        folder = owned.record("submitit", "folder")
-        folder.mkdir(exist_ok=True)
-        self.executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster,
-                                              slurm_max_num_timeout=max(3, cfg.retries))
-        params: dict[str, Any] = {"timeout_min": cfg.timeout_min(), "nodes": 1,
-                                  "tasks_per_node": 1, "cpus_per_task": self.cpus,
-                                  "gpus_per_node": self.gpus, "name": f"bsam-{out.name}"}
-        if self.cluster == "slurm":
-            params.update(slurm_signal_delay_s=120,
-                          slurm_additional_parameters=dict(cfg.slurm_options or {}),
-                          **({"slurm_partition": cfg.slurm_partition}
-                             if cfg.slurm_partition else {}))
-        self.executor.update_parameters(**params)
-        self.partition, self.time = cfg.slurm_partition, cfg.slurm_time
-        if self.cluster == "local":  # no scheduler queues them: as many as the cores take
-            self.limit = max(1, parallel.usable_cpus() // self.cpus)
-        log(f"slurm: {'submitit local executor' if self.cluster == 'local' else 'sbatch'}, "
-            f"partition {cfg.slurm_partition or '(default)'}, time {cfg.slurm_time}, "
-            f"{self.gpus} GPU(s) and {self.cpus} CPU(s) per run; files in {folder}")
-
-    def submit(self, jobs: list[RemoteRun]) -> list[Any]:
-        if len(jobs) == 1:
-            return [self.executor.submit(_SubmititRun(), jobs[0])]
-        handles: list[Any] = []
-        with self.executor.batch():
-            for job in jobs:
-                handles.append(self.executor.submit(_SubmititRun(), job))
-        return handles
-
-    def ended(self, handle: Any) -> bool:
-        return bool(handle.done())
-
-    def cancel(self, handles: list[Any]) -> None:
-        for h in handles:
-            with contextlib.suppress(Exception):
-                h.cancel(check=False)
-
-    def log_tail(self, handle: Any) -> str:
-        with contextlib.suppress(Exception):
-            text = handle.stderr() or ""
-            return "\n".join(text.rstrip().splitlines()[-LOG_TAIL:])
-        return ""
-
-    def record(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "partition": self.partition, "time": self.time,
-                "gpus_per_run": self.gpus, "cpus_per_run": self.cpus}
 
 
 # ---------------------------------------------------------------------------- following them
@@ -599,7 +364,7 @@ class RemoteExecutor(Executor):
                     else:
                         _clear_dead_lock(plan.out / "runs" / key.label, log, attempt[key])
                         attempt[key] += 1
-                        _note(log, f"attempt {attempt[key] - 1} ended without a result (its "
+                        note(log, f"attempt {attempt[key] - 1} ended without a result (its "
                                    f"worker died); starting attempt {attempt[key]} of "
                                    f"{self.retries + 1}")
                         self.log(f"{key.label}: its worker died; retrying ({attempt[key] - 1} "

@@ -4,12 +4,16 @@ results and prints the report."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
+import os
+import socket
 import statistics
 import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,7 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from balanced_sam.bench.executors import Executor, LocalExecutor, make_executor
+from balanced_sam import parallel
+from balanced_sam.bench.executors import (
+    Executor,
+    LocalExecutor,
+    RemoteRun,
+    RunFunctions,
+    make_executor,
+    note,
+    run_state,
+    worker_data,
+)
 from balanced_sam.bench.folder import claim_bench_folder, folder_runs, read_back, start_results
 from balanced_sam.bench.plan import BenchConfig, BenchPlan, RunKey, make_plan
 from balanced_sam.bench.report import bench_table, comparison_text, csv_row, draw_plots
@@ -30,8 +44,8 @@ from balanced_sam.metrics import NonFinitePredictionsError
 from balanced_sam.outputs import OwnedFolder, output_path
 from balanced_sam.train import fit, seed_everything
 
-__all__ = ["run_bench", "BenchInterrupted", "train_task", "Context", "Task", "make_context",
-           "make_task", "worker_devices"]
+__all__ = ["run_bench", "BenchInterrupted", "train_task", "run_remote", "Context", "Task",
+           "make_context", "make_task", "worker_devices"]
 
 
 class BenchInterrupted(KeyboardInterrupt):
@@ -212,6 +226,46 @@ def _diverged_run(key: RunKey, seconds: float, error: str, digest: str) -> dict[
             "failure": "training diverged: its predictions became NaN/inf", "error": error}
 
 
+def run_remote(job: RemoteRun) -> None:
+    """Train one run in a Ray task or a Slurm job (:mod:`balanced_sam.bench.executors`):
+    resume it from its ``last.pt``, or do nothing when it has finished already. Writes what it
+    does to ``out/logs/<label>.log``; an error is written there with its traceback and
+    raised."""
+    out = Path(job.out)
+    log = out / "logs" / f"{job.label}.log"
+    attempt = f"attempt {job.attempt}"
+    try:
+        with parallel.pinned_threads(job.threads):
+            run_dir = out / "runs" / job.label
+            state, epoch = run_state(run_dir, job.digest)
+            what = {"done": "finished earlier", "new": "from the start",
+                    "fresh": "afresh (its folder held a run on other data)",
+                    "resume": f"resuming from last.pt ({epoch} epoch(s) done)"}[state]
+            note(log, f"{attempt} started on {socket.gethostname()} (pid {os.getpid()}), "
+                       f"device {job.cfg.device}: {what}")
+            if state != "done":
+                data = worker_data(job.spec, job.digest)
+                key = RunKey.parse(job.label)
+                ctx = Context(data.train, data.val, data.test, data.bins, data.scaler,
+                                    data.dense, data.name, data.fingerprint, job.spec, job.cfg,
+                                    job.out)
+                seed_everything(key.seed)
+                run = train_task(ctx, Task(key, state == "fresh",
+                                                       data.make_model()), None)
+                if run.get("failure"):
+                    note(log, f"{attempt}: {run['failure']}")
+        note(log, f"{attempt} finished")
+    except Exception as exc:
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        note(log, f"{attempt} failed: {type(exc).__name__}: {exc}\n"
+                   + "\n".join("    " + line for line in text.splitlines()))
+        raise
+    except BaseException as exc:  # stopped: Ctrl-C, a cancel, a requeue's exit
+        with contextlib.suppress(OSError):
+            note(log, f"{attempt} stopped ({type(exc).__name__})")
+        raise
+
+
 # ---------------------------------------------------------------------------- every run
 def make_context(plan: BenchPlan, jobs: int) -> Context:
     d = plan.data
@@ -236,7 +290,9 @@ def _run_all(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]
             done[key] = got
         else:
             todo.append((key, got))
-    executor = make_executor(plan, owned, log) if todo else LocalExecutor(plan)
+    # looked up now, so that a stand-in for train_task (tests) is the one that runs
+    fns = RunFunctions(make_context, make_task, train_task, run_remote, worker_devices)
+    executor = make_executor(plan, owned, fns, log) if todo else LocalExecutor(plan, fns)
     local = isinstance(executor, LocalExecutor)
     jobs = plan.jobs_used = max(1, min(plan.jobs, len(todo))) if local else max(1, len(todo))
     if plan.cfg.progress and (jobs > 1 or not local):
