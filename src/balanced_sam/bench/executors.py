@@ -339,7 +339,7 @@ class RemoteExecutor(Executor):
                     log = logs / f"{key.label}.log"
                     event = _last_event(log, attempt[key])
                     if not self.backend.ended(handles[key]):
-                        if event is None:
+                        if event != "started":  # not yet, or stopped and requeued
                             queued += 1
                         else:
                             running += 1
