@@ -214,6 +214,8 @@ class _FakeBackend(ex.Backend):
 
 def _with_backend(monkeypatch, backend):
     def make(plan, owned, fns, log):
+        if plan.config.executor.name == "local":
+            return ex.make_executor(plan, owned, fns, log)
         return ex.RemoteExecutor(plan, owned, backend, plan.config.executor.retries, log)
 
     monkeypatch.setattr(bench_run, "make_executor", make)
@@ -236,7 +238,6 @@ def test_a_failed_run_is_named_with_its_log_and_the_others_go_on(serial, table, 
     for done in ("sqinv-seed0", "bsam-rho0.05-seed1"):
         assert (out / "runs" / done / "result.json").is_file()
     # the same command (here: on this machine) trains only the two that failed
-    monkeypatch.undo()
     logs: list[str] = []
     res = run_bench(_config(table, out), log=logs.append)
     assert sum("done earlier, read back" in s for s in logs) == 2
@@ -368,3 +369,26 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_the_logs_folder_is_the_benchs_and_overwrite_removes_it(table, tmp_path, monkeypatch):
+    from balanced_sam.outputs import FolderNotOursError
+
+    _with_backend(monkeypatch, _FakeBackend())
+    out = tmp_path / "l"
+    run_bench(_config(table, out, executor="ray", methods=["sqinv"], seeds=[0]),
+              log=lambda s: None)
+    manifest = json.loads((out / ".bsam-manifest.json").read_text())
+    assert manifest["entries"]["logs"] == "tree"
+    assert "attempt 1 finished" in (out / "logs" / "sqinv-seed0.log").read_text()
+    # overwrite removes the bench's logs with the rest of what it wrote
+    run_bench(_config(table, out, methods=["sqinv"], seeds=[0], overwrite=True),
+              log=lambda s: None)
+    assert not (out / "logs").exists()
+    # a logs/ the bench did not write is refused, not written into
+    (out / "logs").mkdir()
+    (out / "logs" / "mine.txt").write_text("notes")
+    with pytest.raises(FolderNotOursError, match="logs is not written by bsam"):
+        run_bench(_config(table, out, executor="ray", methods=["sqinv"], seeds=[1]),
+                  log=lambda s: None)
+    assert (out / "logs" / "mine.txt").read_text() == "notes"

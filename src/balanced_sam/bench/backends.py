@@ -14,12 +14,27 @@ from typing import Any
 
 from balanced_sam import parallel
 from balanced_sam.bench.plan import ExecutorConfig
-from balanced_sam.outputs import OwnedFolder
+from balanced_sam.outputs import FolderNotOursError, OwnedFolder
 
-__all__ = ["Backend", "RayBackend", "SubmititBackend", "LOG_TAIL"]
+__all__ = ["Backend", "RayBackend", "SubmititBackend", "own_tree", "LOG_TAIL"]
 
 #: the lines of a failed run's log that the bench shows
 LOG_TAIL = 8
+
+
+def own_tree(owned: OwnedFolder, name: str) -> Path:
+    """The bench folder's sub-folder ``name`` (``logs``, ``submitit``), whose whole content the
+    bench and its jobs write: listed in the manifest as a tree (``--overwrite`` removes it)
+    and made. One that is a link, or that the manifest does not list already, is refused."""
+    path = owned.path / name
+    if path.is_symlink() or (path.exists() and not owned.owns(name)):
+        raise FolderNotOursError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not'}"
+                                 f"{'' if path.is_symlink() else ' written by bsam'}: the bench "
+                                 "writes its runs' logs and jobs there; move it away or choose "
+                                 "another --out")
+    owned.record(name, "tree")
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _needs(extra: str, package: str, what: str) -> ModuleNotFoundError:
@@ -185,8 +200,7 @@ class SubmititBackend(Backend):
         self.cluster, self.remote = cfg.slurm_cluster, remote
         self.gpus = int(math.ceil(_default_gpus(cfg)))
         self.cpus = cfg.cpus_per_run or threads
-        folder = owned.record("submitit", "folder")
-        folder.mkdir(exist_ok=True)
+        folder = own_tree(owned, "submitit")
         self.executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster,
                                               slurm_max_num_timeout=max(3, cfg.retries))
         params: dict[str, Any] = {"timeout_min": cfg.timeout_min(), "nodes": 1,

@@ -45,7 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from balanced_sam import parallel
-from balanced_sam.bench.backends import LOG_TAIL, Backend, RayBackend, SubmititBackend
+from balanced_sam.bench.backends import (
+    LOG_TAIL,
+    Backend,
+    RayBackend,
+    SubmititBackend,
+    own_tree,
+)
 from balanced_sam.bench.plan import BenchPlan, ExecutorConfig, RunKey
 from balanced_sam.config import TrainConfig
 from balanced_sam.io import nan_for_null, read_json
@@ -53,7 +59,7 @@ from balanced_sam.outputs import OwnedFolder
 
 __all__ = ["Executor", "LocalExecutor", "RemoteExecutor", "Backend", "RayBackend",
            "SubmititBackend", "RunFunctions", "RemoteRun", "make_executor", "RunsFailedError",
-           "note", "run_state", "worker_data", "LOG_TAIL"]
+           "note", "own_tree", "run_state", "worker_data", "LOG_TAIL"]
 
 #: seconds between two looks at the remote runs
 POLL_S = 1.0
@@ -215,8 +221,11 @@ def worker_data(spec: dict[str, Any], digest: str) -> Any:
 
 
 def note(path: Path, text: str) -> None:
+    """Append a time-stamped line to a run's log (never through a symbolic link)."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    with open(path, "a", encoding="utf-8") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(f"[{stamp}] {text}\n")
 
 
@@ -312,11 +321,8 @@ class RemoteExecutor(Executor):
 
     def _run(self, todo: list[tuple[RunKey, bool]], status: Any, finished: Finished) -> None:
         plan = self.plan
-        logs = self.owned.record("logs", "folder")
-        logs.mkdir(exist_ok=True)
+        logs = own_tree(self.owned, "logs")
         keys = [k for k, _ in todo]
-        for key in keys:
-            self.owned.record(f"logs/{key.label}.log")
         attempt = {k: 1 for k in keys}
         waiting = list(keys)  # not submitted yet (a backend with a limit takes some at a time)
         handles: dict[RunKey, Any] = {}
