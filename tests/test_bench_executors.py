@@ -392,3 +392,17 @@ def test_the_logs_folder_is_the_benchs_and_overwrite_removes_it(table, tmp_path,
         run_bench(_config(table, out, executor="ray", methods=["sqinv"], seeds=[1]),
                   log=lambda s: None)
     assert (out / "logs" / "mine.txt").read_text() == "notes"
+
+
+def test_a_ray_address_that_does_not_answer_is_one_line(table, tmp_path, capsys):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["bench", "--csv", str(table), "--target", "target", "--epochs", "1",
+                 "--seeds", "1", "--methods", "sqinv", "--executor", "ray", "--ray-address",
+                 f"127.0.0.1:{port}", "--no-plots", "--out", str(tmp_path / "a")]) == 2
+    assert f"--ray-address 127.0.0.1:{port}: no Ray cluster answers there" in \
+        capsys.readouterr().err

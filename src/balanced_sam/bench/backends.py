@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,20 @@ def own_tree(owned: OwnedFolder, name: str) -> Path:
     owned.record(name, "tree")
     path.mkdir(exist_ok=True)
     return path
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A ``HOST:PORT`` Ray address must answer a TCP connection (Ray itself retries for
+    minutes before it gives up); other forms (``auto``, ``ray://...``) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({exc}); "
+                         "start one (ray start --head) or leave the option out for a local "
+                         "one") from None
 
 
 def _needs(extra: str, package: str, what: str) -> ModuleNotFoundError:
@@ -102,7 +117,13 @@ class RayBackend(Backend):
         if not ray.is_initialized():
             quiet = {"log_to_driver": False, "logging_level": "WARNING"}
             if cfg.ray_address is not None:
-                ray.init(address=cfg.ray_address, **quiet)
+                _check_reachable(cfg.ray_address)
+                try:
+                    ray.init(address=cfg.ray_address, **quiet)
+                except ConnectionError as exc:
+                    raise ValueError(f"--ray-address {cfg.ray_address}: no Ray cluster answers "
+                                     f"there ({exc}); start one (ray start --head) or leave "
+                                     "the option out for a local one") from None
             else:
                 try:
                     ray.init(address="auto", **quiet)

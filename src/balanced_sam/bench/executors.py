@@ -354,6 +354,7 @@ class RemoteExecutor(Executor):
                                 status.started(key)
                         continue
                     handle = handles.pop(key)
+                    event = _last_event(log, attempt[key])  # its last word, now that it ended
                     self.attempts[key.label] = attempt[key]
                     run = self._result(key)
                     if run is not None:
