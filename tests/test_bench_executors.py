@@ -395,14 +395,21 @@ def test_the_logs_folder_is_the_benchs_and_overwrite_removes_it(table, tmp_path,
 
 
 def test_a_ray_address_that_does_not_answer_is_one_line(table, tmp_path, capsys):
-    pytest.importorskip("ray")
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["bench", "--csv", str(table), "--target", "target", "--epochs", "1",
-                 "--seeds", "1", "--methods", "sqinv", "--executor", "ray", "--ray-address",
-                 f"127.0.0.1:{port}", "--no-plots", "--out", str(tmp_path / "a")]) == 2
-    assert f"--ray-address 127.0.0.1:{port}: no Ray cluster answers there" in \
-        capsys.readouterr().err
+    # checked before Ray is asked (it would retry for minutes)
+    with pytest.raises(ValueError, match=f"--ray-address 127.0.0.1:{port}: no Ray cluster "
+                                         "answers there"):
+        backends._check_reachable(f"127.0.0.1:{port}")
+    backends._check_reachable("auto")  # left to Ray
+    # an explicit address while this process holds a Ray session is refused, not ignored
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        assert main(["bench", "--csv", str(table), "--target", "target", "--epochs", "1",
+                     "--seeds", "1", "--methods", "sqinv", "--executor", "ray",
+                     "--ray-address", "10.0.0.1:6379", "--no-plots",
+                     "--out", str(tmp_path / "a")]) == 2
+        assert "has a Ray session open already" in capsys.readouterr().err

@@ -114,6 +114,10 @@ class RayBackend(Backend):
         self.cpus = cfg.cpus_per_run or threads
         self.mine = False
         self.started = False
+        if ray.is_initialized() and cfg.ray_address is not None:
+            raise ValueError(f"--ray-address {cfg.ray_address}: this process has a Ray session "
+                             "open already, which the bench would use; leave the option out, "
+                             "or ray.shutdown() first")
         if not ray.is_initialized():
             quiet = {"log_to_driver": False, "logging_level": "WARNING"}
             if cfg.ray_address is not None:
