@@ -1,7 +1,8 @@
 """The ``bsam`` command: a thin parser over one library call per command.
 
     bsam bench [--quick] [--dataset NAME | --csv FILE --target COL] [--methods ...] [--rho ...]
-               [--baseline M] [--jobs N]           -> balanced_sam.bench.run_bench
+               [--baseline M] [--jobs N] [--executor local|ray|slurm]
+                                                   -> balanced_sam.bench.run_bench
     bsam compare RESULTS.json [--baseline M]       -> balanced_sam.bench.compare_results
     bsam train --config FILE.yaml [section.key=value ...] [--resume]
                                                    -> balanced_sam.experiment.run_training
@@ -35,11 +36,15 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
               "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
               "plugins": "--set train.plugins.NAME.KEY=VALUE", "out": "--out",
-              "overwrite": "--overwrite", "resume": "the same --out without --overwrite", **{
-                  "images": "--images FILE", "root": "--root DIR", "path_col": "--path-col COL",
-                  "split_col": "--split-col COL", "img_size": "--img-size N",
-                  "pretrained": "--pretrained PATH", "allow_download": "--allow-download",
-                  "cache": "--cache DIR"}},
+              "overwrite": "--overwrite", "resume": "the same --out without --overwrite",
+              "executor": "--executor", "devices": "--devices", "jobs": "--jobs",
+              "gpus_per_run": "--gpus-per-run", "cpus_per_run": "--cpus-per-run",
+              "retries": "--retries", "slurm_time": "--slurm-time",
+              "slurm_cluster": "--slurm-cluster", "slurm_options": "--slurm-option",
+              "images": "--images FILE", "root": "--root DIR", "path_col": "--path-col COL",
+              "split_col": "--split-col COL", "img_size": "--img-size N",
+              "pretrained": "--pretrained PATH", "allow_download": "--allow-download",
+              "cache": "--cache DIR"},
     "compare": {"baseline": "--baseline M"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
@@ -62,8 +67,8 @@ _SPELLINGS: dict[str, dict[str, str]] = {
 #: optional packages and the extra that installs them
 _EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli",
            "plotnine": "diamonds", "PIL": "cli", "torchvision": "cli", "scipy": "cli",
-           "wandb": "wandb",
-           "torchmetrics": "torchmetrics", "lightning": "lightning", "accelerate": "accelerate"}
+           "wandb": "wandb", "torchmetrics": "torchmetrics", "lightning": "lightning",
+           "accelerate": "accelerate", "ray": "ray", "submitit": "slurm"}
 
 
 def _number(text: str) -> float:
@@ -216,6 +221,7 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--data-root", help="folder with the data files (MNIST IDX files; the root "
                                        "of a paper benchmark)")
     _bench_training(b)
+    _bench_executor(b)
     _bench_output(b)
 
 
@@ -290,6 +296,38 @@ def _images_section(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.dropna:
         section["dropna"] = True
     return section
+
+
+def _bench_executor(b: argparse.ArgumentParser) -> None:
+    """Where the runs train: this machine (its devices), a Ray cluster, a Slurm cluster."""
+    g = b.add_argument_group("where the runs train (docs/cluster.md)")
+    g.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                   help="local (default): this machine, --jobs processes; ray: one task per "
+                        "run on a Ray cluster; slurm: one Slurm job per run (submitit). The "
+                        "figures are the same whichever trains a run")
+    g.add_argument("--devices", type=_csv_list(), metavar="DEV,DEV",
+                   help="local: one run per device at a time, e.g. cuda:0,cuda:1 (a device "
+                        "named twice takes two runs), or auto (every visible GPU)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster (default: auto when one runs here, else a local one "
+                        "the bench starts and stops)")
+    g.add_argument("--gpus-per-run", type=float, metavar="G",
+                   help="GPUs each ray/slurm run asks for (default 1 on a CUDA machine, else 0)")
+    g.add_argument("--cpus-per-run", type=int, metavar="C",
+                   help="CPUs each ray/slurm run asks for (default --threads)")
+    g.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="ray/slurm: start a run whose worker died again up to N times, from "
+                        "its last.pt (default 2); a run that raised an error is not retried")
+    g.add_argument("--slurm-partition", metavar="P", help="the Slurm partition")
+    g.add_argument("--slurm-time", default="24:00:00", metavar="T",
+                   help="each job's time limit: MINUTES, HH:MM:SS or D-HH:MM:SS (default "
+                        "24:00:00); a job that runs out is requeued and resumes")
+    g.add_argument("--slurm-option", dest="slurm_options", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="another sbatch option, e.g. --slurm-option account=lab (repeatable)")
+    g.add_argument("--slurm-cluster", choices=["slurm", "local"], default="slurm",
+                   help="local: submitit's local executor (a process per job here) to try the "
+                        "slurm executor without Slurm")
 
 
 def _bench_runs(b: argparse.ArgumentParser) -> None:
@@ -512,7 +550,25 @@ def _bench_config(args: argparse.Namespace) -> Any:
             "effect",
             "impute", "features", "categorical", "max_categories", "max_features", "overwrite")
     return BenchConfig(**{k: getattr(args, k) for k in same}, overrides=overrides,
-                       plots=not args.no_plots, data=_images_section(args))
+                       plots=not args.no_plots, data=_images_section(args),
+                       executor=_executor_config(args))
+
+
+def _executor_config(args: argparse.Namespace) -> Any:
+    from balanced_sam.bench import ExecutorConfig
+
+    options = {}
+    for item in args.slurm_options:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--slurm-option takes KEY=VALUE (an sbatch option without its "
+                             f"dashes, e.g. account=lab), got {item!r}")
+        options[key.strip().lstrip("-")] = value
+    return ExecutorConfig(args.executor, devices=args.devices, ray_address=args.ray_address,
+                          gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+                          retries=args.retries, slurm_partition=args.slurm_partition,
+                          slurm_time=args.slurm_time, slurm_options=options or None,
+                          slurm_cluster=args.slurm_cluster)
 
 
 def _train_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -658,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from balanced_sam.bench.executors import RunsFailedError
     from balanced_sam.errors import option_spellings
 
     try:
@@ -678,6 +735,9 @@ def _run(args: argparse.Namespace) -> int:
             raise
         print(f"bsam {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunsFailedError as exc:  # the other runs finished; each failed one is named
+        print(f"bsam {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # the reader went away (`bsam configs | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

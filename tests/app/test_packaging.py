@@ -83,8 +83,8 @@ def test_wheel_holds_configs_typing_and_one_version(dists):
     assert not any(r.startswith(("plotnine", "statsmodels")) and 'extra == "cli"' in r
                    for r in requires)
     extras = set(meta.get_all("Provides-Extra"))
-    assert extras >= {"cli", "diamonds", "test", "docs", "lightning", "accelerate", "torchmetrics",
-                      "wandb", "all"}
+    assert extras >= {"cli", "diamonds", "test", "docs", "lightning", "accelerate",
+                      "torchmetrics", "wandb", "ray", "slurm", "all"}
 
 
 def test_sdist_is_complete(dists):

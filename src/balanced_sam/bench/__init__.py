@@ -5,7 +5,8 @@ table, paired comparisons, plots.
 data once through the registry
 (:func:`balanced_sam.data.registry.load_data`: splits, training-label bins, target scaling,
 fingerprint) and trains every (method, rho, seed) with :func:`balanced_sam.train.fit`, in this
-process (``jobs=1``) or in ``jobs`` worker processes (:mod:`balanced_sam.parallel`). Every run is
+process (``jobs=1``) or in ``jobs`` worker processes (:mod:`balanced_sam.parallel`), one per
+device with ``devices``, or on a Ray or Slurm cluster (``executor``; docs/cluster.md). Every run is
 pinned to ``threads`` CPU threads (default 1) and its initial weights are built from its seed
 alone (the same for every method of a seed), so a run's figures are bit-identical whatever
 ``jobs`` is and in whatever order the runs are scheduled. It writes into ``out``:
@@ -62,7 +63,15 @@ the flags and the comparisons of a finished ``results.json``.
                             "mae_many", "mae_medium", "mae_few", "gm_all", "bmae_all"}},
      "comparisons_info": {"baseline": str | null, "confidence": 0.95, "split": "test",
                           "difference": str, "left_out": {NAME: {seed: why}}},
-     "parallel": {"jobs", "threads_per_run", "start_method"}, "total_seconds": s}
+     "parallel": {"jobs", "threads_per_run", "start_method"},
+     "executor": {"name": "local" | "ray" | "slurm", ...}, "total_seconds": s}
+
+``executor`` says where this bench's runs trained (:mod:`balanced_sam.bench.executors`):
+``local``: ``jobs``, ``devices`` and per run label its ``device``, ``host``, ``pid``, ``start``
+and ``end``; ``ray``: ``address``, ``gpus_per_run``, ``cpus_per_run``; ``slurm``: ``cluster``,
+``partition``, ``time``, ``gpus_per_run``, ``cpus_per_run``; both with ``retries`` and the
+``attempts`` of each run. ``parallel.start_method`` is ``spawn``, ``in-process``, ``ray`` or
+``slurm``.
 
 ``REPORT = {region: {metric: value}}`` (regions all/many/medium/few; metrics mae, mse, rmse, gm,
 bmae, count); ``mean``/``std`` are over the kept (not diverged) seeds at ``selected_rho``, the
@@ -73,10 +82,13 @@ runs). Empty regions are ``null``. ``config.train.balance`` says what bMAE avera
 
 from __future__ import annotations
 
+from balanced_sam.bench.executors import RunsFailedError
 from balanced_sam.bench.plan import (
     DEFAULT_SEEDS,
+    EXECUTORS,
     QUICK,
     BenchConfig,
+    ExecutorConfig,
     RunKey,
     bench_data_spec,
     bench_defaults,
@@ -92,7 +104,8 @@ from balanced_sam.bench.summary import (
     finish_results,
 )
 
-__all__ = ["run_bench", "BenchConfig", "RunKey", "compare_results", "finish_results",
+__all__ = ["run_bench", "BenchConfig", "ExecutorConfig", "EXECUTORS", "RunKey",
+           "compare_results", "finish_results",
            "bench_defaults", "load_bench_data", "bench_data_spec", "bench_table",
            "comparison_text", "QUICK", "DEFAULT_SEEDS", "DEFAULT_BASELINE", "DIVERGE_FACTOR",
-           "CONFIDENCE", "STALLED_RULE", "BenchInterrupted"]
+           "CONFIDENCE", "STALLED_RULE", "BenchInterrupted", "RunsFailedError"]

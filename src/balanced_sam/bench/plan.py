@@ -22,8 +22,8 @@ from balanced_sam.experiment import train_config
 from balanced_sam.methods import DEFAULT_METHODS, Method, get_method, rho_for
 from balanced_sam.train import resolve_device
 
-__all__ = ["BenchConfig", "RunKey", "BenchPlan", "make_plan", "bench_data_spec",
-           "load_bench_data", "bench_defaults", "QUICK", "DEFAULT_SEEDS"]
+__all__ = ["BenchConfig", "ExecutorConfig", "EXECUTORS", "RunKey", "BenchPlan", "make_plan",
+           "bench_data_spec", "load_bench_data", "bench_defaults", "QUICK", "DEFAULT_SEEDS"]
 
 #: what ``--quick`` changes unless the dataset's recipe says otherwise (``Recipe.bench["quick"]``)
 QUICK = {"seeds": (0,), "epochs": 12}
@@ -151,6 +151,7 @@ class BenchConfig:
     overwrite: bool = False
     max_features: int | None = None
     data: Mapping[str, Any] | None = None
+    executor: str | ExecutorConfig = "local"
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a bad device fails before any data is read
@@ -160,6 +161,12 @@ class BenchConfig:
                              f"config), got {self.data!r}")
         if self.data is not None and (self.dataset is not None or self.csv_path is not None):
             raise ValueError("data replaces dataset / csv_path: give one of them")
+        if isinstance(self.executor, str):
+            self.executor = ExecutorConfig(self.executor)
+        if not isinstance(self.executor, ExecutorConfig):
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)} or an "
+                             f"ExecutorConfig, got {self.executor!r}")
+        self.executor.check(self.jobs)
         if self.methods is not None:
             self.methods = tuple(self.methods)
             _check_methods(self.methods)
@@ -191,6 +198,102 @@ class BenchConfig:
                                   ("categorical", self.categorical),
                                   ("max_categories", self.max_categories),
                                   ("max_features", self.max_features)) if v is not None}
+
+
+#: where a bench's runs train (``bsam bench --executor``)
+EXECUTORS = ("local", "ray", "slurm")
+_SLURM_TIME = re.compile(r"^(?:(?:(?P<d>\d+)-)?(?P<h>\d+):)?(?P<m>\d+)(?::(?P<s>\d+))?$")
+
+
+@dataclass
+class ExecutorConfig:
+    """Where and how a bench's runs train (:mod:`balanced_sam.bench.executors`).
+
+    ``name``: ``local`` (this machine: ``jobs`` worker processes, or this process), ``ray`` (a
+    Ray cluster: ``ray_address``, default ``auto`` when one runs here, else a local one the bench
+    starts and stops) or ``slurm`` (one Slurm job per run through submitit, its files under
+    ``out/submitit``; ``slurm_cluster="local"``: submitit's local executor, every job a process
+    on this machine, for trying a set-up without Slurm). ``devices`` (local): one run per entry
+    at a time, each on its device (``["cuda:0", "cuda:1"]``; ``["auto"]``: every visible GPU,
+    or the CPU without one); the bench's ``jobs`` is then their number (a larger one is
+    refused);
+    ``gpus_per_run`` (default 1 on a CUDA machine, else 0) and ``cpus_per_run`` (default: the
+    bench's ``threads``): what each remote run asks for. ``retries``: how often a remote run
+    whose worker died (killed, preempted, out of memory, a lost node) is started again; it
+    resumes from its ``last.pt``. A run that raised an error is not retried. ``slurm_partition``,
+    ``slurm_time`` (``MINUTES``, ``HH:MM:SS`` or ``D-HH:MM:SS``), ``slurm_options`` (more
+    ``sbatch`` options, ``{"account": "lab"}`` for ``--account=lab``)."""
+
+    name: str = "local"
+    devices: Sequence[str] | None = None
+    ray_address: str | None = None
+    gpus_per_run: float | None = None
+    cpus_per_run: int | None = None
+    retries: int = 2
+    slurm_partition: str | None = None
+    slurm_time: str = "24:00:00"
+    slurm_options: dict[str, str] | None = None
+    slurm_cluster: str = "slurm"
+
+    def check(self, jobs: int | None) -> None:
+        """Validate the fields (``jobs``: the bench's, for ``devices``)."""
+        if self.name not in EXECUTORS:
+            raise ValueError(f"{_flag('executor')} must be one of {', '.join(EXECUTORS)}, got "
+                             f"{self.name!r}")
+        if self.devices is not None:
+            if self.name != "local":
+                raise ValueError(f"{_flag('devices')} places runs on this machine's devices "
+                                 f"(executor local); the {self.name} executor gives each run "
+                                 f"its own ({_flag('gpus_per_run')})")
+            self.devices = tuple(str(d).strip() for d in self.devices)
+            if not self.devices or any(not d for d in self.devices):
+                raise ValueError(f"{_flag('devices')} is empty: name devices (cuda:0,cuda:1) "
+                                 "or auto")
+            if "auto" in self.devices and len(self.devices) > 1:
+                raise ValueError(f"{_flag('devices')}: auto stands alone (every visible GPU), got "
+                                 f"{','.join(self.devices)}")
+            if self.devices != ("auto",):
+                for d in self.devices:
+                    resolve_device(d)
+                if jobs not in (None, 1, len(self.devices)):
+                    raise ValueError(f"{_flag('devices')} runs one run per device at a time "
+                                     f"({len(self.devices)} devices), but {_flag('jobs')} is "
+                                     f"{jobs}: leave it out or name {jobs} devices (a device "
+                                     "named twice takes two runs at a time)")
+        for name, low in (("gpus_per_run", 0), ("cpus_per_run", 1), ("retries", 0)):
+            v = getattr(self, name)
+            if v is None and name != "retries":
+                continue
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < low or (name != "gpus_per_run" and v != int(v)):
+                kind = "a number" if name == "gpus_per_run" else "an integer"
+                raise ValueError(f"{_flag(name)} must be {kind} >= {low}, got {v!r}")
+        if not isinstance(self.slurm_time, str) or not _SLURM_TIME.match(self.slurm_time) or \
+                self.timeout_min() < 1:
+            raise ValueError(f"{_flag('slurm_time')} must be MINUTES, HH:MM:SS or D-HH:MM:SS "
+                             f"(at least a minute), got {self.slurm_time!r}")
+        if self.slurm_cluster not in ("slurm", "local"):
+            raise ValueError(f"{_flag('slurm_cluster')} must be slurm or local (submitit's local "
+                             f"executor), got {self.slurm_cluster!r}")
+        for k, v in (self.slurm_options or {}).items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(k)) or not isinstance(v, str):
+                raise ValueError(f"{_flag('slurm_options')}: {k!r}={v!r} is not an sbatch "
+                                 "option (KEY=VALUE with KEY like account or qos)")
+
+    def timeout_min(self) -> int:
+        """``slurm_time`` in minutes (seconds rounded up)."""
+        m = _SLURM_TIME.match(self.slurm_time)
+        assert m is not None
+        d, h, mins, s = (int(m[k] or 0) for k in ("d", "h", "m", "s"))
+        if m["s"] is None and m["h"] is not None and m["d"] is None:
+            h, mins, s = 0, h, mins  # MM:SS, as sbatch reads two fields
+        return d * 1440 + h * 60 + mins + (1 if s else 0)
+
+
+def _flag(option: str) -> str:
+    """How the user names ``option`` here: its flag on the command line, else the field."""
+    spelled = spell(option, "X")
+    return option if spelled == f"{option}='X'" else spelled
 
 
 def _check_methods(methods: Sequence[str]) -> None:
@@ -297,6 +400,7 @@ class BenchPlan:
     jobs: int
     keys: list[RunKey] = field(default_factory=list)
     jobs_used: int = 1  # at most jobs: no more workers than runs to train
+    devices: list[str] | None = None  # the local executor's, one run per entry at a time
 
     @property
     def names(self) -> list[str]:
@@ -333,6 +437,9 @@ def make_plan(config: BenchConfig) -> BenchPlan:
     epochs = c.epochs if c.epochs is not None else defaults["epochs"]
     baseline = _checked_baseline(c.baseline, names)
     jobs = parallel.default_jobs(c.device, c.threads) if c.jobs is None else c.jobs
+    devices = _devices(c.executor)
+    if devices:
+        jobs = len(devices)
     spec = section if section is not None else bench_data_spec(
         c.dataset, csv_path=c.csv_path, target=c.target, bin_width=c.bin_width,
         train_fraction=c.train_fraction, cap=c.cap, data_root=c.data_root, dropna=c.dropna,
@@ -351,9 +458,22 @@ def make_plan(config: BenchConfig) -> BenchPlan:
         chosen = data.recipe.rho_by_method
         by_method = {m.name: r for m in methods if (r := rho_for(m.name, chosen)) is not None}
     plan = BenchPlan(c, data, spec, cfg, methods, seeds, swept or [cfg.rho], by_method, out,
-                     baseline, jobs)
+                     baseline, jobs, devices=devices)
     plan.keys = [RunKey(m, r, s) for m in methods for r in plan.rhos(m) for s in seeds]
     return plan
+
+
+def _devices(executor: Any) -> list[str] | None:
+    """The devices of ``--devices`` (``auto``: every visible GPU, ``None`` without one)."""
+    devices = getattr(executor, "devices", None)
+    if not devices:
+        return None
+    if tuple(devices) == ("auto",):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or None
+    return list(devices)
 
 
 def _checked_baseline(baseline: str | None, methods: Sequence[str]) -> str | None:

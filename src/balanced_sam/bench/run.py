@@ -4,12 +4,16 @@ results and prints the report."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
+import os
+import socket
 import statistics
 import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,6 +24,16 @@ import torch
 from torch import nn
 
 from balanced_sam import parallel
+from balanced_sam.bench.executors import (
+    Executor,
+    LocalExecutor,
+    RemoteRun,
+    RunFunctions,
+    make_executor,
+    note,
+    run_state,
+    worker_data,
+)
 from balanced_sam.bench.folder import claim_bench_folder, folder_runs, read_back, start_results
 from balanced_sam.bench.plan import BenchConfig, BenchPlan, RunKey, make_plan
 from balanced_sam.bench.report import (
@@ -37,7 +51,8 @@ from balanced_sam.metrics import NonFinitePredictionsError
 from balanced_sam.outputs import OwnedFolder, output_path
 from balanced_sam.train import fit, seed_everything
 
-__all__ = ["run_bench", "BenchInterrupted", "train_task", "Context", "Task"]
+__all__ = ["run_bench", "BenchInterrupted", "train_task", "run_remote", "Context", "Task",
+           "make_context", "make_task", "worker_devices"]
 
 
 class BenchInterrupted(KeyboardInterrupt):
@@ -55,13 +70,14 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dic
         owned = claim_bench_folder(plan, log)
         results = start_results(plan, owned, log)
         stored = results.pop("record_config")
-        done = _run_all(plan, log)
+        done, executor = _run_all(plan, owned, log)
         results["methods"] = {m.name: {"runs": [done[k] for k in plan.keys_of(m)]}
                               for m in plan.methods}
         finish_results(results, baseline=plan.baseline, factor=config.diverge_factor,
                        confidence=config.confidence, effect=config.effect)
         results["parallel"] = {"jobs": plan.jobs_used, "threads_per_run": config.threads,
-                               "start_method": "spawn" if plan.jobs_used > 1 else "in-process"}
+                               "start_method": executor.start_method(plan.jobs_used)}
+        results["executor"] = executor.record()
         results["total_seconds"] = time.perf_counter() - t_start
         record = _folder_record(plan, owned, results, stored)
         write_json(record, owned.record("results.json"))
@@ -160,7 +176,7 @@ class Task:
         return self.key.label
 
 
-def _task(plan: BenchPlan, key: RunKey, fresh: bool, *, portable: bool) -> Task:
+def make_task(plan: BenchPlan, key: RunKey, fresh: bool, *, portable: bool) -> Task:
     """The run's task with its initial weights, built from its seed alone (the same for every
     method of a seed, whatever ran before); ``portable``: as bytes for a worker process."""
     seed_everything(key.seed)
@@ -224,8 +240,48 @@ def _diverged_run(key: RunKey, seconds: float, error: str, digest: str) -> dict[
             "failure": "training diverged: its predictions became NaN/inf", "error": error}
 
 
+def run_remote(job: RemoteRun) -> None:
+    """Train one run in a Ray task or a Slurm job (:mod:`balanced_sam.bench.executors`):
+    resume it from its ``last.pt``, or do nothing when it has finished already. Writes what it
+    does to ``out/logs/<label>.log``; an error is written there with its traceback and
+    raised."""
+    out = Path(job.out)
+    log = out / "logs" / f"{job.label}.log"
+    attempt = f"attempt {job.attempt}"
+    try:
+        with parallel.pinned_threads(job.threads):
+            run_dir = out / "runs" / job.label
+            state, epoch = run_state(run_dir, job.digest)
+            what = {"done": "finished earlier", "new": "from the start",
+                    "fresh": "afresh (its folder held a run on other data)",
+                    "resume": f"resuming from last.pt ({epoch} epoch(s) done)"}[state]
+            note(log, f"{attempt} started on {socket.gethostname()} (pid {os.getpid()}), "
+                       f"device {job.cfg.device}: {what}")
+            if state != "done":
+                data = worker_data(job.spec, job.digest)
+                key = RunKey.parse(job.label)
+                ctx = Context(data.train, data.val, data.test, data.bins, data.scaler,
+                                    data.dense, data.name, data.fingerprint, job.spec, job.cfg,
+                                    job.out)
+                seed_everything(key.seed)
+                run = train_task(ctx, Task(key, state == "fresh",
+                                                       data.make_model()), None)
+                if run.get("failure"):
+                    note(log, f"{attempt}: {run['failure']}")
+        note(log, f"{attempt} finished")
+    except Exception as exc:
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        note(log, f"{attempt} failed: {type(exc).__name__}: {exc}\n"
+                   + "\n".join("    " + line for line in text.splitlines()))
+        raise
+    except BaseException as exc:  # stopped: Ctrl-C, a cancel, a requeue's exit
+        with contextlib.suppress(OSError):
+            note(log, f"{attempt} stopped ({type(exc).__name__})")
+        raise
+
+
 # ---------------------------------------------------------------------------- every run
-def _context(plan: BenchPlan, jobs: int) -> Context:
+def make_context(plan: BenchPlan, jobs: int) -> Context:
     d = plan.data
     template = None
     if jobs > 1:
@@ -237,8 +293,10 @@ def _context(plan: BenchPlan, jobs: int) -> Context:
                    str(plan.out), template)
 
 
-def _run_all(plan: BenchPlan, log: Callable[[str], None]) -> dict[RunKey, dict[str, Any]]:
-    """Every run of the plan by key: read back, or trained here or in worker processes."""
+def _run_all(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]
+             ) -> tuple[dict[RunKey, dict[str, Any]], Executor]:
+    """Every run of the plan by key: read back, or trained by the plan's executor (here, in
+    worker processes, on a Ray or a Slurm cluster: :mod:`balanced_sam.bench.executors`)."""
     done: dict[RunKey, dict[str, Any]] = {}
     todo: list[tuple[RunKey, bool]] = []
     for key in plan.keys:
@@ -247,34 +305,24 @@ def _run_all(plan: BenchPlan, log: Callable[[str], None]) -> dict[RunKey, dict[s
             done[key] = got
         else:
             todo.append((key, got))
-    jobs = plan.jobs_used = max(1, min(plan.jobs, len(todo)))
-    if plan.cfg.progress and jobs > 1:
+    # looked up now, so that a stand-in for train_task (tests) is the one that runs
+    fns = RunFunctions(make_context, make_task, train_task, run_remote, worker_devices)
+    executor = make_executor(plan, owned, fns, log) if todo else LocalExecutor(plan, fns)
+    local = isinstance(executor, LocalExecutor)
+    jobs = plan.jobs_used = max(1, min(plan.jobs, len(todo))) if local else max(1, len(todo))
+    if plan.cfg.progress and (jobs > 1 or not local):
         log("(a progress bar per epoch needs the runs in one process, jobs=1; the bench's "
             "own line counts the runs)")
-    ctx = _context(plan, jobs)
     threads = plan.config.threads
-    status = _Status([k for k, _ in todo], len(done), jobs, threads, plan.config.status, log)
+    status = _Status([k for k, _ in todo], len(done), jobs, threads, plan.config.status, log,
+                     remote=None if local else executor.name)
 
     def finished(key: RunKey, run: dict[str, Any], seconds: float) -> None:
         done[key] = run
         status.finished(key, run, seconds)
 
     try:
-        if jobs <= 1:
-            with parallel.pinned_threads(threads):
-                for key, fresh in todo:
-                    status.started(key)
-                    t0 = time.perf_counter()
-                    run = train_task(ctx, _task(plan, key, fresh, portable=False), None)
-                    finished(key, run, time.perf_counter() - t0)
-        else:
-            def handed_out(key: RunKey, fresh: bool) -> Task:
-                status.started(key)
-                return _task(plan, key, fresh, portable=True)
-
-            parallel.run_tasks(train_task, ctx, todo, jobs=jobs, threads=threads,
-                               devices=_worker_devices(plan.config.device), prepare=handed_out,
-                               on_done=finished)
+        executor.run(todo, status, finished)
     except KeyboardInterrupt:
         status.close()
         raise BenchInterrupted(
@@ -283,10 +331,10 @@ def _run_all(plan: BenchPlan, log: Callable[[str], None]) -> dict[RunKey, dict[s
             f"--out {plan.out}): finished runs are read back and an interrupted one continues "
             "from its last.pt") from None
     status.close()
-    return done
+    return done, executor
 
 
-def _worker_devices(device: str) -> list[str | None] | None:
+def worker_devices(device: str) -> list[str | None] | None:
     """Spread the workers over the visible GPUs when the device names none in particular."""
     if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -307,7 +355,7 @@ class _Status:
     finished runs to ``log`` instead."""
 
     def __init__(self, todo: list[RunKey], read_back: int, jobs: int, threads: int,
-                 enabled: bool, log: Callable[[str], None]) -> None:
+                 enabled: bool, log: Callable[[str], None], remote: str | None = None) -> None:
         self.pending = Counter(k.name for k in todo)
         self.total, self.done, self.jobs = len(todo) + read_back, read_back, max(1, jobs)
         self.seconds: dict[str, list[float]] = {}
@@ -315,9 +363,39 @@ class _Status:
         self.enabled, self.log, self.stream = enabled, log, sys.stderr
         self.tty = self.enabled and bool(getattr(self.stream, "isatty", lambda: False)())
         self.wrote = False
+        # remote runs (Ray, Slurm): how many run, wait in the queue, failed (see counts)
+        self.remote, self.shown = remote, (0, len(todo), 0)
         if self.enabled and todo:
             self._write(f"bench: {self.done}/{self.total} runs done; {len(todo)} to train, "
-                        f"{self.jobs} at a time, {threads} CPU thread(s) each")
+                        + (f"{self.jobs} at a time, {threads} CPU thread(s) each" if not remote
+                           else f"submitted to {remote}, {threads} CPU thread(s) each"))
+
+    def counts(self, running: int, queued: int, failed: int) -> None:
+        """A remote executor's look at its runs: the line changes when the counts do."""
+        self.jobs = max(1, running)
+        if (running, queued, failed) != self.shown:
+            self.shown = (running, queued, failed)
+            if self.enabled:
+                self._write(f"bench: {self.done}/{self.total} runs done, {self._queue()}"
+                            f"{self._left() if self.seconds else 'time left: after a run'}")
+
+    def _queue(self) -> str:
+        if not self.remote:
+            return ""
+        running, queued, failed = self.shown
+        return f"{running} running, {queued} queued, {failed} failed; "
+
+    def failed(self, key: RunKey, why: str) -> None:
+        """A remote run failed (named with its log at the end); the others go on."""
+        self.pending[key.name] -= 1
+        self.running.pop(key, None)
+        self.shown = (max(0, self.shown[0] - 1), self.shown[1], self.shown[2] + 1)
+        what = f"{key.label} FAILED: {why}"
+        if not self.enabled:
+            self.log(what)
+            return
+        self._write(f"bench: {self.done}/{self.total} runs done, {self._queue()}"
+                    f"{self._left()} | {what}")
 
     def started(self, key: RunKey) -> None:
         self.running[key] = time.perf_counter()
@@ -327,6 +405,7 @@ class _Status:
         self.pending[key.name] -= 1
         self.running.pop(key, None)
         self.seconds.setdefault(key.name, []).append(seconds)
+        self.shown = (max(0, self.shown[0] - 1), *self.shown[1:])  # it ran until now
         t = run["test"]["all"]["mae"]
         what = f"{key.label}: test MAE {t:.4g} (few {run['test']['few']['mae']:.4g}), " \
                f"epoch {run['best_epoch']}, {seconds:.0f}s"
@@ -335,12 +414,15 @@ class _Status:
         if not self.enabled:
             self.log(fit_lines(what))
             return
-        self._write(f"bench: {self.done}/{self.total} runs done, {self._left()} | {what}")
+        self._write(f"bench: {self.done}/{self.total} runs done, {self._queue()}{self._left()}"
+                    f" | {what}")
 
     def _left(self) -> str:
         remaining = sum(self.pending.values())
         if not remaining:
             return "all trained"
+        if not self.seconds:
+            return "time left: after a run"
         every = statistics.fmean(x for v in self.seconds.values() for x in v)
 
         def cost(method: str) -> float:
