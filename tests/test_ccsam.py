@@ -343,3 +343,33 @@ def test_unsupported_forms_and_bad_arguments_say_what_to_do():
     with pytest.raises(TypeError, match="LabelBins"):
         CCSAM(params, torch.optim.SGD, [1, 2], lr=0.1)
     assert "CCSAM(groups='regions'" in repr(opt)
+
+
+# ---------------------------------------------------------------------- the method
+def test_the_ccsam_method_composes_with_plugins_and_refuses_an_interval():
+    from balanced_sam.config import TrainConfig
+    from balanced_sam.methods import OPTIMIZER_PARTS, build_stepper, describe_methods, get_method
+
+    assert "ccsam" in OPTIMIZER_PARTS and "ccsam" in describe_methods()
+    m = get_method("ranksim+ccsam")
+    assert (m.sharpness, m.update_weighting, m.plugins) == ("ccsam", "sqrt_inv", ("ranksim",))
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, progress=False, rho=0.05)
+    model = tiny_model()
+    opt, step = build_stepper(m, model.parameters(), skewed_bins(), cfg, model=model)
+    assert isinstance(opt, CCSAM) and opt.update_weighting == "sqrt_inv"
+    x, y = data(seed=4)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return ranksim_like(model, x, y)()
+
+    before = flat_params(model)
+    loss = step(loss_fn, y)
+    assert len(calls) == 6 and torch.isfinite(loss)  # 3 regions, 2 passes each
+    assert not torch.equal(flat_params(model), before)
+    with pytest.raises(ValueError, match="CC-SAM takes no -iK interval"):
+        get_method("ccsam-i5")
+    with pytest.raises(ValueError, match="CCSAM takes no interval"):
+        build_stepper(get_method("ccsam"), tiny_model().parameters(), skewed_bins(),
+                      TrainConfig(epochs=1, lr=0.05, progress=False, interval=3))
