@@ -373,3 +373,31 @@ def test_the_ccsam_method_composes_with_plugins_and_refuses_an_interval():
     with pytest.raises(ValueError, match="CCSAM takes no interval"):
         build_stepper(get_method("ccsam"), tiny_model().parameters(), skewed_bins(),
                       TrainConfig(epochs=1, lr=0.05, progress=False, interval=3))
+
+
+def test_grad_scaler_gives_the_same_step_and_an_overflow_skips_it():
+    x, y = data(seed=5)
+    m1, m2 = tiny_model(), tiny_model()
+    o1 = CCSAM(m1.parameters(), torch.optim.SGD, skewed_bins(), rho=0.1, lr=0.05)
+    o2 = CCSAM(m2.parameters(), torch.optim.SGD, skewed_bins(), rho=0.1, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    o1.step(lambda: (m1(x).squeeze(-1) - y).abs(), y)
+    o2.step(lambda: (m2(x).squeeze(-1) - y).abs(), y, scaler=scaler)
+    scaler.update()
+    torch.testing.assert_close(flat_params(m1), flat_params(m2), rtol=1e-12, atol=1e-13)
+    # an overflow at theta stops the step at once (its perturbation would be non-finite); one
+    # in a perturbed pass is found in the summed gradient, after the last pass
+    for bad_call, n_calls in ((1, 1), (3, 3), (4, 6), (6, 6)):
+        calls = []
+
+        def overflows(calls=calls, bad_call=bad_call):  # 3 regions: 6 passes
+            calls.append(1)
+            out = (m2(x).squeeze(-1) - y).abs()
+            return out * math.inf if len(calls) == bad_call else out
+
+        before, scale = flat_params(m2), scaler.get_scale()
+        o2.step(overflows, y, scaler=scaler)
+        assert torch.equal(flat_params(m2), before) and len(calls) == n_calls
+        scaler.update()
+        assert scaler.get_scale() < scale
+    assert o2.skipped_steps == 4
