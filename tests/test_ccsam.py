@@ -401,3 +401,24 @@ def test_grad_scaler_gives_the_same_step_and_an_overflow_skips_it():
         scaler.update()
         assert scaler.get_scale() < scale
     assert o2.skipped_steps == 4
+
+
+def test_batchnorm_statistics_move_once_with_the_model_and_freeze():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1))
+    ref = copy.deepcopy(model)
+    x, y = data(seed=6)
+    opt = CCSAM(model.parameters(), torch.optim.SGD, skewed_bins(), rho=0.1, lr=0.05)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return (model(x).squeeze(-1) - y).abs()
+
+    opt.step(loss_fn, y, model=model, bn_second_pass="freeze")
+    ref(x)  # one forward at theta: the first pass's statistics
+    assert len(calls) == 6
+    bn, bn_ref = model[1], ref[1]
+    assert int(bn.num_batches_tracked) == 1
+    assert torch.equal(bn.running_mean, bn_ref.running_mean)
+    assert torch.equal(bn.running_var, bn_ref.running_var)
