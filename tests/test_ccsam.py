@@ -422,3 +422,22 @@ def test_batchnorm_statistics_move_once_with_the_model_and_freeze():
     assert int(bn.num_batches_tracked) == 1
     assert torch.equal(bn.running_mean, bn_ref.running_mean)
     assert torch.equal(bn.running_var, bn_ref.running_var)
+
+
+def test_a_target_in_a_group_without_training_samples_gets_the_largest_radius():
+    # regions of counts (500, 0, 50): many, few (only the empty bin), medium
+    bins = LabelBins.from_counts([500, 0, 50], torch.arange(4.0))
+    model = line()
+    opt = CCSAM(model.parameters(), torch.optim.SGD, bins, lr=0.1)
+    assert opt.group_of_bin.tolist() == [0, 2, 1] and math.isnan(opt.group_counts[2])
+    assert math.isnan(opt.group_radius_factor[2])
+    yy = torch.tensor([1.5], dtype=torch.float64)  # in the empty bin
+    seen: list[tuple[float, float]] = []
+
+    def loss_fn():
+        seen.append(theta(model))
+        return (model(torch.ones(1, 1, dtype=torch.float64)).squeeze(-1) - yy).abs()
+
+    opt.step(loss_fn, yy)
+    assert len(seen) == 2 and all(math.isfinite(v) for v in theta(model))
+    assert math.dist(seen[1], seen[0]) == pytest.approx(0.05 * 10 ** 0.25)  # medium's radius

@@ -261,8 +261,12 @@ class CCSAM(SAM):
         self.group_counts = torch.where(populated > 0, total / populated.clamp_min(1),
                                         torch.tensor(math.nan, dtype=torch.float64))
         n_ref = float(self.group_counts.nan_to_num(0).max())
-        #: r_g = (n_max / n_g)^(1/4): the radius of group g is rho * r_g (NaN: never present)
+        #: r_g = (n_max / n_g)^(1/4): the radius of group g is rho * r_g (NaN: no training
+        #: sample; a target there, e.g. of bins not built from the training labels, gets the
+        #: largest radius)
         self.group_radius_factor = (n_ref / self.group_counts) ** 0.25
+        self._factor = self.group_radius_factor.nan_to_num(
+            float(self.group_radius_factor.nan_to_num(1.0).max())).tolist()
         weighting = GroupWeighting(bins, update_weighting, self.group_of_bin, self.flat_ratio,
                                    normalize=normalize, weight_kwargs=weight_kwargs)
         super().__init__(params, base_optimizer, rho, p, weighting=weighting, adaptive=adaptive,
@@ -323,7 +327,7 @@ class CCSAM(SAM):
             if not w.groups:  # nothing counted: the base step on the regulariser alone
                 self.finish_step(scaler, clip)
                 return theta_loss
-            with self._radius(float(self.group_radius_factor[w.groups[i]])):
+            with self._radius(self._factor[w.groups[i]]):
                 perturbed = super().first_step()
             if self.skip_pending:  # a non-finite gradient: skip the whole step
                 self.restore()
