@@ -37,7 +37,7 @@ from balanced_sam.optim.norms import check_max_norm, finite_clipped_
 from balanced_sam.optim.weighting import PassWeighting
 
 __all__ = ["sharpness_step", "plain_step", "frozen_bn_stats", "SharpnessOptimizer",
-           "ContextFactory", "BN_SECOND_PASS"]
+           "ContextFactory", "BN_SECOND_PASS", "pass_runner", "second_pass_context"]
 
 #: a context manager factory wrapped around a pass, e.g. ``ddp_model.no_sync``
 ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -293,3 +293,21 @@ def plain_step(opt: Optimizer, loss_fn: Callable[[], Any], targets: torch.Tensor
             scaler.step(opt)  # finds the inf itself and skips; update() lowers the scale
     weighting.end_step(type(opt).__name__)  # forget the batch's cached weights
     return loss.detach()
+
+
+def pass_runner(weighting: PassWeighting, loss_fn: Callable[..., Any],
+                targets: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                accumulate: int = 1, scaler: Any = None) -> _Pass:
+    """One pass of a step as a function of its contexts (the form of :func:`sharpness_step`):
+    with ``targets``, ``loss_fn``'s losses reduced by ``weighting`` over every micro-batch and
+    backpropagated, their sum returned (detached); without, the closure's own pass. For
+    optimizers with their own sequence of passes (:class:`~balanced_sam.optim.CCSAM`)."""
+    if targets is None:
+        return _closure_pass(loss_fn)
+    return _loss_fn_pass(weighting, loss_fn, targets, mask, accumulate, scaler)
+
+
+def second_pass_context(model: nn.Module | None, bn_second_pass: str) -> ContextFactory | None:
+    """The context of a perturbed pass for ``bn_second_pass`` (``"freeze"``: ``model``'s
+    BatchNorm statistics frozen; checked)."""
+    return _second_pass_context(model, bn_second_pass)
