@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from balanced_sam import SAM, BalancedSAM, ImbSAM, LabelBins
+from balanced_sam import CCSAM, SAM, BalancedSAM, ImbSAM, LabelBins
 
-KINDS = ["sam", "bsam", "imbsam"]
+KINDS = ["sam", "bsam", "imbsam"]  # make_optimizer also builds "ccsam" (tests/test_ccsam.py)
 
 
 def __getattr__(name: str):
@@ -53,8 +53,9 @@ def grad_of(model, loss):
 
 
 def make_optimizer(kind, model, bins, base=torch.optim.SGD, *, weighted_sam=False, **kw):
-    """SAM, BalancedSAM or ImbSAM (eta 20) over ``model`` with lr 0.1 and rho 0.2 unless
-    ``kw`` says otherwise; ``weighted_sam``: SAM with the sqrt_inv update weighting."""
+    """SAM, BalancedSAM, ImbSAM (eta 20) or CCSAM (regions, SQINV update) over ``model`` with
+    lr 0.1 and rho 0.2 unless ``kw`` says otherwise; ``weighted_sam``: SAM with the sqrt_inv
+    update weighting."""
     kw = {"lr": 0.1, "rho": 0.2, **kw}
     if kind == "sam":
         if weighted_sam:
@@ -64,4 +65,6 @@ def make_optimizer(kind, model, bins, base=torch.optim.SGD, *, weighted_sam=Fals
         return BalancedSAM(model.parameters(), base, bins, **kw)
     if kind == "imbsam":
         return ImbSAM(model.parameters(), base, bins, eta=20, **kw)
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "ccsam":
+        return CCSAM(model.parameters(), base, bins, update_weighting="sqrt_inv", **kw)
+    raise ValueError(f"kind must be one of {KINDS} or 'ccsam', got {kind!r}")

@@ -44,7 +44,7 @@ _SPELLINGS: dict[str, dict[str, str]] = {
               "images": "--images FILE", "root": "--root DIR", "path_col": "--path-col COL",
               "split_col": "--split-col COL", "img_size": "--img-size N",
               "pretrained": "--pretrained PATH", "allow_download": "--allow-download",
-              "cache": "--cache DIR"},
+              "cache": "--cache DIR", "trust": "--trust-checkpoint"},
     "compare": {"baseline": "--baseline M"},
     "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
               "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
@@ -399,6 +399,9 @@ def _bench_output(b: argparse.ArgumentParser) -> None:
                    help="first remove what an earlier bench wrote into --out (exactly the "
                         "files its manifest lists, nothing else) and start afresh")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.add_argument("--trust-checkpoint", action="store_true",
+                   help="resume runs whose last.pt needs unpickling (a previous release's): "
+                        "only for files you wrote or trust, since unpickling can run code")
     b.add_argument("--progress", action="store_true",
                    help="a progress bar per epoch (runs trained in one process only, --jobs 1)")
 
@@ -548,7 +551,8 @@ def _bench_config(args: argparse.Namespace) -> Any:
             "csv_path", "target", "train_fraction", "cap", "data_root", "dropna", "select_by",
             "quick", "progress", "baseline", "jobs", "threads", "diverge_factor", "confidence",
             "effect",
-            "impute", "features", "categorical", "max_categories", "max_features", "overwrite")
+            "impute", "features", "categorical", "max_categories", "max_features", "overwrite",
+            "trust_checkpoint")
     return BenchConfig(**{k: getattr(args, k) for k in same}, overrides=overrides,
                        plots=not args.no_plots, data=_images_section(args),
                        executor=_executor_config(args))

@@ -5,7 +5,8 @@ re-weighted L1), ``sam`` (SAM perturbation, SQINV update), ``bsam`` (SQINV-BSAM,
 method), and so on. Each is a :class:`Method` in :data:`METHODS`, described by three words of one
 vocabulary (the optimizers use the same two weighting names):
 
-* ``sharpness``: ``"none"`` (the base optimizer alone), ``"sam"``, ``"bsam"`` or ``"imbsam"``;
+* ``sharpness``: ``"none"`` (the base optimizer alone), ``"sam"``, ``"bsam"``, ``"imbsam"``
+  or ``"ccsam"``;
 * ``perturbation_weighting``: the per-sample weights of the loss whose gradient sets the
   perturbation (BSAM's contribution; ``None``: unweighted);
 * ``update_weighting``: the per-sample weights of the loss whose gradient updates the weights
@@ -40,7 +41,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.baselines.specs import PLUGINS, check_combination
 from balanced_sam.bins import SCHEMES, LabelBins
-from balanced_sam.optim import SAM, BalancedSAM, ImbSAM, PassWeighting, plain_step
+from balanced_sam.optim import CCSAM, SAM, BalancedSAM, ImbSAM, PassWeighting, plain_step
 
 __all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "base_method",
            "build_stepper", "build_base_optimizer", "DEFAULT_METHODS", "StepFn", "parse_method",
@@ -50,7 +51,7 @@ __all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "b
 StepFn = Callable[..., torch.Tensor]
 
 #: the sharpness-aware steps a method can take ("none": the base optimizer's plain step)
-SHARPNESS = ("none", "sam", "bsam", "imbsam")
+SHARPNESS = ("none", "sam", "bsam", "imbsam", "ccsam")
 #: the weighting schemes a method names; unweighted is ``None`` (never the string "none",
 #: which :class:`LabelBins` also accepts)
 WEIGHTINGS = tuple(s for s in SCHEMES if s != "none")
@@ -62,8 +63,8 @@ class Method:
 
     Attributes:
         name: the name used in the CLI, configs and results.
-        sharpness: ``"none"`` (the base optimizer's plain step), ``"sam"``, ``"bsam"`` or
-            ``"imbsam"``.
+        sharpness: ``"none"`` (the base optimizer's plain step), ``"sam"``, ``"bsam"``,
+            ``"imbsam"`` or ``"ccsam"``.
         update_weighting: the weighting of the update loss (``None``: unweighted; else one of
             :data:`WEIGHTINGS`).
         perturbation_weighting: the weighting of the perturbation loss, for ``"bsam"`` only
@@ -144,6 +145,9 @@ for _m in (
            paper="Table 5"),
     Method("imbsam", "imbsam", "sqrt_inv", description="ImbSAM (tail: bins < eta), SQINV update",
            paper="Tables 1-2"),
+    Method("ccsam", "ccsam", "sqrt_inv",
+           description="CC-SAM (a perturbation per region, radius ~ n^-1/4), SQINV update",
+           paper="no row (Zhou et al., CVPR 2023; the paper's discussion)"),
     Method("bsam", "bsam", "sqrt_inv", "sqrt_inv",
            description="SQINV-BSAM: weighted perturbation and weighted update (ours)",
            paper="Tables 1-3"),
@@ -163,7 +167,7 @@ DEFAULT_METHODS = ("vanilla", "sqinv", "inv", "lds", "sam", "imbsam", "bsam", "i
 WEIGHTING_PARTS: dict[str, str | None] = {"vanilla": None, "sqinv": "sqrt_inv", "inv": "inv",
                                           "lds": "lds"}
 #: the optimizer part of a composed name (the sharpness-aware step)
-OPTIMIZER_PARTS = ("sam", "bsam", "imbsam")
+OPTIMIZER_PARTS = ("sam", "bsam", "imbsam", "ccsam")
 GRAMMAR = "PLUGIN[+PLUGIN...][+WEIGHTING][+OPTIMIZER]"
 #: ``NAME-iK``: a SAM-family method with a fresh perturbation every K steps (issue 13)
 _INTERVAL = re.compile(r"^(?P<base>.+)-i(?P<k>[0-9]+)$")
@@ -205,7 +209,7 @@ def parse_method(name: str, description: str = "", paper: str = "") -> Method:
       BSAM rows, except for Balanced MSE (``bni``, ``gai``), which balances by itself.
       For ``bni``/``gai``, ``+lds`` smooths the loss's label prior instead (the Balanced MSE
       code's "+ LDS") and weights no sample;
-    * ``+OPTIMIZER`` (``sam``, ``bsam``, ``imbsam``): the sharpness-aware step; ``bsam``
+    * ``+OPTIMIZER`` (``sam``, ``bsam``, ``imbsam``, ``ccsam``): the sharpness-aware step; ``bsam``
       perturbs with the named weighting, SQINV when none is named (BSAM's defining choice).
 
     So ``ranksim`` is plain L1 + RankSim; ``ranksim+sqinv`` is the RankSim paper's SQINV +
@@ -233,7 +237,8 @@ def parse_method(name: str, description: str = "", paper: str = "") -> Method:
 
 
 def _composed_text(kinds: str, update: str | None, optimizer: str | None) -> str:
-    step = {"sam": "SAM", "bsam": "BSAM", "imbsam": "ImbSAM", None: "plain step"}[optimizer]
+    step = {"sam": "SAM", "bsam": "BSAM", "imbsam": "ImbSAM", "ccsam": "CC-SAM",
+            None: "plain step"}[optimizer]
     return f"{kinds}; update weighting {update or 'none'}; {step}"
 
 
@@ -276,6 +281,10 @@ def _derived(name: str) -> Method:
                              "perturbation")
         if k < 1:
             raise ValueError(f"method {name!r}: the interval K in -iK must be >= 1")
+        if base.sharpness == "ccsam":
+            raise ValueError(f"method {name!r}: CC-SAM takes no -iK interval (a stored "
+                             f"perturbation per group is not supported); use {base.name!r}, "
+                             "or an -iK variant of sam/bsam/imbsam")
         return Method(name, base.sharpness, base.update_weighting, base.perturbation_weighting,
                       base.loss, f"{base.description}; a fresh perturbation every {k} steps",
                       base.paper, {**base.optimizer_options, "interval": k},
@@ -315,7 +324,10 @@ def describe_methods() -> str:
     lines += ["  weightings: vanilla (none), sqinv (1/sqrt(N_k)), inv (1/N_k, clipped), lds "
               "(1 / LDS-smoothed sqrt(N_k), the DIR code's; for bni/gai: the smoothed label prior)",
               "  optimizers: sam (SAM perturbation), bsam (weighted perturbation), imbsam "
-              "(SAM on the tail); NAME-iK (e.g. bsam-i5, ranksim+bsam-i5) perturbs every K steps",
+              "(SAM on the tail), ccsam (a perturbation per region: 2 passes per region in the "
+              "batch);",
+              "              NAME-iK (e.g. bsam-i5, ranksim+bsam-i5) perturbs every K steps "
+              "(not ccsam)",
               "  defaults: no weighting part = unweighted update, SQINV with an optimizer part "
               "(bni/gai: unweighted); bsam perturbs with the named weighting, else SQINV;",
               "            options per plug-in: train.plugins.NAME.KEY in a config"]
@@ -416,9 +428,12 @@ def build_stepper(
         opt = BalancedSAM(params, base, bins, scheme=method.perturbation_weighting,
                           update_weighting="same" if same else method.update_weighting,
                           **{**common, **weights, **method.optimizer_options})
-    else:
+    elif method.sharpness == "imbsam":
         opt = ImbSAM(params, base, bins, update_weighting=method.update_weighting,
                      **{"eta": cfg.eta, **common, **weights, **method.optimizer_options})
+    else:
+        opt = CCSAM(params, base, bins, update_weighting=method.update_weighting,
+                    **{**common, **weights, **method.optimizer_options})
 
     def sam_step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
                  mask: torch.Tensor | None = None, scaler: Any = None,

@@ -411,6 +411,9 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
     if world > 1 and method.sharpness == "imbsam":
         raise ValueError("method imbsam does not support distributed training (its head "
                          "gradient is not all-reduced); run it in one process")
+    if world > 1 and method.sharpness == "ccsam" and cfg.scope == "local":
+        raise ValueError("method ccsam needs scope=global under DDP (its gradients at theta "
+                         "enter the update, so they must be all-reduced)")
     # (the picture cache is filled, by forked processes, before the model goes to the GPU)
     pipeline = device_pipeline(train_data, device, seed=cfg.seed, rank=rank, world=world,
                                amp=cfg.amp, channels_last=bool(cfg.channels_last),

@@ -60,7 +60,8 @@ def test_methods_build_the_right_optimizers():
                                  ("inv-bsam", "BalancedSAM", "inv", "inv"),
                                  ("sam", "SAM", None, "sqrt_inv"),
                                  ("vanilla-sam", "SAM", None, None),
-                                 ("imbsam", "ImbSAM", None, "sqrt_inv")]:
+                                 ("imbsam", "ImbSAM", None, "sqrt_inv"),
+                                 ("ccsam", "CCSAM", None, "sqrt_inv")]:
         opt, _ = build_stepper(get_method(name), MLP(5, (4,)).parameters(), bins, cfg)
         assert type(opt).__name__ == cls, name
         assert opt.perturbation_weighting == pert and opt.update_weighting == upd, name

@@ -176,6 +176,7 @@ def test_1_bench_read_back_refuses_a_payload(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert str(run_dir / "last.pt") in err and "refused" in err
+    assert "--trust-checkpoint" in err  # the bench's own spelling of the way out
     assert not marker.exists()
 
 

@@ -90,6 +90,7 @@ def test_paper_config_builds_with_its_plugins_and_cites_the_paper(name, roots):
     ("agedb_rnc", ["train.plugins.rnc.pretrain_epochs=1"]),  # the two-stage recipe
     ("nyud2_conr_fds", []),            # calibration of a dense map + a regulariser per image
     ("nyud2_bni_lds", []),                                     # a loss per pixel
+    ("agedb_ccsam", []),                          # CC-SAM: 2 passes per region in the batch
 ])
 def test_one_config_per_kind_trains_an_epoch(name, extra, roots, tmp_path, capsys):
     out = tmp_path / "run"

@@ -1,5 +1,6 @@
 """One table of optimizer settings that generic checks iterate over (in the spirit of torch's
-``optim_db``): SAM, BalancedSAM and ImbSAM x p in {2, inf} x ASAM x interval x accumulate.
+``optim_db``): SAM, BalancedSAM and ImbSAM x p in {2, inf} x ASAM x interval x accumulate, and
+CC-SAM (regions, SQINV update) x p x ASAM x accumulate (no interval, no two-step form).
 
 Every check runs every setting: the state dict round-trip continues bit for bit, the closure
 form and the two-step form give the one-call form's parameters, and a non-finite gradient in
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("float64_default")
 class OptimInfo:
     """One optimizer setting of the table."""
 
-    kind: str  # "sam" (with the sqrt_inv update weighting), "bsam" or "imbsam"
+    kind: str  # "sam" (with the sqrt_inv update weighting), "bsam", "imbsam" or "ccsam"
     p: float
     adaptive: bool
     interval: int
@@ -56,7 +57,10 @@ class OptimInfo:
                               lr=0.05, rho=0.1)
 
     def passes(self, refresh: bool) -> int:
-        """Forward/backward passes of one step (every batch here has head and tail samples)."""
+        """Forward/backward passes of one step (every batch here has head and tail samples, and
+        samples of all three regions: CC-SAM takes 2 passes per region)."""
+        if self.kind == "ccsam":
+            return 6
         return (2 if refresh else 1) + (self.kind == "imbsam")
 
     def step(self, opt: SAM, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -75,7 +79,9 @@ class OptimInfo:
 
 
 OPTIM_DB = [OptimInfo(k, p, a, i, acc) for k, p, a, i, acc in itertools.product(
-    ("sam", "bsam", "imbsam"), (2.0, math.inf), (False, True), (1, 2), (1, 2))]
+    ("sam", "bsam", "imbsam"), (2.0, math.inf), (False, True), (1, 2), (1, 2))] + [
+    OptimInfo("ccsam", p, a, 1, acc) for p, a, acc in itertools.product(
+        (2.0, math.inf), (False, True), (1, 2))]
 
 
 #: the decorator that runs a check over every setting of the table
@@ -94,7 +100,7 @@ def batches(n: int, start: int = 0):
 
 
 def test_the_table_covers_every_combination():
-    assert len(OPTIM_DB) == 48 and len({i.id for i in OPTIM_DB}) == 48
+    assert len(OPTIM_DB) == 56 and len({i.id for i in OPTIM_DB}) == 56
     for info in OPTIM_DB:  # and every setting builds what it names
         opt = info.make(tiny_model())
         assert opt.p == info.p and opt.interval == info.interval
@@ -144,6 +150,9 @@ def test_closure_form_equals_one_call_form(info):
 
 @settings
 def test_two_step_form_equals_one_call_form(info):
+    if info.kind == "ccsam":
+        pytest.skip("CC-SAM has no two-step form (2 passes per group; tests/test_ccsam.py "
+                    "checks that it says so)")
     if info.kind == "imbsam" and info.interval > 1:
         pytest.skip("ImbSAM's two-step form takes the head gradient in its first pass; a step "
                     "that reuses the perturbation has no first pass to take it from")

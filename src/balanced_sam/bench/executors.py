@@ -198,6 +198,8 @@ class RemoteRun:
     cfg: TrainConfig
     threads: int
     attempt: int = 1
+    #: the user vouched for the runs' checkpoints (``--trust-checkpoint``)
+    trust: bool = False
 
 
 _DATA: dict[str, Any] = {}  # a worker's data by spec: a Ray worker reuses them across runs
@@ -311,7 +313,7 @@ class RemoteExecutor(Executor):
     def _job(self, key: RunKey, attempt: int) -> RemoteRun:
         plan = self.plan
         return RemoteRun(key.label, str(plan.out.resolve()), plan.spec, plan.digest, plan.cfg,
-                         plan.config.threads, attempt)
+                         plan.config.threads, attempt, plan.config.trust_checkpoint)
 
     def run(self, todo: list[tuple[RunKey, bool]], status: Any, finished: Finished) -> None:
         try:

@@ -149,6 +149,9 @@ class BenchConfig:
     max_categories: int | None = None
     max_features: int | None = None
     overwrite: bool = False
+    #: resume the runs' ``last.pt`` even if it needs unpickling: only for files one vouches for
+    #: (a previous release's, whose random state held numpy arrays)
+    trust_checkpoint: bool = False
     max_features: int | None = None
     data: Mapping[str, Any] | None = None
     executor: str | ExecutorConfig = "local"

@@ -159,6 +159,8 @@ class Context:
     cfg: TrainConfig
     out: str
     template: nn.Module | None = None
+    #: load the runs' ``last.pt`` even if it needs unpickling (``--trust-checkpoint``)
+    trust: bool = False
 
 
 @dataclass
@@ -215,7 +217,8 @@ def train_task(ctx: Context, task: Task, device: str | None) -> dict[str, Any]:
                   meta={"dataset": ctx.name, "bench_out": ctx.out,
                         "spec": {"data": ctx.spec, "train": cfg.to_dict()},
                         "data": ctx.fingerprint},
-                  data_fingerprint=ctx.fingerprint["digest"], log=lambda s: None)
+                  data_fingerprint=ctx.fingerprint["digest"], trust_checkpoint=ctx.trust,
+                  log=lambda s: None)
     except NonFinitePredictionsError as exc:
         run = _diverged_run(key, time.perf_counter() - t0, str(exc), ctx.fingerprint["digest"])
     else:
@@ -260,9 +263,9 @@ def run_remote(job: RemoteRun) -> None:
             if state != "done":
                 data = worker_data(job.spec, job.digest)
                 key = RunKey.parse(job.label)
-                ctx = Context(data.train, data.val, data.test, data.bins, data.scaler,
-                                    data.dense, data.name, data.fingerprint, job.spec, job.cfg,
-                                    job.out)
+                ctx = Context(data.train, data.val, data.test, data.bins, data.target_scaler,
+                              data.dense, data.name, data.fingerprint, job.spec, job.cfg,
+                              job.out, trust=job.trust)
                 seed_everything(key.seed)
                 run = train_task(ctx, Task(key, state == "fresh",
                                                        data.make_model()), None)
@@ -290,7 +293,7 @@ def make_context(plan: BenchPlan, jobs: int) -> Context:
     return Context(d.train, d.val, d.test, d.bins, d.target_scaler, d.dense, d.name,
                    d.fingerprint,
                    plan.spec, replace(plan.cfg, progress=plan.cfg.progress and jobs <= 1),
-                   str(plan.out), template)
+                   str(plan.out), template, trust=plan.config.trust_checkpoint)
 
 
 def _run_all(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]

@@ -1,4 +1,4 @@
-"""Sharpness-aware optimizers: SAM, BalancedSAM (BSAM) and ImbSAM.
+"""Sharpness-aware optimizers: SAM, BalancedSAM (BSAM), ImbSAM and CC-SAM.
 
 The parts, bottom up:
 
@@ -6,10 +6,12 @@ The parts, bottom up:
 * :mod:`~balanced_sam.optim.weighting`: the weighting of each pass (:class:`PassWeighting`);
 * :mod:`~balanced_sam.optim.driver`: the one-call step and the single-pass step;
 * :mod:`~balanced_sam.optim.sam`: the optimizer; :mod:`~balanced_sam.optim.balanced` and
-  :mod:`~balanced_sam.optim.imbsam`: what BSAM and ImbSAM change in it.
+  :mod:`~balanced_sam.optim.imbsam`, :mod:`~balanced_sam.optim.ccsam`: what BSAM, ImbSAM
+  and CC-SAM change in it.
 """
 
 from balanced_sam.optim.balanced import BalancedSAM
+from balanced_sam.optim.ccsam import CCSAM
 from balanced_sam.optim.driver import (
     AccumulatedGradientWarning,
     frozen_bn_stats,
@@ -21,6 +23,6 @@ from balanced_sam.optim.norms import dual_norm_direction
 from balanced_sam.optim.sam import SAM
 from balanced_sam.optim.weighting import BalancingNotAppliedWarning, PassWeighting
 
-__all__ = ["SAM", "BalancedSAM", "ImbSAM", "BalancingNotAppliedWarning", "PassWeighting",
+__all__ = ["SAM", "BalancedSAM", "ImbSAM", "CCSAM", "BalancingNotAppliedWarning", "PassWeighting",
            "frozen_bn_stats", "dual_norm_direction", "sharpness_step", "plain_step",
            "AccumulatedGradientWarning"]

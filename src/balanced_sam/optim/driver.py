@@ -41,7 +41,8 @@ from balanced_sam.optim.norms import check_max_norm, finite_clipped_
 from balanced_sam.optim.weighting import PassWeighting, user_stacklevel
 
 __all__ = ["sharpness_step", "plain_step", "frozen_bn_stats", "SharpnessOptimizer",
-           "ContextFactory", "BN_SECOND_PASS", "AccumulatedGradientWarning"]
+           "ContextFactory", "BN_SECOND_PASS", "pass_runner", "second_pass_context",
+           "AccumulatedGradientWarning"]
 
 #: a context manager factory wrapped around a pass, e.g. ``ddp_model.no_sync``
 ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -208,7 +209,7 @@ def _check_accumulated(opt: SharpnessOptimizer, log: Any, calls: int,
             AccumulatedGradientWarning, stacklevel=user_stacklevel())
 
 
-def _closure_pass(opt: SharpnessOptimizer, closure: Callable[[], Any]) -> _Pass:
+def _closure_pass(opt: SharpnessOptimizer | None, closure: Callable[[], Any]) -> _Pass:
     """A pass of the closure form: the closure zeroes, computes (with ``opt.reduce``) and calls
     ``backward`` itself. The step's first pass checks that it did not add into gradients held
     from before the step."""
@@ -218,6 +219,7 @@ def _closure_pass(opt: SharpnessOptimizer, closure: Callable[[], Any]) -> _Pass:
     def run(contexts: Iterable[ContextFactory | None]) -> Any:
         check, first[0] = first[0], False
         if check:
+            assert opt is not None
             held, calls = _held_grads(opt, log), log.calls
         with torch.enable_grad(), contextlib.ExitStack() as stack:
             for ctx in contexts:
@@ -225,6 +227,7 @@ def _closure_pass(opt: SharpnessOptimizer, closure: Callable[[], Any]) -> _Pass:
                     stack.enter_context(ctx())
             out = closure()
         if check:
+            assert opt is not None
             _check_accumulated(opt, log, calls, held)
         return out
 
@@ -394,3 +397,23 @@ def plain_step(opt: Optimizer, loss_fn: Callable[[], Any], targets: torch.Tensor
             scaler.step(opt)  # finds the inf itself and skips; update() lowers the scale
     weighting.end_step(type(opt).__name__)  # forget the batch's cached weights
     return loss.detach()
+
+
+def pass_runner(weighting: PassWeighting, loss_fn: Callable[..., Any],
+                targets: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                accumulate: int = 1, scaler: Any = None,
+                opt: SharpnessOptimizer | None = None) -> _Pass:
+    """One pass of a step as a function of its contexts (the form of :func:`sharpness_step`):
+    with ``targets``, ``loss_fn``'s losses reduced by ``weighting`` over every micro-batch and
+    backpropagated, their sum returned (detached); without, the closure's own pass. For
+    optimizers with their own sequence of passes (:class:`~balanced_sam.optim.CCSAM`); with
+    ``opt``, a closure's first pass is checked for gradients held from before the step."""
+    if targets is None:
+        return _closure_pass(opt, loss_fn)
+    return _loss_fn_pass(weighting, loss_fn, targets, mask, accumulate, scaler)
+
+
+def second_pass_context(model: nn.Module | None, bn_second_pass: str) -> ContextFactory | None:
+    """The context of a perturbed pass for ``bn_second_pass`` (``"freeze"``: ``model``'s
+    BatchNorm statistics frozen; checked)."""
+    return _second_pass_context(model, bn_second_pass)
