@@ -13,7 +13,6 @@ import torch
 from _optim_helpers import (
     data,
     flat_params,
-    float64_default,  # noqa: F401  (autouse: this module runs in float64)
     skewed_bins,
     tiny_model,
 )
@@ -22,6 +21,8 @@ from torch import nn
 from balanced_sam import CCSAM, SAM, BalancedSAM, LabelBins
 from balanced_sam.optim import BalancingNotAppliedWarning
 from balanced_sam.optim.ccsam import bin_groups
+
+pytestmark = pytest.mark.usefixtures("float64_default")  # this module runs in float64
 
 COUNTS = [170, 150, 12, 60, 40, 30, 8, 0]
 X = torch.tensor([1.0, 2.0, 4.0, 3.0], dtype=torch.float64)
