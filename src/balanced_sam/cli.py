@@ -18,152 +18,23 @@ shows the traceback); a missing optional package prints the install command.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from balanced_sam.cli_bench import add_bench, cmd_bench
+from balanced_sam.cli_common import (
+    EXTRAS,
+    SPELLINGS,
+    command,
+    csv_list,
+    number,
+)
+
 __all__ = ["main", "build_parser"]
 
-#: what each command calls an option in its messages (see balanced_sam.errors.spell)
-_SPELLINGS: dict[str, dict[str, str]] = {
-    "bench": {"dropna": "--dropna", "impute": "--impute median",
-              "features": "--features COL,COL,...", "max_categories": "--max-categories N",
-              "max_features": "--max-features N", "categorical": "--categorical COL",
-              "bin_width": "--bin-width W", "train_fraction": "--train-fraction F",
-              "cap": "--cap C", "target": "--target COL", "csv_path": "--csv FILE",
-              "device": "--device cpu", "baseline": "--baseline M", "methods": "--methods",
-              "plugins": "--set train.plugins.NAME.KEY=VALUE", "out": "--out",
-              "overwrite": "--overwrite", "resume": "the same --out without --overwrite",
-              "executor": "--executor", "devices": "--devices", "jobs": "--jobs",
-              "gpus_per_run": "--gpus-per-run", "cpus_per_run": "--cpus-per-run",
-              "retries": "--retries", "slurm_time": "--slurm-time",
-              "slurm_cluster": "--slurm-cluster", "slurm_options": "--slurm-option",
-              "images": "--images FILE", "root": "--root DIR", "path_col": "--path-col COL",
-              "split_col": "--split-col COL", "img_size": "--img-size N",
-              "pretrained": "--pretrained PATH", "allow_download": "--allow-download",
-              "cache": "--cache DIR", "trust": "--trust-checkpoint"},
-    "compare": {"baseline": "--baseline M"},
-    "train": {"dropna": "data.dropna=true", "impute": "data.impute=median",
-              "features": "data.features=[COL,...]", "max_categories": "data.max_categories=N",
-              "max_features": "data.max_features=N", "categorical": "data.categorical=[COL]",
-              "bin_width": "data.bin_width=W", "train_fraction": "data.train_fraction=F",
-              "cap": "data.cap=C", "target": "data.target=COL", "csv_path": "data.path=FILE",
-              "resume": "--resume", "overwrite": "--overwrite", "out_dir": "--out",
-              "allow_data_change": "--allow-data-change", "device": "train.device=cpu",
-              "trust": "--trust-checkpoint",
-              "plugins": "train.plugins.NAME.KEY=VALUE", **{
-                  "images": "data.path=FILE", "root": "data.root=DIR",
-                  "path_col": "data.path_col=COL", "split_col": "data.split_col=COL",
-                  "img_size": "data.img_size=N", "pretrained": "model.pretrained=PATH",
-                  "allow_download": "model.allow_download=true", "cache": "data.cache=DIR"}},
-    "eval": {"allow_data_change": "--allow-data-change", "device": "--device cpu",
-             "trust": "--trust-checkpoint"},
-    "analyze": {"allow_data_change": "--allow-data-change", "device": "--device cpu",
-                "trust": "--trust-checkpoint"},
-}
-#: optional packages and the extra that installs them
-_EXTRAS = {"pandas": "cli", "matplotlib": "cli", "yaml": "cli", "tqdm": "cli",
-           "plotnine": "diamonds", "PIL": "cli", "torchvision": "cli", "scipy": "cli",
-           "wandb": "wandb", "torchmetrics": "torchmetrics", "lightning": "lightning",
-           "accelerate": "accelerate", "ray": "ray", "submitit": "slurm"}
-
-
-def _number(text: str) -> float:
-    """A float option's value: any number but NaN (``--tol nan`` would pass every check)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r} (NaN is not allowed)")
-    return value
-
-
-def _csv_list(kind: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
-    def parse(text: str) -> list[Any]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        try:
-            return [kind(t) for t in items]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"bad list {text!r}: {exc}") from None
-
-    return parse
-
-
-def _seeds(text: str) -> list[int]:
-    """``3`` means seeds 0, 1, 2; ``0,5,7`` means those seeds (each once)."""
-    if "," not in text:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--seeds takes a count or a list, got {text!r}") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError("--seeds must be >= 1")
-        return list(range(n))
-    seeds = _csv_list(int)(text)
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"seed(s) {repeated} repeated in {text!r}: each seed "
-                                         "is one run")
-    return seeds
-
-
-# ---------------------------------------------------------------------------- the parser
-#: each command's one-line help and its description
-_ABOUT = {
-    "bench": ("run the methods over seeds; a paper-style table and paired comparisons",
-              "Train every method over several seeds on a benchmark (default: {default}; "
-              "--dataset NAME or --csv FILE for others) and print the paper's Table-1-style "
-              "results: MAE and GM for All / Many / Medium / Few, plus bMAE, as mean ± std over "
-              "seeds, then every method against --baseline seed by seed (mean difference, 95% "
-              "Student-t interval, wins), saying where an interval includes 0. Runs train "
-              "--jobs at a time in worker processes, one CPU thread each (--threads), with the "
-              "same figures for any --jobs. A run that diverges (NaN/inf predictions or metrics, "
-              "steps skipped for a non-finite gradient, or test MAE above --diverge-factor times "
-              "its method's median) is marked † and left out of the means and comparisons, and "
-              "the bench goes on. Writes results.json, results.csv and plots "
-              "(paired_differences.png among them) into --out, a new or empty folder or one a "
-              "bench made. Re-running with the same --out reuses finished runs (and trains again "
-              "those whose data changed); its results.json keeps every finished method, however "
-              "few --methods name; --overwrite removes the earlier bench's files first. Ctrl-C "
-              "stops cleanly and says how to resume."),
-    "compare": ("paired comparisons of a finished bench, recomputed",
-                "Read a bench's results.json, mark diverged runs and compare every method with "
-                "--baseline seed by seed (mean difference, Student-t interval, wins); print "
-                "the table and the comparisons. --write updates results.json, --plot redraws "
-                "paired_differences.png beside it."),
-    "train": ("train one model from a YAML config",
-              "Train one model from a YAML config (sections data, model, bins, train, out): a file "
-              "or the name of a shipped config (`bsam configs` lists them). Overrides: "
-              "section.key=value, e.g. train.epochs=2 data.root=/data/agedb "
-              "(a bare key goes to train). Writes last.pt every epoch, best.pt, log.csv and "
-              "result.json into the output folder."),
-    "eval": ("evaluate a checkpoint on its test (or val) split",
-             "Rebuild model and data from a checkpoint written by bsam train or bsam bench and "
-             "print its metrics per region."),
-    "analyze": ("sharpness per label region: Hessian spectrum and loss landscapes",
-                "Hessian top eigenvalue and trace per label region (Table 8) and loss landscapes "
-                "along filter-normalised directions (Figure 1) of one or more checkpoints."),
-    "data": ("prepare the paper's benchmark data", "Data tools for the paper's benchmarks."),
-    "prepare": ("check / fetch / build a benchmark's files under --root",
-                "Check what is under --root, fetch what is public (split CSVs, IMDB-WIKI tars, "
-                "NYUD2-DIR data.zip) when online, verify checksums, build the IMDB-WIKI split or "
-                "the NYUD2 balanced test mask when absent, and print exactly what is still "
-                "missing and where to get it. Never deletes or overwrites your files."),
-    "list": ("list methods and datasets", "List the methods and datasets bsam knows."),
-}
-
-
-def _command(sub: Any, name: str, **fill: str) -> argparse.ArgumentParser:
-    help_, description = _ABOUT[name]
-    return sub.add_parser(name, help=help_, description=description.format(**fill) if fill
-                          else description)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `bsam COMMAND --help` for the options of a command.")
     p.add_argument("--version", action="version", version=f"balanced-sam {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_bench, _add_compare, _add_train, _add_eval, _add_analyze, _add_data,
+    for add in (add_bench, _add_compare, _add_train, _add_eval, _add_analyze, _add_data,
                 _add_list):
         add(sub)
     from balanced_sam.configs import add_parser as add_configs_parser
@@ -186,235 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_bench(sub: Any) -> None:
-    from balanced_sam.data.registry import dataset_names, default_bench_dataset
-
-    default = default_bench_dataset()
-    b = _command(sub, "bench", default=default)
-    b.add_argument("--dataset", default=None,
-                   help=f"a registered dataset: {', '.join(dataset_names())} (default "
-                        f"{default}; see `bsam list`)")
-    b.add_argument("--csv", dest="csv_path", metavar="FILE",
-                   help="any CSV table instead of a built-in dataset (needs --target); numeric "
-                        "and categorical features, DIR-style split built from it")
-    b.add_argument("--target", metavar="COL", help="target column of --csv")
-    b.add_argument("--dropna", action="store_true",
-                   help="drop --csv rows whose target is missing (default: error)")
-    b.add_argument("--impute", choices=["median"],
-                   help="fill missing numeric --csv features with the training median")
-    b.add_argument("--features", type=_csv_list(), metavar="COL,COL",
-                   help="the --csv feature columns (default: every column but the target)")
-    b.add_argument("--categorical", type=_csv_list(), metavar="COL,COL",
-                   help="--csv columns to one-hot encode even if numeric")
-    b.add_argument("--max-categories", type=int, metavar="N",
-                   help="the most categories a --csv column may have (default 200)")
-    b.add_argument("--max-features", type=int, metavar="N",
-                   help="the most input features a --csv table may be encoded into (numeric "
-                        "columns plus one-hot indicators; default 10000)")
-    _bench_images(b)
-    _bench_runs(b)
-    b.add_argument("--bin-width", type=_number, help="label bin width (default: the dataset's)")
-    b.add_argument("--train-fraction", type=_number,
-                   help="fraction of the rows left after the val/test split kept for training "
-                        "(diamonds default 0.2, so that the tail has few-shot bins)")
-    b.add_argument("--cap", type=int, help="C: at most this many rows per bin in val and test")
-    b.add_argument("--data-root", help="folder with the data files (MNIST IDX files; the root "
-                                       "of a paper benchmark)")
-    _bench_training(b)
-    _bench_executor(b)
-    _bench_output(b)
-
-
-def _bench_images(b: argparse.ArgumentParser) -> None:
-    """Your own images: a CSV of image paths and a target (docs/own-images.md)."""
-    g = b.add_argument_group("your own images (--images FILE --target COL)")
-    g.add_argument("--images", metavar="FILE",
-                   help="a CSV with one row per image: its path and a continuous target "
-                        "(--target); any Pillow format, RGB or grayscale; a DIR-style split "
-                        "unless --split-col")
-    g.add_argument("--root", metavar="DIR",
-                   help="the folder the --images paths are relative to (default: the CSV's)")
-    g.add_argument("--path-col", metavar="COL",
-                   help="the column of image paths (default: the one column whose values "
-                        "are image files that exist)")
-    g.add_argument("--split-col", metavar="COL",
-                   help="a column of train/val/test to use as the split (default: a DIR split "
-                        "from the targets, seeded)")
-    g.add_argument("--img-size", type=int, metavar="N",
-                   help="network input side (default 224, or the images' median shorter side "
-                        "when smaller)")
-    g.add_argument("--pretrained", metavar="PATH",
-                   help="fine-tune a ResNet-18 from these weights (a torchvision state dict), "
-                        "or 'imagenet' for torchvision's cached ImageNet weights; default: "
-                        "from scratch")
-    g.add_argument("--allow-download", action="store_true",
-                   help="let --pretrained imagenet download the weights when not cached")
-    g.add_argument("--cache", metavar="DIR",
-                   help="folder of the decoded-image cache (default ROOT/.bsam_cache; 'none' "
-                        "for no cache)")
-
-
-def _images_section(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``data`` section of ``bsam bench --images``, or ``None`` without it."""
-    image_flags = [f for f, v in (("--root", args.root), ("--path-col", args.path_col),
-                                  ("--split-col", args.split_col), ("--img-size", args.img_size),
-                                  ("--pretrained", args.pretrained), ("--cache", args.cache),
-                                  ("--allow-download", args.allow_download or None))
-                   if v is not None]
-    if args.images is None:
-        if image_flags:
-            raise ValueError(f"{image_flags[0]} is an option of --images FILE (your own images)")
-        return None
-    if args.csv_path is not None or args.dataset is not None:
-        raise ValueError("--images replaces --dataset / --csv: give one of them")
-    if args.target is None:
-        raise ValueError("--images needs the target column (--target COL)")
-    table_only = [f for f, v in (("--impute", args.impute), ("--features", args.features),
-                                 ("--categorical", args.categorical),
-                                 ("--max-categories", args.max_categories),
-                                 ("--max-features", args.max_features),
-                                 ("--train-fraction", args.train_fraction),
-                                 ("--data-root", args.data_root)) if v is not None]
-    if table_only:
-        raise ValueError(f"{table_only[0]} is not an option of --images (see bsam bench --help, "
-                         "'your own images')")
-    section: dict[str, Any] = {"name": "images", "path": str(Path(args.images).resolve()),
-                               "target": args.target}
-    for key, value in (("root", args.root), ("path_col", args.path_col),
-                       ("split_col", args.split_col), ("img_size", args.img_size),
-                       ("bin_width", args.bin_width), ("cap", args.cap)):
-        if value is not None:
-            section[key] = str(Path(value).resolve()) if key == "root" else value
-    if args.cache is not None:
-        section["cache"] = False if args.cache.lower() == "none" else str(
-            Path(args.cache).resolve())
-    if args.pretrained is not None:
-        section["pretrained"] = (args.pretrained if args.pretrained.lower() == "imagenet"
-                                 else str(Path(args.pretrained).resolve()))
-    if args.allow_download:
-        section["allow_download"] = True
-    if args.dropna:
-        section["dropna"] = True
-    return section
-
-
-def _bench_executor(b: argparse.ArgumentParser) -> None:
-    """Where the runs train: this machine (its devices), a Ray cluster, a Slurm cluster."""
-    g = b.add_argument_group("where the runs train (docs/cluster.md)")
-    g.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
-                   help="local (default): this machine, --jobs processes; ray: one task per "
-                        "run on a Ray cluster; slurm: one Slurm job per run (submitit). The "
-                        "figures are the same whichever trains a run")
-    g.add_argument("--devices", type=_csv_list(), metavar="DEV,DEV",
-                   help="local: one run per device at a time, e.g. cuda:0,cuda:1 (a device "
-                        "named twice takes two runs), or auto (every visible GPU)")
-    g.add_argument("--ray-address", metavar="ADDR",
-                   help="the Ray cluster (default: auto when one runs here, else a local one "
-                        "the bench starts and stops)")
-    g.add_argument("--gpus-per-run", type=float, metavar="G",
-                   help="GPUs each ray/slurm run asks for (default 1 on a CUDA machine, else 0)")
-    g.add_argument("--cpus-per-run", type=int, metavar="C",
-                   help="CPUs each ray/slurm run asks for (default --threads)")
-    g.add_argument("--retries", type=int, default=2, metavar="N",
-                   help="ray/slurm: start a run whose worker died again up to N times, from "
-                        "its last.pt (default 2); a run that raised an error is not retried")
-    g.add_argument("--slurm-partition", metavar="P", help="the Slurm partition")
-    g.add_argument("--slurm-time", default="24:00:00", metavar="T",
-                   help="each job's time limit: MINUTES, HH:MM:SS or D-HH:MM:SS (default "
-                        "24:00:00); a job that runs out is requeued and resumes")
-    g.add_argument("--slurm-option", dest="slurm_options", action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="another sbatch option, e.g. --slurm-option account=lab (repeatable)")
-    g.add_argument("--slurm-cluster", choices=["slurm", "local"], default="slurm",
-                   help="local: submitit's local executor (a process per job here) to try the "
-                        "slurm executor without Slurm")
-
-
-def _bench_runs(b: argparse.ArgumentParser) -> None:
-    """Which runs: methods, seeds, epochs, rho, and the baseline of the comparisons."""
-    from balanced_sam.bench import DEFAULT_BASELINE
-    from balanced_sam.methods import DEFAULT_METHODS
-
-    b.add_argument("--methods", type=_csv_list(), default=None,
-                   help="comma-separated methods (default: the dataset's choice, else "
-                        f"{','.join(DEFAULT_METHODS)}); NAME-iK, e.g. bsam-i5, is a SAM-family "
-                        "method with a fresh perturbation every K steps; the baselines and "
-                        "composed names too, e.g. ranksim,conr+lds,ranksim+bsam (bsam list)")
-    b.add_argument("--seeds", type=_seeds, default=None,
-                   help="a count (3 = seeds 0,1,2) or a comma-separated list (default: the "
-                        "dataset's choice, else 3)")
-    b.add_argument("--epochs", type=int, help="epochs per run (default: the dataset's recipe)")
-    b.add_argument("--rho", type=_csv_list(_number),
-                   help="SAM radius; a comma-separated list runs the rho sweep (Figure 2) and "
-                        "plots it")
-    b.add_argument("--baseline", metavar="M", default=None,
-                   help=f"the method every other one is compared with, seed by seed (default "
-                        f"{DEFAULT_BASELINE} when among --methods; it must be one of them)")
-    b.add_argument("--confidence", type=_number, default=0.95,
-                   help="level of the paired intervals (default 0.95)")
-    b.add_argument("--effect", default="5%", metavar="E",
-                   help="the effect of interest of the power figures: a share of the "
-                        "baseline's error (default 5%%, the paper's size) or a number in the "
-                        "target's units")
-    b.add_argument("--quick", action="store_true",
-                   help="the dataset's short variant (rotated-fashion-mnist: 4 methods, 3 seeds, "
-                        "5 epochs on 2,000 images; others: 1 seed, 12 epochs): a smoke test "
-                        "of the table, not evidence (rotated-fashion-mnist: about 60 s of CPU "
-                        "time; 262 s wall-clock when measured, on 2 CPU cores shared with other "
-                        "jobs)")
-
-
-def _bench_training(b: argparse.ArgumentParser) -> None:
-    """How each run trains: selection, lr, batch, clipping, device, parallel runs."""
-    b.add_argument("--select-by", choices=["mae", "bmae"], default="mae",
-                   help="validation metric that picks the best epoch (default mae, as the "
-                        "paper's code)")
-    b.add_argument("--lr", type=_number, help="learning rate (default: the dataset's recipe)")
-    b.add_argument("--batch-size", type=int, help="batch size (default: the dataset's recipe)")
-    b.add_argument("--max-grad-norm", type=_number, metavar="G",
-                   help="clip every update gradient to this 2-norm (default: no clipping)")
-    b.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="any training option, e.g. --set warmup_epochs=1 --set interval=5 "
-                        "(train.KEY=VALUE also works; repeatable)")
-    b.add_argument("--diverge-factor", type=_number, default=3.0, metavar="K",
-                   help="a run whose test MAE exceeds K times its method's median over seeds "
-                        "is marked diverged and left out (default 3; needs 3+ seeds)")
-    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
-    b.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="runs trained at once, each in its own process (default: what the "
-                        "machine offers: one per CPU core / --threads, or one per GPU on CUDA; "
-                        "several runs share a GPU only when asked). The figures are the same "
-                        "for any N")
-    b.add_argument("--threads", type=int, default=1, metavar="T",
-                   help="CPU threads per run (default 1; the figures depend on T, not on "
-                        "--jobs)")
-
-
-def _bench_output(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--out", help="output folder (default runs/bench-<timestamp>): new, empty or "
-                                 "one a bench made; the same --out resumes a stopped bench or "
-                                 "adds methods and seeds to it")
-    b.add_argument("--overwrite", action="store_true",
-                   help="first remove what an earlier bench wrote into --out (exactly the "
-                        "files its manifest lists, nothing else) and start afresh")
-    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    b.add_argument("--trust-checkpoint", action="store_true",
-                   help="resume runs whose last.pt needs unpickling (a previous release's): "
-                        "only for files you wrote or trust, since unpickling can run code")
-    b.add_argument("--progress", action="store_true",
-                   help="a progress bar per epoch (runs trained in one process only, --jobs 1)")
-
-
 def _add_compare(sub: Any) -> None:
-    c = _command(sub, "compare")
+    c = command(sub, "compare")
     c.add_argument("results", metavar="RESULTS.json", help="a bench's results.json")
     c.add_argument("--baseline", metavar="M", default=None,
                    help="the method the others are compared with (default: the bench's "
                         "baseline, else sqinv)")
-    c.add_argument("--confidence", type=_number, default=None,
+    c.add_argument("--confidence", type=number, default=None,
                    help="level of the intervals (default: the bench's, else 0.95)")
-    c.add_argument("--diverge-factor", type=_number, default=None, metavar="K",
+    c.add_argument("--diverge-factor", type=number, default=None, metavar="K",
                    help="divergence threshold over the method's median test MAE (default: "
                         "the bench's, else 3)")
     c.add_argument("--power", action="store_true",
@@ -430,7 +81,7 @@ def _add_compare(sub: Any) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    t = _command(sub, "train")
+    t = command(sub, "train")
     t.add_argument("--config", required=True,
                    help="YAML config file, or the name of a shipped config (bsam configs)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -453,7 +104,7 @@ def _add_train(sub: Any) -> None:
 
 
 def _add_eval(sub: Any) -> None:
-    e = _command(sub, "eval")
+    e = command(sub, "eval")
     e.add_argument("--checkpoint", required=True, help="best.pt or last.pt")
     e.add_argument("--split", choices=["test", "val", "train"], default="test")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -477,10 +128,10 @@ def _allow_data_change(p: argparse.ArgumentParser, what: str) -> None:
 def _add_analyze(sub: Any) -> None:
     from balanced_sam.analysis.hessian import DEFAULT_SOLVER, SOLVERS
 
-    a = _command(sub, "analyze")
+    a = command(sub, "analyze")
     a.add_argument("--checkpoint", nargs="+", required=True,
                    help="one or more checkpoints; NAME=PATH sets the row name")
-    a.add_argument("--regions", type=_csv_list(), default=["all", "few"],
+    a.add_argument("--regions", type=csv_list(), default=["all", "few"],
                    help="comma-separated regions: all, many, medium, few (default all,few)")
     a.add_argument("--split", choices=["train", "val", "test"], default="train",
                    help="which samples define the loss (default train: the minimum the "
@@ -497,9 +148,9 @@ def _add_analyze(sub: Any) -> None:
                         "eigenvalue of largest magnitude (PyHessian's; it can be negative for "
                         "an L1 loss, whose Hessian is indefinite)")
     a.add_argument("--probes", type=int, default=30, help="Hutchinson probes (default 30)")
-    a.add_argument("--tol", type=_number, default=1e-3, help="relative tolerance")
+    a.add_argument("--tol", type=number, default=1e-3, help="relative tolerance")
     a.add_argument("--grid", type=int, default=21, help="landscape points per axis")
-    a.add_argument("--span", type=_number, default=1.0, help="landscape range [-span, span]")
+    a.add_argument("--span", type=number, default=1.0, help="landscape range [-span, span]")
     a.add_argument("--dim", type=int, choices=[1, 2], default=1,
                    help="1-D curves (default) or 2-D surfaces (grid x grid forward passes)")
     a.add_argument("--seed", type=int, default=0, help="sample draw and directions")
@@ -519,8 +170,8 @@ def _add_analyze(sub: Any) -> None:
 def _add_data(sub: Any) -> None:
     from balanced_sam.data.registry import dataset_names
 
-    d = _command(sub, "data")
-    dp = _command(d.add_subparsers(dest="data_command", metavar="ACTION"), "prepare")
+    d = command(sub, "data")
+    dp = command(d.add_subparsers(dest="data_command", metavar="ACTION"), "prepare")
     dp.add_argument("name", choices=dataset_names(prepare=True))
     dp.add_argument("--root", required=True, help="folder for this benchmark's files")
     dp.add_argument("--no-download", action="store_true", help="only check and build")
@@ -528,65 +179,10 @@ def _add_data(sub: Any) -> None:
 
 
 def _add_list(sub: Any) -> None:
-    _command(sub, "list")
+    command(sub, "list")
 
 
 # ---------------------------------------------------------------------------- the commands
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from balanced_sam.bench import run_bench
-
-    run_bench(_bench_config(args))
-    return 0
-
-
-def _bench_config(args: argparse.Namespace) -> Any:
-    """``bsam bench``'s options -> the :class:`balanced_sam.bench.BenchConfig` (one field per
-    option; the training flags join ``--set``'s overrides)."""
-    from balanced_sam.bench import BenchConfig
-
-    overrides = _train_overrides(args.overrides)
-    overrides.update({k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size),
-                                        ("max_grad_norm", args.max_grad_norm)) if v is not None})
-    same = ("dataset", "methods", "seeds", "epochs", "rho", "bin_width", "device", "out",
-            "csv_path", "target", "train_fraction", "cap", "data_root", "dropna", "select_by",
-            "quick", "progress", "baseline", "jobs", "threads", "diverge_factor", "confidence",
-            "effect",
-            "impute", "features", "categorical", "max_categories", "max_features", "overwrite",
-            "trust_checkpoint")
-    return BenchConfig(**{k: getattr(args, k) for k in same}, overrides=overrides,
-                       plots=not args.no_plots, data=_images_section(args),
-                       executor=_executor_config(args))
-
-
-def _executor_config(args: argparse.Namespace) -> Any:
-    from balanced_sam.bench import ExecutorConfig
-
-    options = {}
-    for item in args.slurm_options:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"--slurm-option takes KEY=VALUE (an sbatch option without its "
-                             f"dashes, e.g. account=lab), got {item!r}")
-        options[key.strip().lstrip("-")] = value
-    return ExecutorConfig(args.executor, devices=args.devices, ray_address=args.ray_address,
-                          gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
-                          retries=args.retries, slurm_partition=args.slurm_partition,
-                          slurm_time=args.slurm_time, slurm_options=options or None,
-                          slurm_cluster=args.slurm_cluster)
-
-
-def _train_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` (or ``train.KEY=VALUE``) -> TrainConfig fields."""
-    from balanced_sam.experiment import apply_overrides
-
-    spec = apply_overrides({}, items)
-    other = sorted(set(spec) - {"train"})
-    if other:
-        raise ValueError(f"--set takes training options (KEY=VALUE or train.KEY=VALUE), not "
-                         f"{other[0]}.*; the bench's data options have their own flags")
-    return dict(spec.get("train") or {})
-
-
 def _cmd_compare(args: argparse.Namespace) -> int:
     from balanced_sam.bench import compare_results
 
@@ -695,7 +291,7 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"bench": _cmd_bench, "compare": _cmd_compare, "train": _cmd_train, "eval": _cmd_eval,
+COMMANDS = {"bench": cmd_bench, "compare": _cmd_compare, "train": _cmd_train, "eval": _cmd_eval,
             "analyze": _cmd_analyze, "data": _cmd_data, "list": _cmd_list,
             "configs": _cmd_configs}
 
@@ -722,14 +318,14 @@ def _run(args: argparse.Namespace) -> int:
     from balanced_sam.errors import option_spellings
 
     try:
-        with option_spellings(_SPELLINGS.get(args.command, {})):
+        with option_spellings(SPELLINGS.get(args.command, {})):
             return COMMANDS[args.command](args)
     except ModuleNotFoundError as exc:
         if os.environ.get("BSAM_DEBUG"):
             raise
         top = (exc.name or "").split(".")[0]
-        hint = (f"; install it with: pip install 'balanced-sam[{_EXTRAS[top]}]'"
-                if top in _EXTRAS and "pip install" not in str(exc) else "")
+        hint = (f"; install it with: pip install 'balanced-sam[{EXTRAS[top]}]'"
+                if top in EXTRAS and "pip install" not in str(exc) else "")
         print(f"bsam {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, FileNotFoundError, FileExistsError,
