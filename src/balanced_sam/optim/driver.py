@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.losses import check_mask, reduce_losses
 from balanced_sam.optim.norms import check_max_norm, finite_clipped_
+from balanced_sam.optim.reuse import ReuseState
 from balanced_sam.optim.weighting import PassWeighting
 
 __all__ = ["sharpness_step", "plain_step", "frozen_bn_stats", "SharpnessOptimizer",
@@ -78,6 +79,7 @@ class SharpnessOptimizer(Protocol):
     """What :func:`sharpness_step` calls on the optimizer (all public on :class:`SAM`)."""
 
     weighting: PassWeighting
+    reuse: ReuseState | None
 
     @property
     def skip_pending(self) -> bool: ...
@@ -190,6 +192,11 @@ def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
     r"""One sharpness-aware step; call it as ``opt.step(loss_fn, targets, ...)`` or
     ``opt.step(closure)`` (so LR schedulers and step hooks see one optimizer step):
 
+    0. (gradient reuse, :mod:`~balanced_sam.optim.reuse`) an in-between step: one pass at
+       :math:`\theta` (``"plain"``: update weights, every sample), ``finish_step`` adds the
+       stored direction; done. A full step whose perturbation weighting differs from the
+       update's first runs that pass for the reference gradient :math:`g` (BatchNorm
+       statistics of ``model`` left alone).
     1. (ImbSAM) the head pass at :math:`\theta`, its gradient set aside; no tail: base step.
     2. the perturbation pass at :math:`\theta` (in ``first_pass_context``; ImbSAM's repeated
        pass keeps ``model``'s BatchNorm statistics), then :math:`\theta + \hat\epsilon`, or
@@ -229,6 +236,19 @@ def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
     else:
         run = _loss_fn_pass(w, loss_fn, targets, mask, accumulate, scaler)
         opt.zero_grad(set_to_none=True)
+    if opt.reuse is not None:
+        if not opt.perturbation_due():  # LookSAM's in-between step: one pass at theta
+            opt.reuse_perturbation()
+            single = run(())
+            opt.finish_step(scaler, clip)
+            return single
+        if opt.reuse.needs_reference_pass(w):  # g: the update weighting's gradient at theta
+            w.begin("plain")
+            run((lambda: frozen_bn_stats(model),))
+            w.end_pass()
+            opt.reuse.keep_reference(opt)  # type: ignore[arg-type]
+            opt.zero_grad(set_to_none=True)
+            w.begin("perturb")
     head: Any = None  # ImbSAM: the head loss at theta
     loss: Any = None  # the loss of the pass that sets the perturbation
     first_done = False  # that pass already ran (ImbSAM's closure without opt.reduce)
