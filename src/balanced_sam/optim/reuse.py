@@ -48,6 +48,11 @@ configured):
   L_T`, scaled by its norm. A full step whose batch has no tail sample stores nothing (the
   last direction stays).
 
+A full step that is skipped (a non-finite gradient in its perturbation or update pass) stores
+nothing. A non-finite reference gradient alone (e.g. an fp16 overflow of the reference pass)
+stores nothing either, and the step, decided by its own two passes, is taken: the last
+direction stays.
+
 ``k = 1`` is the optimizer without reuse (nothing is stored). The stored direction lives in the
 optimizer's state (``state[p]["reuse_dir"]``), so ``state_dict`` round-trips it mid-period; the
 step counter is the optimizer's (``state_dict()["sam"]["step"]``).
