@@ -442,7 +442,7 @@ def build_stepper(
     options = dict(method.optimizer_options)
     if "reuse" in options:  # NAME-lK: LookSAM's gradient reuse
         options["interval"] = GradientReuse(int(options.pop("reuse")),
-                                            float(getattr(cfg, "reuse_alpha", DEFAULT_ALPHA)))
+                                            getattr(cfg, "reuse_alpha", DEFAULT_ALPHA))
     if method.sharpness == "sam":
         opt: SAM = SAM(params, base, weighting=PassWeighting(bins, None, method.update_weighting,
                                                              **weights),

@@ -19,6 +19,14 @@ the *update* loss at :math:`\theta` (the update weighting's; see below):
   .. math:: g + \alpha\, \|g\|_2\, \hat g_v
       \;=\; g + \alpha\, \frac{\|g\|_2}{\|g_v\|_2}\, g_v \qquad\text{(the paper's form).}
 
+The added term has norm :math:`\alpha\|g\|` whatever ``rho``: with a small ``rho`` the true
+orthogonal part of :math:`g_s` is much smaller than that (on the default bench, ``rho = 0.01``,
+``alpha = 0.7`` turns every in-between step by about 35 degrees). ``alpha="auto"`` (not in the
+paper) takes the strength the last full step measured, :math:`\alpha = \|g_v\| / \|g_s\|`
+(the sine of the angle between :math:`g_s` and :math:`g`), so an in-between step adds the
+sharpness component in the proportion SAM's own update had:
+:math:`g + \|g\|_2\, g_v^{full} / \|g_s^{full}\|_2`.
+
 The decomposition is over the whole parameter vector (every parameter with a gradient, across
 the parameter groups), as in the paper's equations; public implementations do it per tensor.
 The gradients are those of the optimizer's passes after the AMP scaler's unscaling (the
@@ -70,30 +78,39 @@ from torch.optim import Optimizer
 from balanced_sam.optim.norms import global_norm
 from balanced_sam.optim.weighting import PassWeighting
 
-__all__ = ["GradientReuse", "ReuseState", "DEFAULT_ALPHA", "reuse_of"]
+__all__ = ["GradientReuse", "ReuseState", "DEFAULT_ALPHA", "AUTO", "reuse_of"]
 
 #: LookSAM's strength of the reused direction: the value of the public implementations
 #: (e.g. rollovd/looksam, pytorch_optimizer) and of the paper's experiments
 DEFAULT_ALPHA = 0.7
+#: the strength measured at the last full step (``||g_v|| / ||g||``) instead of a constant
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class GradientReuse:
     """LookSAM-style gradient reuse: a full step every ``k`` steps, ``alpha`` the strength of
-    the reused direction (see the module docstring). Give it as ``interval=`` of
-    :class:`~balanced_sam.SAM`, :class:`~balanced_sam.BalancedSAM` or
+    the reused direction, a number >= 0 or ``"auto"`` (see the module docstring). Give it as
+    ``interval=`` of :class:`~balanced_sam.SAM`, :class:`~balanced_sam.BalancedSAM` or
     :class:`~balanced_sam.ImbSAM`: ``interval=GradientReuse(5)``."""
 
     k: int
-    alpha: float = DEFAULT_ALPHA
+    alpha: float | str = DEFAULT_ALPHA
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"GradientReuse: k must be an integer >= 1, got {self.k!r}")
         a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) \
-                or a < 0:
-            raise ValueError(f"GradientReuse: alpha must be a finite number >= 0, got {a!r}")
+        if a != AUTO and (isinstance(a, bool) or not isinstance(a, (int, float))
+                          or not math.isfinite(a) or a < 0):
+            raise ValueError(f"GradientReuse: alpha must be a finite number >= 0 or 'auto', "
+                             f"got {a!r}")
+
+    @property
+    def factor(self) -> float:
+        r"""What :math:`\|g\|` times the stored direction is multiplied by in between (the
+        stored direction has norm 1, or :math:`\|g_v\|/\|g_s\|` with ``alpha="auto"``)."""
+        return 1.0 if self.alpha == AUTO else float(self.alpha)
 
 
 def _with_grad(opt: Optimizer) -> list[torch.Tensor]:
@@ -189,6 +206,9 @@ class ReuseState:
         norm = float(global_norm(out, 2.0))
         if not math.isfinite(norm):
             return  # (a scaled reference that overflowed: keep the last direction)
+        if self.spec.alpha == AUTO:  # g_v / ||g_s||: ||g_v|| / ||g_s|| = sin(g_s, g), which
+            # the AMP scale of either gradient leaves alone
+            norm = float(global_norm([_grad(p) for p in ps], 2.0))
         if norm > 0:
             torch._foreach_div_(out, norm)
         self._candidate = list(zip(ps, out))
@@ -197,12 +217,12 @@ class ReuseState:
     def add_direction(self, opt: Optimizer) -> None:
         r"""On an in-between step, with :math:`g` in ``.grad`` (unscaled):
         ``.grad`` :math:`\leftarrow g + \alpha \|g\|_2 \hat g_v`."""
-        if not self.between or self.spec.alpha == 0:
+        if not self.between or self.spec.factor == 0:
             return
         ps = [p for p in _with_grad(opt) if self.KEY in opt.state.get(p, {})]
         if not ps:
             return
-        scale = global_norm([_grad(p) for p in _with_grad(opt)], 2.0) * self.spec.alpha
+        scale = global_norm([_grad(p) for p in _with_grad(opt)], 2.0) * self.spec.factor
         dirs = [opt.state[p][self.KEY] for p in ps]
         step = torch._foreach_mul(dirs, scale.to(dirs[0].dtype))
         torch._foreach_add_([_grad(p) for p in ps], list(step))
