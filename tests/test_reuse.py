@@ -96,6 +96,32 @@ def test_balanced_sam_full_and_in_between_steps_by_hand():
     assert opt.skipped_steps == 0
 
 
+def test_auto_alpha_reuses_the_proportion_the_full_step_measured():
+    """alpha="auto": the stored direction is g_v / ||g_s|| (norm: the sine of the angle between
+    g_s and g), and an in-between step adds ||g|| times it."""
+    bins = skewed_bins()
+    model = tiny_model()
+    opt = BalancedSAM(model.parameters(), torch.optim.SGD, bins, rho=RHO, lr=LR,
+                      interval=GradientReuse(2, "auto"))
+    theta = flat_params(model)
+    for i, (x, y) in enumerate(data(seed=s) for s in range(4)):
+        w = sqinv(bins, y)
+        g = grad_at(model, theta, x, y, w)
+        one_call(opt, model, x, y)
+        if i % 2 == 0:
+            gs = grad_at(model, theta + RHO * g / (g.norm() + 1e-16), x, y, w)
+            theta = theta - LR * gs
+            v = gs - (gs @ g) / (g @ g) * g
+            d = v / gs.norm()
+            torch.testing.assert_close(stored(opt), d, rtol=1e-10, atol=1e-12)
+            sine = (1 - float(gs @ g) ** 2 / float(gs @ gs) / float(g @ g)) ** 0.5
+            assert float(stored(opt).norm()) == pytest.approx(sine, rel=1e-8)
+            assert 0 < sine < 0.5
+        else:
+            theta = theta - LR * (g + g.norm() * d)
+        torch.testing.assert_close(flat_params(model), theta, rtol=1e-10, atol=1e-12)
+
+
 def test_sam_with_a_weighted_update_takes_g_from_an_update_weighted_pass():
     """The ``sam`` method perturbs with the unweighted loss and updates with SQINV: the
     reference g of a full step is the SQINV loss's gradient at theta (a third pass), so the
@@ -340,8 +366,8 @@ def test_gradient_reuse_checks_its_arguments():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="k must be an integer >= 1"):
             GradientReuse(bad)
-    for bad in (-0.1, float("nan"), float("inf"), "0.7"):
-        with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+    for bad in (-0.1, float("nan"), float("inf"), "0.7", "Auto"):
+        with pytest.raises(ValueError, match="alpha must be a finite number >= 0 or 'auto'"):
             GradientReuse(5, bad)
     with pytest.raises(ValueError, match="interval must be an integer >= 1 or a GradientReuse"):
         SAM(tiny_model().parameters(), torch.optim.SGD, lr=0.1, interval="5")
@@ -374,6 +400,11 @@ def test_lk_methods_parse_and_build():
     assert opt.reuse is None and opt.interval == 5
     with pytest.raises(ConfigError, match="reuse_alpha"):
         TrainConfig(reuse_alpha=-1.0).validate()
+    with pytest.raises(ConfigError, match="reuse_alpha"):
+        TrainConfig(reuse_alpha="sometimes").validate()
+    cfg = TrainConfig.from_dict({"method": "bsam-l5", "reuse_alpha": "auto"}).validate()
+    opt, _ = build_stepper(get_method("bsam-l5"), tiny_model().parameters(), skewed_bins(), cfg)
+    assert opt.reuse.spec == GradientReuse(5, "auto")
 
 
 def test_bsam_l5_costs_one_pass_between_full_steps():
