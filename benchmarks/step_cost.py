@@ -3,6 +3,8 @@
     python benchmarks/step_cost.py                 # both tables, all models (minutes)
     python benchmarks/step_cost.py --only baselines --models mlp,cnn
     python benchmarks/step_cost.py --smoke         # a few steps on small models, seconds
+    python benchmarks/step_cost.py --only optimizers --models resnet \
+        --optimizers sgd,sam,bsam,bsam-i5,bsam-l5  # the reuse variants against SGD, SAM, BSAM
 
 Two tables per model, each timed round-robin (one step of each entry in turn, so a slow phase
 of the machine hits all of them alike); each entry's cost is the mean time per step over
@@ -10,13 +12,15 @@ of the machine hits all of them alike); each entry's cost is the mean time per s
 of one fresh perturbation and four reuses; its median would show only the cheap steps), the
 median and its ratio printed beside it (steadier when the machine is shared).
 
-* optimizers: plain SGD, SAM, BalancedSAM and ImbSAM (also with ``interval=5``) and CC-SAM
-  (the three regions, no interval form) on a hand-written L1 step. CC-SAM takes 2 passes per
-  region in the batch (6 here, against SAM's 2; the printout gives the batch's regions): a
-  region's gradient at theta needs its own backward. Sharing one forward at theta with
-  ``retain_graph`` would save about a tenth of that and break compiled models with donated
-  buffers, so it is not done. Goals on the ResNet: BalancedSAM / SAM <= 1.03 and BalancedSAM / SGD
-  <= 2.1 (issue 2); BalancedSAM with interval=5 <= 1.3x SGD (issue 13).
+* optimizers: plain SGD, SAM, BalancedSAM and ImbSAM, also with ``interval=5`` (``-i5``: the
+  perturbation reused) and with LookSAM's gradient reuse every 5 steps (``-l5``:
+  ``interval=GradientReuse(5)``), and CC-SAM (the three regions, no interval form), on a
+  hand-written L1 step. CC-SAM takes 2 passes per region in the batch (6 here, against SAM's 2;
+  the printout gives the batch's regions): a region's gradient at theta needs its own backward.
+  Sharing one forward at theta with ``retain_graph`` would save about a tenth of that and break
+  compiled models with donated buffers, so it is not done. Goals on the ResNet: BalancedSAM /
+  SAM <= 1.03 and BalancedSAM / SGD <= 2.1 (issue 2); ``bsam-i5`` <= 1.3x SGD (issue 13);
+  ``bsam-l5`` <= 1.3x SGD (issue 21).
 * baselines: one training step of each method exactly as ``bsam`` runs it (the method's
   :class:`~balanced_sam.baselines.plugins.MethodPlugin` builds the batch's ``loss_fn`` and the
   parameter groups, :func:`~balanced_sam.methods.build_stepper` the step), against ``vanilla``
@@ -30,6 +34,9 @@ ImbSAM's tail, RankSim's unique-label subset and ConR's pairs are realistic; the
 of each batch are tail labels so that ImbSAM does its full step. Models: torchvision's
 ResNet-18 with a one-output head at 32x32 (our ``ResNetRegressor``; the standard stem), the
 rotated-MNIST SmallCNN (8 and 16 channels, hidden 64) at 28x28, and an MLP 30-256-256-1.
+
+The figures are only as good as the machine is quiet: the script prints the load average (of
+the whole machine, other jobs included) before and after each table, and the CPU count.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -50,9 +58,12 @@ from balanced_sam.config import TrainConfig
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.methods import build_stepper, get_method
 from balanced_sam.models import MLP, ResNetRegressor, SmallCNN
+from balanced_sam.optim.reuse import GradientReuse
 from balanced_sam.train import _match
 
-OPTIMIZERS = ["sgd", "sam", "bsam", "imbsam", "ccsam", "sam-k5", "bsam-k5", "imbsam-k5"]
+#: NAME-iK: interval K (the perturbation reused); NAME-lK: LookSAM's gradient reuse, period K
+OPTIMIZERS = ["sgd", "sam", "bsam", "imbsam", "ccsam", "sam-i5", "bsam-i5", "imbsam-i5",
+              "sam-l5", "bsam-l5", "imbsam-l5"]
 BASELINES = ["vanilla", "focal-l1", "bmse", "bni", "gai", "ranksim", "conr", "ordinal-entropy",
              "fds", "conr+fds", "rnc:pretrain", "rnc:head", "ranksim+bsam", "ranksim+ccsam"]
 KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -73,8 +84,12 @@ def optimizer_step(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor
             opt.step()
 
         return step
-    name, _, k = kind.partition("-k")
-    interval = int(k) if k else 1
+    name, dash, suffix = kind.partition("-")
+    if dash and (suffix[:1] not in ("i", "l") or not suffix[1:].isdigit()):
+        raise ValueError(kind)
+    interval: int | GradientReuse = 1
+    if suffix:
+        interval = int(suffix[1:]) if suffix[0] == "i" else GradientReuse(int(suffix[1:]))
     if name == "sam":
         sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, interval=interval, **KW)
     elif name == "bsam":
@@ -115,9 +130,19 @@ def baseline_step(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return run, plugin
 
 
+def load_text() -> str:
+    """The machine's load average (1 and 5 minutes) and CPU count: other jobs included."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
 def measure(title: str, kinds: list[str], make: Callable[[str], Callable[[], None]],
-            steps: int, warmup: int, reference: str) -> dict[str, dict[str, float]]:
+            steps: int, warmup: int, reference: str) -> dict[str, object]:
     steppers = {k: make(k) for k in kinds}
+    load_before = load_text()
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(warmup + steps):
         for k in kinds:
@@ -128,12 +153,14 @@ def measure(title: str, kinds: list[str], make: Callable[[str], Callable[[], Non
                 times[k].append(dt)
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
+    load_after = load_text()
     print(f"\n{title}: mean ms per step over {steps} steps (after {warmup} warm-up)")
+    print(f"measured under: {load_before} before, {load_after} after")
     print(f"{'':<16}{'ms/step':>10}{'/ SGD':>8}{'median':>10}{'/ SGD':>8}")
     for k in kinds:
         print(f"{k:<16}{1e3 * mean[k]:>10.2f}{mean[k] / mean[reference]:>8.2f}"
               f"{1e3 * med[k]:>10.2f}{med[k] / med[reference]:>8.2f}")
-    return {"mean": mean, "median": med}
+    return {"mean": mean, "median": med, "load": [load_before, load_after]}
 
 
 def fds_end_epoch_ms(factory: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
@@ -166,8 +193,8 @@ def run_model(label: str, factory: Callable[[], nn.Module], x: torch.Tensor, y: 
         return build
 
     if args.only in ("all", "optimizers"):
-        out["optimizers"] = measure(f"{label}, optimizers", OPTIMIZERS, fresh(optimizer_step),
-                                    args.steps, args.warmup, "sgd")
+        out["optimizers"] = measure(f"{label}, optimizers", args.optimizers,
+                                    fresh(optimizer_step), args.steps, args.warmup, "sgd")
     if args.only in ("all", "baselines"):
         out["baselines"] = measure(f"{label}, baselines (as the loop runs them)", BASELINES,
                                    fresh(baseline_step), args.steps, args.warmup, "vanilla")
@@ -185,6 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--only", choices=["all", "optimizers", "baselines"], default="all")
     ap.add_argument("--models", default="resnet,cnn,mlp",
                     help="comma-separated: resnet, cnn, mlp (default all three)")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                    help=f"comma-separated optimizer entries, sgd first (default: all: "
+                         f"{','.join(OPTIMIZERS)})")
     ap.add_argument("--smoke", action="store_true", help="small batches, few steps")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -194,6 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         args.steps, args.warmup = min(args.steps, 5), 1
     if args.steps % 5:
         ap.error("--steps must be a multiple of 5 (whole interval=5 cycles)")
+    args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if not args.optimizers or args.optimizers[0] != "sgd" \
+            or set(args.optimizers) - set(OPTIMIZERS):
+        ap.error(f"--optimizers takes a comma-separated list starting with sgd, from "
+                 f"{', '.join(OPTIMIZERS)}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or set(models) - {"resnet", "cnn", "mlp"}:
         ap.error("--models takes a comma-separated list of resnet, cnn, mlp")
@@ -228,10 +263,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         res[m] = run_model(f"{title}, batch {batch}", factory, inputs(batch), y, bins, args)
     if "resnet" in res and "optimizers" in res["resnet"]:
         r = res["resnet"]["optimizers"]["mean"]  # type: ignore[index]
-        print(f"\nResNet: BalancedSAM / SAM = {r['bsam'] / r['sam']:.3f} (goal <= 1.03), "
-              f"BalancedSAM / SGD = {r['bsam'] / r['sgd']:.3f} (goal <= 2.1), "
-              f"BalancedSAM interval=5 / SGD = {r['bsam-k5'] / r['sgd']:.3f} (goal <= 1.3), "
-              f"CC-SAM / SAM = {r['ccsam'] / r['sam']:.3f}")
+        goals = [("BalancedSAM / SAM", "bsam", "sam", 1.03),
+                 ("BalancedSAM / SGD", "bsam", "sgd", 2.1),
+                 ("bsam-i5 / SGD", "bsam-i5", "sgd", 1.3),
+                 ("bsam-l5 / SGD", "bsam-l5", "sgd", 1.3)]
+        shown = [f"{text} = {r[a] / r[b]:.3f} (goal <= {goal})" for text, a, b, goal in goals
+                 if a in r and b in r]
+        if "ccsam" in r and "sam" in r:
+            shown.append(f"CC-SAM / SAM = {r['ccsam'] / r['sam']:.3f}")
+        if shown:
+            print("\nResNet: " + ", ".join(shown))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -164,7 +164,9 @@ def _bench_runs(b: argparse.ArgumentParser) -> None:
     b.add_argument("--methods", type=csv_list(), default=None,
                    help="comma-separated methods (default: the dataset's choice, else "
                         f"{','.join(DEFAULT_METHODS)}); NAME-iK, e.g. bsam-i5, is a SAM-family "
-                        "method with a fresh perturbation every K steps; the baselines and "
+                        "method with a fresh perturbation every K steps, NAME-lK (bsam-l5) "
+                        "one with LookSAM's gradient reuse (--set reuse_alpha=A, default "
+                        "auto); the baselines and "
                         "composed names too, e.g. ranksim,conr+lds,ranksim+bsam (bsam list)")
     b.add_argument("--seeds", type=seeds, default=None,
                    help="a count (3 = seeds 0,1,2) or a comma-separated list (default: the "

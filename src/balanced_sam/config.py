@@ -22,6 +22,7 @@ from balanced_sam.bins import KERNELS
 from balanced_sam.errors import ConfigError
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import get_method
+from balanced_sam.optim.reuse import DEFAULT_ALPHA
 
 __all__ = ["TrainConfig", "SAFE_TO_CHANGE", "SCHEDULES", "DEVICES"]
 
@@ -54,10 +55,14 @@ class TrainConfig:
     ``interval``: the SAM-family optimizers compute a fresh perturbation only every ``interval``
     steps and reuse the stored one in between (one forward/backward at the old perturbation:
     ``interval=5`` costs about 1.2 plain steps instead of 2; a method's own ``interval``, as in
-    ``bsam-i5``, wins over this). ``max_grad_norm``: clip the update gradient to this global
-    2-norm before the base step, in every method (the SAM family clips the gradient at the
-    perturbed point; the perturbation itself keeps norm ``rho``). A step whose gradient is not
-    finite is skipped in every method and counted (``FitResult.skipped_steps``).
+    ``bsam-i5``, wins over this). ``reuse_alpha``: the strength of LookSAM's reused direction
+    for the ``NAME-lK`` methods (``bsam-l5``; default ``auto``, the strength the last full step
+    measured; 0.7 is LookSAM's constant, which swamped rho 0.01's correction on the default bench;
+    :mod:`balanced_sam.optim.reuse`). ``max_grad_norm``: clip the update
+    gradient to this global 2-norm before the base step, in every method (the SAM family clips
+    the gradient at the perturbed point; the perturbation itself keeps norm ``rho``). A step
+    whose gradient is not finite is skipped in every method and counted
+    (``FitResult.skipped_steps``).
     ``amp``: ``none``, ``bf16``, ``fp16`` (CUDA only) or ``auto`` (bf16 on a CUDA device that
     supports it, none elsewhere); ``channels_last``: the model's memory layout, ``true``,
     ``false`` or ``auto`` (on for CUDA, off elsewhere). A run decides ``auto`` for its device
@@ -80,6 +85,7 @@ class TrainConfig:
     rho: float = 0.05
     p: float = 2.0
     interval: int = 1  # SAM family: a fresh perturbation every `interval` steps, reused between
+    reuse_alpha: float | str = DEFAULT_ALPHA  # NAME-lK (LookSAM): the reused direction's strength
     max_grad_norm: float | None = None  # clip the update gradient to this 2-norm (None: never)
     normalize: str = "mean"  # weights: mean 1 over training samples, or "none" (reference)
     eta: int = 20  # ImbSAM tail threshold
@@ -130,6 +136,10 @@ class TrainConfig:
             (self.p >= 1, "p", "must be >= 1 (or inf)"),
             (self.interval >= 1, "interval", "must be an integer >= 1 (1: a fresh perturbation "
              "every step)"),
+            (self.reuse_alpha == "auto" or (not isinstance(self.reuse_alpha, str)
+                                            and self.reuse_alpha >= 0
+                                            and math.isfinite(self.reuse_alpha)), "reuse_alpha",
+             "must be a finite number >= 0 or auto (the default; LookSAM's constant is 0.7)"),
             (self.max_grad_norm is None or (self.max_grad_norm > 0
                                             and math.isfinite(self.max_grad_norm)),
              "max_grad_norm", "must be a finite number > 0, or null for no clipping"),

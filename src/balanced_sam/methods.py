@@ -42,6 +42,7 @@ from torch.optim import Optimizer
 from balanced_sam.baselines.specs import PLUGINS, check_combination
 from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.optim import CCSAM, SAM, BalancedSAM, ImbSAM, PassWeighting, plain_step
+from balanced_sam.optim.reuse import DEFAULT_ALPHA, GradientReuse
 
 __all__ = ["Method", "METHODS", "SHARPNESS", "register_method", "get_method", "base_method",
            "build_stepper", "build_base_optimizer", "DEFAULT_METHODS", "StepFn", "parse_method",
@@ -171,6 +172,12 @@ OPTIMIZER_PARTS = ("sam", "bsam", "imbsam", "ccsam")
 GRAMMAR = "PLUGIN[+PLUGIN...][+WEIGHTING][+OPTIMIZER]"
 #: ``NAME-iK``: a SAM-family method with a fresh perturbation every K steps (issue 13)
 _INTERVAL = re.compile(r"^(?P<base>.+)-i(?P<k>[0-9]+)$")
+#: ``NAME-lK``: a SAM-family method with LookSAM's gradient reuse, a full step every K steps
+#: (issue 21; strength ``train.reuse_alpha``)
+_REUSE = re.compile(r"^(?P<base>.+)-l(?P<k>[0-9]+)$")
+#: the suffixes of the derived methods: regex, optimizer option, what the suffix does
+_SUFFIXES = ((_INTERVAL, "interval", "-iK", "a fresh perturbation every {k} steps"),
+             (_REUSE, "reuse", "-lK", "gradient reuse (LookSAM), a full step every {k} steps"))
 _DERIVED: dict[str, Method] = {}  # composed and interval methods, built once
 
 
@@ -246,8 +253,19 @@ def base_method(name: str) -> str:
     """The registered method a name derives from (``bsam-i5`` -> ``bsam``), else the name: a
     recipe's rho for ``bsam`` is also ``bsam-i5``'s (:func:`rho_for` also covers composed
     names)."""
-    m = _INTERVAL.match(str(name))
-    return m["base"] if name not in METHODS and m and m["base"] in METHODS else name
+    for regex, *_ in _SUFFIXES:
+        m = _suffix_match(regex, str(name))
+        if name not in METHODS and m and m["base"] in METHODS:
+            return str(m["base"])
+    return name
+
+
+def _suffix_match(regex: re.Pattern[str], name: str) -> re.Match[str] | None:
+    """``regex``'s match of a derived name, unless the name ends in a plug-in (``focal-l1``
+    reads as a plug-in, not as ``focal`` with ``-l1``)."""
+    if name.split("+")[-1] in PLUGINS:
+        return None
+    return regex.match(name)
 
 
 def get_method(name: str) -> Method:
@@ -256,6 +274,10 @@ def get_method(name: str) -> Method:
     * ``NAME-iK`` (e.g. ``bsam-i5``, ``ranksim+bsam-i5``): the SAM-family method ``NAME``
       computing a fresh perturbation only every ``K`` steps and reusing it in between (the
       optimizers' ``interval=K``; it wins over ``train.interval``);
+    * ``NAME-lK`` (e.g. ``bsam-l5``, ``ranksim+bsam-l5``): ``NAME`` with LookSAM's gradient
+      reuse, a full two-pass step every ``K`` steps and one pass in between (the optimizers'
+      ``interval=GradientReuse(K, train.reuse_alpha)``, :mod:`balanced_sam.optim.reuse`; it
+      wins over ``train.interval``);
     * a composed name ``PLUGIN[+PLUGIN...][+WEIGHTING][+OPTIMIZER]`` (:func:`parse_method`).
     """
     if name in METHODS:
@@ -272,28 +294,34 @@ def _composed(name: str) -> bool:
 
 
 def _derived(name: str) -> Method:
-    m = _INTERVAL.match(name)
-    if m and (m["base"] in METHODS or _composed(m["base"])):
+    for regex, option, suffix, text in _SUFFIXES:
+        m = _suffix_match(regex, name)
+        if not (m and (m["base"] in METHODS or _composed(m["base"]))):
+            continue
         base, k = get_method(m["base"]), int(m["k"])
         if not base.uses_rho:
-            raise ValueError(f"method {name!r}: the -iK suffix (a perturbation every K steps) "
+            raise ValueError(f"method {name!r}: the {suffix} suffix ({text.format(k='K')}) "
                              f"needs a SAM-family method, and {base.name!r} takes no "
                              "perturbation")
         if k < 1:
-            raise ValueError(f"method {name!r}: the interval K in -iK must be >= 1")
+            raise ValueError(f"method {name!r}: K in {suffix} must be >= 1")
         if base.sharpness == "ccsam":
-            raise ValueError(f"method {name!r}: CC-SAM takes no -iK interval (a stored "
+            raise ValueError(f"method {name!r}: CC-SAM takes no -iK / -lK variant (a stored "
                              f"perturbation per group is not supported); use {base.name!r}, "
-                             "or an -iK variant of sam/bsam/imbsam")
+                             "or a variant of sam/bsam/imbsam")
+        if {"interval", "reuse"} & set(base.optimizer_options):
+            raise ValueError(f"method {name!r}: {base.name!r} already sets its interval; give "
+                             "one of -iK and -lK")
         return Method(name, base.sharpness, base.update_weighting, base.perturbation_weighting,
-                      base.loss, f"{base.description}; a fresh perturbation every {k} steps",
-                      base.paper, {**base.optimizer_options, "interval": k},
+                      base.loss, f"{base.description}; {text.format(k=k)}",
+                      base.paper, {**base.optimizer_options, option: k},
                       plugins=base.plugins, plugin_options=base.plugin_options)
     if _composed(name):
         return parse_method(name)
     raise ValueError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}; compose "
                      f"{GRAMMAR} (bsam list shows the parts); or add -iK to a SAM-family "
-                     "name (e.g. bsam-i5) to perturb every K steps")
+                     "name (e.g. bsam-i5) to perturb every K steps, or -lK (e.g. bsam-l5) "
+                     "for LookSAM's gradient reuse")
 
 
 def rho_for(name: str, table: Mapping[str, float]) -> float | None:
@@ -326,8 +354,9 @@ def describe_methods() -> str:
               "  optimizers: sam (SAM perturbation), bsam (weighted perturbation), imbsam "
               "(SAM on the tail), ccsam (a perturbation per region: 2 passes per region in the "
               "batch);",
-              "              NAME-iK (e.g. bsam-i5, ranksim+bsam-i5) perturbs every K steps "
-              "(not ccsam)",
+              "              NAME-iK (e.g. bsam-i5, ranksim+bsam-i5) perturbs every K steps;",
+              "              NAME-lK (e.g. bsam-l5) reuses LookSAM's direction between full "
+              f"steps every K (strength train.reuse_alpha, default {DEFAULT_ALPHA}; not ccsam)",
               "  defaults: no weighting part = unweighted update, SQINV with an optimizer part "
               "(bni/gai: unweighted); bsam perturbs with the named weighting, else SQINV;",
               "            options per plug-in: train.plugins.NAME.KEY in a config"]
@@ -387,11 +416,13 @@ def build_stepper(
 
     ``cfg`` needs ``optimizer``, ``lr``, ``momentum``, ``weight_decay``, ``rho``, ``p``,
     ``normalize``, ``eta``, ``bn_second_pass`` and ``lds`` (kernel options) attributes, as
-    :class:`balanced_sam.train.TrainConfig` has (``interval`` and ``max_grad_norm`` too, when
-    present); ``method.optimizer_options`` override them. The loop's policy (``model``,
-    ``cfg.bn_second_pass``, ``cfg.max_grad_norm``) goes to every call of the step, not to the
-    optimizer: :func:`~balanced_sam.optim.sharpness_step` for the SAM family,
-    :func:`~balanced_sam.optim.plain_step` (the same finite check and clip) for the others.
+    :class:`balanced_sam.train.TrainConfig` has (``interval``, ``reuse_alpha`` and
+    ``max_grad_norm`` too, when present); ``method.optimizer_options`` override them (a
+    ``-lK`` method's ``reuse: K`` becomes ``interval=GradientReuse(K, cfg.reuse_alpha)``).
+    The loop's policy (``model``, ``cfg.bn_second_pass``, ``cfg.max_grad_norm``) goes to
+    every call of the step, not to the optimizer: :func:`~balanced_sam.optim.sharpness_step`
+    for the SAM family, :func:`~balanced_sam.optim.plain_step` (the same finite check and
+    clip) for the others.
 
     Every optimizer returned counts the steps it skipped because a gradient was not finite in
     ``opt.skipped_steps`` (the SAM family's own counter; the plain step keeps one likewise):
@@ -419,21 +450,25 @@ def build_stepper(
         raise ValueError("bn_second_pass='freeze' needs the model: pass model=...")
     common: dict[str, Any] = dict(rho=cfg.rho, p=cfg.p, interval=getattr(cfg, "interval", 1),
                                   **kw)
+    options = dict(method.optimizer_options)
+    if "reuse" in options:  # NAME-lK: LookSAM's gradient reuse
+        options["interval"] = GradientReuse(int(options.pop("reuse")),
+                                            getattr(cfg, "reuse_alpha", DEFAULT_ALPHA))
     if method.sharpness == "sam":
         opt: SAM = SAM(params, base, weighting=PassWeighting(bins, None, method.update_weighting,
                                                              **weights),
-                       **{**common, **method.optimizer_options})
+                       **{**common, **options})
     elif method.sharpness == "bsam":
         same = method.update_weighting == method.perturbation_weighting
         opt = BalancedSAM(params, base, bins, scheme=method.perturbation_weighting,
                           update_weighting="same" if same else method.update_weighting,
-                          **{**common, **weights, **method.optimizer_options})
+                          **{**common, **weights, **options})
     elif method.sharpness == "imbsam":
         opt = ImbSAM(params, base, bins, update_weighting=method.update_weighting,
-                     **{"eta": cfg.eta, **common, **weights, **method.optimizer_options})
+                     **{"eta": cfg.eta, **common, **weights, **options})
     else:
         opt = CCSAM(params, base, bins, update_weighting=method.update_weighting,
-                    **{**common, **weights, **method.optimizer_options})
+                    **{**common, **weights, **options})
 
     def sam_step(loss_fn: Callable[[], torch.Tensor], targets: torch.Tensor,
                  mask: torch.Tensor | None = None, scaler: Any = None,

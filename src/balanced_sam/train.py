@@ -414,6 +414,10 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
     if world > 1 and method.sharpness == "ccsam" and cfg.scope == "local":
         raise ValueError("method ccsam needs scope=global under DDP (its gradients at theta "
                          "enter the update, so they must be all-reduced)")
+    if world > 1 and cfg.scope == "local" and "reuse" in method.optimizer_options:
+        raise ValueError(f"method {method.name!r} (gradient reuse) needs scope=global under "
+                         "DDP: with scope=local each replica would store its own direction "
+                         "and the replicas' weights would drift apart")
     # (the picture cache is filled, by forked processes, before the model goes to the GPU)
     pipeline = device_pipeline(train_data, device, seed=cfg.seed, rank=rank, world=world,
                                amp=cfg.amp, channels_last=bool(cfg.channels_last),

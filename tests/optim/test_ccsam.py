@@ -369,8 +369,9 @@ def test_the_ccsam_method_composes_with_plugins_and_refuses_an_interval():
     loss = step(loss_fn, y)
     assert len(calls) == 6 and torch.isfinite(loss)  # 3 regions, 2 passes each
     assert not torch.equal(flat_params(model), before)
-    with pytest.raises(ValueError, match="CC-SAM takes no -iK interval"):
-        get_method("ccsam-i5")
+    for name in ("ccsam-i5", "ccsam-l5"):
+        with pytest.raises(ValueError, match="CC-SAM takes no -iK / -lK variant"):
+            get_method(name)
     with pytest.raises(ValueError, match="CCSAM takes no interval"):
         build_stepper(get_method("ccsam"), tiny_model().parameters(), skewed_bins(),
                       TrainConfig(epochs=1, lr=0.05, progress=False, interval=3))

@@ -1,6 +1,8 @@
 """One table of optimizer settings that generic checks iterate over (in the spirit of torch's
 ``optim_db``): SAM, BalancedSAM and ImbSAM x p in {2, inf} x ASAM x interval x accumulate, and
-CC-SAM (regions, SQINV update) x p x ASAM x accumulate (no interval, no two-step form).
+CC-SAM (regions, SQINV update) x p x ASAM x accumulate (no interval, no two-step form), and
+the gradient reuse rows (LookSAM, ``interval=GradientReuse(2, 0.5)``): the three optimizers x p
+x accumulate.
 
 Every check runs every setting: the state dict round-trip continues bit for bit, the closure
 form and the two-step form give the one-call form's parameters, and a non-finite gradient in
@@ -30,6 +32,7 @@ from _optim_helpers import (
 
 import balanced_sam.optim.sam as sam_module
 from balanced_sam import SAM
+from balanced_sam.optim.reuse import GradientReuse
 
 # every test here runs in float64 (the fixture is in tests/optim/conftest.py)
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -44,24 +47,35 @@ class OptimInfo:
     adaptive: bool
     interval: int
     accumulate: int
+    reuse: bool = False  # LookSAM's gradient reuse with period `interval` (alpha 0.5)
 
     @property
     def id(self) -> str:
         p = "inf" if self.p == math.inf else f"{self.p:g}"
-        return (f"{self.kind}-p{p}{'-asam' if self.adaptive else ''}-i{self.interval}"
-                f"-acc{self.accumulate}")
+        return (f"{self.kind}-p{p}{'-asam' if self.adaptive else ''}"
+                f"-{'l' if self.reuse else 'i'}{self.interval}-acc{self.accumulate}")
 
     def make(self, model: torch.nn.Module) -> SAM:
+        interval = GradientReuse(self.interval, 0.5) if self.reuse else self.interval
         return make_optimizer(self.kind, model, skewed_bins(), weighted_sam=True, p=self.p,
-                              adaptive=self.adaptive, interval=self.interval, momentum=0.9,
+                              adaptive=self.adaptive, interval=interval, momentum=0.9,
                               lr=0.05, rho=0.1)
 
     def passes(self, refresh: bool) -> int:
         """Forward/backward passes of one step (every batch here has head and tail samples, and
-        samples of all three regions: CC-SAM takes 2 passes per region)."""
+        samples of all three regions: CC-SAM takes 2 passes per region): with reuse, one in
+        between; SAM's full step (unweighted perturbation, SQINV update) adds the reference
+        pass."""
         if self.kind == "ccsam":
             return 6
+        if self.reuse:
+            return 1 if not refresh else 2 + (self.kind in ("imbsam", "sam"))
         return (2 if refresh else 1) + (self.kind == "imbsam")
+
+    def first_checked_call(self, refresh: bool) -> int:
+        """The first call whose NaN skips the step: a NaN in the reference pass only (SAM
+        with reuse) keeps the last stored direction and takes the step (tests/test_reuse.py)."""
+        return 2 if self.reuse and refresh and self.kind == "sam" else 1
 
     def step(self, opt: SAM, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
              loss_fn=None):
@@ -81,7 +95,9 @@ class OptimInfo:
 OPTIM_DB = [OptimInfo(k, p, a, i, acc) for k, p, a, i, acc in itertools.product(
     ("sam", "bsam", "imbsam"), (2.0, math.inf), (False, True), (1, 2), (1, 2))] + [
     OptimInfo("ccsam", p, a, 1, acc) for p, a, acc in itertools.product(
-        (2.0, math.inf), (False, True), (1, 2))]
+        (2.0, math.inf), (False, True), (1, 2))] + [
+    OptimInfo(k, p, False, 2, acc, reuse=True) for k, p, acc in itertools.product(
+        ("sam", "bsam", "imbsam"), (2.0, math.inf), (1, 2))]
 
 
 #: the decorator that runs a check over every setting of the table
@@ -100,10 +116,11 @@ def batches(n: int, start: int = 0):
 
 
 def test_the_table_covers_every_combination():
-    assert len(OPTIM_DB) == 56 and len({i.id for i in OPTIM_DB}) == 56
+    assert len(OPTIM_DB) == 68 and len({i.id for i in OPTIM_DB}) == 68
     for info in OPTIM_DB:  # and every setting builds what it names
         opt = info.make(tiny_model())
         assert opt.p == info.p and opt.interval == info.interval
+        assert (opt.reuse is not None) == info.reuse
         assert all(g["adaptive"] is info.adaptive for g in opt.param_groups)
 
 
@@ -153,9 +170,13 @@ def test_two_step_form_equals_one_call_form(info):
     if info.kind == "ccsam":
         pytest.skip("CC-SAM has no two-step form (2 passes per group; tests/test_ccsam.py "
                     "checks that it says so)")
-    if info.kind == "imbsam" and info.interval > 1:
+    if info.kind == "imbsam" and info.interval > 1 and not info.reuse:
         pytest.skip("ImbSAM's two-step form takes the head gradient in its first pass; a step "
                     "that reuses the perturbation has no first pass to take it from")
+    if info.kind == "sam" and info.reuse:
+        pytest.skip("with gradient reuse the two-step form takes the perturbation pass's "
+                    "gradient as LookSAM's g; the one-call form runs a reference pass with the "
+                    "update weighting (optim/reuse.py)")
     m1, m2 = tiny_model(), tiny_model()
     o1, o2 = info.make(m1), info.make(m2)
     for x, y in batches(4):
@@ -186,7 +207,7 @@ def test_nonfinite_gradient_skips_the_step(info, bad):
         info.step(o, m, x, y)
     refresh = opt.perturbation_due()
     n_calls = info.passes(refresh) * info.accumulate
-    poisoned_call = 1 if bad == "first" else n_calls
+    poisoned_call = info.first_checked_call(refresh) if bad == "first" else n_calls
     calls = []
 
     def loss_fn(chunk=slice(None)):

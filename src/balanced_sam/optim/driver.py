@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.losses import check_mask, reduce_losses
 from balanced_sam.optim.norms import check_max_norm, finite_clipped_
+from balanced_sam.optim.reuse import ReuseState
 from balanced_sam.optim.weighting import PassWeighting, user_stacklevel
 
 __all__ = ["sharpness_step", "plain_step", "frozen_bn_stats", "SharpnessOptimizer",
@@ -91,6 +92,7 @@ class SharpnessOptimizer(Protocol):
 
     weighting: PassWeighting
     param_groups: list[dict[str, Any]]
+    reuse: ReuseState | None
 
     @property
     def skip_pending(self) -> bool: ...
@@ -286,6 +288,43 @@ def _second_pass_context(model: nn.Module | None, bn_second_pass: str) -> Contex
     return None
 
 
+def _runner(opt: SharpnessOptimizer, loss_fn: Callable[..., Any], targets: Any,
+            mask: torch.Tensor | None, accumulate: Any, scaler: Any) -> _Pass:
+    """The pass of the calling form: the closure's, or the one-call form's (gradients zeroed)."""
+    if targets is None and (accumulate != 1 or mask is not None):
+        raise ValueError("accumulate= and mask= need the one-call form step(loss_fn, targets)")
+    if targets is None:
+        return _closure_pass(opt, loss_fn)
+    run = _loss_fn_pass(opt.weighting, loss_fn, targets, mask, accumulate, scaler)
+    opt.zero_grad(set_to_none=True)
+    return run
+
+
+def _gradient_reuse(opt: SharpnessOptimizer, run: _Pass, model: nn.Module | None, scaler: Any,
+                    clip: float | None) -> tuple[Any, ...]:
+    r"""Gradient reuse's part of a step (:mod:`~balanced_sam.optim.reuse`). An in-between
+    step: one pass at :math:`\theta` (``"plain"``: update weights, every sample),
+    ``finish_step`` adding the stored direction; returns ``(its loss,)``, the step is done.
+    A full step whose perturbation weighting differs from the update's: first that pass for
+    the reference gradient :math:`g` (``model``'s BatchNorm statistics left alone); returns
+    ``()``, the step goes on."""
+    reuse, w = opt.reuse, opt.weighting
+    assert reuse is not None
+    if not opt.perturbation_due():  # LookSAM's in-between step: one pass at theta
+        opt.reuse_perturbation()
+        single = run(())
+        opt.finish_step(scaler, clip)
+        return (single,)
+    if reuse.needs_reference_pass(w):  # g: the update weighting's gradient at theta
+        w.begin("plain")
+        run((lambda: frozen_bn_stats(model),))
+        w.end_pass()
+        reuse.keep_reference(opt)  # type: ignore[arg-type]
+        opt.zero_grad(set_to_none=True)
+        w.begin("perturb")
+    return ()
+
+
 def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
                    targets: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
                    scaler: Any = None, first_pass_context: ContextFactory | None = None,
@@ -294,6 +333,8 @@ def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
     r"""One sharpness-aware step; call it as ``opt.step(loss_fn, targets, ...)`` or
     ``opt.step(closure)`` (so LR schedulers and step hooks see one optimizer step):
 
+    0. (gradient reuse) an in-between step is one pass at :math:`\theta`, and done; a full
+       step may first run a reference pass (:func:`_gradient_reuse`).
     1. (ImbSAM) the head pass at :math:`\theta`, its gradient set aside; no tail: base step.
     2. the perturbation pass at :math:`\theta` (in ``first_pass_context``; ImbSAM's repeated
        pass keeps ``model``'s BatchNorm statistics), then :math:`\theta + \hat\epsilon`, or
@@ -326,13 +367,9 @@ def sharpness_step(opt: SharpnessOptimizer, loss_fn: Callable[..., Any],
     clip = check_max_norm(max_grad_norm)
     second_context = _second_pass_context(model, bn_second_pass)
     w = opt.weighting
-    if targets is None and (accumulate != 1 or mask is not None):
-        raise ValueError("accumulate= and mask= need the one-call form step(loss_fn, targets)")
-    if targets is None:
-        run = _closure_pass(opt, loss_fn)
-    else:
-        run = _loss_fn_pass(w, loss_fn, targets, mask, accumulate, scaler)
-        opt.zero_grad(set_to_none=True)
+    run = _runner(opt, loss_fn, targets, mask, accumulate, scaler)
+    if opt.reuse is not None and (between := _gradient_reuse(opt, run, model, scaler, clip)):
+        return between[0]
     head: Any = None  # ImbSAM: the head loss at theta
     loss: Any = None  # the loss of the pass that sets the perturbation
     first_done = False  # that pass already ran (ImbSAM's closure without opt.reduce)

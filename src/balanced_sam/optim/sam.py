@@ -41,6 +41,7 @@ from balanced_sam.optim.norms import (
     global_max_abs,
     global_norm,
 )
+from balanced_sam.optim.reuse import GradientReuse, reuse_of
 from balanced_sam.optim.weighting import PassWeighting
 
 __all__ = ["SAM"]
@@ -124,6 +125,31 @@ class _ZeroGradLog:
         self.zeroed: dict[int, tuple[torch.Tensor, int]] = {}
 
 
+def _save_into(buffers: dict[torch.Tensor, torch.Tensor], ps: list[torch.Tensor]
+               ) -> list[torch.Tensor]:
+    """Copy ``ps`` into ``buffers`` kept between steps (no allocation after the first step)."""
+    saved = []
+    for p in ps:
+        buf = buffers.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty_like(p)
+            buffers[p] = buf
+        saved.append(buf)
+    torch._foreach_copy_(saved, ps)
+    return saved
+
+
+@torch.no_grad()
+def _add_into_grads(aside: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add set-aside gradients to ``.grad`` (taking their place where ``.grad`` is None)."""
+    both = [(prm.grad, g) for prm, g in aside if prm.grad is not None]
+    if both:
+        torch._foreach_add_([a for a, _ in both], [b for _, b in both])
+    for prm, g in aside:
+        if prm.grad is None:
+            prm.grad = g
+
+
 def _refuse_moved(owner: str, kwargs: dict[str, Any]) -> None:
     """A clear error for the constructor arguments that moved to the step or the weighting."""
     for key in sorted(set(kwargs) & set(_MOVED)):
@@ -165,7 +191,10 @@ class SAM(Optimizer):
         interval: a fresh perturbation only every ``interval`` steps, the last
             :math:`\hat\epsilon` reused in between (default 1). A reusing step costs one
             forward/backward pass at :math:`\theta + \hat\epsilon_{old}`. Applies to
-            :meth:`step`; :meth:`first_step` always perturbs afresh.
+            :meth:`step`; :meth:`first_step` always perturbs afresh. A
+            :class:`~balanced_sam.optim.reuse.GradientReuse` ``(k, alpha)`` instead: LookSAM's
+            gradient reuse (a full step every ``k`` steps; in between one pass at
+            :math:`\theta`, the stored direction added; :mod:`balanced_sam.optim.reuse`).
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``...).
 
     Calling forms (all weight through :meth:`reduce`): ``loss = opt.step(loss_fn, targets,
@@ -195,7 +224,7 @@ class SAM(Optimizer):
         update_weighting: str | None = None,
         weighting: PassWeighting | None = None,
         adaptive: bool = False,
-        interval: int = 1,
+        interval: int | GradientReuse = 1,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(base_optimizer, Optimizer):
@@ -206,9 +235,8 @@ class SAM(Optimizer):
         _refuse_moved(type(self).__name__, base_kwargs)
         _check_rho(rho)
         self.p = _parse_p(p)
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        self.interval = interval
+        #: the period of fresh perturbations; gradient reuse (LookSAM): its state, else None
+        self.interval, self.reuse = reuse_of(interval)
         if weighting is not None and (bins is not None or update_weighting is not None):
             raise ValueError("give weighting=PassWeighting(...) or bins= / update_weighting=, "
                              "not both")
@@ -228,7 +256,7 @@ class SAM(Optimizer):
         #: steps skipped because a gradient held NaN/inf
         self.skipped_steps: int = 0
         self._sam_step = 0  # base steps taken (the interval counts these)
-        self._eps_valid = False  # a perturbation is stored for reuse (interval > 1)
+        self._eps_valid = False  # a perturbation (reuse: a direction) is stored (interval > 1)
         self._skip_pending = False  # the first pass's gradient was not finite
         self._aside: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, grad) set aside
         self._aside_scaled = True  # the set-aside gradient is scaled like .grad
@@ -295,7 +323,9 @@ class SAM(Optimizer):
         terms, status = _perturbation(self.param_groups, self.p)
         self._backup = []
         self._skip_pending = status == "nonfinite"
-        keep = self.interval > 1 and not self._skip_pending
+        if self.reuse is not None and not self._skip_pending:
+            self.reuse.keep_reference(self)  # g of LookSAM (unless a reference pass gave it)
+        keep = self.interval > 1 and self.reuse is None and not self._skip_pending
         if keep:  # the fresh perturbation replaces the stored one (none stored: eps = 0)
             for st in self.state.values():
                 st.pop("eps", None)
@@ -320,10 +350,16 @@ class SAM(Optimizer):
     @torch.no_grad()
     def reuse_perturbation(self) -> bool:
         r"""Move to :math:`\theta + \hat\epsilon_{old}`, the perturbation of the last refresh;
-        returns whether one was stored."""
+        returns whether one was stored. With gradient reuse: stay at :math:`\theta` for the
+        in-between pass (weights of the ``"plain"`` pass); :meth:`finish_step` adds the stored
+        direction."""
         if self._backup is not None:
             raise RuntimeError("reuse_perturbation() while a perturbation is applied")
         self._backup = []
+        if self.reuse is not None:
+            self.reuse.between, self.last_step_perturbed = True, False
+            self.weighting.begin("plain")
+            return False
         for g in self.param_groups:
             ps = [prm for prm in g["params"] if prm in self.state and "eps" in self.state[prm]]
             if ps:
@@ -334,18 +370,8 @@ class SAM(Optimizer):
         return self.last_step_perturbed
 
     def _save(self, ps: list[torch.Tensor]) -> None:
-        """Copy ``ps`` into buffers kept between steps (no allocation after the first step)."""
-        saved = []
-        for p in ps:
-            buf = self._theta.get(p)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype \
-                    or buf.device != p.device:
-                buf = torch.empty_like(p)
-                self._theta[p] = buf
-            saved.append(buf)
-        torch._foreach_copy_(saved, ps)
         assert self._backup is not None
-        self._backup.append((ps, saved))
+        self._backup.append((ps, _save_into(self._theta, ps)))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -378,17 +404,10 @@ class SAM(Optimizer):
             return
         self._aside, self._aside_scaled = pairs, scaled
 
-    @torch.no_grad()
     def _add_aside(self, scaled: bool) -> None:
-        if not self._aside or self._aside_scaled != scaled:
-            return
-        both = [(prm.grad, g) for prm, g in self._aside if prm.grad is not None]
-        if both:
-            torch._foreach_add_([a for a, _ in both], [b for _, b in both])
-        for prm, g in self._aside:
-            if prm.grad is None:
-                prm.grad = g
-        self._aside = []
+        if self._aside and self._aside_scaled == scaled:
+            _add_into_grads(self._aside)
+            self._aside = []
 
     def finish_step(self, scaler: Any = None, max_grad_norm: float | None = None) -> bool:
         """Restore :math:`\\theta`, add the set-aside gradients, unscale (``scaler``), check that
@@ -400,23 +419,20 @@ class SAM(Optimizer):
         self.last_step_perturbed = bool(self._backup)
         self.restore()
         if ok:
+            if self.reuse is not None:  # a full step: g_v from the update pass alone
+                self.reuse.take_direction(self)
             self._add_aside(scaled=True)
             if scaler is not None:
                 scaler.unscale_(self.base_optimizer)
             self._add_aside(scaled=False)
+            if self.reuse is not None:  # an in-between step: g + alpha ||g|| g_v
+                self.reuse.add_direction(self)
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             ok = finite_clipped_(grads, max_grad_norm)
-        if ok:
-            if scaler is not None:
-                scaler.step(self.base_optimizer)
-            else:
-                self.base_optimizer.step()
-            self._sam_step += 1
-        else:
-            self.skipped_steps += 1
-            self.last_step_perturbed = False
-            self.zero_grad(set_to_none=True)
+        _base_step(self, ok, scaler)
         self._aside, self._skip_pending = [], False
+        if self.reuse is not None:
+            self._eps_valid = self.reuse.end_step(self, ok) or self._eps_valid
         self.weighting.end_step(type(self).__name__)
         return ok
 
@@ -441,16 +457,7 @@ class SAM(Optimizer):
                 raise RuntimeError("first_step() is pending: finish it with second_step() (or "
                                    "a bare step()) before a new step")
             return sharpness_step(self, closure, targets, **options)
-        if targets is not None:
-            raise ValueError("step() got targets but no loss_fn: call step(loss_fn, targets)")
-        if self._backup is None:
-            raise ValueError(f"{type(self).__name__}.step needs two passes: call "
-                             "step(loss_fn, targets), step(closure), or first_step() / "
-                             "second_step() around your own passes")
-        unknown = set(options) - {"scaler", "max_grad_norm"}
-        if unknown:
-            raise TypeError(f"step() finishing first_step() takes scaler= and max_grad_norm=, "
-                            f"got {sorted(unknown)}")
+        _check_bare_step(self, targets, options)
         self.finish_step(options.get("scaler"), check_max_norm(options.get("max_grad_norm")))
         return None
 
@@ -495,5 +502,34 @@ class SAM(Optimizer):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(rho={self.defaults['rho']}, p={self.p}, "
                 f"perturbation_weighting={self.perturbation_weighting}, "
-                f"update_weighting={self.update_weighting}, interval={self.interval}, "
+                f"update_weighting={self.update_weighting}, "
+                f"interval={self.reuse or self.interval}, "
                 f"base={type(self.base_optimizer).__name__})")
+
+
+def _check_bare_step(opt: SAM, targets: torch.Tensor | None, options: dict[str, Any]) -> None:
+    """A ``step()`` without a closure must finish a pending :meth:`SAM.first_step`."""
+    if targets is not None:
+        raise ValueError("step() got targets but no loss_fn: call step(loss_fn, targets)")
+    if opt._backup is None:
+        raise ValueError(f"{type(opt).__name__}.step needs two passes: call "
+                         "step(loss_fn, targets), step(closure), or first_step() / "
+                         "second_step() around your own passes")
+    unknown = set(options) - {"scaler", "max_grad_norm"}
+    if unknown:
+        raise TypeError(f"step() finishing first_step() takes scaler= and max_grad_norm=, "
+                        f"got {sorted(unknown)}")
+
+
+def _base_step(opt: SAM, ok: bool, scaler: Any) -> None:
+    """The base optimizer's step on finite gradients; else the step is skipped and counted."""
+    if ok:
+        if scaler is not None:
+            scaler.step(opt.base_optimizer)
+        else:
+            opt.base_optimizer.step()
+        opt._sam_step += 1
+    else:
+        opt.skipped_steps += 1
+        opt.last_step_perturbed = False
+        opt.zero_grad(set_to_none=True)

@@ -12,7 +12,12 @@ perturb    :math:`\theta` (sets :math:`\hat\epsilon`) ``perturbation``          
 update     :math:`\theta + \hat\epsilon`            ``update``                  all (tail)
 head       :math:`\theta` (ImbSAM only)             ``update``                  head
 tail       :math:`\theta` (ImbSAM's perturb pass)    ``update``                  tail
+plain      :math:`\theta` (gradient reuse)           ``update``                  all
 ========== ======================================== =========================== ==============
+
+``plain`` is the pass of gradient reuse (:mod:`balanced_sam.optim.reuse`): the one pass of an
+in-between step, and the reference pass of a full step whose perturbation weighting differs
+from the update's; it counts every sample, also with a head/tail split (the regulariser too).
 
 With ``tail_below`` (ImbSAM) every pass weights with ``update`` and counts only its part of the
 batch: the head (bins with at least ``tail_below`` training samples) or the tail; the
@@ -43,7 +48,8 @@ __all__ = ["PassWeighting", "BalancingNotAppliedWarning", "PASSES"]
 
 #: the passes of a step and how the warning names them
 PASSES = {"perturb": "perturbation (first)", "head": "head (at theta)",
-          "tail": "tail (at theta)", "update": "update (second)"}
+          "tail": "tail (at theta)", "update": "update (second)",
+          "plain": "plain (at theta, update weights)"}
 
 
 class BalancingNotAppliedWarning(UserWarning):
@@ -129,11 +135,11 @@ class PassWeighting:
 
     def scheme_of(self, phase: str) -> str | None:
         """The scheme of a pass (with a split, every pass weights with ``update``)."""
-        return self.update if self.splits or phase == "update" else self.perturbation
+        return self.update if self.splits or phase in ("update", "plain") else self.perturbation
 
     def needs_reduce(self, phase: str) -> bool:
         """Whether a pass is wrong unless its losses go through :meth:`reduce`."""
-        return self.splits or self.scheme_of(phase) is not None
+        return (self.splits and phase != "plain") or self.scheme_of(phase) is not None
 
     # ------------------------------------------------------------------ the weights
     def weights(self, targets: torch.Tensor, phase: str | None = None) -> torch.Tensor | None:
@@ -181,7 +187,7 @@ class PassWeighting:
         losses, reg = split_loss_output(output, name=name)
         losses = check_losses(losses, targets, name=name)
         keep = mask
-        if self.splits:
+        if self.splits and phase != "plain":
             tail = self._cached("tail", targets, self.tail_mask)
             assert tail is not None
             if phase == "head":  # what the step asks after the head pass (no host sync here)
@@ -192,7 +198,7 @@ class PassWeighting:
         if denom is None:
             denom = max(targets.numel(), 1) if mask is None else mask.sum().clamp_min(1)
         loss = weighted_mean(losses, self.weights(targets, phase), keep, denom=denom)
-        if reg is not None and (not self.splits or phase == "head"):
+        if reg is not None and (not self.splits or phase in ("head", "plain")):
             loss = loss + (reg if share == 1.0 else reg * share)
         self._reduced.add(phase)
         return loss
