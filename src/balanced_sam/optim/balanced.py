@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.optim.sam import SAM
-from balanced_sam.optim.weighting import PassWeighting
+from balanced_sam.optim.weighting import PassWeighting, check_bins
 
 __all__ = ["BalancedSAM"]
 
@@ -90,9 +90,7 @@ class BalancedSAM(SAM):
         interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
-        if not isinstance(bins, LabelBins):
-            raise TypeError("bins must be a balanced_sam.LabelBins built from the training "
-                            f"labels, got {type(bins).__name__}")
+        check_bins(bins)
         if scheme is not None and perturbation_weighting is not None \
                 and scheme != perturbation_weighting:
             raise ValueError(f"scheme={scheme!r} and perturbation_weighting="

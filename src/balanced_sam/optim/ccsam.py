@@ -16,7 +16,7 @@ from balanced_sam.losses import check_losses, check_mask, split_loss_output
 from balanced_sam.optim.driver import frozen_bn_stats, pass_runner, second_pass_context
 from balanced_sam.optim.norms import check_max_norm
 from balanced_sam.optim.sam import SAM
-from balanced_sam.optim.weighting import PassWeighting
+from balanced_sam.optim.weighting import PassWeighting, check_bins
 
 __all__ = ["CCSAM", "GroupWeighting", "bin_groups"]
 
@@ -238,9 +238,7 @@ class CCSAM(SAM):
         interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
-        if not isinstance(bins, LabelBins):
-            raise TypeError("bins must be a balanced_sam.LabelBins built from the training "
-                            f"labels, got {type(bins).__name__}")
+        check_bins(bins)
         if isinstance(flat_ratio, bool) or not isinstance(flat_ratio, (int, float)) \
                 or not 0 < flat_ratio <= 1:
             raise ValueError(f"flat_ratio must be a number in (0, 1], got {flat_ratio!r} "

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from balanced_sam.bins import LabelBins
 from balanced_sam.optim.sam import SAM
-from balanced_sam.optim.weighting import PassWeighting
+from balanced_sam.optim.weighting import PassWeighting, check_bins
 
 __all__ = ["ImbSAM"]
 
@@ -101,9 +101,7 @@ class ImbSAM(SAM):
         interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
-        if not isinstance(bins, LabelBins):
-            raise TypeError("bins must be a balanced_sam.LabelBins built from the training "
-                            f"labels, got {type(bins).__name__}")
+        check_bins(bins)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         self.eta = eta

@@ -44,7 +44,7 @@ import torch
 from balanced_sam.bins import SCHEMES, LabelBins
 from balanced_sam.losses import check_losses, split_loss_output, weighted_mean
 
-__all__ = ["PassWeighting", "BalancingNotAppliedWarning", "PASSES"]
+__all__ = ["PassWeighting", "BalancingNotAppliedWarning", "PASSES", "check_bins"]
 
 #: the passes of a step and how the warning names them
 PASSES = {"perturb": "perturbation (first)", "head": "head (at theta)",
@@ -82,6 +82,15 @@ def _scheme(value: Any, name: str, *, same: str | None = None,
     return str(value)
 
 
+def check_bins(bins: Any) -> LabelBins:
+    """``bins`` when it is a :class:`~balanced_sam.LabelBins` (of the training labels), else a
+    ``TypeError`` saying so: the one check every weighted optimizer makes."""
+    if not isinstance(bins, LabelBins):
+        raise TypeError("bins must be a balanced_sam.LabelBins built from the training labels, "
+                        f"got {type(bins).__name__}")
+    return bins
+
+
 class PassWeighting:
     """Which per-sample weights each pass of a step uses, on which samples, and the reduction.
 
@@ -105,8 +114,8 @@ class PassWeighting:
                  update: str | None = None, *, normalize: str = "mean",
                  weight_kwargs: dict[str, Any] | None = None,
                  tail_below: float | None = None) -> None:
-        if bins is not None and not isinstance(bins, LabelBins):
-            raise TypeError(f"bins must be a balanced_sam.LabelBins, got {type(bins).__name__}")
+        if bins is not None:
+            check_bins(bins)
         self.bins = bins
         self.perturbation = _scheme(perturbation, "perturbation_weighting")
         self.update = _scheme(update, "update_weighting", same=self.perturbation,
