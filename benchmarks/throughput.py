@@ -18,8 +18,8 @@ epochs train and do nothing else.
 Every figure goes through the library, as ``bsam train --config agedb_bsam.yaml`` runs (the
 registry's AgeDB-DIR recipe: ResNet-18, BSAM over SGD lr 0.2 / momentum 0.9 / wd 1e-4, rho 0.2,
 raw 1/sqrt(N_k) weights, L1; ``train.amp`` / ``train.channels_last`` ``auto`` unless given, i.e.
-bf16 + channels_last on CUDA; ``--model small-cnn`` for the smoke test only), for three input
-pipelines:
+bf16 on CUDA and the layout the run measures faster; ``--model small-cnn`` for the smoke test
+only), for three input pipelines:
 
 (device) ``data.augment: device``: the workers read ``uint8`` pictures from a cache filled before
     training; the loop augments each batch on the device (``DevicePipeline``, ``BatchAugment``);
@@ -217,7 +217,9 @@ def loader_alone(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _decided(spec: dict[str, Any], device: torch.device) -> tuple[str, bool]:
-    """``(amp, channels_last)`` as ``fit`` decides them for ``device``."""
+    """``(amp, channels_last)`` for the loader-only figures: ``amp`` as ``fit`` decides it;
+    ``channels_last: auto`` by the static guess (on for CUDA), since ``fit`` measures the layout
+    on its model (the end-to-end rows, and 'bsam train decided', say what it chose)."""
     from balanced_sam.device_pipeline import auto_settings
 
     return auto_settings(spec["train"]["amp"], spec["train"]["channels_last"], device)
@@ -333,7 +335,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--amp", choices=["auto", "none", "bf16"], default="auto",
                     help="train.amp (auto: bf16 on CUDA, none on CPU)")
     ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                    help="train.channels_last (auto: on for CUDA, off on CPU)")
+                    help="train.channels_last (auto: the run times both, keeps the faster)")
     ap.add_argument("--model", choices=["resnet18", "small-cnn"], default=None,
                     help="the recipe's resnet18 (default), or a small CNN (--smoke)")
     ap.add_argument("--pipelines", default=",".join(PIPELINES),

@@ -5,8 +5,23 @@ any folder (pyproject's ``pythonpath``)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def layout_cache(tmp_path_factory):
+    """The layouts measured by ``channels_last: auto`` (balanced_sam.layout) are remembered in a
+    file of this session, not in the user's ~/.cache (subprocesses inherit it)."""
+    old = os.environ.get("BSAM_LAYOUT_CACHE")
+    os.environ["BSAM_LAYOUT_CACHE"] = str(tmp_path_factory.mktemp("layout") / "layouts.json")
+    yield
+    if old is None:
+        os.environ.pop("BSAM_LAYOUT_CACHE", None)
+    else:
+        os.environ["BSAM_LAYOUT_CACHE"] = old
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,7 @@ LDS_KEYS = ("kernel", "ks", "sigma", "lds_base", "clip")
 #: settings a resumed run may change: they decide where and how fast it runs, not what it learns
 #: (``epochs`` may change too: the schedule is re-planned, see :meth:`LRPlan.extended`)
 SAFE_TO_CHANGE = frozenset({"device", "num_workers", "progress", "eval_batch_size",
-                            "prefetch_factor", "checkpoint", "channels_last"})
+                            "prefetch_factor", "checkpoint", "channels_last", "compile"})
 DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps(:\d+)?)$")
 
 
@@ -65,8 +65,12 @@ class TrainConfig:
     (``FitResult.skipped_steps``).
     ``amp``: ``none``, ``bf16``, ``fp16`` (CUDA only) or ``auto`` (bf16 on a CUDA device that
     supports it, none elsewhere); ``channels_last``: the model's memory layout, ``true``,
-    ``false`` or ``auto`` (on for CUDA, off elsewhere). A run decides ``auto`` for its device
-    (:func:`balanced_sam.device_pipeline.auto_settings`) and records what it decided.
+    ``false`` or ``auto`` (the default: both layouts timed on the run's model, batch and device
+    before training, ``channels_last`` kept when 1.1x faster; :mod:`balanced_sam.layout`). A
+    run records what it decided (its resolved config, its checkpoints' ``layout``).
+    ``compile``: ``torch.compile`` the model for training (off by default: on the default
+    bench's CPU runs the compilation cost more than it saved; ``benchmarks/cpu_loop.py``
+    measures the break-even); evaluation runs the model uncompiled.
     """
 
     method: str = "bsam"
@@ -98,7 +102,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16 (CUDA only) | auto (bf16 on CUDA, else none)
-    channels_last: bool | str = False  # true | false | auto (on for CUDA, else off)
+    channels_last: bool | str = "auto"  # true | false | auto (measured: balanced_sam.layout)
+    compile: bool = False  # torch.compile the model for training
     scope: str = "global"  # data-parallel perturbation scope: global | local
     num_workers: int = 0
     prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead

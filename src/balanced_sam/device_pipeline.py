@@ -2,9 +2,10 @@
 layout, and the image pipeline that augments whole batches where the model runs.
 
 * :func:`auto_settings` decides ``train.amp: auto`` (bf16 on a CUDA device that supports it,
-  none elsewhere) and ``train.channels_last: auto`` (on for CUDA, off elsewhere). ``auto`` rather
-  than a bf16 default, because a CPU run refuses bf16 autocast and gains nothing from either
-  (on a CPU, channels_last made a ResNet-18 BSAM step slower; see ``benchmarks/throughput.py``).
+  none elsewhere): ``auto`` rather than a bf16 default, because a CPU run refuses bf16
+  autocast. Its ``channels_last`` rule (on for CUDA, off elsewhere) is only the guess of tools
+  that have no model to time (``benchmarks/throughput.py``'s printout); a training run decides
+  ``train.channels_last: auto`` by measuring both layouts (:mod:`balanced_sam.layout`).
 * :func:`augment_mode` decides ``data.augment: auto`` of the image datasets: ``device`` on a CUDA
   device, ``cpu`` elsewhere. On a CPU the batch augmentation would run in the training process,
   in series with the model, where the PIL transforms run in parallel DataLoader workers; the
@@ -92,6 +93,10 @@ class DevicePipeline:
         self.evaluation = BatchEvalTransform(img_size, side, dtype=dtype,
                                              channels_last=channels_last)
         self._views: dict[int, Any] = {}
+
+    def set_channels_last(self, channels_last: bool) -> None:
+        """The memory layout of the batches handed to the model (the run's decision)."""
+        self.augment.channels_last = self.evaluation.channels_last = bool(channels_last)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self.train)} training pictures on {self.device}, "

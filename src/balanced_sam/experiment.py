@@ -242,7 +242,7 @@ def run_training(spec: Mapping[str, Any], *, out: str | Path | None = None,
     if rank == 0:
         write_json({"best_epoch": res.best_epoch, "val": res.val, "test": res.test,
                     "test_per_bin": res.test_per_bin, "train_seconds": res.train_seconds,
-                    "skipped_steps": res.skipped_steps,
+                    "skipped_steps": res.skipped_steps, "layout": res.layout,
                     "config": res.config or exp.cfg.to_dict(), "balance": exp.cfg.balance,
                     "data_fingerprint": exp.data.fingerprint},
                    output_path(folder / "result.json"))

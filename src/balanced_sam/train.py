@@ -46,6 +46,7 @@ from balanced_sam.data.loader import EpochLoader, batches, is_tensor_data
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.device_pipeline import DevicePipeline, auto_settings, device_pipeline
 from balanced_sam.io import progress_bar
+from balanced_sam.layout import LayoutChoice, choose_layout, input_shape
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import build_stepper, get_method
 from balanced_sam.metrics import RegressionMetrics, balance_of
@@ -93,6 +94,7 @@ class FitResult:
     out_dir: str | None
     config: dict[str, Any] | None = None  # the run's TrainConfig (balance resolved)
     skipped_steps: int = 0  # steps skipped for a non-finite gradient (optimizer's count)
+    layout: dict[str, Any] | None = None  # the memory layout and why (LayoutChoice.to_dict)
 
 
 def _unpack(batch: Sequence[torch.Tensor], device: torch.device
@@ -266,6 +268,7 @@ class _Run:
     fingerprint: str | None
     pipeline: DevicePipeline | None = None  # images augmented on the device, per batch
     plugin: MethodPlugin | None = None  # the method's baseline parts (features, FDS, ...)
+    layout: LayoutChoice | None = None  # the model's memory layout (channels_last) and why
 
 
 @dataclass
@@ -366,8 +369,8 @@ def _resolved(cfg: TrainConfig, bins: LabelBins, train_data: Any) -> TrainConfig
     """The config validated, ``balance: auto`` decided from the training labels, the region
     thresholds set on the bins."""
     cfg.validate()
-    amp, channels_last = auto_settings(cfg.amp, cfg.channels_last, resolve_device(cfg.device))
-    cfg = replace(cfg, amp=amp, channels_last=channels_last)  # "auto" decided for the device
+    amp, _ = auto_settings(cfg.amp, False, resolve_device(cfg.device))
+    cfg = replace(cfg, amp=amp)  # "auto" decided for the device (channels_last: by _build_run)
     if cfg.balance == "auto":
         cfg = replace(cfg, balance=balance_of(_labels_of(train_data), bins))
     bins.set_thresholds(cfg.many, cfg.few)
@@ -420,16 +423,22 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
                          "and the replicas' weights would drift apart")
     # (the picture cache is filled, by forked processes, before the model goes to the GPU)
     pipeline = device_pipeline(train_data, device, seed=cfg.seed, rank=rank, world=world,
-                               amp=cfg.amp, channels_last=bool(cfg.channels_last),
+                               amp=cfg.amp, channels_last=cfg.channels_last is True,
                                processes=max(1, cfg.num_workers), progress=cfg.progress,
                                log=log if rank == 0 else (lambda s: None))
     model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    layout = _decide_layout(cfg, model, input_shape(train_data, pipeline), device, world)
+    if layout.reason in ("measured", "cached") and rank == 0:
+        log(layout.describe())
+    cfg = replace(cfg, channels_last=layout.channels_last)
+    _apply_layout(model, pipeline, layout.channels_last)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    first_ctx_of = net
+    if cfg.compile:
+        net = torch.compile(net)  # training only: evaluation runs ``model`` uncompiled
     plugin = MethodPlugin(method, cfg, model, bins, target_scaler, device, world=world)
     opt, step = build_stepper(plugin.stepper_method, plugin.param_groups(), bins, cfg,
                               model=model if cfg.bn_second_pass == "freeze" else None)
@@ -442,16 +451,41 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
         cfg=cfg, device=device, rank=rank, world=world, model=model, net=net, opt=opt,
         step=step, plan=plan, sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(opt, plan)),
         amp_scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
-        first_ctx=plugin.first_pass_context(net.no_sync if (world > 1 and cfg.scope == "local")
-                                            else None),
+        first_ctx=plugin.first_pass_context(first_ctx_of.no_sync  # type: ignore[arg-type]
+                                            if (world > 1 and cfg.scope == "local") else None),
         loader=loader, bins=bins, target_scaler=target_scaler, depth=depth, meta=meta,
-        fingerprint=fingerprint, pipeline=pipeline, plugin=plugin)
+        fingerprint=fingerprint, pipeline=pipeline, plugin=plugin, layout=layout)
+
+
+def _decide_layout(cfg: TrainConfig, model: nn.Module, shape: tuple[int, ...] | None,
+                   device: torch.device, world: int) -> LayoutChoice:
+    """``channels_last`` as given, or measured (``auto``); under DDP rank 0 measures and every
+    rank follows (the replicas then sum in the same order)."""
+    rank = rank_and_world()[0]
+    if world > 1 and cfg.channels_last == "auto" and rank != 0:
+        choice = LayoutChoice(False, "auto", "measured", device.type)
+    else:
+        choice = choose_layout(cfg.channels_last, model, shape, cfg.batch_size, device,
+                               amp=cfg.amp)
+    if world > 1 and cfg.channels_last == "auto":
+        flag = torch.tensor([int(choice.channels_last)],
+                            device=device if device.type == "cuda" else "cpu")
+        torch.distributed.broadcast(flag, 0)
+        choice = replace(choice, channels_last=bool(flag.item()))
+    return choice
+
+
+def _apply_layout(model: nn.Module, pipeline: DevicePipeline | None, channels_last: bool) -> None:
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if pipeline is not None:
+        pipeline.set_channels_last(channels_last)
 
 
 def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
              log: Callable[[str], None], trust: bool = False) -> _State:
     """Load ``last.pt`` into the run after checking it is the same run on the same data."""
     ck = ckpt.load_last(run.device, trust=trust)
+    _resumed_layout(run, ck.get("layout"))
     cfg = run.cfg
     check_same_config(ck.get("config", {}), cfg)
     check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
@@ -479,6 +513,23 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
     return _State(start_epoch=start, best_metric=ck["best_metric"], best_epoch=ck["best_epoch"],
                   best_state=ck.get("best_state"), history=ck["history"],
                   train_seconds=ck["train_seconds"])
+
+
+def _resumed_layout(run: _Run, saved: Any) -> None:
+    """``channels_last: auto`` keeps the checkpoint's decision on the same kind of device: the
+    resumed run then sums in the order the unbroken one did (the layout moves the last digits)."""
+    if run.layout is None or run.layout.requested != "auto" or not isinstance(saved, dict):
+        return
+    try:
+        before = LayoutChoice.from_dict(saved)
+    except (KeyError, TypeError, ValueError):
+        return  # not a layout record of ours: the new measurement stands
+    if before.device != run.device.type:
+        return
+    if before.channels_last != run.layout.channels_last:
+        _apply_layout(run.model, run.pipeline, before.channels_last)
+    run.layout = replace(before, reason="resumed")
+    run.cfg = replace(run.cfg, channels_last=before.channels_last)
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -544,7 +595,8 @@ def _write_epoch(run: _Run, state: _State, ckpt: Checkpointer, row: dict[str, An
               "bins": {**run.bins.to_dict(), "many": many, "few": few},
               "target_scaler": run.target_scaler.to_dict(),
               "data_fingerprint": run.fingerprint, "meta": run.meta,
-              "model": run.model.state_dict(), "epoch": row["epoch"] - 1}
+              "model": run.model.state_dict(), "epoch": row["epoch"] - 1,
+              "layout": run.layout.to_dict() if run.layout is not None else None}
     if improved:
         ckpt.save_best({**common, "val": val})
     if ckpt.keeps_last:
@@ -574,7 +626,8 @@ def _final_evaluation(run: _Run, state: _State, val_data: Any, test_data: Any,
                      train_seconds=state.train_seconds,
                      out_dir=str(folder.path) if folder.path is not None else None,
                      config=run.cfg.to_dict(),
-                     skipped_steps=sum(int(r.get("skipped_steps") or 0) for r in state.history))
+                     skipped_steps=sum(int(r.get("skipped_steps") or 0) for r in state.history),
+                     layout=run.layout.to_dict() if run.layout is not None else None)
 
 
 def _log_line(row: dict[str, Any], improved: bool) -> str:

@@ -245,7 +245,12 @@ def test_resumed_run_sees_the_augmentations_of_an_unbroken_one(root, tmp_path, m
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(),
                                                  m2.state_dict().values()))
     assert resumed.test == unbroken.test
-    assert unbroken.config["amp"] == "none" and unbroken.config["channels_last"] is False
+    # channels_last auto: measured once on this machine, then remembered (the layout cache), so
+    # both runs trained in one layout; the resumed run kept its checkpoint's decision
+    assert unbroken.config["amp"] == "none"
+    assert unbroken.config["channels_last"] is resumed.config["channels_last"]
+    assert unbroken.layout["reason"] in ("measured", "cached")
+    assert resumed.layout["reason"] == "resumed"
     # control: had the resumed epochs drawn other augmentations, the weights would differ
     with pytest.raises(KeyboardInterrupt):
         _fit_age(root, tmp_path / "c", epochs=3, kill_after=0)
@@ -272,7 +277,9 @@ def test_bsam_train_on_the_device_path_logs_it_and_evaluates(root, tmp_path):
                for line in lines)
     assert res.test["all"]["count"] == 5 and np.isfinite(res.test["all"]["mae"])
     result = yaml.safe_load((tmp_path / "run" / "result.json").read_text())
-    assert result["config"]["amp"] == "none" and result["config"]["channels_last"] is False
+    assert result["config"]["amp"] == "none"
+    assert result["config"]["channels_last"] is result["layout"]["channels_last"]
+    assert result["layout"]["requested"] == "auto" and result["layout"]["device"] == "cpu"
 
 
 # ------------------------------------------------------------------------------ bf16

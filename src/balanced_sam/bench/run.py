@@ -46,9 +46,12 @@ from balanced_sam.bench.report import (
 )
 from balanced_sam.bench.summary import DEFAULT_BASELINE, finish_results
 from balanced_sam.config import TrainConfig
-from balanced_sam.io import FolderLock, write_csv, write_json
+from balanced_sam.device_pipeline import auto_settings
+from balanced_sam.io import FolderLock, read_json, write_csv, write_json
+from balanced_sam.layout import LayoutChoice, choose_layout, input_shape
 from balanced_sam.metrics import NonFinitePredictionsError
 from balanced_sam.outputs import OwnedFolder, output_path
+from balanced_sam.runtime import resolve_device
 from balanced_sam.train import fit, seed_everything
 
 __all__ = ["run_bench", "BenchInterrupted", "train_task", "run_remote", "Context", "Task",
@@ -70,6 +73,9 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] = print) -> dic
         owned = claim_bench_folder(plan, log)
         results = start_results(plan, owned, log)
         stored = results.pop("record_config")
+        layout = decide_layout(plan, owned, log)
+        if layout is not None:
+            results["layout"] = layout.to_dict()
         done, executor = _run_all(plan, owned, log)
         results["methods"] = {m.name: {"runs": [done[k] for k in plan.keys_of(m)]}
                               for m in plan.methods}
@@ -281,6 +287,44 @@ def run_remote(job: RemoteRun) -> None:
         with contextlib.suppress(OSError):
             note(log, f"{attempt} stopped ({type(exc).__name__})")
         raise
+
+
+# ---------------------------------------------------------------------------- the layout
+#: the bench folder's record of the layout its runs train in (``channels_last: auto``)
+LAYOUT_FILE = "layout.json"
+
+
+def decide_layout(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]
+                  ) -> LayoutChoice | None:
+    """``channels_last: auto`` decided once for every run of a bench on this machine (the
+    runs' figures are then comparable to the last digit): the folder's earlier decision on the
+    same kind of device, else measured here (:func:`balanced_sam.layout.choose_layout`, with the
+    runs' thread count) and recorded in ``layout.json``. ``plan.cfg`` then names it. Runs on
+    other machines (Ray, Slurm) or on several local devices decide for themselves (``None``)."""
+    if plan.cfg.channels_last != "auto" or plan.config.executor.name != "local" or plan.devices:
+        return None
+    device = resolve_device(plan.cfg.device)
+    path = plan.out / LAYOUT_FILE
+    choice = None
+    if owned.owns(LAYOUT_FILE) and path.is_file() and not path.is_symlink():
+        try:
+            before = LayoutChoice.from_dict(read_json(path))
+            if before.device == device.type:
+                choice = replace(before, reason="bench")
+        except (KeyError, TypeError, ValueError):
+            choice = None  # not a record of ours: measured again
+    if choice is None:
+        with torch.random.fork_rng(), parallel.pinned_threads(plan.config.threads):
+            model = plan.data.make_model().to(device)
+            choice = choose_layout("auto", model, input_shape(plan.data.train),
+                                   plan.cfg.batch_size, device,
+                                   amp=auto_settings(plan.cfg.amp, False, device)[0])
+        if choice.reason == "measured" or choice.reason == "cached":
+            write_json(choice.to_dict(), owned.record(LAYOUT_FILE))
+    if choice.reason not in ("no-conv2d", "not-images"):
+        log(fit_lines(f"{choice.describe()}; every run trains in it"))
+    plan.cfg = replace(plan.cfg, channels_last=choice.channels_last)
+    return choice
 
 
 # ---------------------------------------------------------------------------- every run
