@@ -47,7 +47,8 @@ and after, the torch version and the thread count are printed. ``--threads`` def
 a bench job runs (2 jobs x 1 thread on 2 cores). Rows run one after another, each once: for
 figures to quote, run it on a quiet machine and more than once. Before a method's rows, one
 forward and backward pass in each layout on a throwaway copy of the model takes the process's
-one-off costs, so that they do not land on the first row's total.
+one-off costs (torch imports ``torch._dynamo`` when it builds its first optimizer), so that they
+do not land on the first row's total.
 """
 
 from __future__ import annotations
@@ -256,11 +257,15 @@ def layout_name(channels_last: Any) -> str:
 
 
 def warm_up(model: nn.Module, x: torch.Tensor) -> None:
-    """A forward and backward pass in each layout on a throwaway copy, so that the process's
-    one-off costs (kernel selection, allocator growth) do not land on the first row."""
+    """A forward and backward pass and an SGD step in each layout on a throwaway copy, so that
+    the process's one-off costs (kernel selection, allocator growth, and torch's import of
+    ``torch._dynamo`` at the first optimizer it builds: seconds) do not land on the first
+    row."""
     for fmt in (torch.contiguous_format, torch.channels_last):
         m = copy.deepcopy(model).to(memory_format=fmt).train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
         m(x.contiguous(memory_format=fmt)).sum().backward()
+        opt.step()
 
 
 def measure_method(plan: BenchPlan, key: RunKey, args: argparse.Namespace
