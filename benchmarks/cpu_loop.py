@@ -304,7 +304,8 @@ def compile_figures(rows: list[dict[str, Any]], run: dict[str, Any]) -> dict[str
     """The compiled run's first and steady epochs, and when it catches up with the eager
     library row of the same layout (``None``: its steady epoch is not faster)."""
     layout = layout_name(run["channels_last"])
-    eager = next(r for r in rows if r["variant"] == "library" and r["layout"] == layout)
+    eager = next((r for r in rows if r["variant"] == "library" and r["layout"] == layout),
+                 rows[2])  # a layout other than the two: the eager run of the same config
     first, steady_c = run["epochs"][0], steady(run["epochs"])
     e_first, e_steady = eager["epoch_s"][0], eager["median_epoch_s"]
     gain = e_steady - steady_c

@@ -83,3 +83,18 @@ def test_unknown_methods_are_refused(bad, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--methods", bad])
     assert "--methods takes a comma-separated list of sqinv, bsam" in capsys.readouterr().err
+
+
+def test_compile_break_even_against_the_eager_row_of_the_same_layout():
+    rows = [{"variant": "library", "layout": "NCHW", "epoch_s": [2.0, 1.0, 1.0],
+             "median_epoch_s": 1.0},
+            {"variant": "library", "layout": "channels_last", "epoch_s": [1.5, 0.7, 0.7],
+             "median_epoch_s": 0.7}]
+    # compiled NCHW: 10 s + 0.6 s per later epoch against 2 s + 1 s: level after 21 epochs
+    c = bench.compile_figures(rows, {"epochs": [10.0, 0.6, 0.6], "channels_last": False})
+    assert c["layout"] == "NCHW" and c["eager_steady_epoch_s"] == 1.0
+    assert c["first_epoch_s"] == 10.0 and c["steady_epoch_s"] == 0.6
+    assert c["break_even_epochs"] == 21
+    # compiled channels_last, slower per epoch than eager channels_last: never
+    c = bench.compile_figures(rows, {"epochs": [10.0, 0.8, 0.8], "channels_last": True})
+    assert c["eager_steady_epoch_s"] == 0.7 and c["break_even_epochs"] is None
