@@ -304,12 +304,14 @@ def compile_figures(rows: list[dict[str, Any]], run: dict[str, Any]) -> dict[str
     """The compiled run's first and steady epochs, and when it catches up with the eager
     library row of the same layout (``None``: its steady epoch is not faster)."""
     layout = layout_name(run["channels_last"])
-    eager = next((r for r in rows if r["variant"] == "library" and r["layout"] == layout),
-                 rows[2])  # a layout other than the two: the eager run of the same config
+    same = [r for r in rows if r["variant"] == "library" and r["layout"] == layout]
+    # a layout other than the two: the eager run of the same config (the default row)
+    eager = same[0] if same else next(r for r in rows if r["variant"] == "library (default)")
     first, steady_c = run["epochs"][0], steady(run["epochs"])
     e_first, e_steady = eager["epoch_s"][0], eager["median_epoch_s"]
     gain = e_steady - steady_c
-    even = None if gain <= 0 else max(1, math.ceil(1 + (first - e_first) / gain))
+    # n epochs cost first + (n - 1) steady: level when n = 1 + (first - e_first) / gain
+    even = None if gain <= 0 else max(1, math.ceil(1 + (first - e_first) / gain - 1e-9))
     return {"layout": layout, "first_epoch_s": first, "steady_epoch_s": steady_c,
             "eager_first_epoch_s": e_first, "eager_steady_epoch_s": e_steady,
             "break_even_epochs": even}

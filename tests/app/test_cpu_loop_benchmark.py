@@ -98,3 +98,8 @@ def test_compile_break_even_against_the_eager_row_of_the_same_layout():
     # compiled channels_last, slower per epoch than eager channels_last: never
     c = bench.compile_figures(rows, {"epochs": [10.0, 0.8, 0.8], "channels_last": True})
     assert c["eager_steady_epoch_s"] == 0.7 and c["break_even_epochs"] is None
+    # a layout other than the two: against the eager run of the same (default) config
+    rows.append({"variant": "library (default)", "layout": "auto -> x", "epoch_s": [3.0, 1.2],
+                 "median_epoch_s": 1.2})
+    c = bench.compile_figures(rows, {"epochs": [10.0, 0.8], "channels_last": "x"})
+    assert c["eager_first_epoch_s"] == 3.0 and c["break_even_epochs"] == 19  # 1 + 7 / 0.4 = 18.5
