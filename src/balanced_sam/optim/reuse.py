@@ -228,8 +228,11 @@ class ReuseState:
             return
         scale = global_norm([_grad(p) for p in _with_grad(opt)], 2.0) * self.spec.factor
         dirs = [opt.state[p][self.KEY] for p in ps]
-        step = torch._foreach_mul(dirs, scale.to(dirs[0].dtype))
-        torch._foreach_add_([_grad(p) for p in ps], list(step))
+        if scale.device.type == "cpu":  # one fused pass, no temporary (the host has the norm)
+            torch._foreach_add_([_grad(p) for p in ps], dirs, alpha=float(scale))
+        else:  # no host synchronisation on an accelerator
+            step = torch._foreach_mul(dirs, scale.to(dirs[0].dtype))
+            torch._foreach_add_([_grad(p) for p in ps], list(step))
 
     def end_step(self, opt: Optimizer, taken: bool) -> bool:
         """Store the candidate direction if the step was taken; forget the step. Returns
