@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +48,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,7 +97,10 @@ class LayoutChoice:
             return (f"layout {name} ({when} on {self.device}: NCHW {self.nchw_ms:.1f} ms, "
                     f"channels_last {self.channels_last_ms:.1f} ms per step; channels_last is "
                     f"kept when >= {MARGIN:.2f}x faster)")
-        return f"layout {name} ({self.reason})"
+        why = {"given": "as configured", "bench": "the layout of this folder's earlier runs",
+               "resumed": "the checkpoint's", "no-conv2d": "no 2-d convolution",
+               "not-images": "the inputs are not images"}.get(self.reason, self.reason)
+        return f"layout {name} ({why})"
 
 
 def has_conv2d(model: nn.Module) -> bool:
@@ -110,10 +115,15 @@ def input_shape(data: Any, pipeline: Any = None) -> tuple[int, ...] | None:
         return (3, pipeline.img_size, pipeline.img_size)
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
         return tuple(data[0].shape[1:])
-    try:
-        sample = data[0]
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    try:  # (a random augmentation of the sample must not move the run's random streams)
+        with torch.random.fork_rng():
+            sample = data[0]
     except Exception:  # noqa: BLE001 - any dataset that cannot be indexed: not probed
         return None
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
     if isinstance(sample, (tuple, list)) and sample and isinstance(sample[0], torch.Tensor):
         return tuple(sample[0].shape)
     return None

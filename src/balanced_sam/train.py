@@ -427,7 +427,8 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
                                processes=max(1, cfg.num_workers), progress=cfg.progress,
                                log=log if rank == 0 else (lambda s: None))
     model.to(device)
-    layout = _decide_layout(cfg, model, input_shape(train_data, pipeline), device, world)
+    shape = input_shape(train_data, pipeline) if cfg.channels_last == "auto" else None
+    layout = _decide_layout(cfg, model, shape, device, world)
     if layout.reason in ("measured", "cached") and rank == 0:
         log(layout.describe())
     cfg = replace(cfg, channels_last=layout.channels_last)

@@ -129,6 +129,28 @@ def test_the_probe_leaves_the_model_and_the_random_streams_as_they_were():
     assert model.features[0].weight.is_contiguous() and model.features[0].weight.grad is None
 
 
+def test_the_input_shape_of_a_dataset_leaves_the_random_streams_alone():
+    import random
+
+    import numpy as np
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):  # an augmentation drawing from every global stream
+            random.random()
+            np.random.rand()  # noqa: NPY002
+            return torch.rand(3, 8, 8), torch.tensor(1.0)
+
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())  # noqa: NPY002
+    assert lay.input_shape(Augmented()) == (3, 8, 8)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2][1])  # noqa: NPY002
+    assert lay.input_shape((torch.zeros(5, 1, 6, 6), torch.zeros(5))) == (1, 6, 6)
+    assert lay.input_shape(object()) is None
+
+
 # ---------------------------------------------------------------------------- fit
 def _channels_last(model: nn.Module) -> bool:
     """The first convolution's weight (out, 1, 3, 3) is stored channels-last (its channel
@@ -209,8 +231,8 @@ def test_compile_trains_the_same_model_and_saves_plain_weights(tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------------------- the bench
-def test_a_bench_decides_the_layout_once_and_keeps_it_when_resumed(tmp_path, monkeypatch,
-                                                                   cache):
+def _mini_image_bench(tmp_path, monkeypatch) -> Path:
+    """The rotated bench on 60 images of 7 x 7 and a 4-channel CNN, 1 epoch."""
     mini = make_mnist_folder(tmp_path / "idx", n_train=100, n_test=40)
     entry = registry.get_entry("rotated-fashion-mnist")
     recipe = replace(entry.recipe,
@@ -220,6 +242,12 @@ def test_a_bench_decides_the_layout_once_and_keeps_it_when_resumed(tmp_path, mon
                      train={**entry.recipe.train, "epochs": 1, "batch_size": 30},
                      bench={"methods": ("sqinv", "bsam"), "seeds": 1})
     monkeypatch.setitem(registry.REGISTRY, "rotated-fashion-mnist", replace(entry, recipe=recipe))
+    return mini
+
+
+def test_a_bench_decides_the_layout_once_and_keeps_it_when_resumed(tmp_path, monkeypatch,
+                                                                   cache):
+    mini = _mini_image_bench(tmp_path, monkeypatch)
     clock = FakeClock(10.0, 5.0)
     monkeypatch.setattr(lay, "measure_layout", clock)
     logs: list[str] = []
@@ -243,3 +271,33 @@ def test_a_bench_decides_the_layout_once_and_keeps_it_when_resumed(tmp_path, mon
     assert clock2.calls == 0
     assert res2["layout"]["channels_last"] is True and res2["layout"]["reason"] == "bench"
     assert res2["methods"]["bsam"]["runs"][0] == res["methods"]["bsam"]["runs"][0]
+
+
+def test_a_bench_folder_from_before_the_measurement_keeps_its_layout(tmp_path, monkeypatch,
+                                                                     cache):
+    """A folder of the release before: no layout.json, ``channels_last: false`` in its setting
+    (that release's default). Extending it trains the new runs in NCHW as its old ones."""
+    mini = _mini_image_bench(tmp_path, monkeypatch)
+    out = tmp_path / "b"
+    monkeypatch.setattr(lay, "measure_layout", FakeClock(10.0, 5.0))
+    first = run_bench(BenchConfig(dataset="rotated-fashion-mnist", data_root=str(mini),
+                                  out=out, plots=False), log=lambda s: None)
+    # make it a folder of the release before (which trained it in NCHW)
+    (out / "layout.json").unlink()
+    manifest = json.loads((out / ".bsam-manifest.json").read_text())
+    del manifest["entries"]["layout.json"]
+    (out / ".bsam-manifest.json").write_text(json.dumps(manifest))
+    setting = json.loads((out / "bench_config.json").read_text())
+    setting["train"]["channels_last"] = False
+    (out / "bench_config.json").write_text(json.dumps(setting))
+    clock = FakeClock(10.0, 5.0)
+    monkeypatch.setattr(lay, "measure_layout", clock)
+    logs: list[str] = []
+    res = run_bench(BenchConfig(dataset="rotated-fashion-mnist", data_root=str(mini),
+                                seeds=[0, 1], out=out, plots=False), log=logs.append)
+    assert clock.calls == 0  # not another bench, not measured: its earlier runs' layout
+    assert res["layout"]["channels_last"] is False and res["layout"]["reason"] == "bench"
+    assert any("layout NCHW (the layout of this folder's earlier runs)" in line
+               for line in logs)
+    assert res["methods"]["bsam"]["runs"][0] == first["methods"]["bsam"]["runs"][0]
+    assert json.loads((out / "layout.json").read_text())["channels_last"] is False

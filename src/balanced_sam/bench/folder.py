@@ -20,6 +20,7 @@ from balanced_sam.data.registry import DataSplits
 from balanced_sam.errors import spell
 from balanced_sam.io import nan_for_null, read_json, to_json, write_json
 from balanced_sam.outputs import RUN_OUTPUTS, FolderNotOursError, OwnedFolder, claim_folder
+from balanced_sam.runtime import resolve_device
 from balanced_sam.train import RunExistsError, load_checkpoint
 
 __all__ = ["claim_bench_folder", "start_results", "read_back", "folder_runs", "bin_warnings",
@@ -179,10 +180,11 @@ def _same_bench(plan: BenchPlan, owned: OwnedFolder, config: dict[str, Any]) -> 
     setting with the methods, seeds and rho of every bench the folder held; returns it."""
     comparable = {k: v for k, v in config.items() if k not in ("train", "data")} | {
         "data_spec": plan.spec,
-        "train": {k: v for k, v in plan.cfg.to_dict().items() if k not in ("progress", "device")}}
+        "train": {k: v for k, v in plan.cfg.to_dict().items() if k not in _NOT_THE_SETTING}}
     path = plan.out / "bench_config.json"
     if path.exists():
         stored = _with_defaults(read_json(path))
+        _keep_earlier_layout(plan, owned, stored)
         now = json.loads(json.dumps(to_json(comparable)))
         setting = {k: v for k, v in now.items() if k not in _MAY_GROW}
         old_rho, new_rho = stored.get("rho_by_method") or {}, now.get("rho_by_method") or {}
@@ -200,13 +202,32 @@ def _same_bench(plan: BenchPlan, owned: OwnedFolder, config: dict[str, Any]) -> 
     return comparable
 
 
+#: training options that do not make another bench: where it runs, and how the model is laid
+#: out or compiled (they change the order of float sums, not what is learned; the layout the
+#: bench's runs train in is its ``layout.json``, see :func:`balanced_sam.bench.run.decide_layout`)
+_NOT_THE_SETTING = ("progress", "device", "channels_last", "compile")
+LAYOUT_FILE = "layout.json"
+
+
+def _keep_earlier_layout(plan: BenchPlan, owned: OwnedFolder, stored: dict[str, Any]) -> None:
+    """A folder from before the layout was measured recorded it in its setting
+    (``channels_last: false`` by default): its new runs train as its earlier ones did."""
+    train = stored.get("train")
+    earlier = train.pop("channels_last", None) if isinstance(train, dict) else None
+    if isinstance(earlier, bool) and not owned.owns(LAYOUT_FILE):
+        write_json({"channels_last": earlier, "requested": earlier, "reason": "bench",
+                    "device": resolve_device(plan.cfg.device).type}, owned.record(LAYOUT_FILE))
+    if isinstance(train, dict):
+        train.pop("compile", None)
+
+
 def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
     """A training option the stored setting does not name ran with its default: a folder
     written before the package gained an option stays the same bench after an upgrade."""
     train = stored.get("train")
     if isinstance(train, dict):
         new = {f.name: f.default for f in fields(TrainConfig) if f.name not in train
-               and f.name not in ("progress", "device") and f.default is not MISSING}
+               and f.name not in _NOT_THE_SETTING and f.default is not MISSING}
         stored["train"] = {**train, **to_json(new)}
     return stored
 

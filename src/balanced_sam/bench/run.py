@@ -34,7 +34,13 @@ from balanced_sam.bench.executors import (
     run_state,
     worker_data,
 )
-from balanced_sam.bench.folder import claim_bench_folder, folder_runs, read_back, start_results
+from balanced_sam.bench.folder import (
+    LAYOUT_FILE,
+    claim_bench_folder,
+    folder_runs,
+    read_back,
+    start_results,
+)
 from balanced_sam.bench.plan import BenchConfig, BenchPlan, RunKey, make_plan
 from balanced_sam.bench.report import (
     WIDTH,
@@ -290,10 +296,6 @@ def run_remote(job: RemoteRun) -> None:
 
 
 # ---------------------------------------------------------------------------- the layout
-#: the bench folder's record of the layout its runs train in (``channels_last: auto``)
-LAYOUT_FILE = "layout.json"
-
-
 def decide_layout(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None]
                   ) -> LayoutChoice | None:
     """``channels_last: auto`` decided once for every run of a bench on this machine (the
