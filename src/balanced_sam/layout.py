@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 __all__ = ["MARGIN", "LayoutChoice", "choose_layout", "measure_layout", "input_shape",
-           "has_conv2d", "cache_path", "probe_key"]
+           "has_conv2d", "cache_path", "probe_key", "run_layout", "apply_layout",
+           "resumed_layout", "set_up_layout"]
 
 #: ``channels_last`` is chosen only when its median step is at least this much faster
 MARGIN = 1.10
@@ -286,4 +287,60 @@ def choose_layout(requested: bool | str, model: nn.Module, shape: tuple[int, ...
                           round(cl, 3), rounds)
     if path is not None:
         _remember(path, key, choice)
+    return choice
+
+
+def run_layout(requested: bool | str, model: nn.Module, shape: tuple[int, ...] | None,
+               batch_size: int, device: torch.device, amp: str, world: int = 1) -> LayoutChoice:
+    """A training run's layout (:func:`choose_layout`); under DDP (``world`` > 1) rank 0
+    measures and every rank follows, so that the replicas sum in the same order."""
+    distributed = world > 1 and requested == "auto"
+    rank = torch.distributed.get_rank() if distributed else 0
+    if distributed and rank != 0:
+        choice = LayoutChoice(False, "auto", "measured", device.type)
+    else:
+        choice = choose_layout(requested, model, shape, batch_size, device, amp=amp)
+    if distributed:
+        flag = torch.tensor([int(choice.channels_last)],
+                            device=device if device.type == "cuda" else "cpu")
+        torch.distributed.broadcast(flag, 0)
+        choice = replace(choice, channels_last=bool(flag.item()))
+    return choice
+
+
+def apply_layout(model: nn.Module, pipeline: Any, channels_last: bool) -> None:
+    """Put ``model`` (and the batches of a device ``pipeline``) in the chosen layout."""
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if pipeline is not None:
+        pipeline.set_channels_last(channels_last)
+
+
+def resumed_layout(now: LayoutChoice, saved: Any, model: nn.Module, pipeline: Any = None
+                   ) -> LayoutChoice:
+    """The layout a resumed run trains on in: with ``auto``, its checkpoint's ``saved``
+    decision when it was taken on the same kind of device (the resumed run then sums in the
+    order the unbroken one did), ``model`` moved into it; else ``now``."""
+    if now.requested != "auto" or not isinstance(saved, Mapping):
+        return now
+    try:
+        before = LayoutChoice.from_dict(saved)
+    except (KeyError, TypeError, ValueError):
+        return now  # not a layout record of ours: the new measurement stands
+    if before.device != now.device:
+        return now
+    if before.channels_last != now.channels_last:
+        apply_layout(model, pipeline, before.channels_last)
+    return replace(before, reason="resumed")
+
+
+def set_up_layout(requested: bool | str, model: nn.Module, data: Any, pipeline: Any,
+                  batch_size: int, device: torch.device, amp: str, world: int = 1,
+                  log: Callable[[str], None] | None = None) -> LayoutChoice:
+    """What ``fit`` does: decide the layout of a run on ``data`` (:func:`run_layout`), say
+    what was measured (``log``), put the model and the pipeline's batches in it."""
+    shape = input_shape(data, pipeline) if requested == "auto" else None
+    choice = run_layout(requested, model, shape, batch_size, device, amp, world)
+    if log is not None and choice.reason in ("measured", "cached"):
+        log(choice.describe())
+    apply_layout(model, pipeline, choice.channels_last)
     return choice

@@ -46,7 +46,7 @@ from balanced_sam.data.loader import EpochLoader, batches, is_tensor_data
 from balanced_sam.data.scaling import TargetScaler
 from balanced_sam.device_pipeline import DevicePipeline, auto_settings, device_pipeline
 from balanced_sam.io import progress_bar
-from balanced_sam.layout import LayoutChoice, choose_layout, input_shape
+from balanced_sam.layout import LayoutChoice, resumed_layout, set_up_layout
 from balanced_sam.losses import get_loss
 from balanced_sam.methods import build_stepper, get_method
 from balanced_sam.metrics import RegressionMetrics, balance_of
@@ -427,12 +427,9 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
                                processes=max(1, cfg.num_workers), progress=cfg.progress,
                                log=log if rank == 0 else (lambda s: None))
     model.to(device)
-    shape = input_shape(train_data, pipeline) if cfg.channels_last == "auto" else None
-    layout = _decide_layout(cfg, model, shape, device, world)
-    if layout.reason in ("measured", "cached") and rank == 0:
-        log(layout.describe())
+    layout = set_up_layout(cfg.channels_last, model, train_data, pipeline, cfg.batch_size,
+                           device, cfg.amp, world, log=log if rank == 0 else None)
     cfg = replace(cfg, channels_last=layout.channels_last)
-    _apply_layout(model, pipeline, layout.channels_last)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -458,35 +455,13 @@ def _build_run(model: nn.Module, train_data: Any, bins: LabelBins, cfg: TrainCon
         fingerprint=fingerprint, pipeline=pipeline, plugin=plugin, layout=layout)
 
 
-def _decide_layout(cfg: TrainConfig, model: nn.Module, shape: tuple[int, ...] | None,
-                   device: torch.device, world: int) -> LayoutChoice:
-    """``channels_last`` as given, or measured (``auto``); under DDP rank 0 measures and every
-    rank follows (the replicas then sum in the same order)."""
-    rank = rank_and_world()[0]
-    if world > 1 and cfg.channels_last == "auto" and rank != 0:
-        choice = LayoutChoice(False, "auto", "measured", device.type)
-    else:
-        choice = choose_layout(cfg.channels_last, model, shape, cfg.batch_size, device,
-                               amp=cfg.amp)
-    if world > 1 and cfg.channels_last == "auto":
-        flag = torch.tensor([int(choice.channels_last)],
-                            device=device if device.type == "cuda" else "cpu")
-        torch.distributed.broadcast(flag, 0)
-        choice = replace(choice, channels_last=bool(flag.item()))
-    return choice
-
-
-def _apply_layout(model: nn.Module, pipeline: DevicePipeline | None, channels_last: bool) -> None:
-    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if pipeline is not None:
-        pipeline.set_channels_last(channels_last)
-
-
 def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
              log: Callable[[str], None], trust: bool = False) -> _State:
     """Load ``last.pt`` into the run after checking it is the same run on the same data."""
     ck = ckpt.load_last(run.device, trust=trust)
-    _resumed_layout(run, ck.get("layout"))
+    if run.layout is not None:  # auto: the checkpoint's decision, on the same kind of device
+        kept = resumed_layout(run.layout, ck.get("layout"), run.model, run.pipeline)
+        run.layout, run.cfg = kept, replace(run.cfg, channels_last=kept.channels_last)
     cfg = run.cfg
     check_same_config(ck.get("config", {}), cfg)
     check_same_data(ck.get("data_fingerprint"), run.fingerprint, allow_data_change)
@@ -514,23 +489,6 @@ def _restore(run: _Run, ckpt: Checkpointer, allow_data_change: bool,
     return _State(start_epoch=start, best_metric=ck["best_metric"], best_epoch=ck["best_epoch"],
                   best_state=ck.get("best_state"), history=ck["history"],
                   train_seconds=ck["train_seconds"])
-
-
-def _resumed_layout(run: _Run, saved: Any) -> None:
-    """``channels_last: auto`` keeps the checkpoint's decision on the same kind of device: the
-    resumed run then sums in the order the unbroken one did (the layout moves the last digits)."""
-    if run.layout is None or run.layout.requested != "auto" or not isinstance(saved, dict):
-        return
-    try:
-        before = LayoutChoice.from_dict(saved)
-    except (KeyError, TypeError, ValueError):
-        return  # not a layout record of ours: the new measurement stands
-    if before.device != run.device.type:
-        return
-    if before.channels_last != run.layout.channels_last:
-        _apply_layout(run.model, run.pipeline, before.channels_last)
-    run.layout = replace(before, reason="resumed")
-    run.cfg = replace(run.cfg, channels_last=before.channels_last)
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
