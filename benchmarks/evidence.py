@@ -67,6 +67,18 @@ def _bench_command(a: argparse.Namespace, out: Path) -> list[str]:
             "--device", a.device, "--out", str(out)]
 
 
+def _layout(results: dict) -> str:
+    """The bench's ``layout`` record (``channels_last: auto``), or what a bench before it used."""
+    lay = results.get("layout")
+    if not isinstance(lay, dict):
+        return "NCHW (a bench before the layout was measured: balanced_sam.layout)"
+    name = "channels_last" if lay.get("channels_last") else "NCHW"
+    if lay.get("nchw_ms") is not None:
+        return (f"{name} (measured: NCHW {lay['nchw_ms']:.1f} ms, channels_last "
+                f"{lay['channels_last_ms']:.1f} ms per step)")
+    return f"{name} ({lay.get('reason', 'given')})"
+
+
 def _machine(device: str) -> str:
     import torch
 
@@ -120,7 +132,8 @@ def write_record(a: argparse.Namespace, out: Path, seconds: float | None, table:
         f"- machine: {_machine(a.device)}; device {a.device}, {a.jobs} run(s) at a time",
         f"- command: `{cmd}` (resumable: the same command continues an interrupted run)",
         f"- bench: `bsam bench --methods {a.methods} --seeds {a.seeds} --epochs {a.epochs}`",
-        f"- wall time of this invocation: {wall}" + (f"; {a.note}" if a.note else ""), "",
+        f"- wall time of this invocation: {wall}" + (f"; {a.note}" if a.note else ""),
+        f"- memory layout of the runs: {_layout(results)}", "",
         "## Table", "", "```", table.strip() or "(see results.json)", "```", "",
         "## Paired comparisons with power", "",
         "Each line: method - baseline over paired seeds, 95% Student-t interval, wins; under "

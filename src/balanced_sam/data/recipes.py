@@ -109,7 +109,8 @@ ROTATED_RECIPE = Recipe(
 def age_recipe(rho: float) -> Recipe:
     """The reference code's age recipe: ResNet-18 from scratch, SGD lr 0.2, batch 256, 400
     epochs, its per-epoch cosine to lr * 1e-3 (``cosine_ref``), raw SQINV weights; on a CUDA
-    device bf16 autocast and channels_last (``auto``; the reference trained in fp32)."""
+    device bf16 autocast (``auto``; the reference trained in fp32), and the memory layout the
+    run measures faster (``channels_last: auto``)."""
     return Recipe(
         train={"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4,
                "batch_size": 256, "epochs": 400, "schedule": "cosine_ref",
