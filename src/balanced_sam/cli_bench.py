@@ -187,7 +187,7 @@ def _bench_runs(b: argparse.ArgumentParser) -> None:
     b.add_argument("--quick", action="store_true",
                    help="the dataset's short variant (rotated-fashion-mnist: 4 methods, 3 seeds, "
                         "5 epochs on 2,000 images; others: 1 seed, 12 epochs): a smoke test "
-                        "of the table, not evidence (rotated-fashion-mnist: 31 s on 2 CPU cores, "
+                        "of the table, not evidence (rotated-fashion-mnist: 20 s on 2 CPU cores, "
                         "measured quiet)")
 
 
