@@ -90,6 +90,26 @@ def pinned_threads(threads: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def fork_pool(processes: int) -> Iterator[Any]:
+    """A ``multiprocessing`` pool of ``processes`` workers (forked on Linux, spawned elsewhere)
+    that ends by letting its workers finish: ``close`` and ``join`` once the work is done,
+    ``terminate`` only when the block raises. ``with Pool()`` terminates even after success,
+    and a forked worker inherits the parent's signal handlers: under a SIGTERM handler that
+    does not exit (Ray's driver installs one) such a worker survives the terminate while
+    another held the task queue's lock, and the join waits forever."""
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ctx.Pool(processes)
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+
+
+@contextlib.contextmanager
 def _environment(**values: str) -> Iterator[None]:
     """Set environment variables while workers start (they inherit them), then restore."""
     old = {k: os.environ.get(k) for k in values}

@@ -540,8 +540,9 @@ def _decode_all(splits: Sequence[FolderImageDataset], source: str, progress: boo
             failures += _decode_chunk(job)
             bar.update(len(job[1]))
     else:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ctx.Pool(min(processes, len(jobs))) as pool:
+        from balanced_sam.parallel import fork_pool
+
+        with fork_pool(min(processes, len(jobs))) as pool:
             for (_, chunk), failed in zip(jobs, pool.imap(_decode_chunk, jobs)):
                 failures += failed
                 bar.update(len(chunk))

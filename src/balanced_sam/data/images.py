@@ -519,10 +519,9 @@ def fill_cache(cache: ArrayCache, make_record: Callable[[int], dict[str, Any]], 
             for job in jobs:
                 bar.update(_fill_chunk(job))
         else:
-            import multiprocessing as mp
+            from balanced_sam.parallel import fork_pool
 
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            with ctx.Pool(procs) as pool:
+            with fork_pool(procs) as pool:
                 for done in pool.imap_unordered(_fill_chunk, jobs):
                     bar.update(done)
         bar.close()
