@@ -21,7 +21,7 @@ Rows, per method (``sqinv``: one pass, SQINV-weighted L1; ``bsam``: BalancedSAM'
   ``train.channels_last`` false (NCHW, the plain loop's layout: the cost of the library
   itself), true, and the config's default (printed with what the run resolved it to,
   ``FitResult.config["channels_last"]``); with ``--compile`` also ``train.compile: true`` in the
-  default layout (only where ``TrainConfig`` has that field);
+  default layout;
 * plain: a hand-written loop with the same model (a copy of the same initial weights), the same
   batches' sizes (a ``torch.randperm`` of the training tensors, sliced), SQINV per-sample
   weights (``1 / sqrt(count of the sample's bin)``, mean 1 over the training set, looked up
@@ -239,10 +239,6 @@ def plain_run(plan: BenchPlan, key: RunKey, model: nn.Module, *, channels_last: 
 
 
 # ---------------------------------------------------------------------------- the rows
-def has_compile() -> bool:
-    return "compile" in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 def row(variant: str, layout: str, run: dict[str, Any], steps: int) -> dict[str, Any]:
     med = steady(run["epochs"])
     return {"variant": variant, "layout": layout, "median_epoch_s": med,
@@ -288,7 +284,7 @@ def measure_method(plan: BenchPlan, key: RunKey, args: argparse.Namespace
     rows.append(row("plain", "channels_last",
                     plain_run(plan, key, fresh(), channels_last=True), steps))
     out: dict[str, Any] = {"rho": key.rho, "steps_per_epoch": steps, "rows": rows}
-    if args.compile and has_compile():
+    if args.compile:
         run = library_run(plan, key, fresh(), compile=True)
         rows.append(row("library compile",
                         f"{default} -> {layout_name(run['channels_last'])}", run, steps))
@@ -373,8 +369,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{type(initial_model(plan, plan.keys[0])).__name__}; batch {plan.cfg.batch_size}, "
           f"{args.epochs} epoch(s) per row")
     print(f"measured under: {load_text(load_before)} before")
-    if args.compile and not has_compile():
-        print("compile: not available in this version")
     res: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                                        "threads": torch.get_num_threads(),
                                        "load_before": load_before},

@@ -100,12 +100,18 @@ def test_the_cache_can_be_turned_off_and_a_broken_one_is_measured_again(cache, m
     assert lay.choose_layout("auto", _cnn(), SHAPE, 8, "cpu", measure=clock).reason == \
         "measured"
     assert json.loads(cache.read_text())  # replaced by a readable one
+    # an entry whose decision is not a boolean ("false" would read as true) is measured again
+    key = next(iter(json.loads(cache.read_text())))
+    cache.write_text(json.dumps({key: {"channels_last": "false", "device": "cpu"}}))
+    assert lay.choose_layout("auto", _cnn(), SHAPE, 8, "cpu", measure=clock).reason == \
+        "measured"
+    assert json.loads(cache.read_text())[key]["channels_last"] is True
     monkeypatch.setenv("BSAM_LAYOUT_CACHE", "off")
     assert lay.cache_path() is None
     for _ in range(2):
         assert lay.choose_layout("auto", _cnn(), SHAPE, 8, "cpu", measure=clock).reason == \
             "measured"
-    assert clock.calls == 3
+    assert clock.calls == 4
 
 
 def test_the_cache_is_not_written_through_a_link(tmp_path, monkeypatch):
@@ -301,3 +307,16 @@ def test_a_bench_folder_from_before_the_measurement_keeps_its_layout(tmp_path, m
                for line in logs)
     assert res["methods"]["bsam"]["runs"][0] == first["methods"]["bsam"]["runs"][0]
     assert json.loads((out / "layout.json").read_text())["channels_last"] is False
+
+
+def test_a_bench_over_devices_of_one_kind_decides_once_for_all(tmp_path, monkeypatch, cache):
+    from balanced_sam.bench import ExecutorConfig
+
+    mini = _mini_image_bench(tmp_path, monkeypatch)
+    clock = FakeClock(10.0, 5.0)
+    monkeypatch.setattr(lay, "measure_layout", clock)
+    res = run_bench(BenchConfig(dataset="rotated-fashion-mnist", data_root=str(mini),
+                                out=tmp_path / "b", plots=False, jobs=1,
+                                executor=ExecutorConfig(devices=["cpu"])), log=lambda s: None)
+    assert clock.calls == 1 and res["layout"]["channels_last"] is True
+    assert res["executor"]["devices"] == ["cpu"]

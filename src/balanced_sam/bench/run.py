@@ -301,11 +301,15 @@ def decide_layout(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
     """``channels_last: auto`` decided once for every run of a bench on this machine (the
     runs' figures are then comparable to the last digit): the folder's earlier decision on the
     same kind of device, else measured here (:func:`balanced_sam.layout.choose_layout`, with the
-    runs' thread count) and recorded in ``layout.json``. ``plan.cfg`` then names it. Runs on
-    other machines (Ray, Slurm) or on several local devices decide for themselves (``None``)."""
-    if plan.cfg.channels_last != "auto" or plan.config.executor.name != "local" or plan.devices:
+    runs' thread count) and recorded in ``layout.json``. ``plan.cfg`` then names it. With
+    ``--devices`` of one kind it is measured on the first. Runs on other machines (Ray, Slurm)
+    or on local devices of several kinds decide for themselves (``None``)."""
+    if plan.cfg.channels_last != "auto" or plan.config.executor.name != "local":
         return None
-    device = resolve_device(plan.cfg.device)
+    devices = [resolve_device(d) for d in plan.devices or [plan.cfg.device]]
+    if len({d.type for d in devices}) != 1:
+        return None
+    device = devices[0]
     path = plan.out / LAYOUT_FILE
     choice = None
     if owned.owns(LAYOUT_FILE) and path.is_file() and not path.is_symlink():
@@ -321,7 +325,7 @@ def decide_layout(plan: BenchPlan, owned: OwnedFolder, log: Callable[[str], None
             choice = choose_layout("auto", model, input_shape(plan.data.train),
                                    plan.cfg.batch_size, device,
                                    amp=auto_settings(plan.cfg.amp, False, device)[0])
-        if choice.reason == "measured" or choice.reason == "cached":
+        if choice.reason in ("measured", "cached"):
             write_json(choice.to_dict(), owned.record(LAYOUT_FILE))
     if choice.reason not in ("no-conv2d", "not-images"):
         log(fit_lines(f"{choice.describe()}; every run trains in it"))
