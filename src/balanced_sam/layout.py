@@ -4,8 +4,9 @@ Whether ``torch.channels_last`` pays depends on the model, the input size and th
 on the device alone: on this project's 2-core CPU the default bench's SmallCNN (8 and 16
 channels, 28 x 28, batch 128) ran an SGD step in about 0.6x the time in ``channels_last``
 (``benchmarks/cpu_loop.py``), while a ResNet-18's forward and backward were about 8% slower
-in it (one thread: 259 vs 239 ms at 32 px, batch 64; 555 vs 517 ms at 112 px, batch 16). So ``auto`` times both layouts on the run's own model, device, batch
-size and input shape before training (:func:`measure_layout`) and keeps the faster one.
+in it (one thread: 259 vs 239 ms at 32 px, batch 64; 555 vs 517 ms at 112 px, batch 16). So
+``auto`` times both layouts on the run's own model, device, batch size and input shape before
+training (:func:`measure_layout`) and keeps the faster one.
 
 * The probe trains copies of the model (a forward and a backward of a random batch of the
   training batch's shape, under the run's autocast), alternating the two layouts round by round
