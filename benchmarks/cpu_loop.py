@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -71,6 +70,7 @@ from torch import nn
 from balanced_sam.bench.plan import BenchConfig, BenchPlan, RunKey, make_plan
 from balanced_sam.config import TrainConfig
 from balanced_sam.data.registry import default_bench_dataset
+from balanced_sam.io import write_json
 from balanced_sam.runtime import seed_everything
 from balanced_sam.train import fit
 
@@ -384,8 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, m in res["methods"].items():
         print(f"{name}: library (default layout) / plain NCHW = {m['headline']:.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(res, args.json, indent=2)
     return res
 
 
